@@ -1,0 +1,18 @@
+# The two commands users need are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+
+.PHONY: install demo test lint
+
+install:
+	$(PYTHON) -m pip install -q -e .
+
+demo: install
+	pynbd serve -f memory 1G
+
+test:
+	scripts/install-deps
+	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m pytest
+
+lint:
+	$(PYTHON) -m ruff check src tests bench

@@ -1,0 +1,7 @@
+"""``python -m pynbd`` is the ``pynbd`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

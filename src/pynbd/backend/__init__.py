@@ -1,0 +1,34 @@
+"""What plugins and filters see: the Connection contract and its helpers.
+
+Import from here in a plugin or filter::
+
+    from pynbd.backend import Plugin, Connection, Param, Extent, io_error
+"""
+
+from .connection import (
+    CACHE_EMULATE,
+    CACHE_NATIVE,
+    CACHE_NONE,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_MAY_TRIM,
+    FLAG_REQ_ONE,
+    FUA_EMULATE,
+    FUA_NATIVE,
+    FUA_NONE,
+    Connection,
+    Extent,
+    FilterConnection,
+    clip_extents,
+)
+from .errors import ConfigError, errno_of, io_error
+from .params import Param, parse_bool, parse_duration, parse_size
+from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
+
+__all__ = [
+    "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "FLAG_FAST_ZERO", "FLAG_FUA",
+    "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE",
+    "ConfigError", "Connection", "Export", "Extent", "Filter", "FilterConnection",
+    "OpenContext", "Param", "Plugin", "ThreadModel", "clip_extents", "errno_of",
+    "io_error", "parse_bool", "parse_duration", "parse_size",
+]

@@ -1,0 +1,213 @@
+"""The Connection contract: the methods every layer of a stack implements.
+
+A plugin's ``open()`` returns a ``Connection``; a filter's returns a
+``FilterConnection`` wrapping the next layer. Buffers are memoryviews:
+``pread`` fills its buffer in place, ``pwrite`` reads from it; no layer
+copies data it does not transform. Failures are ``OSError`` with an errno
+(see ``backend.errors.io_error``), which the server sends to the client.
+
+Request flags (the ``flags`` argument) use nbdkit's values, so nbdkit
+plugins translate one to one:
+
+    FLAG_MAY_TRIM   zero(): the range may be punched as a hole
+    FLAG_FUA        the data must be durable before returning
+    FLAG_REQ_ONE    extents(): the caller wants only the first extent
+    FLAG_FAST_ZERO  zero(): fail with ENOTSUP rather than be slow
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from .errors import io_error
+
+FLAG_MAY_TRIM = 1 << 0
+FLAG_FUA = 1 << 1
+FLAG_REQ_ONE = 1 << 2
+FLAG_FAST_ZERO = 1 << 3
+
+# What can_fua / can_cache report, as in nbdkit.
+FUA_NONE, FUA_EMULATE, FUA_NATIVE = 0, 1, 2
+CACHE_NONE, CACHE_EMULATE, CACHE_NATIVE = 0, 1, 2
+
+_ZERO_CHUNK = 1024 * 1024
+
+
+class Extent(NamedTuple):
+    """A run of bytes with the same allocation state."""
+
+    offset: int
+    length: int
+    hole: bool = False
+    zero: bool = False
+
+    @property
+    def state(self) -> int:
+        """base:allocation flags (hole = 1, zero = 2)."""
+        return (1 if self.hole else 0) | (2 if self.zero else 0)
+
+
+class Connection:
+    """One client's view of a plugin. Subclass it and override what you serve.
+
+    Defaults: a read-only disk of size 0 that supports nothing optional;
+    ``zero`` falls back to writing zeroes, ``cache`` to reading, ``extents``
+    to one allocated extent. ``can_write`` defaults to whether ``pwrite``
+    was overridden, and likewise for flush, trim and zero.
+    """
+
+    def get_size(self) -> int:
+        return 0
+
+    def can_write(self) -> bool:
+        return type(self).pwrite is not Connection.pwrite
+
+    def can_flush(self) -> bool:
+        return type(self).flush is not Connection.flush
+
+    def can_trim(self) -> bool:
+        return type(self).trim is not Connection.trim
+
+    def can_zero(self) -> bool:
+        return self.can_write()
+
+    def can_fast_zero(self) -> bool:
+        """True only where zero() is fast (it must then honour FLAG_FAST_ZERO)."""
+        return type(self).zero is not Connection.zero
+
+    def can_fua(self) -> int:
+        """FUA_NATIVE if writes honour FLAG_FUA, FUA_EMULATE to flush after them."""
+        return FUA_EMULATE if self.can_flush() else FUA_NONE
+
+    def can_multi_conn(self) -> bool:
+        return False
+
+    def can_cache(self) -> int:
+        return CACHE_NATIVE if type(self).cache is not Connection.cache else CACHE_EMULATE
+
+    def can_extents(self) -> bool:
+        return type(self).extents is not Connection.extents
+
+    def is_rotational(self) -> bool:
+        return False
+
+    def block_size(self) -> tuple[int, int, int]:
+        """(minimum, preferred, maximum) I/O sizes; (0, 0, 0) means no preference."""
+        return (0, 0, 0)
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        raise io_error(errno.EIO, "pread is not implemented")
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        raise io_error(errno.EROFS, "this export is read-only")
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        """Write zeroes; the default writes a zero buffer (never fast)."""
+        if flags & FLAG_FAST_ZERO:
+            raise io_error(errno.ENOTSUP, "fast zero is not supported")
+        chunk = memoryview(bytes(min(count, _ZERO_CHUNK)))
+        end = offset + count
+        write_flags = flags & FLAG_FUA
+        while offset < end:
+            n = min(end - offset, len(chunk))
+            self.pwrite(chunk[:n], offset, write_flags)
+            offset += n
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        raise io_error(errno.EOPNOTSUPP, "trim is not supported")
+
+    def flush(self, flags: int) -> None:
+        """Make completed writes durable. The default has nothing to flush."""
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        """Prefetch; the default reads the range and discards it."""
+        buf = memoryview(bytearray(min(count, _ZERO_CHUNK)))
+        end = offset + count
+        while offset < end:
+            n = min(end - offset, len(buf))
+            self.pread(buf[:n], offset, 0)
+            offset += n
+
+    def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
+        """Allocation state from ``offset``; default: all data."""
+        return (Extent(offset, count),)
+
+    def close(self) -> None:
+        """Release what open() took."""
+
+
+_PASS_THROUGH = (
+    "get_size", "can_write", "can_flush", "can_trim", "can_zero", "can_fast_zero",
+    "can_fua", "can_multi_conn", "can_cache", "can_extents", "is_rotational",
+    "block_size", "pread", "pwrite", "zero", "trim", "flush", "cache", "extents",
+)
+
+
+class FilterConnection(Connection):
+    """A layer over ``self.next``. Override what the filter changes.
+
+    Every method the subclass does not override is bound straight to the
+    next layer's method when the object is built, so a pass-through costs
+    nothing per request. ``close`` closes the next layer after this one.
+    ``filter`` is the Filter object (its parameters), ``ctx`` the OpenContext.
+    """
+
+    def __init__(self, next: Connection, filter: object = None,  # noqa: A002
+                 ctx: object = None) -> None:
+        self.next = next
+        self.filter = filter
+        self.ctx = ctx
+        cls = type(self)
+        for name in _PASS_THROUGH:
+            if getattr(cls, name) is getattr(FilterConnection, name):
+                setattr(self, name, getattr(next, name))
+
+    def close(self) -> None:
+        self.next.close()
+
+
+def _forward(name: str):
+    def method(self, *args):
+        return getattr(self.next, name)(*args)
+    method.__name__ = name
+    method.__doc__ = f"Pass {name} to the next layer."
+    return method
+
+
+for _name in _PASS_THROUGH:
+    setattr(FilterConnection, _name, _forward(_name))
+
+
+def clip_extents(extents: Iterable[Extent], offset: int, count: int,
+                 req_one: bool = False) -> Iterator[Extent]:
+    """Extents limited to [offset, offset+count), merged, gap-free from offset.
+
+    Layers may return extents that start before ``offset`` or run past the
+    end; this trims them, merges neighbours with the same state and stops
+    at the first gap (the client asks again from there).
+    """
+    end = offset + count
+    pos = offset
+    pending: Extent | None = None
+    for ext in extents:
+        ext_end = ext.offset + ext.length
+        if ext_end <= pos or ext.length <= 0:
+            continue
+        if ext.offset > pos:
+            break
+        stop = min(ext_end, end)
+        if pending is not None and (pending.hole, pending.zero) == (ext.hole, ext.zero):
+            pending = Extent(pending.offset, stop - pending.offset, ext.hole, ext.zero)
+        else:
+            if pending is not None:
+                yield pending
+                if req_one:
+                    return
+            pending = Extent(pos, stop - pos, ext.hole, ext.zero)
+        pos = stop
+        if pos >= end:
+            break
+    if pending is not None:
+        yield pending

@@ -1,0 +1,129 @@
+"""Base classes for plugins (data sources) and filters (layers over them).
+
+A plugin is configured once from its parameters, then opened once per client
+connection; each open returns a ``Connection``. A filter is configured the
+same way and opened with a function that opens the layer below it::
+
+    class Plugin:                          class Filter:
+        name, params, thread_model             name, params, thread_model
+        config_complete()                      config_complete()
+        get_ready() / after_fork()             get_ready() / after_fork()
+        list_exports(ctx)                      list_exports(next_list, ctx)
+        default_export(ctx)                    default_export(next_default, ctx)
+        open(ctx) -> Connection                open(next_open, ctx) -> Connection
+        unload()                               unload()
+
+Parameters declared in ``params`` arrive as attributes (``size=1G`` becomes
+``self.size == 1073741824``). ``magic_param`` names the parameter a bare
+first word sets (``pynbd serve file disk.img``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .connection import Connection, FilterConnection
+from .params import Param, apply_params
+
+
+class ThreadModel(enum.IntEnum):
+    """How much concurrency a layer tolerates; lower is more restrictive."""
+
+    SERIALIZE_CONNECTIONS = 0
+    SERIALIZE_ALL_REQUESTS = 1
+    SERIALIZE_REQUESTS = 2
+    PARALLEL = 3
+
+
+@dataclass
+class OpenContext:
+    """What a layer knows about the client it is opened for."""
+
+    readonly: bool = False
+    export_name: str = ""
+    tls: bool = False
+    client_address: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Export:
+    """An entry of NBD_OPT_LIST."""
+
+    name: str
+    description: str = ""
+
+
+class _Configurable:
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+    params: ClassVar[Sequence[Param]] = ()
+    magic_param: ClassVar[str | None] = None
+    thread_model: ClassVar[ThreadModel] = ThreadModel.PARALLEL
+    # Set when the layer accepts keys it did not declare (e.g. nbdkit's python plugin).
+    accept_unknown_params: ClassVar[bool] = False
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        apply_params(self, values or {})
+
+    def config_complete(self) -> None:
+        """Check parameters together; raise ConfigError to refuse them."""
+
+    def get_ready(self) -> None:
+        """Last step before the server listens (still in the foreground)."""
+
+    def after_fork(self) -> None:
+        """Called after the server daemonized; start threads here."""
+
+    def get_thread_model(self) -> ThreadModel:
+        return self.thread_model
+
+    def unload(self) -> None:
+        """Called once when the server exits."""
+
+
+class Plugin(_Configurable):
+    """A data source. Subclass it, declare ``params`` and implement ``open``."""
+
+    def list_exports(self, ctx: OpenContext) -> list[Export]:
+        return [Export(self.default_export(ctx))]
+
+    def default_export(self, ctx: OpenContext) -> str:
+        return ""
+
+    def open(self, ctx: OpenContext) -> Connection:
+        raise NotImplementedError(f"plugin {self.name} must implement open()")
+
+
+class Filter(_Configurable):
+    """A layer over the next plugin or filter.
+
+    Set ``connection`` to a ``FilterConnection`` subclass; the default
+    ``open`` opens the layer below and builds ``connection(below, self, ctx)``.
+    """
+
+    connection: ClassVar[type[FilterConnection]] = FilterConnection
+
+    def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
+                     ctx: OpenContext) -> list[Export]:
+        return next_list(ctx)
+
+    def default_export(self, next_default: Callable[[OpenContext], str],
+                       ctx: OpenContext) -> str:
+        return next_default(ctx)
+
+    def open(self, next_open: Callable[[OpenContext], Connection],
+             ctx: OpenContext) -> Connection:
+        below = next_open(ctx)
+        try:
+            return self.wrap(below, ctx)
+        except BaseException:
+            below.close()
+            raise
+
+    def wrap(self, below: Connection, ctx: OpenContext) -> Connection:
+        """Build this filter's connection over an opened lower layer."""
+        return self.connection(below, self, ctx)

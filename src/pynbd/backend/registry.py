@@ -1,0 +1,100 @@
+"""Finding plugins and filters by the name the user types.
+
+Lookup order for a name: a path to a ``.py`` file (it must define exactly
+one ``Plugin`` / ``Filter`` subclass, or a module-level ``plugin`` /
+``filter`` object); a module of pynbd itself (``pynbd.plugins.NAME``,
+``pynbd.filters.NAME``, with ``-`` read as ``_``); an entry point in the
+``pynbd.plugins`` / ``pynbd.filters`` group of any installed package.
+Each module defines one class and names it in ``PLUGIN`` / ``FILTER``, or
+is found by scanning for the one subclass.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+import traceback
+from importlib import metadata
+from types import ModuleType
+from typing import TypeVar
+
+from .errors import ConfigError
+from .plugin import Filter, Plugin
+
+T = TypeVar("T", Plugin, Filter)
+
+_KINDS = {Plugin: ("plugin", "pynbd.plugins"), Filter: ("filter", "pynbd.filters")}
+
+
+def find_plugin(name: str) -> type[Plugin]:
+    """The Plugin class for ``name`` (a name or a path to a .py file)."""
+    return _find(name, Plugin)
+
+
+def find_filter(name: str) -> type[Filter]:
+    return _find(name, Filter)
+
+
+def builtin_names(kind: type) -> list[str]:
+    """Names of the plugins or filters shipped in pynbd."""
+    package = importlib.import_module(_KINDS[kind][1])
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(package.__path__)
+                  if not m.name.startswith("_"))
+
+
+def is_script_path(name: str) -> bool:
+    return name.endswith(".py") or os.sep in name
+
+
+def _find(name: str, kind: type[T]) -> type[T]:
+    label, group = _KINDS[kind]
+    if is_script_path(name):
+        return _from_module(_load_path(name, label), kind, name)
+    module_name = f"{group}.{name.replace('-', '_')}"
+    if name.replace("-", "_").isidentifier():
+        spec = importlib.util.find_spec(module_name)
+        if spec is not None:
+            return _from_module(importlib.import_module(module_name), kind, name)
+    for entry in metadata.entry_points(group=group):
+        if entry.name == name:
+            obj = entry.load()
+            if isinstance(obj, ModuleType):
+                return _from_module(obj, kind, name)
+            return obj
+    raise ConfigError(f"unknown {label} {name!r} (see 'pynbd serve --help' for the list)")
+
+
+def _load_path(path: str, label: str) -> ModuleType:
+    if not os.path.exists(path):
+        raise ConfigError(f"{label} file {path!r} does not exist")
+    module_name = "pynbd_script_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{label} file {path!r} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:  # noqa: BLE001 (any import failure is reported)
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ConfigError(f"{path}:{last.lineno}: cannot load {label}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _from_module(module: ModuleType, kind: type[T], name: str) -> type[T]:
+    label = _KINDS[kind][0]
+    declared = getattr(module, label.upper(), None)
+    if declared is not None:
+        return declared
+    found = [obj for obj in vars(module).values()
+             if isinstance(obj, type) and issubclass(obj, kind) and obj is not kind
+             and obj.__module__ == module.__name__]
+    if len(found) != 1:
+        raise ConfigError(f"{name}: expected one {kind.__name__} subclass, found {len(found)}")
+    return found[0]

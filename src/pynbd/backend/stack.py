@@ -1,0 +1,94 @@
+"""A plugin with its filters: built from the command line, opened per client.
+
+``filters[0]`` is the outermost layer (the first ``--filter=`` named), as in
+nbdkit. ``key=value`` arguments go to the outermost filter that declares the
+key, otherwise to the plugin; a bare first word sets the plugin's magic
+parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .connection import Connection
+from .errors import ConfigError
+from .params import parse_params, split_key_value
+from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
+from .registry import find_filter, find_plugin
+
+
+class Stack:
+    """A configured plugin and its filters, outermost filter first."""
+
+    def __init__(self, plugin: Plugin, filters: Sequence[Filter] = ()) -> None:
+        self.plugin = plugin
+        self.filters = list(filters)
+        open_fn: Callable[[OpenContext], Connection] = plugin.open
+        list_fn: Callable[[OpenContext], list[Export]] = plugin.list_exports
+        default_fn: Callable[[OpenContext], str] = plugin.default_export
+        for flt in reversed(self.filters):
+            open_fn = functools.partial(flt.open, open_fn)
+            list_fn = functools.partial(flt.list_exports, list_fn)
+            default_fn = functools.partial(flt.default_export, default_fn)
+        self._open = open_fn
+        self._list = list_fn
+        self._default = default_fn
+
+    @classmethod
+    def from_args(cls, plugin_name: str, args: Sequence[str],
+                  filter_names: Sequence[str] = ()) -> Stack:
+        """Configure a stack from command-line words."""
+        plugin_cls = find_plugin(plugin_name)
+        filter_classes = [find_filter(name) for name in filter_names]
+        pairs: list[list[tuple[str, str]]] = [[] for _ in range(len(filter_classes) + 1)]
+        for index, arg in enumerate(args):
+            key, value = split_key_value(arg)
+            if key is None:
+                if index != 0 or plugin_cls.magic_param is None:
+                    raise ConfigError(f"{plugin_cls.name}: expected key=value, got {arg!r}")
+                key = plugin_cls.magic_param
+            owner = next((i for i, f in enumerate(filter_classes)
+                          if any(p.name == key for p in f.params)), len(filter_classes))
+            pairs[owner].append((key, value))
+        filters = [configure(f, pairs[i]) for i, f in enumerate(filter_classes)]
+        return cls(configure(plugin_cls, pairs[-1]), filters)
+
+    @property
+    def layers(self) -> list[Plugin | Filter]:
+        return [*self.filters, self.plugin]
+
+    def thread_model(self) -> ThreadModel:
+        """The most restrictive model of any layer."""
+        return min(layer.get_thread_model() for layer in self.layers)
+
+    def open(self, ctx: OpenContext) -> Connection:
+        return self._open(ctx)
+
+    def list_exports(self, ctx: OpenContext) -> list[Export]:
+        return self._list(ctx)
+
+    def default_export(self, ctx: OpenContext) -> str:
+        return self._default(ctx)
+
+    def get_ready(self) -> None:
+        for layer in reversed(self.layers):
+            layer.get_ready()
+
+    def after_fork(self) -> None:
+        for layer in reversed(self.layers):
+            layer.after_fork()
+
+    def unload(self) -> None:
+        for layer in self.layers:
+            layer.unload()
+
+
+def configure(cls: type[Any], pairs: Sequence[tuple[str, str]]) -> Any:
+    """Instantiate a plugin or filter class from (key, text) pairs."""
+    values = parse_params(cls.name or cls.__name__, cls.params, pairs,
+                          accept_unknown=cls.accept_unknown_params)
+    layer = cls(values)
+    layer.config_complete()
+    return layer

@@ -1,0 +1,47 @@
+"""The ``pynbd`` command: one program, a subcommand per tool.
+
+    pynbd serve ...   an NBD server (nbdkit's command line)
+    pynbd info URI    what a server offers (nbdinfo)
+    pynbd copy A B    copy between servers, files and pipes (nbdcopy)
+    pynbd sh          a Python shell with a connected handle (nbdsh)
+    pynbd dump URI    a hex dump of an export (nbddump)
+
+``pynbd TOOL --help`` explains each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+SUBCOMMANDS = {"serve": "pynbd.server.cli"}
+
+
+def _module_for(name: str) -> str | None:
+    if name in SUBCOMMANDS:
+        return SUBCOMMANDS[name]
+    candidate = f"pynbd.tools.{name}"
+    if name.isidentifier() and importlib.util.find_spec(candidate) is not None:
+        return candidate
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from . import __version__
+        print(f"pynbd {__version__}")
+        return 0
+    module_name = _module_for(argv[0])
+    if module_name is None:
+        print(f"pynbd: unknown command {argv[0]!r}; try 'pynbd --help'", file=sys.stderr)
+        return 2
+    return importlib.import_module(module_name).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""On-disk formats shared by plugins, filters and tools (pure byte parsers)."""

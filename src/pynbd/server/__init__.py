@@ -1,0 +1,1 @@
+"""The NBD server: sockets, TLS, the handshake driver and request dispatch."""

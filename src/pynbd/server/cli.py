@@ -1,0 +1,246 @@
+"""``pynbd serve``: nbdkit's command line.
+
+    pynbd serve [OPTIONS] PLUGIN [[KEY=]VALUE ...] [OPTIONS]
+
+Options may stand before or after the plugin and its parameters; ``--``
+ends them. Run ``pynbd serve --help`` for the list, ``pynbd serve PLUGIN
+--help`` for a plugin's manual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from .. import __version__
+from ..backend import ConfigError
+from ..backend.plugin import Filter, Plugin
+from ..backend.registry import builtin_names, find_filter, find_plugin
+from ..backend.stack import Stack
+from ..proto.constants import NBD_DEFAULT_PORT
+from .server import Listener, Server
+from .session import SessionConfig
+from .tls import server_context
+
+PROG = "pynbd serve"
+DEFAULT_PLUGIN = "memory"
+log = logging.getLogger("pynbd.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, add_help=False,
+                                usage="%(prog)s [OPTIONS] PLUGIN [[KEY=]VALUE ...]")
+    a = p.add_argument
+    a("-p", "--port", type=int, help="TCP port to listen on (default 10809)")
+    a("-i", "--ipaddr", help="listen only on this address")
+    a("-U", "--unix", metavar="PATH", help="listen on a Unix socket ('-' for a private one)")
+    a("-s", "--single", action="store_true", help="serve one client on stdin/stdout")
+    a("-r", "--readonly", action="store_true", help="serve read-only")
+    a("-e", "--exportname", help="the export name to serve and put in $uri")
+    a("-f", "--foreground", action="store_true", help="do not fork into the background")
+    a("-P", "--pidfile", help="write the server's process ID here")
+    a("--exit-with-parent", action="store_true", help="exit when the parent process exits")
+    a("-t", "--threads", type=int, default=16, help="worker threads per connection (default 16)")
+    a("-v", "--verbose", action="store_true", help="debug messages")
+    a("--log", choices=("stderr", "syslog", "null"), help="where messages go")
+    a("--run", metavar="CMD", help="run CMD with $uri set, then exit with its status")
+    a("--filter", action="append", default=[], metavar="NAME", help="add a filter (first is outermost)")
+    a("--tls", choices=("off", "on", "require"), default="off", help="TLS mode")
+    a("--tls-certificates", metavar="DIR", help="directory of ca-cert.pem, server-cert.pem, server-key.pem")
+    a("--tls-verify-peer", action="store_true", help="require a client certificate signed by the CA")
+    a("--description", default="", help="export description sent to clients")
+    a("-n", "--newstyle", action="store_true", help="newstyle protocol (the only one; accepted for nbdkit)")
+    a("--version", action="store_true", help="print the version and exit")
+    a("--help", "-h", action="store_true", help="this help, or a plugin's manual")
+    a("--dump-plugin", action="store_true", help="print the plugin's settings and exit")
+    a("--dump-config", action="store_true", help="print the build configuration and exit")
+    a("words", nargs="*", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        return _main(args)
+    except ConfigError as exc:
+        print(f"pynbd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.dump_config:
+        print(dump_config())
+        return 0
+    if not args.words:
+        if args.version:
+            print(f"pynbd {__version__}")
+            return 0
+        if args.help:
+            print(general_help())
+            return 0
+        raise ConfigError("no plugin named; try 'pynbd serve --help'")
+    plugin_name, plugin_args = args.words[0], args.words[1:]
+    if args.help or args.version:
+        plugin_cls = find_plugin(plugin_name)
+        print(plugin_help(plugin_cls, [find_filter(f) for f in args.filter]) if args.help
+              else f"{plugin_cls.name} {plugin_cls.version or __version__}")
+        return 0
+    stack = Stack.from_args(plugin_name, plugin_args, args.filter)
+    if args.dump_plugin:
+        print(dump_plugin(stack))
+        return 0
+    _setup_logging(args)
+    if args.exit_with_parent:
+        _exit_with_parent()
+    config = SessionConfig(stack=stack, readonly=args.readonly, tls=args.tls,
+                           threads=max(1, args.threads), exportname=args.exportname,
+                           description=args.description)
+    if args.tls != "off":
+        if not args.tls_certificates:
+            raise ConfigError("--tls needs --tls-certificates=DIR")
+        config.ssl_context = server_context(args.tls_certificates, args.tls_verify_peer)
+    if args.single:
+        return _serve_single(config, stack)
+    listener = _make_listener(args)
+    stack.get_ready()
+    if not (args.foreground or args.run or args.verbose):
+        _daemonize()
+    if args.pidfile:
+        with open(args.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    stack.after_fork()
+    server = Server(config, listener)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: server.shutdown())
+    status = [0]
+    if args.run:
+        uri = listener.uri(args.exportname or "", tls=args.tls == "require")
+        threading.Thread(target=_run_command, args=(args, listener, uri, server, status),
+                         daemon=True).start()
+    server.serve_forever()
+    return status[0]
+
+
+def _serve_single(config: SessionConfig, stack: Stack) -> int:
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        raise ConfigError("--single needs a socket on standard input") from None
+    if sock.type != socket.SOCK_STREAM:
+        raise ConfigError("--single needs a stream socket on standard input")
+    stack.get_ready()
+    stack.after_fork()
+    server = Server(config, Listener([]))
+    server.serve_one(sock)
+    return 0
+
+
+def _make_listener(args: argparse.Namespace) -> Listener:
+    inherited = Listener.systemd()
+    if inherited is not None:
+        return inherited
+    if args.unix:
+        return Listener.unix(args.unix)
+    return Listener.tcp(args.ipaddr, args.port if args.port is not None else NBD_DEFAULT_PORT)
+
+
+def _run_command(args: argparse.Namespace, listener: Listener, uri: str, server: Server,
+                 status: list[int]) -> None:
+    env = dict(os.environ, uri=uri, nbd=uri, exportname=args.exportname or "",
+               port=str(listener.port or ""), unixsocket=listener.unix_path or "")
+    if args.tls != "off":
+        env["tls"] = "1" if args.tls == "on" else "2"
+    try:
+        status[0] = _exit_status(subprocess.call(["/bin/sh", "-c", args.run], env=env))
+    finally:
+        server.shutdown()
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    root = logging.getLogger("pynbd")
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.log == "null":
+        root.addHandler(logging.NullHandler())
+        root.propagate = False
+        return
+    if args.log == "syslog" or (args.log is None and not (args.foreground or args.run
+                                                           or args.verbose or args.single)):
+        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log") \
+            if os.path.exists("/dev/log") else logging.StreamHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pynbd: %(message)s"))
+    root.addHandler(handler)
+    root.propagate = False
+
+
+def _exit_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _daemonize() -> None:
+    """Fork into the background like nbdkit: the parent returns when we listen."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
+
+
+# ---------------------------------------------------------------- help texts
+
+def general_help() -> str:
+    parser = build_parser()
+    plugins = ", ".join(builtin_names(Plugin))
+    filters = ", ".join(builtin_names(Filter))
+    return (f"{parser.format_help()}\nPlugins: {plugins}\nFilters: {filters}\n\n"
+            f"Default plugin for a demo: {DEFAULT_PLUGIN} (pynbd serve memory 1G).\n"
+            "'pynbd serve PLUGIN --help' prints that plugin's manual.")
+
+
+def plugin_help(plugin_cls: type[Plugin], filter_classes: list[type[Filter]]) -> str:
+    sections = []
+    for layer in [plugin_cls, *filter_classes]:
+        module = sys.modules.get(layer.__module__)
+        doc = (module.__doc__ if module is not None and module.__doc__ else layer.__doc__) or ""
+        params = "\n".join("  " + p.describe() for p in layer.params) or "  (none)"
+        sections.append(f"{doc.strip()}\n\nParameters of {layer.name}:\n{params}")
+    return "\n\n".join(sections)
+
+
+def dump_plugin(stack: Stack) -> str:
+    plugin = stack.plugin
+    lines = [f"name={plugin.name}", f"version={plugin.version or __version__}",
+             "api_version=2", f"thread_model={stack.thread_model().name.lower()}"]
+    if plugin.magic_param:
+        lines.append(f"magic_config_key={plugin.magic_param}")
+    for layer in stack.layers:
+        for param in layer.params:
+            lines.append(f"{layer.name}.{param.name}={param.type}")
+    return "\n".join(lines)
+
+
+def dump_config() -> str:
+    return "\n".join([f"binary={sys.argv[0]}", "name=pynbd", f"version={__version__}",
+                      f"python={sys.version.split()[0]}", "tls=yes", "exit_with_parent=yes"])

@@ -1,0 +1,223 @@
+"""Listening sockets, the accept loop and the server's lifetime.
+
+``Server`` owns the listeners (TCP, Unix, inherited systemd sockets or one
+already-connected socket for ``--single``), starts a ``Session`` thread per
+client, enforces ``serialize_connections`` and shuts everything down on
+``shutdown()``, a signal, or the end of a ``--run`` command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Iterable
+
+from ..backend import ConfigError, ThreadModel
+from .session import Session, SessionConfig
+
+log = logging.getLogger("pynbd.server")
+
+SD_LISTEN_FDS_START = 3
+
+
+class Listener:
+    """The sockets a server accepts on, and how to name them in a URI."""
+
+    def __init__(self, sockets: list[socket.socket], port: int | None = None,
+                 unix_path: str | None = None, private_dir: str | None = None) -> None:
+        self.sockets = sockets
+        self.port = port
+        self.unix_path = unix_path
+        self.private_dir = private_dir
+
+    @classmethod
+    def tcp(cls, ipaddr: str | None, port: int) -> Listener:
+        """Listen on every address ``ipaddr`` resolves to (all when None)."""
+        try:
+            infos = socket.getaddrinfo(ipaddr, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise ConfigError(f"cannot resolve listening address {ipaddr!r}: {exc}") from None
+        sockets = []
+        seen = set()
+        for family, kind, proto, _, addr in infos:
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                sock.close()
+                for other in sockets:
+                    other.close()
+                raise ConfigError(f"cannot listen on {addr[0]} port {port}: {exc.strerror}") from None
+            sock.listen(128)
+            sockets.append(sock)
+        actual = sockets[0].getsockname()[1]
+        return cls(sockets, port=actual)
+
+    @classmethod
+    def unix(cls, path: str) -> Listener:
+        """Listen on a Unix socket; ``-`` makes a private one in a fresh temp dir."""
+        private = None
+        if path == "-":
+            private = tempfile.mkdtemp(prefix="pynbd")
+            path = os.path.join(private, "socket")
+        path = os.path.abspath(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on Unix socket {path}: {exc.strerror}") from None
+        sock.listen(128)
+        return cls([sock], unix_path=path, private_dir=private)
+
+    @classmethod
+    def systemd(cls) -> Listener | None:
+        """Sockets passed by systemd socket activation, or None."""
+        if os.environ.get("LISTEN_PID") != str(os.getpid()):
+            return None
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+        if count <= 0:
+            return None
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        sockets = [socket.socket(fileno=fd) for fd in range(SD_LISTEN_FDS_START,
+                                                             SD_LISTEN_FDS_START + count)]
+        return cls(sockets)
+
+    def uri(self, exportname: str = "", tls: bool = False) -> str:
+        """An NBD URI a client can use to reach this listener."""
+        scheme = "nbds" if tls else "nbd"
+        name = exportname
+        if self.unix_path is not None:
+            return f"{scheme}+unix:///{name}?socket={self.unix_path}"
+        return f"{scheme}://localhost:{self.port}/{name}" if name else f"{scheme}://localhost:{self.port}"
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if self.unix_path is not None:
+            try:
+                os.unlink(self.unix_path)
+            except FileNotFoundError:
+                pass
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+class Server:
+    """Accepts clients on a listener and serves each in its own thread."""
+
+    def __init__(self, config: SessionConfig, listener: Listener) -> None:
+        self.config = config
+        self.listener = listener
+        model = config.stack.thread_model()
+        if model <= ThreadModel.SERIALIZE_REQUESTS:
+            config.threads = 1
+        if model == ThreadModel.SERIALIZE_ALL_REQUESTS:
+            config.request_lock = threading.Lock()
+        self._one_connection = threading.Semaphore(1) if model == ThreadModel.SERIALIZE_CONNECTIONS else None
+        self._stop_r, self._stop_w = os.pipe()
+        self._sessions: set[Session] = set()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self.stopping = False
+
+    # ---- lifetime
+    def serve_forever(self) -> None:
+        """Accept clients until shutdown() is called."""
+        selector = selectors.DefaultSelector()
+        for sock in self.listener.sockets:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        selector.register(self._stop_r, selectors.EVENT_READ)
+        try:
+            while not self.stopping:
+                for key, _ in selector.select():
+                    if key.fileobj == self._stop_r:
+                        self.stopping = True
+                        break
+                    self._accept(key.fileobj)  # type: ignore[arg-type]
+        finally:
+            selector.close()
+            self._finish()
+
+    def serve_one(self, sock: socket.socket) -> None:
+        """Serve a single already-connected client (``--single``) in this thread."""
+        try:
+            self._session(sock, "stdin")
+        finally:
+            self._finish()
+
+    def shutdown(self) -> None:
+        """Stop accepting and disconnect every client. Safe from any thread or a signal."""
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def _finish(self) -> None:
+        self.stopping = True
+        self.listener.close()
+        with self._lock:
+            sessions = list(self._sessions)
+            threads = list(self._threads)
+        for session in sessions:
+            session._stop()  # noqa: SLF001 (the server owns its sessions)
+        for thread in threads:
+            thread.join(timeout=10)
+        self.config.stack.unload()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ---- clients
+    def _accept(self, listening: socket.socket) -> None:
+        try:
+            sock, address = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        thread = threading.Thread(target=self._session, args=(sock, address),
+                                  name=f"nbd-client-{address}", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _session(self, sock: socket.socket, address: object) -> None:
+        session = Session(sock, self.config, address)
+        with self._lock:
+            self._sessions.add(session)
+        try:
+            if self._one_connection is not None:
+                with self._one_connection:
+                    session.run()
+            else:
+                session.run()
+        finally:
+            with self._lock:
+                self._sessions.discard(session)
+                self._threads.discard(threading.current_thread())
+
+    @property
+    def active_sessions(self) -> Iterable[Session]:
+        with self._lock:
+            return list(self._sessions)

@@ -1,0 +1,463 @@
+"""One client connection: the handshake, then the transmission phase.
+
+Requests are served by a small crew of worker threads in leader/follower
+style (as nbdkit does): whichever worker holds ``read_lock`` reads the next
+request and its payload, lets go of the lock, runs the request against the
+stack and sends the reply under ``send_lock``. No queue sits between reading
+and running, replies go out in completion order, and every reply is one
+``sendmsg`` of the header and the data memoryview.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..backend import (
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_MAY_TRIM,
+    FLAG_REQ_ONE,
+    FUA_EMULATE,
+    Extent,
+    OpenContext,
+    clip_extents,
+)
+from ..backend.connection import Connection
+from ..backend.stack import Stack
+from ..proto import wire
+from ..proto.constants import (
+    EXTENDED_REQUEST_SIZE,
+    REQUEST_SIZE,
+    Cmd,
+    CmdFlag,
+    TransmissionFlag as TF,
+)
+from ..proto.errors import ProtocolError
+from ..proto.server_handshake import Closed, NeedData, Ready, Send, ServerHandshake, StartTLS
+from .catalog import StackCatalog
+
+log = logging.getLogger("pynbd.server")
+
+# Hot-path constants as plain ints.
+_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _ZERO, _BLOCK_STATUS = (
+    Cmd.READ, Cmd.WRITE, Cmd.DISC, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
+    Cmd.BLOCK_STATUS)
+_F_FUA, _F_NO_HOLE, _F_DF, _F_REQ_ONE, _F_FAST_ZERO = (
+    int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.DF), int(CmdFlag.REQ_ONE),
+    int(CmdFlag.FAST_ZERO))
+_ALLOWED_FLAGS = {
+    _READ: _F_DF, _WRITE: _F_FUA, _FLUSH: 0, _TRIM: _F_FUA, _CACHE: 0,
+    _ZERO: _F_FUA | _F_NO_HOLE | _F_FAST_ZERO, _BLOCK_STATUS: _F_REQ_ONE, _DISC: 0,
+}
+_WIRE_ERRNO = {errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
+               errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN}
+_ERRNO_ALIASES = {errno.EROFS: errno.EPERM, errno.EACCES: errno.EPERM,
+                  errno.EFBIG: errno.ENOSPC, errno.EDQUOT: errno.ENOSPC,
+                  errno.ERANGE: errno.EINVAL}
+HOLE_SCAN_MIN = 64 * 1024  # reads at least this long look for holes to skip
+KEEP_BUFFER_MAX = 4 * 1024 * 1024  # a worker keeps its buffer up to this size
+MAX_EXTENTS_PER_REPLY = 128 * 1024
+
+
+def wire_errno(err: int) -> int:
+    """The NBD error value for a local errno."""
+    err = _ERRNO_ALIASES.get(err, err)
+    return err if err in _WIRE_ERRNO else errno.EIO
+
+
+class ClientGone(Exception):
+    """The client closed the connection or the socket failed."""
+
+
+@dataclass
+class SessionConfig:
+    """What every session of one server shares."""
+
+    stack: Stack
+    readonly: bool = False
+    tls: str = "off"
+    ssl_context: ssl.SSLContext | None = None
+    threads: int = 16
+    exportname: str | None = None  # -e: the only name served
+    description: str = ""
+    request_lock: threading.Lock | None = None  # serialize_all_requests
+
+
+class Session:
+    """Serves one connected client until it disconnects."""
+
+    def __init__(self, sock: socket.socket, config: SessionConfig, address: object = None) -> None:
+        self.sock = sock
+        self.config = config
+        self.address = address
+        self.read_lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.done = False
+        self.conn: Connection | None = None
+        self.size = 0
+        self.flags = 0
+        self.max_payload = 0
+        self.structured = False
+        self.extended = False
+        self.contexts: dict[int, str] = {}
+        self.fua_emulated = False
+        self._use_sendmsg = True
+
+    # ------------------------------------------------------------- lifecycle
+    def run(self) -> None:
+        """Handshake, serve, clean up. Never raises."""
+        try:
+            if self._handshake():
+                self._transmission()
+        except ClientGone as exc:
+            log.debug("client %s went away: %s", self.address, exc)
+        except ProtocolError as exc:
+            log.warning("client %s: protocol error: %s", self.address, exc)
+        except Exception:  # noqa: BLE001 (a session never takes the server down)
+            log.exception("client %s: unexpected error", self.address)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the plugin connection failed")
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------- socket I/O
+    def _recv_exact(self, view: memoryview) -> None:
+        sock = self.sock
+        flags = socket.MSG_WAITALL if self._use_sendmsg else 0
+        got = 0
+        need = len(view)
+        while got < need:
+            try:
+                n = sock.recv_into(view[got:], need - got, flags)
+            except (OSError, ValueError) as exc:
+                raise ClientGone(str(exc)) from None
+            if n == 0:
+                raise ClientGone("end of stream" if got == 0 else "connection closed mid-message")
+            got += n
+
+    def _recv_bytes(self, size: int) -> bytes:
+        buf = bytearray(size)
+        self._recv_exact(memoryview(buf))
+        return bytes(buf)
+
+    def _send(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Send all parts, in one sendmsg when the socket allows it."""
+        with self.send_lock:
+            try:
+                if not self._use_sendmsg:
+                    self.sock.sendall(b"".join(parts))
+                    return
+                sent = self.sock.sendmsg(parts)
+                total = sum(len(p) for p in parts)
+                if sent < total:
+                    self._send_rest(parts, sent)
+            except OSError as exc:
+                self.done = True
+                raise ClientGone(str(exc)) from None
+
+    def _send_rest(self, parts: Sequence[bytes | memoryview], sent: int) -> None:
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            self.sock.sendall(memoryview(part)[sent:])
+            sent = 0
+
+    # ------------------------------------------------------------- handshake
+    def _handshake(self) -> bool:
+        cfg = self.config
+        ctx = OpenContext(readonly=cfg.readonly, client_address=self.address)
+        catalog = StackCatalog(cfg.stack, ctx, cfg.description)
+        hs = ServerHandshake(catalog, tls=cfg.tls, forced_export=cfg.exportname)
+        try:
+            self._send([hs.greeting()])
+            while True:
+                event = hs.next_event()
+                if isinstance(event, NeedData):
+                    hs.receive_data(self._recv_bytes(event.size))
+                elif isinstance(event, Send):
+                    self._send([event.data])
+                elif isinstance(event, StartTLS):
+                    self._send([event.data])
+                    self._start_tls()
+                    ctx.tls = True
+                    hs.tls_established()
+                elif isinstance(event, Ready):
+                    self._enter_transmission(event)
+                    if event.reply:
+                        self._send([event.reply])
+                    return True
+                elif isinstance(event, Closed):
+                    log.debug("client %s: handshake ended: %s", self.address, event.reason)
+                    if event.reply:
+                        self._send([event.reply])
+                    return False
+        except BaseException:
+            hs.abandon()
+            raise
+
+    def _start_tls(self) -> None:
+        context = self.config.ssl_context
+        assert context is not None, "STARTTLS accepted without a TLS context"
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            raise ClientGone(f"TLS handshake failed: {exc}") from None
+        self._use_sendmsg = False
+
+    def _enter_transmission(self, ready: Ready) -> None:
+        info = ready.export
+        self.conn = info.handle  # type: ignore[assignment]
+        self.size = info.size
+        self.flags = info.flags
+        self.max_payload = info.block_size[2]
+        self.structured = ready.structured_replies
+        self.extended = ready.extended_headers
+        self.contexts = ready.meta_contexts
+        self.fua_emulated = bool(info.flags & TF.SEND_FUA) and self.conn.can_fua() == FUA_EMULATE
+        log.debug("client %s: serving export %r, %d bytes", self.address, info.name, info.size)
+
+    # ------------------------------------------------------------- transmission
+    def _transmission(self) -> None:
+        crew = [threading.Thread(target=self._worker, name=f"nbd-worker-{i}", daemon=True)
+                for i in range(1, max(1, self.config.threads))]
+        for thread in crew:
+            thread.start()
+        try:
+            self._worker()
+        finally:
+            for thread in crew:
+                thread.join()
+
+    def _stop(self) -> None:
+        self.done = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _worker(self) -> None:
+        header = bytearray(EXTENDED_REQUEST_SIZE if self.extended else REQUEST_SIZE)
+        header_view = memoryview(header)
+        scratch = bytearray(0)
+        extended = self.extended
+        request_lock = self.config.request_lock
+        while True:
+            with self.read_lock:
+                if self.done:
+                    return
+                try:
+                    self._recv_exact(header_view)
+                    flags, cmd, cookie, offset, length = wire.parse_request(header, extended)
+                    payload = None
+                    if cmd == _WRITE:
+                        payload, scratch = self._read_payload(length, scratch)
+                except ClientGone as exc:
+                    log.debug("client %s: %s", self.address, exc)
+                    self._stop()
+                    return
+                except ProtocolError as exc:
+                    log.warning("client %s: %s; disconnecting", self.address, exc)
+                    self._stop()
+                    return
+                if cmd == _DISC:
+                    self._stop()
+                    return
+            try:
+                if request_lock is None:
+                    self._execute(flags, cmd, cookie, offset, length, payload, scratch)
+                else:
+                    with request_lock:
+                        self._execute(flags, cmd, cookie, offset, length, payload, scratch)
+            except ClientGone as exc:
+                log.debug("client %s: %s", self.address, exc)
+                self._stop()
+                return
+            if len(scratch) > KEEP_BUFFER_MAX:
+                scratch = bytearray(0)
+
+    def _read_payload(self, length: int, scratch: bytearray) -> tuple[memoryview | None, bytearray]:
+        """Read a write payload; None if it is too large (it is drained)."""
+        if length > self.max_payload:
+            drain = memoryview(bytearray(min(length, 1 << 20)))
+            left = length
+            while left:
+                n = min(left, len(drain))
+                self._recv_exact(drain[:n])
+                left -= n
+            return None, scratch
+        if len(scratch) < length:
+            scratch = bytearray(length)
+        view = memoryview(scratch)[:length]
+        self._recv_exact(view)
+        return view, scratch
+
+    # ------------------------------------------------------------- requests
+    def _execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                 payload: memoryview | None, scratch: bytearray) -> None:
+        err = self._check(flags, cmd, offset, length, payload)
+        if err:
+            self._reply_error(cookie, cmd, err, offset, "invalid request")
+            return
+        conn = self.conn
+        try:
+            if cmd == _READ:
+                self._read(conn, cookie, offset, length, flags, scratch)
+                return
+            if cmd == _WRITE:
+                conn.pwrite(payload, offset, FLAG_FUA if flags & _F_FUA and not self.fua_emulated else 0)
+                self._after_write(conn, flags)
+            elif cmd == _ZERO:
+                zflags = 0 if flags & _F_NO_HOLE else FLAG_MAY_TRIM
+                if flags & _F_FAST_ZERO:
+                    zflags |= FLAG_FAST_ZERO
+                if flags & _F_FUA and not self.fua_emulated:
+                    zflags |= FLAG_FUA
+                conn.zero(length, offset, zflags)
+                self._after_write(conn, flags)
+            elif cmd == _TRIM:
+                conn.trim(length, offset, FLAG_FUA if flags & _F_FUA and not self.fua_emulated else 0)
+                self._after_write(conn, flags)
+            elif cmd == _FLUSH:
+                conn.flush(0)
+            elif cmd == _CACHE:
+                conn.cache(length, offset, 0)
+            elif cmd == _BLOCK_STATUS:
+                self._block_status(conn, cookie, offset, length, flags)
+                return
+        except ClientGone:
+            raise
+        except OSError as exc:
+            log.debug("client %s: command %d failed: %s", self.address, cmd, exc)
+            self._reply_error(cookie, cmd, wire_errno(exc.errno or errno.EIO), offset,
+                              exc.strerror or str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 (a plugin bug fails one request)
+            log.exception("client %s: command %d at %d+%d raised", self.address, cmd, offset, length)
+            self._reply_error(cookie, cmd, errno.EIO, offset, f"{type(exc).__name__}: {exc}")
+            return
+        self._reply_ok(cookie, offset)
+
+    def _after_write(self, conn: Connection, flags: int) -> None:
+        if flags & _F_FUA and self.fua_emulated:
+            conn.flush(0)
+
+    def _check(self, flags: int, cmd: int, offset: int, length: int,
+               payload: memoryview | None) -> int:
+        """The errno a request is refused with before it reaches the stack, or 0."""
+        allowed = _ALLOWED_FLAGS.get(cmd)
+        if allowed is None or flags & ~allowed:
+            return errno.EINVAL
+        if cmd == _FLUSH:
+            return 0
+        if cmd in (_WRITE, _TRIM, _ZERO) and self.flags & TF.READ_ONLY:
+            return errno.EPERM
+        if cmd == _WRITE and payload is None:
+            return errno.EINVAL  # larger than the advertised maximum
+        if cmd == _READ and length > self.max_payload:
+            return errno.EINVAL
+        if cmd == _TRIM and not self.flags & TF.SEND_TRIM:
+            return errno.EINVAL
+        if cmd == _ZERO and not self.flags & TF.SEND_WRITE_ZEROES:
+            return errno.EINVAL
+        if cmd == _ZERO and flags & _F_FAST_ZERO and not self.flags & TF.SEND_FAST_ZERO:
+            return errno.EINVAL
+        if cmd == _CACHE and not self.flags & TF.SEND_CACHE:
+            return errno.EINVAL
+        if cmd == _BLOCK_STATUS and not self.contexts:
+            return errno.EINVAL
+        if length == 0 and cmd != _BLOCK_STATUS:
+            return errno.EINVAL
+        if offset + length > self.size:
+            return errno.ENOSPC if cmd in (_WRITE, _ZERO) else errno.EINVAL
+        return 0
+
+    def _read(self, conn: Connection, cookie: int, offset: int, length: int, flags: int,
+              scratch: bytearray) -> None:
+        if self.structured and length >= HOLE_SCAN_MIN and not flags & _F_DF \
+                and self.flags & TF.HAS_FLAGS and conn.can_extents():
+            holes = [e for e in clip_extents(conn.extents(length, offset, 0), offset, length) if e.zero]
+            if holes:
+                self._read_with_holes(conn, cookie, offset, length, holes)
+                return
+        if len(scratch) >= length:
+            view = memoryview(scratch)[:length]
+        else:
+            view = memoryview(bytearray(length))
+        conn.pread(view, offset, 0)
+        if self.structured:
+            self._send([wire.read_data_header(cookie, offset, length, True, self.extended), view])
+        else:
+            self._send([wire.simple_reply(cookie), view])
+
+    def _read_with_holes(self, conn: Connection, cookie: int, offset: int, length: int,
+                         holes: list) -> None:
+        """Send data chunks between OFFSET_HOLE chunks; the last one is DONE."""
+        pieces: list[tuple[int, int, bool]] = []
+        pos = offset
+        for hole in holes:
+            if hole.offset > pos:
+                pieces.append((pos, hole.offset - pos, False))
+            pieces.append((hole.offset, hole.length, True))
+            pos = hole.offset + hole.length
+        if pos < offset + length:
+            pieces.append((pos, offset + length - pos, False))
+        ext = self.extended
+        for index, (start, size, is_hole) in enumerate(pieces):
+            done = index == len(pieces) - 1
+            if is_hole:
+                self._send([wire.hole_chunk(cookie, start, size, done, ext)])
+            else:
+                view = memoryview(bytearray(size))
+                conn.pread(view, start, 0)
+                self._send([wire.read_data_header(cookie, start, size, done, ext), view])
+
+    def _block_status(self, conn: Connection, cookie: int, offset: int, length: int,
+                      flags: int) -> None:
+        length = max(0, min(length, self.size - offset))
+        req_one = bool(flags & _F_REQ_ONE)
+        if length == 0:
+            raise OSError(errno.EINVAL, "block status past the end of the export")
+        if conn.can_extents():
+            found = conn.extents(length, offset, FLAG_REQ_ONE if req_one else 0)
+        else:
+            found = (Extent(offset, length),)
+        descriptors = []
+        for ext in clip_extents(found, offset, length, req_one):
+            descriptors.append((ext.length, ext.state))
+            if len(descriptors) >= MAX_EXTENTS_PER_REPLY:
+                break
+        if not descriptors:
+            raise OSError(errno.EIO, "the plugin returned no extent at the requested offset")
+        ids = list(self.contexts)
+        for index, context_id in enumerate(ids):
+            self._send([wire.block_status_chunk(cookie, context_id, descriptors,
+                                                index == len(ids) - 1, self.extended, offset)])
+
+    def _reply_ok(self, cookie: int, offset: int) -> None:
+        if self.extended:
+            self._send([wire.done_chunk(cookie, True, offset)])
+        else:
+            self._send([wire.simple_reply(cookie)])
+
+    def _reply_error(self, cookie: int, cmd: int, err: int, offset: int, message: str) -> None:
+        if self.extended or (self.structured and cmd in (_READ, _BLOCK_STATUS)):
+            self._send([wire.error_chunk(cookie, err, message, self.extended, offset)])
+        else:
+            self._send([wire.simple_reply(cookie, err)])

@@ -1,0 +1,1 @@
+"""Command-line tools: ``pynbd TOOL`` runs ``pynbd.tools.TOOL.main``."""
