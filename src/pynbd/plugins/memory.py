@@ -26,8 +26,8 @@ import threading
 from collections.abc import Iterator
 
 from ..backend import (
-    FUA_NATIVE,
     CACHE_NATIVE,
+    FUA_NATIVE,
     ConfigError,
     Connection,
     Extent,

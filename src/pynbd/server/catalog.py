@@ -12,7 +12,8 @@ import logging
 from ..backend import FUA_NONE, ConfigError, OpenContext
 from ..backend.connection import Connection
 from ..backend.stack import Stack
-from ..proto.constants import DEFAULT_MAX_PAYLOAD, TransmissionFlag as TF
+from ..proto.constants import DEFAULT_MAX_PAYLOAD
+from ..proto.constants import TransmissionFlag as TF
 from ..proto.server_handshake import ExportInfo, UnknownExport
 
 log = logging.getLogger("pynbd.server")

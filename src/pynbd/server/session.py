@@ -36,6 +36,8 @@ from ..proto.constants import (
     REQUEST_SIZE,
     Cmd,
     CmdFlag,
+)
+from ..proto.constants import (
     TransmissionFlag as TF,
 )
 from ..proto.errors import ProtocolError
