@@ -255,12 +255,17 @@ def chunk_header(flags: int, reply_type: int, cookie: int, length: int,
 
 
 def read_data_header(cookie: int, offset: int, length: int, done: bool,
-                     extended: bool) -> bytes:
-    """Header plus offset of an OFFSET_DATA chunk carrying ``length`` bytes."""
+                     extended: bool, request_offset: int | None = None) -> bytes:
+    """Header plus offset of an OFFSET_DATA chunk carrying ``length`` bytes.
+
+    An extended header repeats the request's offset (``request_offset``,
+    default ``offset``); the chunk's own offset is in the payload.
+    """
     flags = REPLY_FLAG_DONE if done else 0
     if extended:
         return EXTENDED_READ_HEADER.pack(EXTENDED_REPLY_MAGIC, flags,
-                                         ReplyType.OFFSET_DATA, cookie, offset,
+                                         ReplyType.OFFSET_DATA, cookie,
+                                         offset if request_offset is None else request_offset,
                                          length + 8, offset)
     return STRUCTURED_READ_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags,
                                        ReplyType.OFFSET_DATA, cookie, length + 8,
@@ -268,10 +273,10 @@ def read_data_header(cookie: int, offset: int, length: int, done: bool,
 
 
 def hole_chunk(cookie: int, offset: int, length: int, done: bool,
-               extended: bool) -> bytes:
+               extended: bool, request_offset: int | None = None) -> bytes:
     flags = REPLY_FLAG_DONE if done else 0
     return (chunk_header(flags, ReplyType.OFFSET_HOLE, cookie, HOLE_PAYLOAD.size,
-                         offset, extended)
+                         offset if request_offset is None else request_offset, extended)
             + HOLE_PAYLOAD.pack(offset, length))
 
 
