@@ -1,0 +1,464 @@
+"""file: serve a file or a block device, or every file of a directory.
+
+    pynbd serve file disk.img
+    pynbd serve file file=/dev/sdb
+    pynbd serve file disk.img fadvise=sequential cache=none
+    pynbd serve file dir=/srv/images          # export "a.img" is /srv/images/a.img
+
+Parameters (give exactly one of file= and dir=)
+    file=PATH          a regular file or a block device (the magic parameter:
+                       ``pynbd serve file disk.img``). The export name the
+                       client asks for is ignored.
+    dir=DIR            every regular file or block device directly inside DIR
+                       is an export named after it; NBD_OPT_LIST lists them
+                       (``nbdinfo --list``). Names with ``/``, ``.``/``..`` or
+                       a symbolic link that resolves outside DIR are refused as
+                       unknown exports, and so is the default export "".
+    cache=default      leave the kernel's page cache alone (the default)
+    cache=none         keep served data out of the page cache: pages read are
+                       dropped (posix_fadvise DONTNEED) after each read; pages
+                       written are queued for writeback at once and dropped a
+                       few writes later, and all of them on flush
+    fadvise=normal     the access pattern hinted to the kernel at open
+    fadvise=random     (posix_fadvise): ``random`` turns read-ahead off,
+    fadvise=sequential ``sequential`` doubles it; ``normal`` is the default
+
+Behaviour
+    - Reads and writes go straight between the file and the request buffer
+      (preadv/pwritev), without copies.
+    - A file the server may not write (no write permission, read-only file
+      system) is served read-only without being asked; ``-r`` opens every
+      file read-only.
+    - Sparse files stay sparse. Trim punches a hole. Write-zeroes punches a
+      hole when the client allows it, and otherwise uses fallocate's
+      ZERO_RANGE (or punch + allocate), writing zero buffers only when the
+      file system can do none of these; a client asking for a fast zero then
+      gets ENOTSUP instead. Block devices use fallocate where the kernel
+      supports it, else the BLKZEROOUT and BLKDISCARD ioctls.
+    - Extents come from SEEK_DATA/SEEK_HOLE: holes are reported as holes that
+      read as zeroes, so ``nbdinfo --map`` and ``nbdcopy`` see the sparseness.
+    - Flush, and any request with FUA, runs fdatasync. Cache requests ask the
+      kernel to read ahead (posix_fadvise WILLNEED).
+    - Every client gets its own file descriptor and sees the others' writes
+      at once, so multi-conn is advertised. Requests run in parallel.
+
+Limits
+    The size is read when a client connects; a file that grows or shrinks
+    while served keeps its old size for connected clients. Linux only
+    (fallocate, SEEK_DATA, block-device ioctls).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from ..backend import (
+    CACHE_NATIVE,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_MAY_TRIM,
+    FLAG_REQ_ONE,
+    FUA_NATIVE,
+    ConfigError,
+    Connection,
+    Export,
+    Extent,
+    OpenContext,
+    Param,
+    Plugin,
+    io_error,
+)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKROTATIONAL = 0x127E
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+SYNC_FILE_RANGE_WAIT_BEFORE = 1
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+# errno values meaning "this file or kernel cannot do that", not "it failed".
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV,
+                          errno.ENOTTY})
+# errno values of open(O_RDWR) that mean "serve it read-only instead".
+_READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+_ADVICE = {"normal": os.POSIX_FADV_NORMAL, "random": os.POSIX_FADV_RANDOM,
+           "sequential": os.POSIX_FADV_SEQUENTIAL}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.fallocate.restype = ctypes.c_int
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    _sync_file_range.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); raises OSError with the kernel's errno."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate: {os.strerror(err)}")
+
+
+def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    """sync_file_range(2), or fdatasync where libc lacks it."""
+    if _sync_file_range is None:
+        os.fdatasync(fd)
+    elif _sync_file_range(fd, offset, length, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+
+
+def _range_ioctl(fd: int, request: int, offset: int, length: int) -> None:
+    fcntl.ioctl(fd, request, struct.pack("QQ", offset, length))
+
+
+def _ioctl_int(fd: int, request: int, fmt: str) -> int:
+    size = struct.calcsize(fmt)
+    return struct.unpack(fmt, fcntl.ioctl(fd, request, bytes(size)))[0]
+
+
+class _WriteEvictor:
+    """cache=none for writes: start writeback now, drop the pages later.
+
+    Dirty pages cannot be dropped, so each write is queued for writeback at
+    once and remembered; when more than ``WINDOW`` writes are waiting, the
+    oldest is waited for and its pages are dropped. ``drain`` does that for
+    every remembered write (on flush and close).
+    """
+
+    WINDOW = 8
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending: deque[tuple[int, int]] = deque()
+        self.lock = threading.Lock()
+
+    def written(self, offset: int, length: int) -> None:
+        sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+        with self.lock:
+            self.pending.append((offset, length))
+            old = self.pending.popleft() if len(self.pending) > self.WINDOW else None
+        if old is not None:
+            self._drop(*old)
+
+    def drain(self) -> None:
+        with self.lock:
+            ranges, self.pending = list(self.pending), deque()
+        for offset, length in ranges:
+            self._drop(offset, length)
+
+    def _drop(self, offset: int, length: int) -> None:
+        sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WAIT_BEFORE
+                        | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class FileConnection(Connection):
+    """One client's open file descriptor on a file or block device."""
+
+    def __init__(self, fd: int, writable: bool, cache_none: bool = False,
+                 fadvise: str = "normal") -> None:
+        self.fd = fd
+        self.writable = writable
+        st = os.fstat(fd)
+        self.block_device = stat.S_ISBLK(st.st_mode)
+        self.size = os.lseek(fd, 0, os.SEEK_END) if self.block_device else st.st_size
+        self.sector = _ioctl_int(fd, BLKSSZGET, "i") if self.block_device else 1
+        self.rotational = _rotational(fd, st)
+        self.seekable_holes = _probe_seek_data(fd)
+        self.evictor = _WriteEvictor(fd) if cache_none else None
+        # Methods the kernel refused once are not tried again on this fd.
+        self.can_punch = self.can_zero_range = self.can_allocate = True
+        self.can_zeroout = self.can_discard = self.block_device
+        os.posix_fadvise(fd, 0, 0, _ADVICE[fadvise])
+
+    # ---------------------------------------------------------- what it can do
+    def get_size(self) -> int:
+        return self.size
+
+    def can_write(self) -> bool:
+        return self.writable
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_trim(self) -> bool:
+        return True
+
+    def can_zero(self) -> bool:
+        return True
+
+    def can_fast_zero(self) -> bool:
+        return True
+
+    def can_fua(self) -> int:
+        return FUA_NATIVE
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_cache(self) -> int:
+        return CACHE_NATIVE
+
+    def can_extents(self) -> bool:
+        return self.seekable_holes
+
+    def is_rotational(self) -> bool:
+        return self.rotational
+
+    # ------------------------------------------------------------------ data
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        length = len(buf)
+        done = os.preadv(self.fd, (buf,), offset)
+        while done < length:
+            got = os.preadv(self.fd, (buf[done:],), offset + done)
+            if got == 0:
+                raise io_error(errno.EIO, f"pread at {offset + done}: unexpected end of file")
+            done += got
+        if self.evictor is not None:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        length = len(buf)
+        done = os.pwritev(self.fd, (buf,), offset)
+        while done < length:
+            done += os.pwritev(self.fd, (buf[done:],), offset + done)
+        self._written(offset, length, flags)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        if not self._zero_fast(count, offset, flags):
+            if flags & FLAG_FAST_ZERO:
+                raise io_error(errno.ENOTSUP, "file: no fast way to zero this range")
+            super().zero(count, offset, flags & ~FLAG_FUA)
+        self._written(offset, count, flags)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        if self._aligned(count, offset) and not self._punch(count, offset):
+            self._try("can_discard", _range_ioctl, BLKDISCARD, offset, count)
+        self._written(offset, count, flags)
+
+    def flush(self, flags: int) -> None:
+        os.fdatasync(self.fd)
+        if self.evictor is not None:
+            self.evictor.drain()
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        os.posix_fadvise(self.fd, offset, count, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
+        end = offset + count
+        pos = offset
+        while pos < end:
+            data = min(self._seek(pos, os.SEEK_DATA, end), end)
+            if data > pos:
+                yield Extent(pos, data - pos, hole=True, zero=True)
+            else:
+                data = min(self._seek(pos, os.SEEK_HOLE, end), end)
+                yield Extent(pos, data - pos)
+            pos = data
+            if flags & FLAG_REQ_ONE:
+                return
+
+    def close(self) -> None:
+        if self.evictor is not None:
+            self.evictor.drain()
+        os.close(self.fd)
+
+    # --------------------------------------------------------------- helpers
+    def _written(self, offset: int, length: int, flags: int) -> None:
+        """After a change: FUA makes it durable, cache=none evicts it."""
+        if flags & FLAG_FUA:
+            os.fdatasync(self.fd)
+        if self.evictor is not None:
+            self.evictor.written(offset, length)
+
+    def _seek(self, pos: int, whence: int, end: int) -> int:
+        """lseek for SEEK_DATA/SEEK_HOLE; past the file's end means ``end``."""
+        try:
+            return os.lseek(self.fd, pos, whence)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return end
+            raise
+
+    def _try(self, capability: str, call: Callable[..., None], *args: int) -> bool:
+        """Run ``call(fd, *args)`` unless it was unsupported before; True if it worked."""
+        if not getattr(self, capability):
+            return False
+        try:
+            call(self.fd, *args)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            setattr(self, capability, False)
+            return False
+        return True
+
+    def _aligned(self, count: int, offset: int) -> bool:
+        """Block devices take fallocate and ioctls in whole sectors only."""
+        return offset % self.sector == 0 and count % self.sector == 0
+
+    def _punch(self, count: int, offset: int) -> bool:
+        return self._try("can_punch", fallocate,
+                         FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+
+    def _zero_fast(self, count: int, offset: int, flags: int) -> bool:
+        """Zero without writing zero buffers; False if no such way exists."""
+        if not self._aligned(count, offset):
+            return False
+        if flags & FLAG_MAY_TRIM and self._punch(count, offset):
+            return True
+        if self.block_device:
+            return self._zero_device(count, offset, flags)
+        return self._zero_file(count, offset)
+
+    def _zero_file(self, count: int, offset: int) -> bool:
+        if self._try("can_zero_range", fallocate,
+                     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, count):
+            return True
+        if self.can_allocate and self._punch(count, offset):
+            # The hole reads as zeroes; allocating it again honours NO_HOLE.
+            self._try("can_allocate", fallocate, FALLOC_FL_KEEP_SIZE, offset, count)
+            return True
+        return False
+
+    def _zero_device(self, count: int, offset: int, flags: int) -> bool:
+        if flags & FLAG_FAST_ZERO:
+            return False  # the kernel may carry out both below by writing zeroes
+        return self._try("can_zero_range", fallocate, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                         offset, count) \
+            or self._try("can_zeroout", _range_ioctl, BLKZEROOUT, offset, count)
+
+
+def _probe_seek_data(fd: int) -> bool:
+    """Whether SEEK_DATA/SEEK_HOLE work on this file."""
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO
+    return True
+
+
+def _rotational(fd: int, st: os.stat_result) -> bool:
+    """Whether a block device spins; regular files say no, as nbdkit's do."""
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    try:
+        return bool(_ioctl_int(fd, BLKROTATIONAL, "H"))
+    except OSError:
+        return False
+
+
+def open_file(path: str, readonly: bool) -> tuple[int, bool]:
+    """Open ``path`` for serving: (fd, writable). Falls back to read-only."""
+    flags = os.O_CLOEXEC | os.O_NOCTTY
+    if not readonly:
+        try:
+            return os.open(path, flags | os.O_RDWR), True
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY_ERRORS:
+                raise
+    return os.open(path, flags | os.O_RDONLY), False
+
+
+def _servable(mode: int) -> bool:
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+class FilePlugin(Plugin):
+    name = "file"
+    magic_param = "file"
+    params = (
+        Param("file", "path", "the file or block device to serve"),
+        Param("dir", "path", "serve every file in this directory, by export name"),
+        Param("cache", "str", "page cache use", default="default", choices=("default", "none")),
+        Param("fadvise", "str", "access pattern hint", default="normal",
+              choices=tuple(_ADVICE)),
+    )
+
+    def config_complete(self) -> None:
+        if (self.file is None) == (self.dir is None):
+            raise ConfigError("file: give exactly one of file=PATH and dir=DIR")
+        if self.file is not None:
+            self._check_file(self.file)
+        else:
+            self.root = self._check_dir(self.dir)
+
+    @staticmethod
+    def _check_file(path: str) -> None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise ConfigError(f"file: file: {path}: {exc.strerror}") from None
+        if not _servable(mode):
+            raise ConfigError(f"file: file: {path}: not a regular file or block device")
+
+    @staticmethod
+    def _check_dir(path: str) -> str:
+        if not os.path.isdir(path):
+            raise ConfigError(f"file: dir: {path}: not a directory")
+        return os.path.realpath(path)
+
+    # ------------------------------------------------------------- dir mode
+    def list_exports(self, ctx: OpenContext) -> list[Export]:
+        if self.dir is None:
+            return [Export("")]
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as exc:
+            raise io_error(exc.errno or errno.EIO, f"file: dir: {self.root}") from None
+        return [Export(name) for name in names if self._resolve(name) is not None]
+
+    def _resolve(self, name: str) -> tuple[str, os.stat_result] | None:
+        """The real path and stat of export ``name`` if it is one, else None."""
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            return None
+        real = os.path.realpath(os.path.join(self.root, name))
+        if os.path.dirname(real) != self.root:
+            return None
+        try:
+            st = os.stat(real)
+        except OSError:
+            return None
+        return (real, st) if _servable(st.st_mode) else None
+
+    def _open_export(self, name: str, readonly: bool) -> tuple[int, bool]:
+        found = self._resolve(name)
+        if found is None:
+            raise LookupError(f"file: no export named {name!r} in {self.root}")
+        real, st = found
+        fd, writable = open_file(real, readonly)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise LookupError(f"file: export {name!r} changed while being opened")
+        return fd, writable
+
+    # ----------------------------------------------------------------- open
+    def open(self, ctx: OpenContext) -> Connection:
+        if self.dir is None:
+            fd, writable = open_file(self.file, ctx.readonly)
+        else:
+            fd, writable = self._open_export(ctx.export_name, ctx.readonly)
+        try:
+            return FileConnection(fd, writable, self.cache == "none", self.fadvise)
+        except BaseException:
+            os.close(fd)
+            raise
