@@ -63,6 +63,10 @@ class Stack:
         """The most restrictive model of any layer."""
         return min(layer.get_thread_model() for layer in self.layers)
 
+    def is_blocking(self) -> bool:
+        """True if any layer's requests may wait (see ``Plugin.blocking``)."""
+        return any(layer.is_blocking() for layer in self.layers)
+
     def open(self, ctx: OpenContext) -> Connection:
         return self._open(ctx)
 

@@ -80,6 +80,9 @@ class DelayFilter(Filter):
         self.delays = {short: getattr(self, short) or getattr(self, long.replace("-", "_"))
                        for short, long in _PAIRS}
 
+    def is_blocking(self) -> bool:
+        return any(self.delays.values()) or bool(self.delay_open or self.delay_close)
+
     def open(self, next_open, ctx):
         time.sleep(self.delay_open)
         return super().open(next_open, ctx)

@@ -56,6 +56,7 @@ class OffsetConnection(FilterConnection):
 
 class OffsetFilter(Filter):
     name = "offset"
+    blocking = False
     params = (
         Param("offset", "size", "start of the slice", default=0),
         Param("range", "size", "length of the slice (default: to the end)"),

@@ -55,6 +55,7 @@ class NullConnection(Connection):
 
 class NullPlugin(Plugin):
     name = "null"
+    blocking = False
     params = (Param("size", "size", "virtual size in bytes", default=0),)
     magic_param = "size"
 
