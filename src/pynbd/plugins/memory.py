@@ -291,6 +291,7 @@ class FlatConnection(SparseConnection):
 
 class MemoryPlugin(Plugin):
     name = "memory"
+    blocking = False
     magic_param = "size"
     params = (
         Param("size", "size", "size of the disk", required=True),
