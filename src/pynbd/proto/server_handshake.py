@@ -21,7 +21,7 @@ The states and the events each may produce are listed in ``TRANSITIONS``;
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from . import wire
@@ -37,6 +37,7 @@ from .constants import (
     Info,
     Opt,
     Rep,
+    TransmissionFlag,
 )
 from .errors import ProtocolError
 
@@ -221,7 +222,8 @@ class ServerHandshake:
         except ProtocolError as exc:
             return self._close(str(exc))
         if length > MAX_OPTION_LENGTH:
-            return self._close(f"option {option} payload of {length} bytes is too large")
+            reason = f"option {option} payload of {length} bytes is too large"
+            return self._close(reason, wire.option_reply(option, Rep.ERR_TOO_BIG, reason.encode()))
         self._option, self._option_length = option, length
         self._goto(State.OPTION_DATA)
         return self.next_event()
@@ -268,6 +270,9 @@ class ServerHandshake:
     def _opt_structured_reply(self, option: int, data: bytes) -> Event:
         if data:
             return self._reply(option, Rep.ERR_INVALID, b"option takes no data")
+        if self.extended_headers:
+            return self._reply(option, Rep.ERR_EXT_HEADER_REQD,
+                               b"extended headers are already in use")
         if self.structured_replies:
             return self._reply(option, Rep.ERR_INVALID, b"structured replies already negotiated")
         self.structured_replies = True
@@ -307,6 +312,7 @@ class ServerHandshake:
         except OSError as exc:
             return self._reply(option, Rep.ERR_PLATFORM,
                                f"cannot open export {name!r}: {exc.strerror or exc}".encode())
+        info = self._for_client(info)
         replies = [wire.option_reply(option, Rep.INFO, wire.info_export(info.size, info.flags))]
         if Info.NAME in requested:
             replies.append(wire.option_reply(option, Rep.INFO, wire.info_name(info.name)))
@@ -325,6 +331,7 @@ class ServerHandshake:
             info = self._open(name)
         except (UnicodeDecodeError, UnknownExport, OSError) as exc:
             return self._close(f"NBD_OPT_EXPORT_NAME {data[:64]!r} refused: {exc}")
+        info = self._for_client(info)
         return self._ready(wire.export_name_reply(info.size, info.flags, self.no_zeroes), info)
 
     def _open(self, name: str) -> ExportInfo:
@@ -335,6 +342,12 @@ class ServerHandshake:
         self._release_info()
         self._info = self.catalog.open_export(name)
         return self._info
+
+    def _for_client(self, info: ExportInfo) -> ExportInfo:
+        """The export as this client sees it: DF only with structured replies."""
+        if self.structured_replies or not info.flags & TransmissionFlag.SEND_DF:
+            return info
+        return replace(info, flags=info.flags & ~TransmissionFlag.SEND_DF)
 
     def _release_info(self) -> None:
         if self._info is not None:

@@ -43,6 +43,7 @@ from ..proto.constants import (
 from ..proto.errors import ProtocolError
 from ..proto.server_handshake import Closed, NeedData, Ready, Send, ServerHandshake, StartTLS
 from .catalog import StackCatalog
+from .inline import InlineLoop
 
 log = logging.getLogger("pynbd.server")
 
@@ -50,13 +51,27 @@ log = logging.getLogger("pynbd.server")
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _ZERO, _BLOCK_STATUS = (
     Cmd.READ, Cmd.WRITE, Cmd.DISC, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
     Cmd.BLOCK_STATUS)
-_F_FUA, _F_NO_HOLE, _F_DF, _F_REQ_ONE, _F_FAST_ZERO = (
+_F_FUA, _F_NO_HOLE, _F_DF, _F_REQ_ONE, _F_FAST_ZERO, _F_PAYLOAD_LEN = (
     int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.DF), int(CmdFlag.REQ_ONE),
-    int(CmdFlag.FAST_ZERO))
+    int(CmdFlag.FAST_ZERO), int(CmdFlag.PAYLOAD_LEN))
 _ALLOWED_FLAGS = {
     _READ: _F_DF, _WRITE: _F_FUA, _FLUSH: 0, _TRIM: _F_FUA, _CACHE: 0,
     _ZERO: _F_FUA | _F_NO_HOLE | _F_FAST_ZERO, _BLOCK_STATUS: _F_REQ_ONE, _DISC: 0,
 }
+
+
+def allowed_flags(extended: bool, df: bool) -> dict[int, int]:
+    """Command flags a client may set, per command, for what was negotiated.
+
+    With extended headers a write carries NBD_CMD_FLAG_PAYLOAD_LEN; DF is
+    valid only when the export advertised it (structured replies).
+    """
+    table = dict(_ALLOWED_FLAGS)
+    if extended:
+        table[_WRITE] |= _F_PAYLOAD_LEN
+    if not df:
+        table[_READ] &= ~_F_DF
+    return table
 _WIRE_ERRNO = {errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
                errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN}
 _ERRNO_ALIASES = {errno.EROFS: errno.EPERM, errno.EACCES: errno.EPERM,
@@ -89,6 +104,7 @@ class SessionConfig:
     exportname: str | None = None  # -e: the only name served
     description: str = ""
     request_lock: threading.Lock | None = None  # serialize_all_requests
+    inline: bool = False  # serve requests on the reading thread (non-blocking stacks)
 
 
 class Session:
@@ -109,6 +125,7 @@ class Session:
         self.extended = False
         self.contexts: dict[int, str] = {}
         self.fua_emulated = False
+        self.allowed = _ALLOWED_FLAGS
         self._use_sendmsg = True
 
     # ------------------------------------------------------------- lifecycle
@@ -158,7 +175,7 @@ class Session:
         self._recv_exact(memoryview(buf))
         return bytes(buf)
 
-    def _send(self, parts: Sequence[bytes | memoryview]) -> None:
+    def _send_now(self, parts: Sequence[bytes | memoryview]) -> None:
         """Send all parts, in one sendmsg when the socket allows it."""
         with self.send_lock:
             try:
@@ -172,6 +189,9 @@ class Session:
             except OSError as exc:
                 self.done = True
                 raise ClientGone(str(exc)) from None
+
+    # Replies go through _send; the inline loop points it at its batching arena.
+    _send = _send_now
 
     def _send_rest(self, parts: Sequence[bytes | memoryview], sent: int) -> None:
         for part in parts:
@@ -232,11 +252,15 @@ class Session:
         self.structured = ready.structured_replies
         self.extended = ready.extended_headers
         self.contexts = ready.meta_contexts
+        self.allowed = allowed_flags(self.extended, bool(info.flags & TF.SEND_DF))
         self.fua_emulated = bool(info.flags & TF.SEND_FUA) and self.conn.can_fua() == FUA_EMULATE
         log.debug("client %s: serving export %r, %d bytes", self.address, info.name, info.size)
 
     # ------------------------------------------------------------- transmission
     def _transmission(self) -> None:
+        if self.config.inline and self.config.request_lock is None:
+            self._inline()
+            return
         crew = [threading.Thread(target=self._worker, name=f"nbd-worker-{i}", daemon=True)
                 for i in range(1, max(1, self.config.threads))]
         for thread in crew:
@@ -246,6 +270,20 @@ class Session:
         finally:
             for thread in crew:
                 thread.join()
+
+    def _inline(self) -> None:
+        loop = InlineLoop(self)
+        self._send = loop.emit
+        try:
+            loop.run()
+        except ClientGone as exc:
+            log.debug("client %s: %s", self.address, exc)
+        except ProtocolError as exc:
+            log.warning("client %s: %s; disconnecting", self.address, exc)
+        except OSError as exc:
+            log.debug("client %s: %s", self.address, exc)
+        finally:
+            self._stop()
 
     def _stop(self) -> None:
         self.done = True
@@ -268,8 +306,8 @@ class Session:
                     self._recv_exact(header_view)
                     flags, cmd, cookie, offset, length = wire.parse_request(header, extended)
                     payload = None
-                    if cmd == _WRITE:
-                        payload, scratch = self._read_payload(length, scratch)
+                    if (flags & _F_PAYLOAD_LEN) if extended else cmd == _WRITE:
+                        payload, scratch = self._read_payload(length, scratch, extended)
                 except ClientGone as exc:
                     log.debug("client %s: %s", self.address, exc)
                     self._stop()
@@ -294,9 +332,17 @@ class Session:
             if len(scratch) > KEEP_BUFFER_MAX:
                 scratch = bytearray(0)
 
-    def _read_payload(self, length: int, scratch: bytearray) -> tuple[memoryview | None, bytearray]:
-        """Read a write payload; None if it is too large (it is drained)."""
+    def _read_payload(self, length: int, scratch: bytearray,
+                      extended: bool) -> tuple[memoryview | None, bytearray]:
+        """Read a write payload; None if it is too large (it is drained).
+
+        An extended request announcing a payload over the maximum is a
+        protocol error (the spec says to disconnect rather than drain it).
+        """
         if length > self.max_payload:
+            if extended:
+                raise ProtocolError(f"payload of {length} bytes is over the maximum "
+                                    f"{self.max_payload}")
             drain = memoryview(bytearray(min(length, 1 << 20)))
             left = length
             while left:
@@ -363,7 +409,7 @@ class Session:
     def _check(self, flags: int, cmd: int, offset: int, length: int,
                payload: memoryview | None) -> int:
         """The errno a request is refused with before it reaches the stack, or 0."""
-        allowed = _ALLOWED_FLAGS.get(cmd)
+        allowed = self.allowed.get(cmd)
         if allowed is None or flags & ~allowed:
             return errno.EINVAL
         if cmd == _FLUSH:
@@ -424,11 +470,11 @@ class Session:
         for index, (start, size, is_hole) in enumerate(pieces):
             done = index == len(pieces) - 1
             if is_hole:
-                self._send([wire.hole_chunk(cookie, start, size, done, ext)])
+                self._send([wire.hole_chunk(cookie, start, size, done, ext, offset)])
             else:
                 view = memoryview(bytearray(size))
                 conn.pread(view, start, 0)
-                self._send([wire.read_data_header(cookie, start, size, done, ext), view])
+                self._send([wire.read_data_header(cookie, start, size, done, ext, offset), view])
 
     def _block_status(self, conn: Connection, cookie: int, offset: int, length: int,
                       flags: int) -> None:
