@@ -38,6 +38,9 @@ _SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 MAX_SIZE = 2**63 - 1
+# With accept_unknown, every undeclared (key, text) pair in command-line order
+# (repeats kept) is also listed under this key of parse_params' result.
+UNKNOWN_PAIRS = "_unknown_pairs"
 
 
 def parse_size(text: str) -> int:
@@ -159,7 +162,8 @@ def parse_params(owner: str, declared: Sequence[Param],
 
     The result maps each parameter's attribute name to its value (the default
     when not given). Unknown keys are refused unless ``accept_unknown``; they
-    are then returned as strings under their own names.
+    are then returned as strings under their own names, and in order, repeats
+    included, as a list of pairs under ``UNKNOWN_PAIRS``.
     """
     by_name = {p.name: p for p in declared}
     values: dict[str, Any] = {}
@@ -168,6 +172,7 @@ def parse_params(owner: str, declared: Sequence[Param],
         if param is None:
             if accept_unknown:
                 values[key] = text
+                values.setdefault(UNKNOWN_PAIRS, []).append((key, text))
                 continue
             known = ", ".join(by_name) or "none"
             raise ConfigError(f"{owner}: unknown parameter {key!r} (known: {known})")

@@ -46,9 +46,12 @@ class Stack:
         for index, arg in enumerate(args):
             key, value = split_key_value(arg)
             if key is None:
-                if index != 0 or plugin_cls.magic_param is None:
+                if index == 0 and plugin_cls.magic_param is not None:
+                    key = plugin_cls.magic_param
+                elif plugin_cls.accept_unknown_params:
+                    key = ""  # a later bare word: the plugin decides (sh: its script's magic key)
+                else:
                     raise ConfigError(f"{plugin_cls.name}: expected key=value, got {arg!r}")
-                key = plugin_cls.magic_param
             owner = next((i for i, f in enumerate(filter_classes)
                           if any(p.name == key for p in f.params)), len(filter_classes))
             pairs[owner].append((key, value))
