@@ -154,6 +154,7 @@ class ServerHandshake:
         self._option = 0
         self._option_length = 0
         self._info: ExportInfo | None = None  # opened by INFO, reused by GO
+        self._info_name = ""  # the name the client asked for when _info was opened
 
     # ---- driver interface
     def greeting(self) -> bytes:
@@ -337,10 +338,11 @@ class ServerHandshake:
     def _open(self, name: str) -> ExportInfo:
         if self.forced_export is not None and name != self.forced_export and name != "":
             raise UnknownExport(f"no export named {name!r}")
-        if self._info is not None and self._info.name == name:
+        if self._info is not None and self._info_name == name:
             return self._info
         self._release_info()
         self._info = self.catalog.open_export(name)
+        self._info_name = name
         return self._info
 
     def _for_client(self, info: ExportInfo) -> ExportInfo:

@@ -1,0 +1,239 @@
+"""The server handshake as a pure state machine: byte strings in, events out.
+
+No sockets: a fake catalog stands in for the plugin stack, and every client
+message is packed here with ``struct`` from doc/proto.md.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pynbd.proto.errors import ProtocolError
+from pynbd.proto.server_handshake import (
+    Closed,
+    ExportInfo,
+    NeedData,
+    Ready,
+    ServerHandshake,
+    StartTLS,
+    State,
+    UnknownExport,
+)
+
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+ACK, SERVER, INFO, META = 1, 2, 3, 4
+ERR_UNSUP, ERR_INVALID, ERR_TLS_REQD, ERR_UNKNOWN = 2**31 + 1, 2**31 + 3, 2**31 + 5, 2**31 + 6
+ERR_TOO_BIG, ERR_EXT_HEADER_REQD = 2**31 + 9, 2**31 + 10
+HAS_FLAGS, READ_ONLY, SEND_DF = 1, 2, 1 << 7
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self.opened: list[str] = []
+        self.closed: list[str] = []
+
+    def list_exports(self):
+        return [("", "the default"), ("second", "")]
+
+    def open_export(self, name):
+        if name not in ("", "second"):
+            raise UnknownExport(f"no export {name!r}")
+        self.opened.append(name)
+        return ExportInfo(name=name or "default", size=1 << 20,
+                          flags=HAS_FLAGS | READ_ONLY | SEND_DF,
+                          block_size=(1, 4096, 1 << 25), description="a disk", handle=object())
+
+    def close_export(self, info):
+        self.closed.append(info.name)
+
+
+def option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+def string(text: str) -> bytes:
+    return struct.pack(">I", len(text)) + text.encode()
+
+
+def go_data(name: str = "", infos: tuple[int, ...] = ()) -> bytes:
+    return string(name) + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
+
+
+def replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Split server bytes into (option, reply type, payload)."""
+    out = []
+    while data:
+        magic, opt, rtype, length = struct.unpack_from(">QIII", data)
+        assert magic == REPLY_MAGIC
+        out.append((opt, rtype, data[20:20 + length]))
+        data = data[20 + length:]
+    return out
+
+
+def feed(hs: ServerHandshake, data: bytes):
+    """Feed bytes as the driver would (exactly what is asked) and return the next event."""
+    while True:
+        event = hs.next_event()
+        if not isinstance(event, NeedData):
+            return event
+        assert data, "the handshake asked for more bytes than the client sent"
+        hs.receive_data(data[:event.size])
+        data = data[event.size:]
+
+
+def started(catalog: Catalog | None = None, **kw) -> ServerHandshake:
+    hs = ServerHandshake(catalog or Catalog(), **kw)
+    hs.receive_data(struct.pack(">I", 3))
+    return hs
+
+
+def test_greeting_and_byte_exact_reads():
+    hs = ServerHandshake(Catalog())
+    assert hs.greeting() == struct.pack(">QQH", 0x4E42444D41474943, IHAVEOPT, 3)
+    assert hs.next_event() == NeedData(4)
+    hs.receive_data(struct.pack(">I", 3))
+    assert hs.next_event() == NeedData(16)
+    hs.receive_data(option(7, go_data())[:10])
+    assert hs.next_event() == NeedData(6)  # never more than the header needs
+
+
+def test_unknown_client_flags_close():
+    hs = ServerHandshake(Catalog())
+    hs.receive_data(struct.pack(">I", 0x100))
+    assert isinstance(hs.next_event(), Closed)
+
+
+def test_bad_option_magic_closes():
+    hs = started()
+    event = feed(hs, struct.pack(">QII", 0x1234, 7, 0))
+    assert isinstance(event, Closed) and hs.state is State.DONE
+
+
+def test_unknown_option_is_unsupported_and_skipped():
+    hs = started()
+    event = feed(hs, option(200, b"abcdef"))
+    assert [r[1] for r in replies(event.data)] == [ERR_UNSUP]
+    assert isinstance(feed(hs, option(7, go_data())), Ready)
+
+
+def test_option_over_the_limit():
+    hs = started()
+    event = feed(hs, struct.pack(">QII", IHAVEOPT, 7, 1 << 30))
+    assert isinstance(event, Closed) and replies(event.reply)[0][1] == ERR_TOO_BIG
+
+
+def test_list():
+    event = feed(started(), option(3))
+    got = replies(event.data)
+    assert [r[1] for r in got] == [SERVER, SERVER, ACK]
+    assert got[0][2] == string("") + b"the default" and got[1][2] == string("second")
+    assert replies(feed(started(), option(3, b"x")).data)[0][1] == ERR_INVALID
+
+
+def test_info_then_go_opens_once():
+    catalog = Catalog()
+    hs = started(catalog)
+    event = feed(hs, option(6, go_data("", (1, 2, 3))))
+    got = replies(event.data)
+    assert [r[1] for r in got] == [INFO, INFO, INFO, INFO, ACK]
+    infos = {struct.unpack_from(">H", p)[0]: p for _, _, p in got[:-1]}
+    assert struct.unpack(">HQH", infos[0]) == (0, 1 << 20, HAS_FLAGS | READ_ONLY)  # no DF yet
+    assert infos[1][2:] == b"default" and infos[2][2:] == b"a disk"
+    assert struct.unpack(">HIII", infos[3]) == (3, 1, 4096, 1 << 25)
+    ready = feed(hs, option(7, go_data("")))
+    assert isinstance(ready, Ready) and catalog.opened == [""]
+    assert not ready.structured_replies and ready.export.flags & SEND_DF == 0
+
+
+def test_go_unknown_export():
+    event = feed(started(), option(7, go_data("nope")))
+    assert replies(event.data)[0][1] == ERR_UNKNOWN
+
+
+def test_go_malformed_payload():
+    event = feed(started(), option(7, string("") + b"\x00"))
+    assert replies(event.data)[0][1] == ERR_INVALID
+
+
+def test_forced_export_name():
+    hs = started(forced_export="second")
+    assert replies(feed(hs, option(7, go_data("other"))).data)[0][1] == ERR_UNKNOWN
+    assert feed(hs, option(7, go_data("second"))).export.name == "second"
+
+
+def test_structured_replies_and_meta_contexts():
+    hs = started()
+    assert replies(feed(hs, option(10, string("") + struct.pack(">I", 0))).data)[0][1] == ERR_INVALID
+    assert replies(feed(hs, option(8)).data)[0][1] == ACK
+    assert replies(feed(hs, option(8)).data)[0][1] == ERR_INVALID  # twice
+    listed = replies(feed(hs, option(9, string("") + struct.pack(">I", 0))).data)
+    assert [r[1] for r in listed] == [META, ACK] and listed[0][2][4:] == b"base:allocation"
+    query = string("") + struct.pack(">I", 2) + string("base:allocation") + string("qemu:nope")
+    chosen = replies(feed(hs, option(10, query)).data)
+    assert [r[1] for r in chosen] == [META, ACK]
+    context_id = struct.unpack_from(">I", chosen[0][2])[0]
+    ready = feed(hs, option(7, go_data()))
+    assert ready.structured_replies and ready.meta_contexts == {context_id: "base:allocation"}
+    assert ready.export.flags & SEND_DF
+
+
+def test_extended_headers_imply_structured_and_refuse_downgrade():
+    hs = started()
+    assert replies(feed(hs, option(11)).data)[0][1] == ACK
+    assert replies(feed(hs, option(8)).data)[0][1] == ERR_EXT_HEADER_REQD
+    ready = feed(hs, option(7, go_data()))
+    assert ready.extended_headers and ready.structured_replies
+
+
+def test_export_name_with_and_without_zeroes():
+    ready = feed(started(), option(1, b""))
+    assert isinstance(ready, Ready) and len(ready.reply) == 10
+    hs = ServerHandshake(Catalog())
+    hs.receive_data(struct.pack(">I", 1))  # no NBD_FLAG_C_NO_ZEROES
+    ready = feed(hs, option(1, b""))
+    assert len(ready.reply) == 10 + 124 and struct.unpack_from(">Q", ready.reply)[0] == 1 << 20
+    assert isinstance(feed(started(), option(1, b"nope")), Closed)
+
+
+def test_abort():
+    event = feed(started(), option(2))
+    assert isinstance(event, Closed) and replies(event.reply)[0][1] == ACK
+
+
+def test_tls_modes():
+    assert replies(feed(started(), option(5)).data)[0][1] == ERR_UNSUP  # tls off
+    hs = started(tls="require")
+    assert replies(feed(hs, option(7, go_data())).data)[0][1] == ERR_TLS_REQD
+    assert replies(feed(hs, option(8)).data)[0][1] == ERR_TLS_REQD
+    event = feed(hs, option(5))
+    assert isinstance(event, StartTLS) and replies(event.data)[0][1] == ACK
+    hs.tls_established()
+    assert replies(feed(hs, option(5)).data)[0][1] == ERR_INVALID  # already on
+    assert isinstance(feed(hs, option(7, go_data())), Ready)
+    assert isinstance(feed(started(tls="require"), option(1, b"")), Closed)
+
+
+def test_starttls_forgets_what_was_negotiated():
+    hs = started(tls="on")
+    feed(hs, option(8))
+    assert isinstance(feed(hs, option(5)), StartTLS)
+    hs.tls_established()
+    assert not feed(hs, option(7, go_data())).structured_replies
+
+
+def test_abandon_releases_the_export_of_info():
+    catalog = Catalog()
+    hs = started(catalog)
+    feed(hs, option(6, go_data()))
+    hs.abandon()
+    assert catalog.closed == ["default"] and hs.state is State.DONE
+
+
+def test_no_events_after_the_end():
+    hs = started()
+    feed(hs, option(7, go_data()))
+    with pytest.raises(ProtocolError):
+        hs.next_event()
