@@ -113,12 +113,16 @@ def _main(args: argparse.Namespace) -> int:
         return _serve_single(config, stack)
     listener = _make_listener(args)
     stack.get_ready()
-    if not (args.foreground or args.run or args.verbose):
-        _daemonize()
+    pidfile = os.path.abspath(args.pidfile) if args.pidfile else ""  # before chdir("/")
+    ready_fd = None
+    if not (args.foreground or args.run or args.exit_with_parent or listener.activated):
+        ready_fd = _daemonize()
     if args.pidfile:
-        with open(args.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        _write_pidfile(pidfile)
     stack.after_fork()
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     server = Server(config, listener)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.shutdown())
@@ -132,6 +136,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _serve_single(config: SessionConfig, stack: Stack) -> int:
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
+        raise ConfigError("cannot use socket activation with -s/--single")
     try:
         sock = socket.socket(fileno=os.dup(0))
     except OSError:
@@ -194,10 +200,29 @@ def _exit_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _daemonize() -> None:
-    """Fork into the background like nbdkit: the parent returns when we listen."""
+def _write_pidfile(path: str) -> None:
+    """Write our PID so that a reader never sees a partial file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write pidfile {path}: {exc.strerror}") from None
+
+
+def _daemonize() -> int:
+    """Fork into the background like nbdkit.
+
+    The original process exits only when the daemon writes a byte to the
+    returned pipe (it listens, its pidfile is written), with status 1 if
+    the daemon died first.
+    """
+    ready_r, ready_w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(ready_w)
+        os._exit(0 if os.read(ready_r, 1) else 1)
+    os.close(ready_r)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -206,6 +231,7 @@ def _daemonize() -> None:
         os.dup2(null, fd)
     os.close(null)
     os.chdir("/")
+    return ready_w
 
 
 # ---------------------------------------------------------------- help texts

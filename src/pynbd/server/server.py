@@ -29,8 +29,10 @@ class Listener:
     """The sockets a server accepts on, and how to name them in a URI."""
 
     def __init__(self, sockets: list[socket.socket], port: int | None = None,
-                 unix_path: str | None = None, private_dir: str | None = None) -> None:
+                 unix_path: str | None = None, private_dir: str | None = None,
+                 activated: bool = False) -> None:
         self.sockets = sockets
+        self.activated = activated  # inherited from systemd (implies foreground)
         self.port = port
         self.unix_path = unix_path
         self.private_dir = private_dir
@@ -94,7 +96,8 @@ class Listener:
             os.environ.pop(name, None)
         sockets = [socket.socket(fileno=fd) for fd in range(SD_LISTEN_FDS_START,
                                                              SD_LISTEN_FDS_START + count)]
-        return cls(sockets)
+        return cls(sockets, port=_port_of(sockets[0]), unix_path=_path_of(sockets[0]),
+                   activated=True)
 
     def uri(self, exportname: str = "", tls: bool = False) -> str:
         """An NBD URI a client can use to reach this listener."""
@@ -107,13 +110,26 @@ class Listener:
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
-        if self.unix_path is not None:
+        if self.unix_path is not None and not self.activated:  # systemd owns its sockets
             try:
                 os.unlink(self.unix_path)
             except FileNotFoundError:
                 pass
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+def _port_of(sock: socket.socket) -> int | None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return sock.getsockname()[1]
+    return None
+
+
+def _path_of(sock: socket.socket) -> str | None:
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        return name if isinstance(name, str) and name else None
+    return None
 
 
 class Server:
