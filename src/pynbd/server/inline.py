@@ -18,6 +18,7 @@ which requests completed.
 from __future__ import annotations
 
 import logging
+from socket import MSG_DONTWAIT
 from typing import TYPE_CHECKING
 
 from ..proto import wire
@@ -90,6 +91,7 @@ class InlineLoop:
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)
         start = end = 0
+        more_pending = False
         while True:
             while end - start >= header_size:
                 magic, flags, cmd, cookie, offset, length = unpack_from(buf, start)
@@ -120,13 +122,25 @@ class InlineLoop:
                     self.flush()
                     return
                 execute(flags, cmd, cookie, offset, length, payload, scratch)
-            self.flush()
             if start == end:
                 start = end = 0
             elif start and RECV_SIZE - end < RECV_SIZE // 4:
                 buf[:end - start] = buf[start:end]
                 end -= start
                 start = 0
+            if self.used and not more_pending:
+                # Before sending the replies, take whatever requests arrived
+                # meanwhile: their replies then share the same send.
+                try:
+                    n = sock.recv_into(view[end:], 0, MSG_DONTWAIT)
+                except BlockingIOError:
+                    n = -1
+                if n > 0:
+                    end += n
+                    more_pending = True
+                    continue
+            more_pending = False
+            self.flush()
             n = sock.recv_into(view[end:])
             if n == 0:
                 return
