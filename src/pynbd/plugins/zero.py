@@ -1,0 +1,52 @@
+"""zero: a read-only disk of zeroes, empty unless given a size.
+
+    pynbd serve zero
+    pynbd serve zero 1G
+
+Parameters
+    [size=]SIZE   the size (default 0: a zero-length disk, like nbdkit's zero
+                  plugin, which takes no parameters)
+
+Reads return zeroes; the disk is read-only and extents report one hole.
+Useful for corner cases in clients: a zero-length export, or a large empty
+read-only one (see also "null", which accepts and discards writes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..backend import CACHE_NATIVE, Connection, Extent, Param, Plugin
+from ._datalang import fill_zero
+
+
+class ZeroDisk(Connection):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def get_size(self) -> int:
+        return self.size
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_cache(self) -> int:
+        return CACHE_NATIVE
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        return None
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        fill_zero(buf)
+
+    def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
+        return (Extent(offset, count, hole=True, zero=True),)
+
+
+class ZeroPlugin(Plugin):
+    name = "zero"
+    magic_param = "size"
+    params = (Param("size", "size", "size of the disk", default=0),)
+
+    def open(self, ctx) -> Connection:
+        return ZeroDisk(self.size)
