@@ -1,8 +1,9 @@
 """Finding plugins and filters by the name the user types.
 
 Lookup order for a name: a path to a ``.py`` file (it must define exactly
-one ``Plugin`` / ``Filter`` subclass, or a module-level ``plugin`` /
-``filter`` object); a module of pynbd itself (``pynbd.plugins.NAME``,
+one ``Plugin`` / ``Filter`` subclass, or name it in ``PLUGIN`` / ``FILTER``;
+a plugin file with nbdkit-style module-level functions instead is served
+through the ``python`` plugin); a module of pynbd itself (``pynbd.plugins.NAME``,
 ``pynbd.filters.NAME``, with ``-`` read as ``_``); an entry point in the
 ``pynbd.plugins`` / ``pynbd.filters`` group of any installed package.
 Each module defines one class and names it in ``PLUGIN`` / ``FILTER``, or
@@ -12,6 +13,7 @@ is found by scanning for the one subclass.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import pkgutil
@@ -52,26 +54,37 @@ def is_script_path(name: str) -> bool:
 def _find(name: str, kind: type[T]) -> type[T]:
     label, group = _KINDS[kind]
     if is_script_path(name):
-        return _from_module(_load_path(name, label), kind, name)
+        if kind is Plugin:  # native or nbdkit-style: the python plugin tells them apart
+            return _find("python", Plugin).for_path(name)  # type: ignore[attr-defined]
+        return from_module(load_path(name, label), kind, name)
     module_name = f"{group}.{name.replace('-', '_')}"
     if name.replace("-", "_").isidentifier():
         spec = importlib.util.find_spec(module_name)
         if spec is not None:
-            return _from_module(importlib.import_module(module_name), kind, name)
+            return from_module(importlib.import_module(module_name), kind, name)
     for entry in metadata.entry_points(group=group):
         if entry.name == name:
             obj = entry.load()
             if isinstance(obj, ModuleType):
-                return _from_module(obj, kind, name)
+                return from_module(obj, kind, name)
             return obj
     raise ConfigError(f"unknown {label} {name!r} (see 'pynbd serve --help' for the list)")
 
 
-def _load_path(path: str, label: str) -> ModuleType:
+class _ScriptLoader(importlib.machinery.SourceFileLoader):
+    """Python source under any file name (shebang scripts); writes no __pycache__."""
+
+    def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
+        return None
+
+
+def load_path(path: str, label: str) -> ModuleType:
+    """Import a .py file as a fresh module; ConfigError (file:line) if it cannot."""
     if not os.path.exists(path):
         raise ConfigError(f"{label} file {path!r} does not exist")
     module_name = "pynbd_script_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
-    spec = importlib.util.spec_from_file_location(module_name, path)
+    spec = importlib.util.spec_from_file_location(module_name, path,
+                                                  loader=_ScriptLoader(module_name, path))
     if spec is None or spec.loader is None:
         raise ConfigError(f"{label} file {path!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
@@ -81,13 +94,16 @@ def _load_path(path: str, label: str) -> ModuleType:
     except SyntaxError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
     except Exception as exc:  # noqa: BLE001 (any import failure is reported)
-        last = traceback.extract_tb(exc.__traceback__)[-1]
+        frames = traceback.extract_tb(exc.__traceback__)
+        own = [f for f in frames if os.path.abspath(f.filename) == os.path.abspath(path)]
+        last = (own or frames)[-1]
         raise ConfigError(f"{path}:{last.lineno}: cannot load {label}: "
                           f"{type(exc).__name__}: {exc}") from None
     return module
 
 
-def _from_module(module: ModuleType, kind: type[T], name: str) -> type[T]:
+def from_module(module: ModuleType, kind: type[T], name: str) -> type[T]:
+    """The one Plugin/Filter class a module names in PLUGIN/FILTER or defines."""
     label = _KINDS[kind][0]
     declared = getattr(module, label.upper(), None)
     if declared is not None:
