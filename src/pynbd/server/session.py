@@ -204,7 +204,8 @@ class Session:
     # ------------------------------------------------------------- handshake
     def _handshake(self) -> bool:
         cfg = self.config
-        ctx = OpenContext(readonly=cfg.readonly, client_address=self.address)
+        ctx = OpenContext(readonly=cfg.readonly, client_address=self.address,
+                          extra={"disconnect": self._stop})  # plugins may drop their client
         catalog = StackCatalog(cfg.stack, ctx, cfg.description)
         hs = ServerHandshake(catalog, tls=cfg.tls, forced_export=cfg.exportname)
         try:
