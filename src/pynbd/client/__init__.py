@@ -1,1 +1,47 @@
-"""The NBD client library."""
+"""The NBD client library: one sans-IO core (``pynbd.proto``), two faces.
+
+- ``NBD`` (``pynbd.client.sync``): a blocking handle shaped like libnbd's
+  Python ``nbd.NBD`` — ``connect_uri``, ``connect_command``,
+  ``connect_systemd_socket_activation``, option mode, ``pread``, ``pwrite``,
+  ``zero``, ``trim``, ``flush``, ``cache``, ``block_status``, ``shutdown``.
+- ``AsyncNBD`` / ``connect`` (``pynbd.client.aio``): asyncio, many commands
+  in flight on one connection, replies matched out of order (see that
+  module's manual).
+- ``parse_uri`` (``pynbd.client.uri``): NBD URIs; ``split_captive`` finds
+  ``[ CMD ... ]`` on a command line.
+
+Errors: ``NBDError`` (an ``OSError`` with the errno) and ``ProtocolError``.
+"""
+
+from ..proto.errors import ProtocolError
+from .aio import AsyncNBD, connect
+from .captive import split_captive
+from .common import (
+    CMD_FLAG_DF,
+    CMD_FLAG_FAST_ZERO,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
+    CONTEXT_BASE_ALLOCATION,
+    SIZE_MAXIMUM,
+    SIZE_MINIMUM,
+    SIZE_PREFERRED,
+    STATE_HOLE,
+    STATE_ZERO,
+    TLS_ALLOW,
+    TLS_DISABLE,
+    TLS_REQUIRE,
+)
+from .errors import NBDError
+from .sync import NBD
+from .uri import NBDURI, format_uri, is_uri, parse_uri
+
+Error = NBDError  # libnbd's name
+
+__all__ = [
+    "NBD", "AsyncNBD", "connect", "NBDError", "Error", "ProtocolError", "NBDURI", "parse_uri",
+    "format_uri", "is_uri", "split_captive",
+    "CMD_FLAG_DF", "CMD_FLAG_FAST_ZERO", "CMD_FLAG_FUA", "CMD_FLAG_NO_HOLE", "CMD_FLAG_REQ_ONE",
+    "CONTEXT_BASE_ALLOCATION", "SIZE_MAXIMUM", "SIZE_MINIMUM", "SIZE_PREFERRED", "STATE_HOLE",
+    "STATE_ZERO", "TLS_ALLOW", "TLS_DISABLE", "TLS_REQUIRE",
+]

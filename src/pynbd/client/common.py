@@ -1,0 +1,272 @@
+"""What the blocking and the asyncio handles share: settings, the answers of
+the handshake, request checks and result shaping. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..proto.client_handshake import HandshakeConfig, Negotiated, OptionRefused
+from ..proto.client_transmission import Command
+from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
+from ..proto.constants import TransmissionFlag as TF
+from .errors import NBDError, nbd_error
+from .uri import NBDURI, parse_uri
+
+TLS_DISABLE, TLS_ALLOW, TLS_REQUIRE = 0, 1, 2
+SIZE_MINIMUM, SIZE_PREFERRED, SIZE_MAXIMUM = 0, 1, 2
+CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_DF = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.DF)
+CMD_FLAG_REQ_ONE, CMD_FLAG_FAST_ZERO = int(CmdFlag.REQ_ONE), int(CmdFlag.FAST_ZERO)
+STATE_HOLE, STATE_ZERO = 1, 2
+CONTEXT_BASE_ALLOCATION = BASE_ALLOCATION
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+ExtentCallback = Callable[[str, int, list[int], Any], Any]
+
+_CAN = {
+    "flush": TF.SEND_FLUSH, "fua": TF.SEND_FUA, "trim": TF.SEND_TRIM,
+    "zero": TF.SEND_WRITE_ZEROES, "fast_zero": TF.SEND_FAST_ZERO, "df": TF.SEND_DF,
+    "multi_conn": TF.CAN_MULTI_CONN, "cache": TF.SEND_CACHE,
+}
+# The export flag each command needs (write-type commands also need a writable export).
+_NEEDS = {Cmd.FLUSH: "flush", Cmd.TRIM: "trim", Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "zero"}
+_WRITES = {Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES}
+_CMD_NAME = {Cmd.READ: "pread", Cmd.WRITE: "pwrite", Cmd.FLUSH: "flush", Cmd.TRIM: "trim",
+             Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "zero", Cmd.BLOCK_STATUS: "block_status"}
+
+
+class HandleBase:
+    """Settings (before connecting) and export facts (after) of one handle."""
+
+    def __init__(self) -> None:
+        self.export_name = ""
+        self.tls = TLS_DISABLE
+        self.tls_certificates: str | None = None
+        self.tls_verify_peer = True
+        self.request_structured_replies = True
+        self.request_extended_headers = True
+        self.meta_contexts: list[str] = []
+        self.opt_mode = False
+        self.full_info = True
+        self.connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT
+        self.uri: str | None = None
+        self._negotiated: Negotiated | None = None
+        self._ready = False
+
+    # ------------------------------------------------------------ settings
+    def set_export_name(self, name: str) -> None:
+        self.export_name = name
+
+    def get_export_name(self) -> str:
+        return self.export_name
+
+    def set_tls(self, tls: int) -> None:
+        self.tls = tls
+
+    def get_tls(self) -> int:
+        return self.tls
+
+    def set_tls_certificates(self, directory: str) -> None:
+        self.tls_certificates = directory
+
+    def set_tls_verify_peer(self, verify: bool) -> None:
+        self.tls_verify_peer = verify
+
+    def set_request_structured_replies(self, request: bool) -> None:
+        self.request_structured_replies = request
+
+    def set_request_extended_headers(self, request: bool) -> None:
+        self.request_extended_headers = request
+
+    def set_full_info(self, request: bool) -> None:
+        self.full_info = request
+
+    def set_opt_mode(self, enable: bool) -> None:
+        self.opt_mode = enable
+
+    def get_opt_mode(self) -> bool:
+        return self.opt_mode
+
+    def add_meta_context(self, name: str) -> None:
+        self.meta_contexts.append(name)
+
+    def clear_meta_contexts(self) -> None:
+        self.meta_contexts.clear()
+
+    def get_nr_meta_contexts(self) -> int:
+        return len(self.meta_contexts)
+
+    def get_meta_context(self, i: int) -> str:
+        return self.meta_contexts[i]
+
+    def set_connect_timeout(self, seconds: float | None) -> None:
+        self.connect_timeout = seconds
+
+    def _handshake_config(self) -> HandshakeConfig:
+        return HandshakeConfig(
+            export_name=self.export_name, tls=self.tls != TLS_DISABLE,
+            tls_required=self.tls == TLS_REQUIRE,
+            structured_replies=self.request_structured_replies,
+            extended_headers=self.request_extended_headers,
+            meta_contexts=list(self.meta_contexts), opt_mode=self.opt_mode,
+            full_info=self.full_info)
+
+    def _apply_uri(self, uri: str) -> NBDURI:
+        parsed = parse_uri(uri)
+        self.uri = uri
+        self.export_name = parsed.export_name
+        if parsed.tls:
+            self.tls = TLS_REQUIRE
+        if parsed.tls_certificates:
+            self.tls_certificates = parsed.tls_certificates
+        self.tls_verify_peer = parsed.tls_verify_peer
+        return parsed
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def negotiated(self) -> Negotiated:
+        if self._negotiated is None:
+            raise NBDError(errno.ENOTCONN, "the handle is not connected")
+        return self._negotiated
+
+    def _flag(self, bit: int) -> bool:
+        return bool(self.negotiated.flags & bit)
+
+    def get_size(self) -> int:
+        return self.negotiated.size
+
+    def is_read_only(self) -> bool:
+        return self._flag(TF.READ_ONLY)
+
+    def is_rotational(self) -> bool:
+        return self._flag(TF.ROTATIONAL)
+
+    def can_write(self) -> bool:
+        return not self.is_read_only()
+
+    def can_flush(self) -> bool:
+        return self._flag(TF.SEND_FLUSH)
+
+    def can_fua(self) -> bool:
+        return self._flag(TF.SEND_FUA)
+
+    def can_trim(self) -> bool:
+        return self._flag(TF.SEND_TRIM)
+
+    def can_zero(self) -> bool:
+        return self._flag(TF.SEND_WRITE_ZEROES)
+
+    def can_fast_zero(self) -> bool:
+        return self._flag(TF.SEND_FAST_ZERO)
+
+    def can_df(self) -> bool:
+        return self._flag(TF.SEND_DF) and self.negotiated.structured_replies
+
+    def can_multi_conn(self) -> bool:
+        return self._flag(TF.CAN_MULTI_CONN)
+
+    def can_cache(self) -> bool:
+        return self._flag(TF.SEND_CACHE)
+
+    def can_meta_context(self, name: str) -> bool:
+        return name in self.negotiated.meta_contexts.values()
+
+    def get_meta_contexts(self) -> list[str]:
+        """The meta contexts the server agreed to, in its order."""
+        return list(self.negotiated.meta_contexts.values())
+
+    def get_block_size(self, which: int) -> int:
+        """SIZE_MINIMUM / SIZE_PREFERRED / SIZE_MAXIMUM, or 0 if the server did not say."""
+        sizes = self.negotiated.block_size
+        return sizes[which] if sizes else 0
+
+    def get_protocol(self) -> str:
+        return self.negotiated.protocol
+
+    def get_tls_negotiated(self) -> bool:
+        return self.negotiated.tls
+
+    def get_structured_replies_negotiated(self) -> bool:
+        return self.negotiated.structured_replies
+
+    def get_extended_headers_negotiated(self) -> bool:
+        return self.negotiated.extended_headers
+
+    def get_canonical_export_name(self) -> str:
+        name = self.negotiated.canonical_name
+        return self.export_name if name is None else name
+
+    def get_export_description(self) -> str | None:
+        return self.negotiated.description
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    # ------------------------------------------------------------- checks
+    def _check_command(self, cmd: int, offset: int, count: int, flags: int) -> None:
+        """Refuse, before sending, what the server said it cannot do."""
+        if not self._ready:
+            raise NBDError(errno.ENOTCONN, f"{_CMD_NAME.get(cmd, cmd)}: the handle is not connected")
+        name = _CMD_NAME.get(cmd, str(cmd))
+        if cmd in _WRITES and self.is_read_only():
+            raise nbd_error(errno.EPERM, name, "the export is read-only")
+        need = _NEEDS.get(cmd)
+        if need and not self._flag(_CAN[need]):
+            raise nbd_error(errno.EINVAL, name, f"the server does not support {need}")
+        if flags & CMD_FLAG_FUA and not self.can_fua():
+            raise nbd_error(errno.EINVAL, name, "the server does not support FUA")
+        if cmd == Cmd.BLOCK_STATUS and not self.negotiated.meta_contexts:
+            raise nbd_error(errno.ENOTSUP, name, "no meta context was negotiated")
+        if offset < 0 or count < 0 or (cmd != Cmd.FLUSH and offset + count > self.get_size()):
+            raise nbd_error(errno.EINVAL, name,
+                            f"request {offset}+{count} lies beyond the end of the export")
+
+
+def command_error(command: Command) -> NBDError | None:
+    """The exception a failed command raises, or None."""
+    if not command.error:
+        return None
+    name = _CMD_NAME.get(command.cmd, str(command.cmd))
+    detail = command.message or os.strerror(command.error)
+    return NBDError(command.error, f"{name}: server replied with error: {detail}")
+
+
+def refused_error(refused: OptionRefused) -> NBDError:
+    return NBDError(refused.errno, str(refused))
+
+
+def extents_by_name(contexts: dict[int, str], command: Command) -> dict[str, list[int]]:
+    """A block status result as {context name: [length, flags, ...]}."""
+    result: dict[str, list[int]] = {}
+    for context_id, entries in command.extents:
+        result.setdefault(contexts.get(context_id, str(context_id)), []).extend(entries)
+    return result
+
+
+def call_extent_callback(callback: ExtentCallback, contexts: dict[int, str],
+                         command: Command) -> None:
+    """Call a libnbd-style ``callback(metacontext, offset, entries, error)`` per chunk."""
+    err = ctypes.c_int(command.error)
+    for context_id, entries in command.extents:
+        callback(contexts.get(context_id, str(context_id)), command.offset, entries, err)
+
+
+def connect_error(exc: OSError, where: str) -> NBDError:
+    """A failed connect or handshake I/O as one line naming the server."""
+    if isinstance(exc, NBDError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return NBDError(errno.ETIMEDOUT, f"connect: {where}: timed out")
+    err = exc.errno or errno.EIO
+    return NBDError(err, f"connect: {where}: {exc.strerror or exc}")
+
+
+def describe(parsed: NBDURI) -> str:
+    """Where a URI points, for error messages."""
+    if parsed.transport == "unix":
+        return parsed.socket
+    return f"{parsed.host}:{parsed.port}"

@@ -1,0 +1,357 @@
+"""The blocking client handle, shaped like libnbd's Python ``nbd.NBD``.
+
+    from pynbd.client import NBD
+    h = NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri("nbd+unix:///?socket=/tmp/sock")
+    data = h.pread(512, 0)
+    h.pwrite(b"hello", 0, flags=CMD_FLAG_FUA)
+    h.block_status(h.get_size(), 0, lambda ctx, off, entries, err: print(ctx, entries))
+    h.shutdown(); h.close()
+
+One command is in flight at a time; use ``pynbd.client.aio`` for many.
+Errors from the server raise ``NBDError`` (an ``OSError`` with the errno);
+a server that breaks the protocol raises ``ProtocolError`` and the handle
+is closed. Connecting (socket and handshake) gives up after
+``connect_timeout`` seconds (30 by default, ``set_connect_timeout``).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..proto.client_handshake import (
+    ClientHandshake,
+    NeedData,
+    OptionDone,
+    OptionRefused,
+    Ready,
+    Send,
+    StartTLS,
+)
+from ..proto.client_handshake import (
+    State as HandshakeState,
+)
+from ..proto.client_transmission import Command, Transmission
+from ..proto.constants import Cmd, Opt
+from ..proto.errors import ProtocolError
+from .captive import Captive, spawn_activated, spawn_stdin
+from .common import (
+    ExtentCallback,
+    HandleBase,
+    call_extent_callback,
+    command_error,
+    connect_error,
+    extents_by_name,
+    refused_error,
+)
+from .errors import NBDError
+from .tls import client_context
+
+Buffer = bytes | bytearray | memoryview
+
+
+class NBD(HandleBase):
+    """A blocking connection to one NBD export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sock: socket.socket | None = None
+        self._hs: ClientHandshake | None = None
+        self._tx: Transmission | None = None
+        self._captive: Captive | None = None
+        self._server_hostname: str | None = None
+        self._where = ""
+
+    def __enter__(self) -> NBD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ connect
+    def connect_uri(self, uri: str) -> None:
+        parsed = self._apply_uri(uri)
+        if parsed.transport == "unix":
+            self.connect_unix(parsed.socket)
+        elif parsed.transport == "vsock":
+            self.connect_vsock(int(parsed.host), parsed.port)
+        else:
+            self.connect_tcp(parsed.host, parsed.port)
+
+    def connect_tcp(self, host: str, port: int | str) -> None:
+        where = f"{host}:{port}"
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise connect_error(exc, where) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server_hostname = host
+        self._start(sock, where)
+
+    def connect_unix(self, path: str) -> None:
+        self._connect_family(socket.AF_UNIX, path, path)
+
+    def connect_vsock(self, cid: int, port: int) -> None:
+        self._connect_family(socket.AF_VSOCK, (cid, port), f"vsock {cid}:{port}")
+
+    def _connect_family(self, family: int, address: object, where: str) -> None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            raise connect_error(exc, where) from None
+        self._start(sock, where)
+
+    def connect_socket(self, sock: socket.socket) -> None:
+        """Negotiate over a socket that is already connected to a server."""
+        self._start(sock, "socket")
+
+    def connect_command(self, argv: Sequence[str]) -> None:
+        """Run a server (``nbdkit -s ...``) with a socket as its stdin and stdout."""
+        sock, self._captive = spawn_stdin(argv)
+        self._start(sock, argv[0])
+
+    def connect_systemd_socket_activation(self, argv: Sequence[str]) -> None:
+        """Run a server (``qemu-nbd ...``) handed a listening socket as fd 3."""
+        path, self._captive = spawn_activated(argv)
+        self.connect_unix(path)
+
+    def _start(self, sock: socket.socket, where: str) -> None:
+        if self._sock is not None:
+            sock.close()
+            raise NBDError(errno.EISCONN, "the handle is already connected")
+        sock.settimeout(self.connect_timeout)
+        self._sock, self._where = sock, where
+        self._hs = ClientHandshake(self._handshake_config())
+        self._drive()
+
+    # ---------------------------------------------------------- handshake
+    def _drive(self) -> object:
+        """Run the handshake until it needs the user or is over."""
+        assert self._hs is not None
+        try:
+            return self._drive_events(self._hs)
+        except OptionRefused as refused:
+            if self._hs.state is HandshakeState.CLOSED:
+                self._drop()
+            raise refused_error(refused) from None
+        except ProtocolError:
+            self._drop()
+            raise
+        except OSError as exc:
+            self._drop()
+            raise connect_error(exc, self._where) from None
+
+    def _drive_events(self, hs: ClientHandshake) -> object:
+        while True:
+            event = hs.next_event()
+            if isinstance(event, NeedData):
+                hs.receive_data(self._recv_exact(event.size, hs))
+            elif isinstance(event, Send):
+                self._socket().sendall(event.data)
+            elif isinstance(event, StartTLS):
+                self._start_tls()
+                hs.tls_established()
+            elif isinstance(event, Ready):
+                self._enter_transmission(event)
+                return event
+            else:
+                if isinstance(event, OptionDone) and event.option == Opt.INFO:
+                    self._negotiated = hs.negotiated
+                return event
+
+    def _recv_exact(self, size: int, hs: ClientHandshake) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = self._socket().recv(size - len(data))
+            if not chunk:
+                raise hs.connection_lost()
+            data += chunk
+        return bytes(data)
+
+    def _start_tls(self) -> None:
+        unix = self._socket().family != socket.AF_INET and self._socket().family != socket.AF_INET6
+        context = client_context(self.tls_certificates, self.tls_verify_peer, check_hostname=not unix)
+        try:
+            self._sock = context.wrap_socket(self._socket(), server_hostname=None if unix
+                                             else self._server_hostname)
+        except ssl.SSLError as exc:
+            raise NBDError(errno.ECONNREFUSED, f"TLS handshake failed: {exc.reason or exc}") from None
+
+    def _enter_transmission(self, ready: Ready) -> None:
+        neg = ready.negotiated
+        self._negotiated = neg
+        self._tx = Transmission(neg.structured_replies, neg.extended_headers, neg.meta_contexts)
+        self._socket().settimeout(None)
+        self._ready = True
+
+    # -------------------------------------------------------- option mode
+    def _option(self, start: Callable[[ClientHandshake], None]) -> object:
+        hs = self._hs
+        if hs is None or hs.state is not HandshakeState.NEGOTIATING:
+            raise NBDError(errno.EINVAL, "option requests need set_opt_mode(True) before connecting")
+        hs.set_export_name(self.export_name)
+        hs.config.meta_contexts = list(self.meta_contexts)
+        start(hs)
+        return self._drive()
+
+    def opt_go(self) -> None:
+        self._option(ClientHandshake.opt_go)
+
+    def opt_info(self) -> None:
+        self._option(ClientHandshake.opt_info)
+
+    def opt_list(self, callback: Callable[[str, str], Any] | None = None) -> list[tuple[str, str]]:
+        """Ask for every export; call ``callback(name, description)`` for each; return them."""
+        event = self._option(ClientHandshake.opt_list)
+        exports: list[tuple[str, str]] = event.result if isinstance(event, OptionDone) else []
+        for name, description in exports if callback else ():
+            callback(name, description)
+        return exports
+
+    def opt_list_meta_context(self, callback: Callable[[str], Any] | None = None) -> list[str]:
+        event = self._option(lambda hs: hs.opt_list_meta_context())
+        names: list[str] = event.result if isinstance(event, OptionDone) else []
+        for name in names if callback else ():
+            callback(name)
+        return names
+
+    def opt_abort(self) -> None:
+        hs = self._hs
+        if hs is None or hs.state is not HandshakeState.NEGOTIATING:
+            raise NBDError(errno.EINVAL, "opt_abort needs option mode")
+        try:
+            self._socket().sendall(hs.opt_abort())
+        finally:
+            self._drop()
+
+    # ------------------------------------------------------- transmission
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise NBDError(errno.ENOTCONN, "the handle is not connected")
+        return self._sock
+
+    def _run(self, cmd: int, offset: int, count: int, flags: int,
+             buf: memoryview | None = None) -> Command:
+        self._check_command(cmd, offset, count, flags)
+        assert self._tx is not None
+        command, header = self._tx.request(cmd, offset, count, flags,
+                                           buf if cmd == Cmd.READ else None)
+        try:
+            self._send(header, buf if cmd == Cmd.WRITE else None)
+            self._wait(command)
+        except ProtocolError:
+            self._drop()
+            raise
+        except OSError as exc:
+            self._drop()
+            raise NBDError(exc.errno or errno.EIO, f"connection to {self._where} failed: "
+                                                   f"{exc.strerror or exc}") from None
+        error = command_error(command)
+        if error is not None:
+            raise error
+        return command
+
+    def _send(self, header: bytes, payload: memoryview | None) -> None:
+        sock = self._socket()
+        if payload is None:
+            sock.sendall(header)
+        elif isinstance(sock, ssl.SSLSocket):
+            sock.sendall(header)
+            sock.sendall(payload)
+        else:
+            sendmsg_all(sock, [memoryview(header), payload])
+
+    def _wait(self, command: Command) -> None:
+        sock, tx = self._socket(), self._tx
+        assert tx is not None
+        while not command.done:
+            n = sock.recv_into(tx.get_buffer())
+            if n == 0:
+                raise tx.connection_lost()
+            tx.buffer_updated(n)
+
+    def pread(self, count: int, offset: int, flags: int = 0) -> bytes:
+        buf = bytearray(count)
+        self.pread_into(buf, offset, flags)
+        return bytes(buf)
+
+    def pread_into(self, buf: Buffer, offset: int, flags: int = 0) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf``."""
+        view = _bytes_view(buf)
+        self._run(Cmd.READ, offset, len(view), flags, view)
+
+    def pwrite(self, buf: Buffer, offset: int, flags: int = 0) -> None:
+        view = _bytes_view(buf)
+        self._run(Cmd.WRITE, offset, len(view), flags, view)
+
+    def zero(self, count: int, offset: int, flags: int = 0) -> None:
+        self._run(Cmd.WRITE_ZEROES, offset, count, flags)
+
+    def trim(self, count: int, offset: int, flags: int = 0) -> None:
+        self._run(Cmd.TRIM, offset, count, flags)
+
+    def cache(self, count: int, offset: int, flags: int = 0) -> None:
+        self._run(Cmd.CACHE, offset, count, flags)
+
+    def flush(self, flags: int = 0) -> None:
+        self._run(Cmd.FLUSH, 0, 0, flags)
+
+    def block_status(self, count: int, offset: int, callback: ExtentCallback | None = None,
+                     flags: int = 0) -> dict[str, list[int]]:
+        """Ask for extents from ``offset``; call ``callback(context, offset, entries, err)``
+        per context as libnbd does, and return ``{context: [length, flags, ...]}``."""
+        command = self._run(Cmd.BLOCK_STATUS, offset, count, flags)
+        contexts = self.negotiated.meta_contexts
+        if callback is not None:
+            call_extent_callback(callback, contexts, command)
+        return extents_by_name(contexts, command)
+
+    # ------------------------------------------------------------- ending
+    def shutdown(self, flags: int = 0) -> None:
+        """Tell the server we are done (NBD_CMD_DISC) and close the connection."""
+        if self._ready and self._tx is not None and self._sock is not None:
+            try:
+                self._sock.sendall(self._tx.disconnect())
+            except OSError:
+                pass
+        self._drop()
+
+    def close(self) -> None:
+        self.shutdown()
+        if self._captive is not None:
+            captive, self._captive = self._captive, None
+            captive.close()
+
+    def _drop(self) -> None:
+        self._ready = False
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def _bytes_view(buf: Buffer) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def sendmsg_all(sock: socket.socket, parts: list[memoryview]) -> None:
+    """Send every byte of ``parts`` with as few ``sendmsg`` calls as the kernel allows."""
+    parts = [p for p in parts if len(p)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while sent and parts:
+            if sent >= len(parts[0]):
+                sent -= len(parts.pop(0))
+            else:
+                parts[0], sent = parts[0][sent:], 0
