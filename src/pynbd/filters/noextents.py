@@ -1,0 +1,27 @@
+"""noextents: hide sparseness — the disk reports itself fully allocated.
+
+    pynbd serve --filter=noextents file disk.img
+
+No parameters. Block-status requests are answered with one allocated extent
+covering the range asked for, and reads are never split around holes, so
+clients such as ``qemu-img map`` and ``nbdinfo --map`` see all data. Useful
+over file systems whose hole lookups are slow, or to test clients' fallback
+paths. Everything else passes straight through.
+"""
+
+from __future__ import annotations
+
+from ..backend import Extent, Filter, FilterConnection
+
+
+class NoExtentsConnection(FilterConnection):
+    def can_extents(self) -> bool:
+        return False
+
+    def extents(self, count: int, offset: int, flags: int) -> tuple[Extent, ...]:
+        return (Extent(offset, count),)
+
+
+class NoExtentsFilter(Filter):
+    name = "noextents"
+    connection = NoExtentsConnection

@@ -1,0 +1,94 @@
+"""readahead: prefetch what a sequential reader will ask for next.
+
+    pynbd serve --filter=readahead curl https://example.com/disk.img
+    pynbd serve --filter=readahead --filter=cache file slow.img
+
+No parameters. When a client reads, the filter asks the layer below to
+prefetch (NBD_CMD_CACHE) the data that follows, on a background thread of
+the connection, so the prefetch overlaps with the client's next request.
+The window adapts: it starts at the size of the read, doubles on each read
+that continues where the previous one stopped (up to 32 MiB) and falls back
+when the client jumps elsewhere. Ranges already prefetched are not asked
+for again.
+
+Limits: prefetching only helps if the layer below can cache — plugins that
+keep data elsewhere (curl, nbd, ssh) or the cache filter placed below this
+one. Over a layer that cannot cache at all the filter does nothing and says
+so once. The prefetch runs beside the client's requests, so the layers below
+must tolerate parallel requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from ..backend import CACHE_NONE, Filter, FilterConnection
+
+log = logging.getLogger("pynbd.filters.readahead")
+
+MAX_WINDOW = 32 * 1024 * 1024
+_STOP = None
+
+
+class ReadaheadConnection(FilterConnection):
+    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+        super().__init__(next, filter, ctx)
+        self.size = next.get_size()
+        self.window = 0
+        self.last_end = -1
+        self.prefetched = (0, 0)  # the range most recently asked for
+        self._lock = threading.Lock()
+        self.requests: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self.worker = threading.Thread(target=self._prefetch_loop, name="readahead", daemon=True)
+        self.worker.start()
+
+    def pread(self, buf, offset, flags):
+        self.next.pread(buf, offset, flags)
+        wanted = self._plan(offset, len(buf))
+        if wanted is not None:
+            self.requests.put(wanted)
+
+    def _plan(self, offset: int, count: int) -> tuple[int, int] | None:
+        """The range to prefetch after a read of [offset, offset+count), if any."""
+        end = offset + count
+        with self._lock:
+            sequential = offset == self.last_end
+            self.window = min(max(self.window * 2, count), MAX_WINDOW) if sequential else count
+            self.last_end = end
+            start, stop = end, min(end + self.window, self.size)
+            done_start, done_stop = self.prefetched
+            if done_start <= start < done_stop:
+                start = done_stop
+            if start >= stop:
+                return None
+            self.prefetched = (start, stop)
+        return start, stop - start
+
+    def _prefetch_loop(self) -> None:
+        while (item := self.requests.get()) is not _STOP:
+            offset, count = item
+            try:
+                self.next.cache(count, offset, 0)
+            except Exception as exc:  # noqa: BLE001 (a failed prefetch only costs speed)
+                log.debug("readahead: prefetch of %d+%d failed: %s", offset, count, exc)
+
+    def close(self) -> None:
+        self.requests.put(_STOP)
+        self.worker.join()
+        super().close()
+
+
+class ReadaheadFilter(Filter):
+    name = "readahead"
+    connection = ReadaheadConnection
+    _warned = False
+
+    def wrap(self, below, ctx):
+        if below.can_cache() == CACHE_NONE:
+            if not self._warned:
+                log.warning("readahead: the layers below cannot cache; the filter does nothing")
+                self._warned = True
+            return below
+        return self.connection(below, self, ctx)
