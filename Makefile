@@ -1,7 +1,7 @@
 # The two commands users need are `make demo` and `make test` (see README.md).
 PYTHON ?= python3
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint bench
 
 install:
 	$(PYTHON) -m pip install -q -e .
@@ -16,3 +16,8 @@ test:
 
 lint:
 	$(PYTHON) -m ruff check src tests bench
+
+bench:
+	scripts/install-deps
+	$(PYTHON) -m pip install -q -r bench/requirements.lock
+	$(PYTHON) bench/run.py
