@@ -40,9 +40,10 @@ from nbdtest import served
 SIZE = 8 << 30  # over 2^32, so 64-bit lengths matter
 
 
-@pytest.fixture(scope="module")
-def server():
-    with served("memory", str(SIZE)) as srv:
+@pytest.fixture(scope="module", params=["inline", "threaded"])
+def server(request):
+    blocking = ["--filter=delay", "cachedelay=1ms"] if request.param == "threaded" else []
+    with served("memory", str(SIZE), *blocking) as srv:
         yield srv
 
 

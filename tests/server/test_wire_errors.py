@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from rawnbd import (
@@ -42,15 +43,21 @@ SIZE = 1 << 20
 MAX_PAYLOAD = 32 << 20
 
 
-@pytest.fixture(scope="module")
-def server():
-    with served("memory", str(SIZE)) as srv:
+# memory never blocks, so the server runs it in the inline loop; a delay on
+# cache requests (never sent here) makes the stack blocking: worker threads.
+STACKS = {"inline": ("memory", str(SIZE)),
+          "threaded": ("--filter=delay", "memory", str(SIZE), "cachedelay=1ms")}
+
+
+@pytest.fixture(scope="module", params=sorted(STACKS))
+def server(request):
+    with served(*STACKS[request.param]) as srv:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def ro_server():
-    with served("memory", str(SIZE), options=["-r"]) as srv:
+@pytest.fixture(scope="module", params=sorted(STACKS))
+def ro_server(request):
+    with served(*STACKS[request.param], options=["-r"]) as srv:
         yield srv
 
 
@@ -214,38 +221,11 @@ def test_writes_on_a_read_only_export(ro_server, cmd):
         assert client.request_error(CMD_FLUSH, 0, 0) == 0
 
 
-PLUGIN = '''
-from pynbd.backend import Connection, Plugin
+FLAKY = str(Path(__file__).with_name("flaky_plugin.py"))
 
 
-DATA = bytearray(b"\\x07" * (1 << 20))
-
-
-class Flaky(Connection):
-    def get_size(self):
-        return len(DATA)
-
-    def pread(self, buf, offset, flags):
-        if offset == 4096:
-            raise RuntimeError("plugin bug at 4096")
-        buf[:] = DATA[offset:offset + len(buf)]
-
-    def pwrite(self, buf, offset, flags):
-        DATA[offset:offset + len(buf)] = buf
-
-
-class FlakyPlugin(Plugin):
-    name = "flaky"
-
-    def open(self, ctx):
-        return Flaky()
-'''
-
-
-def test_plugin_exception_fails_one_request_with_eio(tmp_path):
-    script = tmp_path / "flaky.py"
-    script.write_text(PLUGIN)
-    with served(str(script)) as srv:
+def test_plugin_exception_fails_one_request_with_eio():
+    with served(FLAKY) as srv:
         with bystander(srv), connected(srv) as client:
             assert client.request_error(CMD_READ, 4096, 512) == EIO
             assert client.pread(0, 512) == b"\x07" * 512

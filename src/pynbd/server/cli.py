@@ -90,15 +90,17 @@ def _main(args: argparse.Namespace) -> int:
             return 0
         raise ConfigError("no plugin named; try 'pynbd serve --help'")
     plugin_name, plugin_args = args.words[0], args.words[1:]
-    if args.help or args.version:
+    if args.help or args.version or args.dump_plugin:
         plugin_cls = find_plugin(plugin_name)
-        print(plugin_help(plugin_cls, [find_filter(f) for f in args.filter]) if args.help
-              else f"{plugin_cls.name} {plugin_cls.version or __version__}")
+        filter_classes = [find_filter(f) for f in args.filter]
+        if args.help:
+            print(plugin_help(plugin_cls, filter_classes))
+        elif args.version:
+            print(f"{plugin_cls.name} {plugin_cls.version or __version__}")
+        else:
+            print(dump_plugin(plugin_cls, filter_classes))
         return 0
     stack = Stack.from_args(plugin_name, plugin_args, args.filter)
-    if args.dump_plugin:
-        print(dump_plugin(stack))
-        return 0
     _setup_logging(args)
     if args.exit_with_parent:
         _exit_with_parent()
@@ -255,13 +257,15 @@ def plugin_help(plugin_cls: type[Plugin], filter_classes: list[type[Filter]]) ->
     return "\n\n".join(sections)
 
 
-def dump_plugin(stack: Stack) -> str:
-    plugin = stack.plugin
+def dump_plugin(plugin: type[Plugin], filters: list[type[Filter]]) -> str:
+    """nbdkit-style ``key=value`` lines about a plugin (no parameters needed)."""
+    layers: list[type[Plugin] | type[Filter]] = [*filters, plugin]
+    model = min(layer.thread_model for layer in layers)
     lines = [f"name={plugin.name}", f"version={plugin.version or __version__}",
-             "api_version=2", f"thread_model={stack.thread_model().name.lower()}"]
+             "api_version=2", f"thread_model={model.name.lower()}"]
     if plugin.magic_param:
         lines.append(f"magic_config_key={plugin.magic_param}")
-    for layer in stack.layers:
+    for layer in layers:
         for param in layer.params:
             lines.append(f"{layer.name}.{param.name}={param.type}")
     return "\n".join(lines)
