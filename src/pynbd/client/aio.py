@@ -63,7 +63,14 @@ from ..proto.client_transmission import Command, Transmission
 from ..proto.constants import Cmd, Opt
 from ..proto.errors import ProtocolError
 from .captive import Captive, spawn_activated, spawn_stdin
-from .common import HandleBase, command_error, connect_error, extents_by_name, refused_error
+from .common import (
+    HandleBase,
+    apply_settings,
+    command_error,
+    connect_error,
+    extents_by_name,
+    refused_error,
+)
 from .errors import NBDError
 from .tls import client_context
 
@@ -351,6 +358,9 @@ class AsyncNBD(HandleBase):
         protocol = self._protocol
         if self._ready and protocol is not None and protocol.dead is None:
             protocol.transport.write(protocol.tx.disconnect())  # type: ignore[attr-defined]
+        elif self._hs is not None and self._hs.state is HandshakeState.NEGOTIATING:
+            if self._writer is not None:
+                self._writer.write(self._hs.opt_abort())
         self._drop()
 
     async def close(self) -> None:
@@ -374,10 +384,7 @@ def _bytes_view(buf: Buffer) -> memoryview:
 async def connect(target: str | Sequence[str], **settings: Any) -> AsyncNBD:
     """Connect to an NBD URI, or run ``target`` (an argv list) as a captive server."""
     handle = AsyncNBD()
-    for name, value in settings.items():
-        if not hasattr(handle, name) or name.startswith("_"):
-            raise TypeError(f"connect() got an unknown setting {name!r}")
-        setattr(handle, name, list(value) if name == "meta_contexts" else value)
+    apply_settings(handle, settings)
     try:
         if isinstance(target, str):
             await handle.connect_uri(target)

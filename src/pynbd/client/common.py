@@ -270,3 +270,11 @@ def describe(parsed: NBDURI) -> str:
     if parsed.transport == "unix":
         return parsed.socket
     return f"{parsed.host}:{parsed.port}"
+
+
+def apply_settings(handle: HandleBase, settings: dict[str, Any]) -> None:
+    """Set handle attributes by name (``meta_contexts=[...]``, ``opt_mode=True`` ...)."""
+    for name, value in settings.items():
+        if name.startswith("_") or not hasattr(handle, name) or callable(getattr(handle, name)):
+            raise TypeError(f"unknown handle setting {name!r}")
+        setattr(handle, name, list(value) if name == "meta_contexts" else value)

@@ -43,6 +43,7 @@ from .captive import Captive, spawn_activated, spawn_stdin
 from .common import (
     ExtentCallback,
     HandleBase,
+    apply_settings,
     call_extent_callback,
     command_error,
     connect_error,
@@ -317,9 +318,14 @@ class NBD(HandleBase):
     # ------------------------------------------------------------- ending
     def shutdown(self, flags: int = 0) -> None:
         """Tell the server we are done (NBD_CMD_DISC) and close the connection."""
-        if self._ready and self._tx is not None and self._sock is not None:
+        goodbye = b""
+        if self._ready and self._tx is not None:
+            goodbye = self._tx.disconnect()
+        elif self._hs is not None and self._hs.state is HandshakeState.NEGOTIATING:
+            goodbye = self._hs.opt_abort()
+        if goodbye and self._sock is not None:
             try:
-                self._sock.sendall(self._tx.disconnect())
+                self._sock.sendall(goodbye)
             except OSError:
                 pass
         self._drop()
@@ -355,3 +361,19 @@ def sendmsg_all(sock: socket.socket, parts: list[memoryview]) -> None:
                 sent -= len(parts.pop(0))
             else:
                 parts[0], sent = parts[0][sent:], 0
+
+
+def connect(target: str | Sequence[str], **settings: Any) -> NBD:
+    """Connect to an NBD URI, or run ``target`` (an argv list) as a captive server
+    with socket activation; ``settings`` are handle attributes (see ``aio.connect``)."""
+    handle = NBD()
+    apply_settings(handle, settings)
+    try:
+        if isinstance(target, str):
+            handle.connect_uri(target)
+        else:
+            handle.connect_systemd_socket_activation(target)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
