@@ -30,7 +30,6 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 from ..backend import ConfigError
 
@@ -40,7 +39,7 @@ MATERIALIZE_LIMIT = 1 << 20  # repetitions of plain bytes up to this size become
 MAX_DEPTH = 100
 _ZEROES = memoryview(bytes(1 << 20))
 
-Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 
 def fill_zero(view: memoryview) -> None:
@@ -113,7 +112,7 @@ class Repeat:
             k += 1
 
 
-Source = Union[bytes, bytearray, memoryview, mmap.mmap, Repeat]
+Source = bytes | bytearray | memoryview | mmap.mmap | Repeat
 
 
 @dataclass(frozen=True)
@@ -312,7 +311,7 @@ class Stream:
         return self.reader(limit)
 
 
-Value = Union[Image, Stream]
+Value = Image | Stream
 
 
 class Parser:
