@@ -259,7 +259,8 @@ class Session:
 
     # ------------------------------------------------------------- transmission
     def _transmission(self) -> None:
-        if self.config.inline and self.config.request_lock is None:
+        # The inline loop uses recv flags an SSLSocket refuses: TLS takes the workers.
+        if self.config.inline and self.config.request_lock is None and self._use_sendmsg:
             self._inline()
             return
         crew = [threading.Thread(target=self._worker, name=f"nbd-worker-{i}", daemon=True)
