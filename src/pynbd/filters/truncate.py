@@ -6,8 +6,8 @@
 
 Parameters (all optional; sizes take K/M/G/T suffixes)
     truncate=SIZE    the size to serve, smaller or larger than the disk below
-    round-up=N       round the size up to a multiple of N
-    round-down=N     round the size down to a multiple of N
+    round-up=N       round the size up to a multiple of N (a power of 2)
+    round-down=N     round the size down to a multiple of N (a power of 2)
 
 ``truncate`` is applied first, then the rounding. Bytes past the end of the
 disk below read as zeroes; writing zeroes there (or zeroing or trimming it)
@@ -75,10 +75,15 @@ class TruncateConnection(FilterConnection):
         if n:
             self.next.cache(n, offset, flags)
 
+    def can_extents(self) -> bool:
+        return True  # the added tail is a hole even over a layer that cannot say
+
     def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
         n = self._inside(count, offset)
-        if n:
+        if n and self.next.can_extents():
             yield from self.next.extents(n, offset, flags)
+        elif n:
+            yield Extent(offset, n)
         if n < count:
             start = max(offset, self.real_size)
             yield Extent(start, offset + count - start, hole=True, zero=True)
@@ -95,8 +100,9 @@ class TruncateFilter(Filter):
 
     def config_complete(self) -> None:
         for key in ("round_up", "round_down"):
-            if getattr(self, key) == 0:
-                raise ConfigError(f"truncate: {key.replace('_', '-')} must be at least 1")
+            value = getattr(self, key)
+            if value is not None and (value < 1 or value & (value - 1)):
+                raise ConfigError(f"truncate: {key.replace('_', '-')}={value}: must be a power of 2")
 
     def size_for(self, real_size: int) -> int:
         """The size served over a disk of ``real_size`` bytes."""
