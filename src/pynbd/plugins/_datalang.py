@@ -629,8 +629,8 @@ def run_command(command: str, limit: int | None, pos: int, where: str) -> bytes:
             proc.kill()
     status = proc.wait()
     if status != 0 and not stopped:
-        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-        raise error(f"<(command) failed with {how}", pos, where)
+        how = f"was killed by signal {-status}" if status < 0 else f"failed with exit status {status}"
+        raise error(f"<(command) {how}", pos, where)
     return data
 
 
