@@ -16,7 +16,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 
-from nbdtest import nbdsh
+from nbdtest import run
 
 BOTH = ("pynbd", "nbdkit")
 SECTOR = 512
@@ -104,11 +104,19 @@ def actions(path: str) -> list[str]:
     return out
 
 
+def nbdsh_outcomes(uri: str, calls: Sequence[str], options: Sequence[str] = ()) -> list[str]:
+    """Run libnbd calls in one nbdsh; for each, 'ok' or the errno name it failed with."""
+    lines = ["import errno"]
+    for call in calls:
+        lines += ["try:", f"    {call}", "    print('ok')", "except nbd.Error as e:",
+                  "    print(errno.errorcode.get(e.errno, e.errno))"]
+    code = "\n".join(lines)
+    return run(["nbdsh", *options, "-u", uri, "-c", code]).stdout.decode().split()
+
+
 def nbdsh_errno(uri: str, call: str) -> str:
     """Run one libnbd call; 'ok' or the errno name it failed with."""
-    code = (f"try:\n    {call}\n    print('ok')\n"
-            f"except nbd.Error as e:\n    print(__import__('errno').errorcode.get(e.errno, e.errno))")
-    return nbdsh(uri, code).strip()
+    return nbdsh_outcomes(uri, [call])[0]
 
 
 def file_bytes(path: str, offset: int = 0, length: int | None = None) -> bytes:

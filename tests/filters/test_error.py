@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from stack_helpers import BOTH, nbdsh_errno
+from stack_helpers import BOTH, nbdsh_errno, nbdsh_outcomes
 
 from nbdtest import PYNBD, nbdsh, run, served
 
@@ -12,7 +12,7 @@ ALL_OPS = ("h.pread(512, 0)", "h.pwrite(b'x' * 512, 0)", "h.zero(512, 0)", "h.tr
 
 
 def outcomes(uri: str) -> list[str]:
-    return [nbdsh_errno(uri, call) for call in ALL_OPS]
+    return nbdsh_outcomes(uri, ALL_OPS)
 
 
 def test_per_operation_errors_match_nbdkit():
