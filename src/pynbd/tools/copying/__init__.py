@@ -1,0 +1,1 @@
+"""The pieces of ``pynbd copy``: options, endpoints, the plan, the engine, progress."""

@@ -1,0 +1,119 @@
+"""Putting a copy together: open both ends, check them, connect, copy, close.
+
+The source is opened first, then the destination, which is prepared for the
+source's length (a regular file is truncated to it) and must be at least
+that large. Connections: one when either end is a stream or with
+``--synchronous``; otherwise up to ``--connections`` when both ends allow
+more than one (NBD multi-conn; files always do). A destination NBD export
+whose ``base:allocation`` map says it is all zeroes is treated as
+``--destination-is-zero``. Everything opened is closed, captive servers
+stopped, whether the copy succeeded or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import TextIO
+
+from ...client import NBDError
+from ...proto.errors import ProtocolError
+from .endpoint import CopyError, Endpoint, NullEndpoint
+from .engine import Copier, Layout, is_sequential, plan_layout
+from .local import open_local
+from .nbd import NBDEndpoint
+from .options import CopyOptions, Spec
+from .progress import Progress
+
+
+async def open_endpoint(spec: Spec, writing: bool) -> Endpoint:
+    """The endpoint for ``spec``, connected or opened."""
+    if spec.kind in ("nbd", "captive"):
+        endpoint = NBDEndpoint(spec, writing)
+        try:
+            await endpoint.open()
+        except BaseException:
+            await endpoint.close()
+            raise
+        return endpoint
+    if spec.kind == "null":
+        return NullEndpoint(spec.text)
+    return open_local(spec, writing)
+
+
+def check_sizes(src: Endpoint, dst: Endpoint) -> None:
+    if src.size is not None and dst.size is not None and dst.size < src.size:
+        raise CopyError(dst.label, f"destination size ({dst.size}) is smaller than "
+                                   f"source size ({src.size})")
+
+
+async def connect_all(opts: CopyOptions, src: Endpoint, dst: Endpoint) -> int:
+    """Open the extra connections both ends agree on; return how many to use."""
+    if is_sequential(opts, src, dst):
+        return 1
+    wanted = max(1, min(opts.connections, src.max_connections(), dst.max_connections()))
+    try:
+        have = await src.open_connections(wanted)
+        return max(1, min(have, await dst.open_connections(have)))
+    except (NBDError, ProtocolError) as exc:
+        raise CopyError("connect", exc) from None
+
+
+async def destination_is_zero(opts: CopyOptions, dst: Endpoint) -> bool:
+    if opts.destination_is_zero or dst.reads_as_zero:
+        return True
+    if opts.allocated or not isinstance(dst, NBDEndpoint):
+        return False
+    try:
+        return await dst.probe_zero()
+    except (NBDError, ProtocolError, CopyError):
+        return False
+
+
+def _verbose(err: TextIO, opts: CopyOptions, src: Endpoint, dst: Endpoint, layout: Layout) -> None:
+    for role, endpoint in (("source", src), ("destination", dst)):
+        facts = endpoint.facts()
+        print(f"pynbd copy: {role}: {endpoint.label}: {facts.kind}, size "
+              f"{endpoint.size if endpoint.size is not None else 'unknown'}, "
+              f"zeroing by {facts.zero_method}", file=err)
+    print(f"pynbd copy: {layout.describe()}; extents {'on' if opts.extents else 'off'}, "
+          f"destination {'reads as zero' if dst.reads_as_zero else 'may hold data'}", file=err)
+
+
+async def run_copy(opts: CopyOptions, err: TextIO = sys.stderr) -> int:
+    """Run the copy ``opts`` describes; return the bytes copied or raise CopyError."""
+    assert opts.source is not None and opts.destination is not None
+    opened: list[Endpoint] = []
+    try:
+        src = await open_endpoint(opts.source, writing=False)
+        opened.append(src)
+        dst = await open_endpoint(opts.destination, writing=True)
+        opened.append(dst)
+        await dst.prepare(src.size, src)
+        check_sizes(src, dst)
+        connections = await connect_all(opts, src, dst)
+        dst.reads_as_zero = await destination_is_zero(opts, dst)
+        layout = plan_layout(opts, src, dst, connections)
+        if opts.verbose:
+            _verbose(err, opts, src, dst, layout)
+        progress = Progress(src.size, bar=opts.progress and opts.progress_fd is None,
+                            fd=opts.progress_fd, stream=err)
+        copier = Copier(opts, src, dst, layout, progress)
+        length = await copier.run()
+        if opts.verbose and copier.plan.extents_failed:
+            print(f"pynbd copy: extents unavailable, read everything: "
+                  f"{copier.plan.extents_failed}", file=err)
+        if opts.verbose:
+            c = copier.counters
+            print(f"pynbd copy: {length} bytes in {copier.elapsed:.3f}s: {c.written} written, "
+                  f"{c.zeroed} zeroed, {c.skipped} skipped", file=err)
+        return length
+    finally:
+        for endpoint in reversed(opened):
+            await _quiet_close(endpoint)
+
+
+async def _quiet_close(endpoint: Endpoint) -> None:
+    # A failure to close must not hide the copy's own outcome.
+    with contextlib.suppress(OSError, ProtocolError):
+        await endpoint.close()
