@@ -122,12 +122,11 @@ def test_native_plugin_file_gets_its_parameters_parsed():
 
 @pytest.mark.skipif(shutil.which("pynbd") is None, reason="pynbd is not on PATH")
 def test_executable_scripts_with_shebang(tmp_path):
-    for name, expected in (("native_disk.py", "QQQQ"), ("executable_v2.py", "\x07" * 4)):
+    cases = (("native_disk.py", ["letter=Q"], "QQQQ"), ("executable_v2.py", [], "\x07" * 4))
+    for name, extra, expected in cases:
         path = os.path.join(SCRIPTS, name)
         assert os.access(path, os.X_OK)
-        out = run([path, "-U", "-", "letter=Q", "size=64k", "--run",
-                   'nbdcopy "$uri" - | head -c 4'] if name == "native_disk.py" else
-                  [path, "-U", "-", "size=64k", "--run", 'nbdcopy "$uri" - | head -c 4'],
+        out = run([path, "-U", "-", *extra, "size=64k", "--run", 'nbdcopy "$uri" - | head -c 4'],
                   timeout=60).stdout.decode()
         assert out == expected
 
