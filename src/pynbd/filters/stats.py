@@ -22,9 +22,10 @@ The file looks like nbdkit's::
              13 bit aligned:  72.0% (67)
         other sizes: 31.6% (43 reqs, 2.80 MiB total)
 
-``total`` counts data-moving requests (read, write, trim, zero); its time is
-the wall time the server ran. Each operation line gives its own time (summed
-over requests, which may overlap), bytes, the rate while the operation ran
+``total`` counts requests as nbdkit does (all but cache) and the bytes of
+read, write, trim and zero; its time is the wall time the server ran. Each
+operation line gives its own time (summed over requests, which may
+overlap), bytes, the rate while the operation ran
 ("op") and over the whole run ("total"). A request of N bytes falls in the
 "floor(log2 N) bits" group; "K bit aligned" is the share of that group whose
 offset is a multiple of 2^K. Statistics cover every connection together.
@@ -41,6 +42,7 @@ from ..backend import ConfigError, Filter, FilterConnection, Param
 
 OPERATIONS = ("read", "write", "trim", "zero", "extents", "cache", "flush")
 _DATA_OPS = ("read", "write", "trim", "zero")
+_COUNTED_OPS = (*_DATA_OPS, "flush", "extents")  # what nbdkit's "total: N ops" counts
 _UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
@@ -136,9 +138,8 @@ class StatsTable:
 
     def report(self, threshold: int) -> str:
         elapsed = time.monotonic() - self.started
-        data = [self.ops[name] for name in _DATA_OPS]
-        total_ops = sum(s.ops for s in data)
-        total_bytes = sum(s.bytes for s in data)
+        total_ops = sum(self.ops[name].ops for name in _COUNTED_OPS)
+        total_bytes = sum(self.ops[name].bytes for name in _DATA_OPS)
         lines = [f"total: {total_ops} ops, {elapsed:.6f} s, {human_size(total_bytes)}, "
                  f"{human_rate(total_bytes, elapsed)}"]
         for name in OPERATIONS:
