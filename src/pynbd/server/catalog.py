@@ -40,6 +40,9 @@ class StackCatalog:
             raise UnknownExport(str(exc) or f"no export named {name!r}") from None
         except ConfigError as exc:
             raise UnknownExport(str(exc)) from None
+        except OSError as exc:
+            log.error("cannot open export %r: %s", name, exc.strerror or exc)
+            raise
         try:
             return ExportInfo(name=name, size=conn.get_size(), flags=export_flags(conn, self.ctx.readonly),
                               block_size=block_size(conn), description=self.description,
