@@ -283,7 +283,7 @@ def _text_export(e: ExportReport) -> Iterator[str]:
     yield f'export="{e.name}":'
     if e.description:
         yield f"\tdescription: {e.description}"
-    yield f"\texport-size: {e.size} ({human_size(e.size)})"
+    yield f"\texport-size: {e.size}" + (f" ({human_size(e.size)})" if e.size else "")
     if e.content:
         yield f"\tcontent: {e.content}"
     yield f"\turi: {e.uri}"
