@@ -213,6 +213,8 @@ class Server:
         sock.setblocking(True)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            address = f"unix#{sock.fileno()}"  # Unix clients have no address of their own
         thread = threading.Thread(target=self._session, args=(sock, address),
                                   name=f"nbd-client-{address}", daemon=True)
         with self._lock:
