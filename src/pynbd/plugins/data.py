@@ -3,7 +3,7 @@
     pynbd serve data '0 1 2 3 @0x1fe 0x55 0xaa'
     pynbd serve data '( 0x55 0xAA )*2048'
     pynbd serve data ' ( "Hello" )*2000 ' size=8192
-    pynbd serve data ' <(while :; do printf "%04x" $((i++)); done)[:2048] '
+    pynbd serve data ' <(i=0; while :; do printf "%04x" $i; i=$((i+1)); done)[:2048] '
     pynbd serve data ' </dev/urandom[:512]*16 '
     pynbd serve data ' @32768 1 ' --run 'nbdinfo --map "$uri"'
     pynbd serve data '$sig*16' sig='0x55 0xAA'
