@@ -26,6 +26,7 @@ import bisect
 import mmap
 import os
 import re
+import shutil
 import stat
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
@@ -617,9 +618,15 @@ def _read_exactly(read: Callable[[int], bytes], limit: int) -> bytes:
     return b"".join(chunks)
 
 
+SHELL = shutil.which("bash") or "/bin/sh"
+
+
 def run_command(command: str, limit: int | None, pos: int, where: str) -> bytes:
-    """The output of ``/bin/sh -c command``, or its first ``limit`` bytes."""
-    proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
+    """The output of ``bash -c command`` (``/bin/sh`` without bash), or its first ``limit`` bytes.
+
+    bash, so that what users type at their prompt (``$((i++))``) works here too.
+    """
+    proc = subprocess.Popen([SHELL, "-c", command], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE)
     assert proc.stdout is not None
     with proc.stdout:

@@ -3,7 +3,7 @@
     pynbd serve data '0 1 2 3 @0x1fe 0x55 0xaa'
     pynbd serve data '( 0x55 0xAA )*2048'
     pynbd serve data ' ( "Hello" )*2000 ' size=8192
-    pynbd serve data ' <(i=0; while :; do printf "%04x" $i; i=$((i+1)); done)[:2048] '
+    pynbd serve data ' <(while :; do printf "%04x" $((i++)); done) [:2048] '
     pynbd serve data ' </dev/urandom[:512]*16 '
     pynbd serve data ' @32768 1 ' --run 'nbdinfo --map "$uri"'
     pynbd serve data '$sig*16' sig='0x55 0xAA'
@@ -28,7 +28,7 @@ other from offset 0; the disk is as large as the highest offset reached.
     @N @+N @-N     move to offset N, forwards or backwards by N
     @^N            move forward to a multiple of N (a power of 2)
     <FILE          the file's contents (no spaces in the name)
-    <(COMMAND)     the output of /bin/sh -c COMMAND; its parentheses must pair
+    <(COMMAND)     the output of bash -c COMMAND (/bin/sh without bash); parentheses must pair
     ( ... )        a group: offsets inside are relative to its start
     EXPR*N         EXPR repeated N times
     EXPR[N:M] EXPR[:M] EXPR[N:]   bytes N to M-1 of EXPR
