@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 SUBCOMMANDS = {"serve": "pynbd.server.cli"}
@@ -40,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     if module_name is None:
         print(f"pynbd: unknown command {argv[0]!r}; try 'pynbd --help'", file=sys.stderr)
         return 2
-    return importlib.import_module(module_name).main(argv[1:])
+    try:
+        return importlib.import_module(module_name).main(argv[1:])
+    except BrokenPipeError:
+        # The reader went away (`pynbd serve memory --help | head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
