@@ -16,7 +16,9 @@ Parameters
     fastzeromode=none   fast zero is not advertised
     fastzeromode=slow   fast zero is advertised and always fails (ENOTSUP)
     fastzeromode=ignore fast zero is advertised and treated as a normal zero
-                        (against the NBD spec; for comparisons only)
+                        (against the NBD spec; for comparisons only). With
+                        zeromode=emulate fast zeroes still fail, as in nbdkit:
+                        writing zero buffers is never fast.
 
 ``notrim`` and ``plugin`` need a layer below that can zero; a client
 connecting otherwise is refused.
@@ -57,7 +59,7 @@ class NoZeroConnection(FilterConnection):
 
     def zero(self, count, offset, flags):
         if flags & FLAG_FAST_ZERO:
-            if self.fast == "slow" or (self.fast == "default" and self.mode == "emulate"):
+            if self.fast == "slow" or self.mode == "emulate":
                 raise io_error(errno.ENOTSUP, "nozero: fast zero is not supported")
             if self.fast == "ignore":
                 flags &= ~FLAG_FAST_ZERO
