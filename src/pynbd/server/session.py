@@ -72,6 +72,9 @@ def allowed_flags(extended: bool, df: bool) -> dict[int, int]:
     if not df:
         table[_READ] &= ~_F_DF
     return table
+_TF_READ_ONLY, _TF_SEND_TRIM, _TF_SEND_WRITE_ZEROES, _TF_SEND_FAST_ZERO, _TF_SEND_CACHE = (
+    int(TF.READ_ONLY), int(TF.SEND_TRIM), int(TF.SEND_WRITE_ZEROES), int(TF.SEND_FAST_ZERO),
+    int(TF.SEND_CACHE))
 _WIRE_ERRNO = {errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
                errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN}
 _ERRNO_ALIASES = {errno.EROFS: errno.EPERM, errno.EACCES: errno.EPERM,
@@ -126,6 +129,7 @@ class Session:
         self.contexts: dict[int, str] = {}
         self.fua_emulated = False
         self.allowed = _ALLOWED_FLAGS
+        self.refused: dict[int, int] = {}
         self._use_sendmsg = True
 
     # ------------------------------------------------------------- lifecycle
@@ -248,11 +252,12 @@ class Session:
         info = ready.export
         self.conn = info.handle  # type: ignore[assignment]
         self.size = info.size
-        self.flags = info.flags
+        self.flags = int(info.flags)
         self.max_payload = info.block_size[2]
         self.structured = ready.structured_replies
         self.extended = ready.extended_headers
         self.contexts = ready.meta_contexts
+        self.refused = self._refusals()
         self.allowed = allowed_flags(self.extended, bool(info.flags & TF.SEND_DF))
         self.fua_emulated = bool(info.flags & TF.SEND_FUA) and self.conn.can_fua() == FUA_EMULATE
         log.debug("client %s: serving export %r, %d bytes", self.address, info.name, info.size)
@@ -414,34 +419,38 @@ class Session:
         allowed = self.allowed.get(cmd)
         if allowed is None or flags & ~allowed:
             return errno.EINVAL
-        if cmd == _FLUSH:
-            return 0
-        if cmd in (_WRITE, _TRIM, _ZERO) and self.flags & TF.READ_ONLY:
-            return errno.EPERM
+        refused = self.refused[cmd]
+        if refused or cmd == _FLUSH:
+            return refused
         if cmd == _WRITE and payload is None:
             return errno.EINVAL  # larger than the advertised maximum
         if cmd == _READ and length > self.max_payload:
             return errno.EINVAL
-        if cmd == _TRIM and not self.flags & TF.SEND_TRIM:
-            return errno.EINVAL
-        if cmd == _ZERO and not self.flags & TF.SEND_WRITE_ZEROES:
-            return errno.EINVAL
-        if cmd == _ZERO and flags & _F_FAST_ZERO and not self.flags & TF.SEND_FAST_ZERO:
-            return errno.EINVAL
-        if cmd == _CACHE and not self.flags & TF.SEND_CACHE:
-            return errno.EINVAL
-        if cmd == _BLOCK_STATUS and not self.contexts:
+        if cmd == _ZERO and flags & _F_FAST_ZERO and not self.flags & _TF_SEND_FAST_ZERO:
             return errno.EINVAL
         if length == 0 and cmd != _BLOCK_STATUS:
             return errno.EINVAL
         if offset + length > self.size:
-            return errno.ENOSPC if cmd in (_WRITE, _ZERO) else errno.EINVAL
+            return errno.ENOSPC if cmd == _WRITE or cmd == _ZERO else errno.EINVAL
         return 0
+
+    def _refusals(self) -> dict[int, int]:
+        """Per command, the errno it always gets on this export (0: allowed)."""
+        flags = self.flags
+        read_only = errno.EPERM if flags & _TF_READ_ONLY else 0
+        return {
+            _READ: 0, _FLUSH: 0, _DISC: 0,
+            _WRITE: read_only,
+            _TRIM: read_only or (0 if flags & _TF_SEND_TRIM else errno.EINVAL),
+            _ZERO: read_only or (0 if flags & _TF_SEND_WRITE_ZEROES else errno.EINVAL),
+            _CACHE: 0 if flags & _TF_SEND_CACHE else errno.EINVAL,
+            _BLOCK_STATUS: 0 if self.contexts else errno.EINVAL,
+        }
 
     def _read(self, conn: Connection, cookie: int, offset: int, length: int, flags: int,
               scratch: bytearray) -> None:
         if self.structured and length >= HOLE_SCAN_MIN and not flags & _F_DF \
-                and self.flags & TF.HAS_FLAGS and conn.can_extents():
+                and conn.can_extents():
             holes = [e for e in clip_extents(conn.extents(length, offset, 0), offset, length) if e.zero]
             if holes:
                 self._read_with_holes(conn, cookie, offset, length, holes)
