@@ -167,7 +167,7 @@ def test_fio_nbd_engine_with_crc32c_verify(tmp_path):
         job = [
             "fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
             "--bs=4k", "--size=8M", "--iodepth=16", "--verify=crc32c", "--do_verify=1",
-            "--verify_fatal=1", "--output-format=json",
+            "--verify_fatal=1", "--verify_state_save=0", "--output-format=json",
         ]
         result = run(job, timeout=120)
     report = json.loads(result.stdout[result.stdout.index(b"{"):])
