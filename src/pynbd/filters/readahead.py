@@ -8,8 +8,8 @@ prefetch (NBD_CMD_CACHE) the data that follows, on a background thread of
 the connection, so the prefetch overlaps with the client's next request.
 The window adapts: it starts at the size of the read, doubles on each read
 that continues where the previous one stopped (up to 32 MiB) and falls back
-when the client jumps elsewhere. Ranges already prefetched are not asked
-for again.
+when the client jumps elsewhere. While the client reads on sequentially,
+ranges already prefetched are not asked for again.
 
 Limits: prefetching only helps if the layer below can cache — plugins that
 keep data elsewhere (curl, nbd, ssh) or the cache filter placed below this
@@ -38,7 +38,7 @@ class ReadaheadConnection(FilterConnection):
         self.size = next.get_size()
         self.window = 0
         self.last_end = -1
-        self.prefetched = (0, 0)  # the range most recently asked for
+        self.prefetched_until = 0  # how far this sequential stream has been prefetched
         self._lock = threading.Lock()
         self.requests: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self.worker = threading.Thread(target=self._prefetch_loop, name="readahead", daemon=True)
@@ -57,13 +57,11 @@ class ReadaheadConnection(FilterConnection):
             sequential = offset == self.last_end
             self.window = min(max(self.window * 2, count), MAX_WINDOW) if sequential else count
             self.last_end = end
-            start, stop = end, min(end + self.window, self.size)
-            done_start, done_stop = self.prefetched
-            if done_start <= start < done_stop:
-                start = done_stop
+            start = max(end, self.prefetched_until) if sequential else end
+            stop = min(end + self.window, self.size)
             if start >= stop:
                 return None
-            self.prefetched = (start, stop)
+            self.prefetched_until = stop
         return start, stop - start
 
     def _prefetch_loop(self) -> None:
