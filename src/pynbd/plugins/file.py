@@ -254,7 +254,10 @@ class FileConnection(Connection):
         length = len(buf)
         done = os.pwritev(self.fd, (buf,), offset)
         while done < length:
-            done += os.pwritev(self.fd, (buf[done:],), offset + done)
+            wrote = os.pwritev(self.fd, (buf[done:],), offset + done)
+            if wrote == 0:
+                raise io_error(errno.EIO, f"pwrite at {offset + done}: nothing was written")
+            done += wrote
         self._written(offset, length, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
@@ -286,6 +289,8 @@ class FileConnection(Connection):
                 yield Extent(pos, data - pos, hole=True, zero=True)
             else:
                 data = min(self._seek(pos, os.SEEK_HOLE, end), end)
+                if data == pos:
+                    continue  # the file changed between the two seeks: look again
                 yield Extent(pos, data - pos)
             pos = data
             if flags & FLAG_REQ_ONE:
