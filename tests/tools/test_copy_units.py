@@ -1,0 +1,140 @@
+"""The pieces of pynbd copy on their own: options, zero detection, file extents, the plan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from pynbd.tools.copying.endpoint import Endpoint, Extent
+from pynbd.tools.copying.local import file_extents
+from pynbd.tools.copying.options import UsageError, parse_args
+from pynbd.tools.copying.plan import SLICE, Plan
+from pynbd.tools.copying.zeroes import zero_runs
+
+K = 1024
+
+
+# ------------------------------------------------------------------ options
+
+def test_options_anywhere_and_captive_groups():
+    opts = parse_args(["-C4", "-p", "--", "[", "qemu-nbd", "-f", "qcow2", "x", "]", "--flush"])
+    assert opts.connections == 4 and opts.progress and opts.progress_fd is None
+    assert opts.source.kind == "captive"
+    assert opts.source.command == ("qemu-nbd", "-f", "qcow2", "x")
+    assert opts.destination.kind == "local" and opts.destination.text == "--flush"
+    assert not opts.flush
+    mixed = parse_args(["a.img", "-v", "b.img", "--flush"])
+    assert mixed.verbose and mixed.flush and mixed.destination.text == "b.img"
+
+
+def test_option_values_and_kinds():
+    opts = parse_args(["--request-size", "64K", "-R", "8", "--progress=3", "--target-is-zero",
+                       "--no-extents", "-S0", "nbd://h/e", "null:"])
+    assert (opts.request_size, opts.requests, opts.progress_fd, opts.sparse) == (65536, 8, 3, 0)
+    assert opts.destination_is_zero and not opts.extents
+    assert (opts.source.kind, opts.destination.kind) == ("nbd", "null")
+    assert parse_args(["-", "-"]).source.kind == "stdio"
+
+
+def test_queue_size_bounds_requests():
+    opts = parse_args(["--queue-size=1M", "--request-size=256K", "-R", "64", "a", "b"])
+    assert opts.requests_in_flight == 4
+
+
+def test_help_needs_no_endpoints():
+    assert parse_args(["--help"]).help
+    with pytest.raises(UsageError):
+        parse_args([])
+
+
+# ------------------------------------------------------------ zero detection
+
+def runs(data: bytes, block: int = 4 * K) -> list[tuple[int, int, bool]]:
+    buf = bytearray(data)
+    return zero_runs(buf, len(buf), block, bytes(block))
+
+
+def test_zero_runs_whole_buffers():
+    assert runs(bytes(64 * K)) == [(0, 64 * K, True)]
+    assert runs(b"\1" * 64 * K) == [(0, 64 * K, False)]
+    assert runs(b"") == []
+    assert runs(b"\1" * 8 * K, block=0) == [(0, 8 * K, False)]
+
+
+def test_zero_runs_mixed_and_partial_tail():
+    data = b"\1" * 4 * K + bytes(8 * K) + b"\1" + bytes(4 * K - 1) + bytes(100)
+    assert runs(data) == [(0, 4 * K, False), (4 * K, 8 * K, True), (12 * K, 4 * K, False),
+                          (16 * K, 100, True)]
+
+
+def test_zero_runs_looks_at_the_given_length_only():
+    buf = bytearray(8 * K)
+    buf[5 * K] = 1  # beyond the length asked about
+    assert zero_runs(buf, 4 * K, 4 * K, bytes(4 * K)) == [(0, 4 * K, True)]
+
+
+# -------------------------------------------------------------- file extents
+
+def test_file_extents(tmp_path):
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(4 * 1024 * K)
+        f.seek(1024 * K)
+        f.write(b"x" * 64 * K)
+    with open(path, "rb") as f:
+        extents = file_extents(f.fileno(), 0, 4 * 1024 * K)
+        tail = file_extents(f.fileno(), 1024 * K + 4 * K, 2 * 1024 * K)
+    data = [(o, n) for o, n, zero in extents if not zero]
+    assert data == [(1024 * K, 64 * K)]
+    assert sum(n for _, n, _ in extents) == 4 * 1024 * K
+    assert tail[0] == (1024 * K + 4 * K, 60 * K, False) and tail[-1][2]
+
+
+# ---------------------------------------------------------------------- plan
+
+class FakeSource(Endpoint):
+    def __init__(self, extents: list[Extent] | None) -> None:
+        super().__init__("fake")
+        self._extents = extents
+
+    async def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
+        if self._extents is None:
+            return None
+        return [e for e in self._extents if offset <= e[0] < offset + count]
+
+
+async def all_ops(plan: Plan) -> list[tuple[int, int, bool]]:
+    ops = []
+    while (op := await plan.next(0)) is not None:
+        ops.append(op)
+    return ops
+
+
+def test_plan_splits_data_and_keeps_zero_ranges_whole():
+    size = 2 * SLICE
+    source = FakeSource([(0, 600 * K, False), (600 * K, SLICE - 600 * K, True),
+                         (SLICE, SLICE, True)])
+    ops = asyncio.run(all_ops(Plan(source, size, 256 * K, SLICE, True)))
+    assert ops[:3] == [(0, 256 * K, False), (256 * K, 256 * K, False), (512 * K, 88 * K, False)]
+    assert ops[3:] == [(600 * K, SLICE - 600 * K, True), (SLICE, SLICE, True)]
+
+
+def test_plan_without_extents_reads_everything():
+    ops = asyncio.run(all_ops(Plan(FakeSource(None), 1000 * K, 256 * K, SLICE, True)))
+    assert [n for _, n, zero in ops if not zero] == [256 * K] * 3 + [232 * K]
+
+
+def test_plan_for_a_stream_runs_until_stopped():
+    async def go() -> list[tuple[int, int, bool]]:
+        plan = Plan(FakeSource(None), None, 64 * K, SLICE, False)
+        first = [await plan.next(0), await plan.next(0)]
+        plan.stop(100 * K)
+        return [*first, await plan.next(0)]
+    assert asyncio.run(go()) == [(0, 64 * K, False), (64 * K, 64 * K, False), None]
+
+
+def test_random_bytes_never_look_zero():
+    data = os.urandom(256 * K).replace(b"\0", b"\1")
+    assert runs(data) == [(0, 256 * K, False)]
