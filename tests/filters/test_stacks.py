@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 from stack_helpers import BOTH, make_mbr, nbdsh_outcomes
@@ -90,3 +91,20 @@ def test_nbdinfo_of_a_five_filter_stack_matches_nbdkit():
         infos.append({k: v for k, v in export.items() if not k.startswith("block_size") and k != "uri"})
     assert infos[0] == infos[1]
     assert infos[0]["export-size"] == 777777 and infos[0]["can_multi_conn"] is False
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
+def test_fio_verify_through_cache_blocksize_and_stats(tmp_path):
+    """Parallel odd-sized writes: read-modify-write in blocksize, eviction in a tiny cache."""
+    stack = ("--filter=stats", "--filter=blocksize", "--filter=cache", "memory", "8M",
+             f"statsfile={tmp_path / 'stats'}", "minblock=4k", "cache-max-size=256k",
+             "cache-min-block-size=64k")
+    with served(*stack) as srv:
+        job = ["fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
+               "--bsrange=512-24k", "--bs_unaligned=1", "--size=4M", "--iodepth=16",
+               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+               "--output-format=json"]
+        result = run(job, timeout=120)
+    report = json.loads(result.stdout[result.stdout.index(b"{"):])["jobs"][0]
+    assert report["error"] == 0
+    assert report["write"]["io_bytes"] > 3 << 20 and report["read"]["io_bytes"] > 3 << 20

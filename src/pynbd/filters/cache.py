@@ -66,6 +66,7 @@ DEFAULT_BLOCK = 64 * 1024
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+WRITE_BACK_BYTES = 4 * 1024 * 1024
 _EXTENT_CHECK_BLOCKS = 4096  # larger ranges with dirty blocks are reported as data
 
 
@@ -96,11 +97,14 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def runs(numbers: Iterator[int] | list[int]) -> Iterator[tuple[int, int]]:
-    """(first, last) of each run of consecutive integers in a sorted sequence."""
+def runs(numbers: Iterator[int] | list[int], longest: int = 0) -> Iterator[tuple[int, int]]:
+    """(first, last) of each run of consecutive integers in a sorted sequence,
+    cut into runs of at most ``longest`` numbers when that is given."""
     for _, group in itertools.groupby(enumerate(numbers), lambda pair: pair[1] - pair[0]):
         members = [n for _, n in group]
-        yield members[0], members[-1]
+        step = longest or len(members)
+        for i in range(0, len(members), step):
+            yield members[i], members[min(i + step, len(members)) - 1]
 
 
 class BlockCache:
@@ -120,6 +124,7 @@ class BlockCache:
         self.blocks: OrderedDict[int, bool] = OrderedDict()  # block -> dirty, LRU first
         self.meta = threading.Lock()
         self.locks = RangeLock()
+        self.batch = max(1, WRITE_BACK_BYTES // block)  # blocks written down in one request
 
     def close(self) -> None:
         self.file.close()
@@ -260,7 +265,7 @@ class BlockCache:
     # -------------------------------------------------------------- flushing and eviction
     def flush(self, below: Connection) -> None:
         """Write every dirty block down, in disk order, then flush below."""
-        for first, last in runs(self.dirty_blocks()):
+        for first, last in runs(self.dirty_blocks(), self.batch):
             with self.hold(first, last):
                 self._write_back(below, first, last)
         if below.can_flush():
@@ -270,7 +275,7 @@ class BlockCache:
         """Write the still-dirty blocks of [first, last] down (lock held)."""
         with self.meta:
             still = [b for b in range(first, last + 1) if self.blocks.get(b)]
-        for lo, hi in runs(still):
+        for lo, hi in runs(still, self.batch):
             start, end = lo * self.block, self.bounds(hi)[1]
             bounce = memoryview(bytearray(end - start))
             pread_all(self.fd, bounce, start)
