@@ -1,11 +1,12 @@
 """One client connection: the handshake, then the transmission phase.
 
-Requests are served by a small crew of worker threads in leader/follower
-style (as nbdkit does): whichever worker holds ``read_lock`` reads the next
-request and its payload, lets go of the lock, runs the request against the
-stack and sends the reply under ``send_lock``. No queue sits between reading
-and running, replies go out in completion order, and every reply is one
-``sendmsg`` of the header and the data memoryview.
+``Session`` drives the sans-IO handshake (``proto.server_handshake``) over
+the socket, then hands the connection to a ``RequestLoop`` (see
+``requests.py``), which runs requests inline or on worker threads. This
+module holds what every request needs whichever way it runs: validation
+against the export's flags, the calls into the stack, and the replies —
+each one ``sendmsg`` of the header and the data memoryview, under
+``send_lock`` so that worker threads never interleave their replies.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from ..backend.connection import Connection
 from ..backend.stack import Stack
 from ..proto import wire
 from ..proto.constants import (
-    EXTENDED_REQUEST_SIZE,
-    REQUEST_SIZE,
     Cmd,
     CmdFlag,
 )
@@ -43,7 +42,7 @@ from ..proto.constants import (
 from ..proto.errors import ProtocolError
 from ..proto.server_handshake import Closed, NeedData, Ready, Send, ServerHandshake, StartTLS
 from .catalog import StackCatalog
-from .inline import InlineLoop
+from .requests import RequestLoop
 
 log = logging.getLogger("pynbd.server")
 
@@ -81,7 +80,6 @@ _ERRNO_ALIASES = {errno.EROFS: errno.EPERM, errno.EACCES: errno.EPERM,
                   errno.EFBIG: errno.ENOSPC, errno.EDQUOT: errno.ENOSPC,
                   errno.ERANGE: errno.EINVAL}
 HOLE_SCAN_MIN = 64 * 1024  # reads at least this long look for holes to skip
-KEEP_BUFFER_MAX = 4 * 1024 * 1024  # a worker keeps its buffer up to this size
 MAX_EXTENTS_PER_REPLY = 128 * 1024
 
 
@@ -117,7 +115,6 @@ class Session:
         self.sock = sock
         self.config = config
         self.address = address
-        self.read_lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.done = False
         self.conn: Connection | None = None
@@ -264,23 +261,9 @@ class Session:
 
     # ------------------------------------------------------------- transmission
     def _transmission(self) -> None:
-        # The inline loop uses recv flags an SSLSocket refuses: TLS takes the workers.
-        if self.config.inline and self.config.request_lock is None and self._use_sendmsg:
-            self._inline()
-            return
-        crew = [threading.Thread(target=self._worker, name=f"nbd-worker-{i}", daemon=True)
-                for i in range(1, max(1, self.config.threads))]
-        for thread in crew:
-            thread.start()
-        try:
-            self._worker()
-        finally:
-            for thread in crew:
-                thread.join()
-
-    def _inline(self) -> None:
-        loop = InlineLoop(self)
-        self._send = loop.emit
+        cfg = self.config
+        workers = 0 if cfg.inline or cfg.threads <= 1 else cfg.threads
+        loop = RequestLoop(self, workers, cfg.request_lock)
         try:
             loop.run()
         except ClientGone as exc:
@@ -290,6 +273,10 @@ class Session:
         except OSError as exc:
             log.debug("client %s: %s", self.address, exc)
         finally:
+            try:
+                loop.close()
+            except ClientGone:
+                pass
             self._stop()
 
     def _stop(self) -> None:
@@ -298,70 +285,6 @@ class Session:
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
-
-    def _worker(self) -> None:
-        header = bytearray(EXTENDED_REQUEST_SIZE if self.extended else REQUEST_SIZE)
-        header_view = memoryview(header)
-        scratch = bytearray(0)
-        extended = self.extended
-        request_lock = self.config.request_lock
-        while True:
-            with self.read_lock:
-                if self.done:
-                    return
-                try:
-                    self._recv_exact(header_view)
-                    flags, cmd, cookie, offset, length = wire.parse_request(header, extended)
-                    payload = None
-                    if (flags & _F_PAYLOAD_LEN) if extended else cmd == _WRITE:
-                        payload, scratch = self._read_payload(length, scratch, extended)
-                except ClientGone as exc:
-                    log.debug("client %s: %s", self.address, exc)
-                    self._stop()
-                    return
-                except ProtocolError as exc:
-                    log.warning("client %s: %s; disconnecting", self.address, exc)
-                    self._stop()
-                    return
-                if cmd == _DISC:
-                    self._stop()
-                    return
-            try:
-                if request_lock is None:
-                    self._execute(flags, cmd, cookie, offset, length, payload, scratch)
-                else:
-                    with request_lock:
-                        self._execute(flags, cmd, cookie, offset, length, payload, scratch)
-            except ClientGone as exc:
-                log.debug("client %s: %s", self.address, exc)
-                self._stop()
-                return
-            if len(scratch) > KEEP_BUFFER_MAX:
-                scratch = bytearray(0)
-
-    def _read_payload(self, length: int, scratch: bytearray,
-                      extended: bool) -> tuple[memoryview | None, bytearray]:
-        """Read a write payload; None if it is too large (it is drained).
-
-        An extended request announcing a payload over the maximum is a
-        protocol error (the spec says to disconnect rather than drain it).
-        """
-        if length > self.max_payload:
-            if extended:
-                raise ProtocolError(f"payload of {length} bytes is over the maximum "
-                                    f"{self.max_payload}")
-            drain = memoryview(bytearray(min(length, 1 << 20)))
-            left = length
-            while left:
-                n = min(left, len(drain))
-                self._recv_exact(drain[:n])
-                left -= n
-            return None, scratch
-        if len(scratch) < length:
-            scratch = bytearray(length)
-        view = memoryview(scratch)[:length]
-        self._recv_exact(view)
-        return view, scratch
 
     # ------------------------------------------------------------- requests
     def _execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int,

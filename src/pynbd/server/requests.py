@@ -1,23 +1,28 @@
-"""The inline transmission loop: requests served in batches on the reading thread.
+"""The transmission phase's request loop: read requests in batches, run them.
 
-When every layer of a stack promises that its requests never block (memory,
-null, offset…; see ``Plugin.blocking``), handing each request to a worker
-thread costs more than the request itself: under the GIL, every hand-off is a
-thread switch. This loop instead reads as many bytes as the socket has (a
-client with 16 requests in flight usually delivers several at once), serves
-every complete request in the buffer one after the other, collects the
-replies in one output arena and sends them with a single call. Write payloads
-are handed to the plugin as memoryviews into the receive buffer, so nothing
-is copied on the way in.
+One thread per connection reads as many bytes as the socket has (a client
+with 16 requests in flight usually delivers several at once) and parses every
+complete request in the buffer. What happens next depends on the stack:
 
-Replies too large for the arena (big reads, reads with holes, block status)
-flush the arena and go out on their own, so reply order stays the order in
-which requests completed.
+- **inline** (every layer declares ``blocking = False``, or the thread model
+  allows one request at a time): each request runs right here, its reply is
+  collected in an output arena, and the whole batch of replies leaves in one
+  send. No thread switch per request: under the GIL that is several times
+  faster than handing requests to workers.
+- **workers** (a layer may block: sleeps, network, scripts): each request is
+  submitted to a ``WorkerPool``, whose threads run requests in parallel and
+  send their own replies.
+
+Write payloads reach the plugin as memoryviews into the receive buffer (inline)
+or a copy of it (workers). Replies too large for the arena (big reads, reads
+with holes, block status) flush the arena and go out on their own.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Sequence
 from socket import MSG_DONTWAIT
 from typing import TYPE_CHECKING
 
@@ -31,6 +36,7 @@ from ..proto.constants import (
     CmdFlag,
 )
 from ..proto.errors import ProtocolError
+from .workers import WorkerPool
 
 if TYPE_CHECKING:
     from .session import Session
@@ -44,19 +50,42 @@ DIRECT_SEND = 64 * 1024  # reply parts at least this long are sent without copyi
 _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 
+Execute = Callable[[int, int, int, int, int, "memoryview | None", bytearray], None]
 
-class InlineLoop:
-    """Serves one session's transmission phase on the calling thread."""
 
-    def __init__(self, session: Session) -> None:
+class RequestLoop:
+    """Serves one session's transmission phase from the calling thread.
+
+    ``workers`` is 0 to run requests inline, else the size of the pool.
+    """
+
+    def __init__(self, session: Session, workers: int,
+                 request_lock: threading.Lock | None = None) -> None:
         self.session = session
-        self.arena = bytearray(ARENA_SIZE)
-        self.arena_view = memoryview(self.arena)
-        self.used = 0
         self.scratch = bytearray(RECV_SIZE)
+        self.used = 0
+        self.pool: WorkerPool | None = None
+        if workers:
+            self.pool = WorkerPool(session, workers, request_lock)
+            self.execute: Execute = self.pool.submit
+        else:
+            self.arena = bytearray(ARENA_SIZE)
+            self.arena_view = memoryview(self.arena)
+            session._send = self.emit  # noqa: SLF001 (replies are batched)
+            self.execute = session._execute if request_lock is None else self._locked(  # noqa: SLF001
+                session._execute, request_lock)  # noqa: SLF001
+        # An SSLSocket refuses recv flags: no opportunistic read under TLS.
+        self.can_probe = session._use_sendmsg  # noqa: SLF001
 
-    # ---- reply sink, installed as the session's send function
-    def emit(self, parts) -> None:
+    @staticmethod
+    def _locked(execute: Execute, lock: threading.Lock) -> Execute:
+        def run(*request) -> None:
+            with lock:
+                execute(*request)
+        return run
+
+    # ---- reply sink of the inline mode
+    def emit(self, parts: Sequence[bytes | memoryview]) -> None:
         """Queue a reply; parts are copied into the arena unless large."""
         size = sum(len(p) for p in parts)
         if size >= DIRECT_SEND or self.used + size > ARENA_SIZE:
@@ -77,15 +106,24 @@ class InlineLoop:
             view, self.used = self.arena_view[:self.used], 0
             self.session._send_now((view,))  # noqa: SLF001
 
+    def close(self) -> None:
+        """Send what is queued and wait for requests still running."""
+        try:
+            self.flush()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+
     # ---- the loop
     def run(self) -> None:
+        """Serve until the client disconnects (NBD_CMD_DISC or end of stream)."""
         session = self.session
         sock = session.sock
         extended = session.extended
         header_size = EXTENDED_REQUEST_SIZE if extended else REQUEST_SIZE
         unpack_from = (wire.EXTENDED_REQUEST if extended else wire.REQUEST).unpack_from
         expected_magic = EXTENDED_REQUEST_MAGIC if extended else REQUEST_MAGIC
-        execute = session._execute  # noqa: SLF001
+        execute = self.execute
         max_payload = session.max_payload
         scratch = self.scratch
         buf = bytearray(RECV_SIZE)
@@ -102,7 +140,8 @@ class InlineLoop:
                     body = start + header_size
                     if length > max_payload:
                         if extended:
-                            raise ProtocolError(f"payload of {length} bytes is over the maximum")
+                            raise ProtocolError(f"payload of {length} bytes is over the maximum "
+                                                f"{max_payload}")
                         in_buffer = min(length, end - body)
                         self.flush()
                         self._discard(length - in_buffer)
@@ -119,7 +158,6 @@ class InlineLoop:
                 else:
                     start += header_size
                 if cmd == _DISC:
-                    self.flush()
                     return
                 execute(flags, cmd, cookie, offset, length, payload, scratch)
             if start == end:
@@ -128,7 +166,7 @@ class InlineLoop:
                 buf[:end - start] = buf[start:end]
                 end -= start
                 start = 0
-            if self.used and not more_pending:
+            if self.used and not more_pending and self.can_probe:
                 # Before sending the replies, take whatever requests arrived
                 # meanwhile: their replies then share the same send.
                 try:
