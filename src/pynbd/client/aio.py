@@ -352,6 +352,12 @@ class AsyncNBD(HandleBase):
     def in_flight(self) -> int:
         return len(self._protocol.tx.in_flight) if self._protocol else 0
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's extra info (``"socket"`` to tune buffer sizes, ``"peername"``...)."""
+        if self._writer is None:
+            return default
+        return self._writer.transport.get_extra_info(name, default)
+
     # ------------------------------------------------------------- ending
     async def shutdown(self) -> None:
         """Send NBD_CMD_DISC and close the connection."""
