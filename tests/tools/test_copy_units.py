@@ -11,7 +11,7 @@ from pynbd.tools.copying.endpoint import Endpoint, Extent
 from pynbd.tools.copying.local import file_extents
 from pynbd.tools.copying.options import UsageError, parse_args
 from pynbd.tools.copying.plan import SLICE, Plan
-from pynbd.tools.copying.zeroes import zero_runs
+from pynbd.tools.copying.zeroes import ZeroScanner
 
 K = 1024
 
@@ -53,7 +53,7 @@ def test_help_needs_no_endpoints():
 
 def runs(data: bytes, block: int = 4 * K) -> list[tuple[int, int, bool]]:
     buf = bytearray(data)
-    return zero_runs(buf, len(buf), block, bytes(block))
+    return ZeroScanner(block, len(buf)).runs(buf, len(buf))
 
 
 def test_zero_runs_whole_buffers():
@@ -72,7 +72,7 @@ def test_zero_runs_mixed_and_partial_tail():
 def test_zero_runs_looks_at_the_given_length_only():
     buf = bytearray(8 * K)
     buf[5 * K] = 1  # beyond the length asked about
-    assert zero_runs(buf, 4 * K, 4 * K, bytes(4 * K)) == [(0, 4 * K, True)]
+    assert ZeroScanner(4 * K, 8 * K).runs(buf, 4 * K) == [(0, 4 * K, True)]
 
 
 # -------------------------------------------------------------- file extents
@@ -135,6 +135,11 @@ def test_plan_for_a_stream_runs_until_stopped():
     assert asyncio.run(go()) == [(0, 64 * K, False), (64 * K, 64 * K, False), None]
 
 
-def test_random_bytes_never_look_zero():
-    data = os.urandom(256 * K).replace(b"\0", b"\1")
-    assert runs(data) == [(0, 256 * K, False)]
+def test_zero_runs_blocks_starting_with_zero():
+    data = bytearray(os.urandom(64 * K).replace(b"\0", b"\1"))
+    data[0:4 * K] = bytes(4 * K)
+    data[8 * K] = 0  # starts with zero, but is data
+    data[60 * K:] = bytes(4 * K)
+    assert runs(bytes(data)) == [(0, 4 * K, True), (4 * K, 56 * K, False), (60 * K, 4 * K, True)]
+    data[0:64 * K:4 * K] = bytes(16)  # every block starts with zero; only two are zero
+    assert runs(bytes(data))[1] == (4 * K, 56 * K, False)

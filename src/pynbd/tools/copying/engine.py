@@ -24,7 +24,7 @@ from .endpoint import CopyError, Endpoint
 from .options import CopyOptions
 from .plan import SLICE, Plan
 from .progress import Progress
-from .zeroes import zero_runs
+from .zeroes import ZeroScanner
 
 _IO_ERRORS = (OSError, ProtocolError)
 
@@ -79,7 +79,7 @@ class Copier:
         self.progress = progress
         self.counters = Counters()
         self.plan = Plan(src, layout.length, layout.request_size, layout.zero_piece, opts.extents)
-        self.zero_block = bytes(layout.sparse)
+        self.scanner = ZeroScanner(layout.sparse, layout.request_size)
         self.skip_zeroes = dst.reads_as_zero and not opts.allocated
         self.elapsed = 0.0
 
@@ -135,7 +135,7 @@ class Copier:
         if n and self.dst.size is not None and offset + n > self.dst.size:
             raise CopyError(self.dst.label, f"the source is larger than the destination "
                                             f"({self.dst.size} bytes)")
-        for start, run, zero in zero_runs(buf, n, self.layout.sparse, self.zero_block):
+        for start, run, zero in self.scanner.runs(buf, n):
             if zero:
                 await self._zero(conn, offset + start, run)
                 continue

@@ -9,6 +9,8 @@ server is started per connection, so it gets exactly one). Extents come from
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Sequence
 
 from ...client import CMD_FLAG_NO_HOLE, CONTEXT_BASE_ALLOCATION, STATE_ZERO, AsyncNBD, NBDError
@@ -19,6 +21,7 @@ from .endpoint import UNLIMITED, CopyError, Endpoint, Extent, Facts
 from .options import MAX_REQUEST, Spec
 
 MAX_STATUS = 0xFFFF_F000  # one block status request (fits a 32-bit length, 4 KiB aligned)
+SEND_BUFFER = 4 * 1024 * 1024
 ZERO_PROBES = 64  # block status requests spent deciding whether a destination reads as zero
 
 
@@ -36,9 +39,11 @@ class NBDEndpoint(Endpoint):
 
     async def _connect(self) -> AsyncNBD:
         try:
-            return await connect(self._target, meta_contexts=[CONTEXT_BASE_ALLOCATION])
+            h = await connect(self._target, meta_contexts=[CONTEXT_BASE_ALLOCATION])
         except (NBDError, ProtocolError) as exc:
             raise CopyError(self.label, exc) from None
+        widen_send_buffer(h)
+        return h
 
     async def open(self) -> None:
         """Open the first connection and learn the export's facts."""
@@ -112,6 +117,19 @@ class NBDEndpoint(Endpoint):
         handles, self.handles = self.handles, []
         for h in handles:
             await h.close()
+
+
+def widen_send_buffer(h: AsyncNBD) -> None:
+    """Let a Unix socket take a whole request at once.
+
+    Its default send buffer (about 200 KiB) is smaller than one 256 KiB
+    write, so the transport would keep (copy) the rest of every request and
+    send it later. TCP sizes its buffers itself.
+    """
+    sock = h.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
 def _as_extents(entries: Sequence[int], offset: int, end: int) -> list[Extent]:

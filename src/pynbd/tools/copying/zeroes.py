@@ -1,8 +1,12 @@
 """Finding zeroes in read buffers without a Python loop over bytes.
 
-``bytearray.startswith(zeroes, start, end)`` is a memcmp against a zero
-block, so a 256 KiB buffer is checked in a few microseconds, block by block
-(``-S``, 4 KiB by default), and runs of all-zero blocks become zero requests.
+``bytearray.startswith(zeroes, start, end)`` is a memcmp against zero bytes,
+so a 256 KiB buffer is checked in microseconds, block by block (``-S``,
+4 KiB by default), and runs of all-zero blocks become zero requests. The
+first byte of every block is picked out with one strided slice: a buffer in
+which no block starts with a zero byte is data (the common case, a
+microsecond), one in which every block does is first compared whole, and
+otherwise only the blocks starting with zero are compared.
 """
 
 from __future__ import annotations
@@ -23,24 +27,47 @@ class ZeroSource:
         return len(self.data)
 
 
-def zero_runs(buf: bytearray, length: int, block: int, zero_block: bytes) -> list[Run]:
-    """Split ``buf[:length]`` into runs of data and of all-zero ``block``-sized blocks.
+class ZeroScanner:
+    """Splits buffers of up to ``max_length`` bytes into data and zero runs."""
 
-    ``zero_block`` is ``bytes(block)``. A final partial block is compared on
-    its own. With ``block`` 0 the whole buffer is one data run; nothing for ``length`` 0.
-    """
-    if length <= 0:
-        return []
-    if block <= 0:
-        return [(0, length, False)]
-    flags = [buf.startswith(zero_block, start, start + block) for start in range(0, length, block)]
-    tail = length % block
-    if tail:
-        flags[-1] = buf.startswith(zero_block[:tail], length - tail, length)
-    if not any(flags):
-        return [(0, length, False)]
-    if all(flags):
-        return [(0, length, True)]
+    def __init__(self, block: int, max_length: int) -> None:
+        self.block = block
+        self.zero_block = bytes(block)
+        self.zero_full = bytes(max_length) if block else b""
+
+    def runs(self, buf: bytearray, length: int) -> list[Run]:
+        """Runs of data and of all-zero blocks in ``buf[:length]``, in order.
+
+        A final partial block is judged on its own. With ``block`` 0 the whole
+        buffer is one data run; there are no runs for ``length`` 0.
+        """
+        if length <= 0:
+            return []
+        if self.block <= 0:
+            return [(0, length, False)]
+        firsts = buf[0:length:self.block]
+        zero_firsts = firsts.count(0)
+        if not zero_firsts:
+            return [(0, length, False)]
+        if zero_firsts == len(firsts) and buf.startswith(self.zero_full[:length], 0, length):
+            return [(0, length, True)]
+        return _coalesce(self._flags(buf, length, firsts), self.block, length)
+
+    def _flags(self, buf: bytearray, length: int, firsts: bytearray) -> list[bool]:
+        block, tail = self.block, length % self.block
+        flags = [False] * len(firsts)
+        i = firsts.find(0)
+        while i != -1:
+            start = i * block
+            if tail and i == len(firsts) - 1:
+                flags[i] = buf.startswith(self.zero_block[:tail], start, length)
+            else:
+                flags[i] = buf.startswith(self.zero_block, start, start + block)
+            i = firsts.find(0, i + 1)
+        return flags
+
+
+def _coalesce(flags: list[bool], block: int, length: int) -> list[Run]:
     runs: list[Run] = []
     start = 0
     for zero, group in groupby(flags):
