@@ -389,6 +389,7 @@ class CacheConnection(FilterConnection):
 
 
 class CacheFilter(Filter):
+    blocking = False
     name = "cache"
     params = (
         Param("cache", "str", "writeback, writethrough or unsafe", default="writeback",

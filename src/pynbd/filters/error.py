@@ -116,6 +116,7 @@ def _params() -> tuple[Param, ...]:
 
 
 class ErrorFilter(Filter):
+    blocking = False
     name = "error"
     params = _params()
     connection = ErrorConnection

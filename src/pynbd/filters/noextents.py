@@ -23,5 +23,6 @@ class NoExtentsConnection(FilterConnection):
 
 
 class NoExtentsFilter(Filter):
+    blocking = False
     name = "noextents"
     connection = NoExtentsConnection

@@ -72,6 +72,7 @@ class NoZeroConnection(FilterConnection):
 
 
 class NoZeroFilter(Filter):
+    blocking = False
     name = "nozero"
     params = (
         Param("zeromode", "str", "how zero requests are handled", default="none",

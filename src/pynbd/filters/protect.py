@@ -122,6 +122,7 @@ class ProtectConnection(FilterConnection):
 
 
 class ProtectFilter(Filter):
+    blocking = False
     name = "protect"
     params = (Param("protect", "str", "START-END or ~START-END: bytes that cannot change",
                     repeat=True),)

@@ -79,6 +79,7 @@ class ReadaheadConnection(FilterConnection):
 
 
 class ReadaheadFilter(Filter):
+    blocking = False
     name = "readahead"
     connection = ReadaheadConnection
     _warned = False

@@ -184,6 +184,7 @@ class StatsConnection(FilterConnection):
 
 
 class StatsFilter(Filter):
+    blocking = False
     name = "stats"
     params = (
         Param("statsfile", "path", "file the statistics are written to at exit", required=True),

@@ -90,6 +90,7 @@ class TruncateConnection(FilterConnection):
 
 
 class TruncateFilter(Filter):
+    blocking = False
     name = "truncate"
     params = (
         Param("truncate", "size", "the size to serve"),

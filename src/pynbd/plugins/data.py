@@ -219,6 +219,7 @@ class DataDisk(Connection):
 
 
 class DataPlugin(Plugin):
+    blocking = False
     name = "data"
     magic_param = "data"
     accept_unknown_params = True  # NAME=EXPR variables

@@ -43,6 +43,7 @@ class FullDisk(ZeroDisk):
 
 
 class FullPlugin(Plugin):
+    blocking = False
     name = "full"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", required=True),)

@@ -74,6 +74,7 @@ class PatternDisk(Connection):
 
 
 class PatternPlugin(Plugin):
+    blocking = False
     name = "pattern"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", required=True),)

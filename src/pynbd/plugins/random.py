@@ -90,6 +90,7 @@ class RandomDisk(VerifiedDisk):
 
 
 class RandomPlugin(Plugin):
+    blocking = False
     name = "random"
     magic_param = "size"
     params = (

@@ -142,6 +142,7 @@ class SparseRandomDisk(VerifiedDisk):
 
 
 class SparseRandomPlugin(Plugin):
+    blocking = False
     name = "sparse-random"
     magic_param = "size"
     params = (

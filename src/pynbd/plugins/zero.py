@@ -44,6 +44,7 @@ class ZeroDisk(Connection):
 
 
 class ZeroPlugin(Plugin):
+    blocking = False
     name = "zero"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", default=0),)
