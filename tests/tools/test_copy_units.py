@@ -10,7 +10,7 @@ import pytest
 from pynbd.tools.copying.endpoint import Endpoint, Extent
 from pynbd.tools.copying.local import file_extents
 from pynbd.tools.copying.options import UsageError, parse_args
-from pynbd.tools.copying.plan import SLICE, Plan
+from pynbd.tools.copying.plan import SLICE, Plan, Slices
 from pynbd.tools.copying.zeroes import ZeroScanner
 
 K = 1024
@@ -116,19 +116,19 @@ def test_plan_splits_data_and_keeps_zero_ranges_whole():
     size = 2 * SLICE
     source = FakeSource([(0, 600 * K, False), (600 * K, SLICE - 600 * K, True),
                          (SLICE, SLICE, True)])
-    ops = asyncio.run(all_ops(Plan(source, size, 256 * K, SLICE, True)))
+    ops = asyncio.run(all_ops(Plan(source, Slices(size), 256 * K, SLICE, True)))
     assert ops[:3] == [(0, 256 * K, False), (256 * K, 256 * K, False), (512 * K, 88 * K, False)]
     assert ops[3:] == [(600 * K, SLICE - 600 * K, True), (SLICE, SLICE, True)]
 
 
 def test_plan_without_extents_reads_everything():
-    ops = asyncio.run(all_ops(Plan(FakeSource(None), 1000 * K, 256 * K, SLICE, True)))
+    ops = asyncio.run(all_ops(Plan(FakeSource(None), Slices(1000 * K), 256 * K, SLICE, True)))
     assert [n for _, n, zero in ops if not zero] == [256 * K] * 3 + [232 * K]
 
 
 def test_plan_for_a_stream_runs_until_stopped():
     async def go() -> list[tuple[int, int, bool]]:
-        plan = Plan(FakeSource(None), None, 64 * K, SLICE, False)
+        plan = Plan(FakeSource(None), Slices(None), 64 * K, SLICE, False)
         first = [await plan.next(0), await plan.next(0)]
         plan.stop(100 * K)
         return [*first, await plan.next(0)]

@@ -1,14 +1,15 @@
 """What the copy engine needs from a source or a destination.
 
 An endpoint is opened once and may then offer several connections (NBD
-multi-conn); every I/O call names the connection (an index) to use. Data
-moves through caller-owned memoryviews, filled or sent in place.
+multi-conn), one per lane of the copy, each lane a thread with its own event
+loop; every I/O call names the connection (an index) to use. Data moves
+through caller-owned memoryviews, filled or sent in place.
 
     size          bytes, or None for a stream of unknown length
     sequential    only in order, one request at a time (pipes, stdin/stdout)
     reads_as_zero the destination is known to read as zeroes already
     max_connections()       how many connections it could use
-    open_connections(n)     open up to n in all; returns how many there are
+    connect_lane(i) / close_lane(i)   connection i > 0, in lane i's event loop
     read(conn, view, offset) -> bytes filled (short only at a stream's end)
     write(conn, view, offset)
     zero(conn, count, offset, allocate)   make a range read as zeroes
@@ -44,7 +45,6 @@ class Facts:
     """What ``-v`` prints about an endpoint."""
 
     kind: str
-    connections: int = 1
     zero_method: str = "write"
 
 
@@ -67,8 +67,11 @@ class Endpoint:
     def max_connections(self) -> int:
         return UNLIMITED
 
-    async def open_connections(self, n: int) -> int:
-        return n
+    async def connect_lane(self, lane: int) -> None:
+        """Open connection ``lane`` (> 0) in the calling thread's event loop."""
+
+    async def close_lane(self, lane: int) -> None:
+        """Close what ``connect_lane`` opened, in the same event loop."""
 
     async def read(self, conn: int, view: memoryview, offset: int) -> int:
         raise CopyError(self.label, "cannot be read")

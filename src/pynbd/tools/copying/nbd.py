@@ -1,6 +1,7 @@
 """NBD endpoints: a URI or a captive ``[ CMD ARGS ... ]`` server.
 
-One ``AsyncNBD`` handle per connection. More than one connection is opened
+One ``AsyncNBD`` handle per connection: the first is opened (and closed) in
+the main event loop, the others in their lanes' loops. More than one is opened
 only when the server advertises multi-conn and it is not captive (a captive
 server is started per connection, so it gets exactly one). Extents come from
 ``base:allocation``; zeroing uses WRITE_ZEROES (with NO_HOLE for
@@ -31,7 +32,7 @@ class NBDEndpoint(Endpoint):
     def __init__(self, spec: Spec, writing: bool) -> None:
         super().__init__(spec.label)
         self.spec, self.writing = spec, writing
-        self.handles: list[AsyncNBD] = []
+        self.handles: dict[int, AsyncNBD] = {}  # lane -> its connection
 
     @property
     def _target(self) -> str | list[str]:
@@ -47,8 +48,7 @@ class NBDEndpoint(Endpoint):
 
     async def open(self) -> None:
         """Open the first connection and learn the export's facts."""
-        h = await self._connect()
-        self.handles.append(h)
+        h = self.handles[0] = await self._connect()
         if self.writing and h.is_read_only():
             raise CopyError(self.label, "the export is read-only")
         self.size = h.get_size()
@@ -59,17 +59,20 @@ class NBDEndpoint(Endpoint):
     def facts(self) -> Facts:
         h = self.handles[0]
         return Facts("captive nbd" if self.spec.kind == "captive" else "nbd",
-                     len(self.handles), "write_zeroes" if h.can_zero() else "write")
+                     "write_zeroes" if h.can_zero() else "write")
 
     def max_connections(self) -> int:
         if self.spec.kind == "captive" or not self.handles[0].can_multi_conn():
             return 1
         return UNLIMITED
 
-    async def open_connections(self, n: int) -> int:
-        while len(self.handles) < min(n, self.max_connections()):
-            self.handles.append(await self._connect())
-        return len(self.handles)
+    async def connect_lane(self, lane: int) -> None:
+        self.handles[lane] = await self._connect()
+
+    async def close_lane(self, lane: int) -> None:
+        h = self.handles.pop(lane, None)
+        if h is not None:
+            await h.close()
 
     async def read(self, conn: int, view: memoryview, offset: int) -> int:
         await self.handles[conn].pread_into(view, offset)
@@ -114,8 +117,9 @@ class NBDEndpoint(Endpoint):
             await h.flush()
 
     async def close(self) -> None:
-        handles, self.handles = self.handles, []
-        for h in handles:
+        """Close the first connection (each lane closes its own)."""
+        h = self.handles.pop(0, None)
+        if h is not None:
             await h.close()
 
 

@@ -1,21 +1,23 @@
-"""The work list of a copy: what to read and what to zero, in disk order.
+"""The work list of a copy: what to read and what to zero.
 
-The disk is taken a slice (128 MiB) at a time; the source's extents for the
-slice are asked for once and turned into operations:
+The disk is split into slices (128 MiB) handed out, in order, to whichever
+connection asks next (``Slices``, shared by every thread). A connection's
+``Plan`` asks the source for the extents of its slice once and turns them
+into operations for its workers:
 
     (offset, length, False)   data: read it (at most one request's worth)
     (offset, length, True)    a range that reads as zero on the source
 
-Every worker (there are ``--requests`` per connection) takes the next
-operation, so the slices are shared out among the connections as they go.
-Only one worker at a time fetches extents; the others keep copying what is
-already queued. A source of unknown length (a stream) yields data operations
-until a worker reports its end with ``stop``.
+Only one worker of a connection fetches extents at a time; the others keep
+copying what is already queued. A source of unknown length (a stream) is
+cut into request-sized slices until a worker reports its end with ``stop``.
+When any connection fails, ``abort`` makes every plan run dry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Iterator
 
@@ -26,47 +28,71 @@ SLICE = 128 * 1024 * 1024
 Op = tuple[int, int, bool]
 
 
-class Plan:
-    """Hands out operations covering ``[0, end)`` (``end`` None: until ``stop``)."""
+class Slices:
+    """``[0, end)`` in slices, for any number of threads (``end`` None: until ``stop``)."""
 
-    def __init__(self, source: Endpoint, end: int | None, request_size: int,
-                 zero_piece: int, use_extents: bool) -> None:
-        self.source, self.end = source, end
-        self.request_size, self.zero_piece = request_size, zero_piece
-        self.use_extents = use_extents
+    def __init__(self, end: int | None, size: int = SLICE) -> None:
+        self.end, self.size = end, size
         self.position = 0  # where the next slice starts
+        self.aborted = False
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[int, int] | None:
+        with self._lock:
+            if self.aborted or (self.end is not None and self.position >= self.end):
+                return None
+            start = self.position
+            stop = start + self.size if self.end is None else min(self.end, start + self.size)
+            self.position = stop
+            return start, stop
+
+    def stop(self, at: int) -> None:
+        """The source ended at ``at``."""
+        with self._lock:
+            self.end = at
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    @property
+    def length(self) -> int:
+        """How much was handed out in all (the copy's length, once done)."""
+        return self.end if self.end is not None else self.position
+
+
+class Plan:
+    """One connection's queue of operations, refilled a slice at a time."""
+
+    def __init__(self, source: Endpoint, slices: Slices, request_size: int,
+                 zero_piece: int, use_extents: bool) -> None:
+        self.source, self.slices = source, slices
+        self.request_size, self.zero_piece = request_size, zero_piece
+        self.use_extents = use_extents and slices.end is not None
         self._ops: deque[Op] = deque()
         self._lock = asyncio.Lock()
         self.extents_failed: str | None = None
 
-    def _more(self) -> bool:
-        return self.end is None or self.position < self.end
-
     def stop(self, at: int) -> None:
         """The source ended at ``at``: nothing more to hand out."""
-        self.end = at
+        self.slices.stop(at)
         self._ops.clear()
 
     async def next(self, conn: int) -> Op | None:
-        """The next operation, or None when the copy is fully handed out."""
+        """The next operation, or None when there is nothing left (or the copy failed)."""
         while not self._ops:
-            if not self._more():
-                return None
             async with self._lock:
-                if not self._ops and self._more():
-                    await self._fill(conn)
+                if not self._ops:
+                    piece = self.slices.take()
+                    if piece is None:
+                        return None
+                    await self._fill(conn, *piece)
+        if self.slices.aborted:
+            return None
         return self._ops.popleft()
 
-    async def _fill(self, conn: int) -> None:
-        start = self.position
-        if self.end is None:
-            self._ops.append((start, self.request_size, False))
-            self.position += self.request_size
-            return
-        stop = min(self.end, start + SLICE)
+    async def _fill(self, conn: int, start: int, stop: int) -> None:
         for extent in await self._extents(conn, start, stop):
             self._ops.extend(self._split(*extent))
-        self.position = stop
 
     async def _extents(self, conn: int, start: int, stop: int) -> list[Extent]:
         found: list[Extent] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -34,6 +35,7 @@ class Progress:
         self._drawn = 0.0
         self._spin = 0
         self.enabled = bar or fd is not None
+        self._lock = threading.Lock()  # the copy's lanes report from their own threads
 
     def start(self) -> None:
         if self.fd is not None:
@@ -44,9 +46,10 @@ class Progress:
         self._report(force=True)
 
     def advance(self, n: int) -> None:
-        self.done += n
-        if self.enabled:
-            self._report(force=False)
+        with self._lock:
+            self.done += n
+            if self.enabled:
+                self._report(force=False)
 
     def finish(self) -> None:
         if self.total is None:

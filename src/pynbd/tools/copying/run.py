@@ -4,7 +4,7 @@ The source is opened first, then the destination, which is prepared for the
 source's length (a regular file is truncated to it) and must be at least
 that large. Connections: one when either end is a stream or with
 ``--synchronous``; otherwise up to ``--connections`` when both ends allow
-more than one (NBD multi-conn; files always do). A destination NBD export
+more than one (NBD multi-conn; files always do), opened by the copy's lanes. A destination NBD export
 whose ``base:allocation`` map says it is all zeroes is treated as
 ``--destination-is-zero``. Everything opened is closed, captive servers
 stopped, whether the copy succeeded or not.
@@ -19,7 +19,7 @@ from typing import TextIO
 from ...client import NBDError
 from ...proto.errors import ProtocolError
 from .endpoint import CopyError, Endpoint, NullEndpoint
-from .engine import Copier, Layout, is_sequential, plan_layout
+from .engine import Copier, Layout, plan_layout
 from .local import open_local
 from .nbd import NBDEndpoint
 from .options import CopyOptions, Spec
@@ -45,18 +45,6 @@ def check_sizes(src: Endpoint, dst: Endpoint) -> None:
     if src.size is not None and dst.size is not None and dst.size < src.size:
         raise CopyError(dst.label, f"destination size ({dst.size}) is smaller than "
                                    f"source size ({src.size})")
-
-
-async def connect_all(opts: CopyOptions, src: Endpoint, dst: Endpoint) -> int:
-    """Open the extra connections both ends agree on; return how many to use."""
-    if is_sequential(opts, src, dst):
-        return 1
-    wanted = max(1, min(opts.connections, src.max_connections(), dst.max_connections()))
-    try:
-        have = await src.open_connections(wanted)
-        return max(1, min(have, await dst.open_connections(have)))
-    except (NBDError, ProtocolError) as exc:
-        raise CopyError("connect", exc) from None
 
 
 async def destination_is_zero(opts: CopyOptions, dst: Endpoint) -> bool:
@@ -91,18 +79,17 @@ async def run_copy(opts: CopyOptions, err: TextIO = sys.stderr) -> int:
         opened.append(dst)
         await dst.prepare(src.size, src)
         check_sizes(src, dst)
-        connections = await connect_all(opts, src, dst)
         dst.reads_as_zero = await destination_is_zero(opts, dst)
-        layout = plan_layout(opts, src, dst, connections)
+        layout = plan_layout(opts, src, dst)
         if opts.verbose:
             _verbose(err, opts, src, dst, layout)
         progress = Progress(src.size, bar=opts.progress and opts.progress_fd is None,
                             fd=opts.progress_fd, stream=err)
         copier = Copier(opts, src, dst, layout, progress)
         length = await copier.run()
-        if opts.verbose and copier.plan.extents_failed:
-            print(f"pynbd copy: extents unavailable, read everything: "
-                  f"{copier.plan.extents_failed}", file=err)
+        if opts.verbose and copier.extents_failed:
+            print(f"pynbd copy: extents unavailable, read everything: {copier.extents_failed}",
+                  file=err)
         if opts.verbose:
             c = copier.counters
             print(f"pynbd copy: {length} bytes in {copier.elapsed:.3f}s: {c.written} written, "
