@@ -50,6 +50,7 @@ from .constants import (
     Rep,
 )
 from .errors import ProtocolError
+from .machine import ByteMachine, NeedData, Send
 
 MAX_OPTION_REPLY = 16 * 1024 * 1024  # larger option replies are refused
 OLDSTYLE_REST = 8 + 4 + 124  # size, flags, padding after the two magics
@@ -124,20 +125,6 @@ class Negotiated:
 
 
 # -------------------------------------------------------------------- events
-
-@dataclass(frozen=True)
-class NeedData:
-    """Feed exactly ``size`` more bytes with receive_data()."""
-
-    size: int
-
-
-@dataclass(frozen=True)
-class Send:
-    """Bytes to send to the server."""
-
-    data: bytes
-
 
 @dataclass(frozen=True)
 class StartTLS:
@@ -222,14 +209,15 @@ _STATE_OPTION = {
 }
 
 
-class ClientHandshake:
+class ClientHandshake(ByteMachine[State]):
     """Negotiates one connection to an NBD server up to the transmission phase."""
+
+    transitions = TRANSITIONS
 
     def __init__(self, config: HandshakeConfig | None = None) -> None:
         self.config = config or HandshakeConfig()
         self.negotiated = Negotiated(export_name=self.config.export_name)
-        self.state = State.MAGIC
-        self._buffer = b""
+        super().__init__(State.MAGIC)
         self._no_zeroes = False
         self._pending: list[Event] = []  # events queued by a state's entry action
         self._reply: tuple[int, int, int] | None = None  # header of the reply being read
@@ -237,9 +225,6 @@ class ClientHandshake:
         self._then: State | None = None  # where SET_META_CONTEXT continues
 
     # ---------------------------------------------------- driver interface
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
-
     def tls_established(self) -> None:
         """The driver calls this once the TLS handshake succeeded."""
         if self.state is not State.TLS_HANDSHAKE:
@@ -253,9 +238,9 @@ class ClientHandshake:
             need = self._needed()
             if need is None:
                 raise ProtocolError(f"the handshake is {self.state.value}; nothing to read")
-            if len(self._buffer) < need:
-                return NeedData(need - len(self._buffer))
-            data, self._buffer = self._buffer[:need], self._buffer[need:]
+            data = self._take(need)
+            if isinstance(data, NeedData):
+                return data
             self._consume(data)
         return self._pending.pop(0)
 
@@ -295,12 +280,7 @@ class ClientHandshake:
         if self.state is not State.NEGOTIATING:
             raise ProtocolError(f"{what} needs option mode, but the handshake is {self.state.value}")
 
-    # ------------------------------------------------------- the one mover
-    def _goto(self, state: State) -> None:
-        if state not in TRANSITIONS[self.state]:
-            raise ProtocolError(f"handshake cannot go from {self.state.value} to {state.value}")
-        self.state = state
-
+    # ------------------------------------------------ what each state reads
     def _needed(self) -> int | None:
         if self.state is State.MAGIC:
             return 16

@@ -40,6 +40,7 @@ from .constants import (
     TransmissionFlag,
 )
 from .errors import ProtocolError
+from .machine import ByteMachine, NeedData, Send
 
 
 class UnknownExport(LookupError):
@@ -72,20 +73,6 @@ class ExportCatalog(Protocol):
 
 
 # ------------------------------------------------------------------- events
-
-@dataclass(frozen=True)
-class NeedData:
-    """Feed exactly ``size`` more bytes with receive_data()."""
-
-    size: int
-
-
-@dataclass(frozen=True)
-class Send:
-    """Bytes to send to the client."""
-
-    data: bytes
-
 
 @dataclass(frozen=True)
 class StartTLS:
@@ -133,24 +120,25 @@ TRANSITIONS: dict[State, set[State]] = {
 META_CONTEXT_IDS = {BASE_ALLOCATION: 1}
 
 
-class ServerHandshake:
+class ServerHandshake(ByteMachine[State]):
     """Negotiates one client connection up to the transmission phase."""
+
+    transitions = TRANSITIONS
 
     def __init__(self, catalog: ExportCatalog, tls: str = "off",
                  forced_export: str | None = None) -> None:
         if tls not in ("off", "on", "require"):
             raise ValueError(f"tls must be off, on or require, not {tls!r}")
+        super().__init__(State.CLIENT_FLAGS)
         self.catalog = catalog
         self.tls_mode = tls
         self.forced_export = forced_export
-        self.state = State.CLIENT_FLAGS
         self.tls_active = False
         self.no_zeroes = False
         self.structured_replies = False
         self.extended_headers = False
         self.meta_query: list[str] = []  # requested by SET_META_CONTEXT
         self.meta_export: str | None = None
-        self._buffer = b""
         self._option = 0
         self._option_length = 0
         self._info: ExportInfo | None = None  # opened by INFO, reused by GO
@@ -159,9 +147,6 @@ class ServerHandshake:
     # ---- driver interface
     def greeting(self) -> bytes:
         return wire.greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
-
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
 
     def tls_established(self) -> None:
         """The driver calls this once the TLS handshake succeeded."""
@@ -174,10 +159,9 @@ class ServerHandshake:
     def next_event(self) -> Event:
         if self.state is State.DONE:
             raise ProtocolError("the handshake is already over")
-        need = self._needed()
-        if len(self._buffer) < need:
-            return NeedData(need - len(self._buffer))
-        data, self._buffer = self._buffer[:need], self._buffer[need:]
+        data = self._take(self._needed())
+        if isinstance(data, NeedData):
+            return data
         if self.state is State.CLIENT_FLAGS:
             return self._client_flags(data)
         if self.state is State.OPTION_HEADER:
@@ -198,11 +182,6 @@ class ServerHandshake:
         if self.state is State.OPTION_HEADER:
             return OPTION_HEADER_SIZE
         return self._option_length
-
-    def _goto(self, state: State) -> None:
-        if state not in TRANSITIONS[self.state]:
-            raise ProtocolError(f"handshake cannot go from {self.state.value} to {state.value}")
-        self.state = state
 
     def _close(self, reason: str, reply: bytes = b"") -> Closed:
         self._release_info()
