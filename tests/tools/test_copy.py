@@ -282,13 +282,19 @@ def test_flush_only_when_asked(image, tmp_path):
 
 
 @pytest.mark.parametrize("options,expected", [
-    ((), 4), (("-C", "2"), 2), (("--connections=1",), 1), (("--synchronous",), 1),
+    (("-T", "8"), 4), (("-C", "2", "-T", "8"), 2), (("--connections=1",), 1),
+    (("--synchronous", "-T", "8"), 1), (("-C", "4", "-T", "3"), 3),
+    ((), min(4, len(os.sched_getaffinity(0)))),
 ])
 def test_connections(image, tmp_path, options, expected):
-    log = tmp_path / "log"
-    with served("--filter=log", "memory", "16M", f"logfile={log}", server="nbdkit") as dst:
-        pynbd_copy(*options, str(image), dst.uri)
-    assert log_connections(log) == expected
+    """As many connections as nbdcopy opens with the same options."""
+    counts = []
+    for tool in (pynbd_copy, nbdcopy):
+        log = tmp_path / f"log-{tool.__name__}"
+        with served("--filter=log", "memory", "16M", f"logfile={log}", server="nbdkit") as dst:
+            tool(*options, str(image), dst.uri)
+        counts.append(log_connections(log))
+    assert counts == [expected, expected]
 
 
 def test_one_connection_without_multi_conn(image, tmp_path):

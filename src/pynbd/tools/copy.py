@@ -43,8 +43,8 @@ Options:
     --allocated        make the destination fully allocated: zero ranges are
                        allocated (NO_HOLE, ZERO_RANGE) instead of punched
     -C, --connections=N  up to N connections to each server when both ends
-                       allow more than one (NBD multi-conn); default 4. A
-                       captive server gets one.
+                       allow more than one (NBD multi-conn); default 4, but
+                       no more than --threads. A captive server gets one.
     --destination-is-zero, --target-is-zero
                        trust that the destination reads as zeroes already
     --flush            flush the destination (NBD FLUSH, fsync) at the end
@@ -58,9 +58,9 @@ Options:
     -S, --sparse=N     zero-detection block size (see above)
     --synchronous      one request at a time, in order (also used whenever a
                        stream is involved)
-    -T, --threads=N    accepted for nbdcopy compatibility; pynbd copy runs
-                       all connections in one event loop and does file I/O
-                       on a small thread pool
+    -T, --threads=N    at most N threads, one per connection (default, or
+                       0: the number of processors); each runs its own event
+                       loop with --requests requests in flight
     -v, --verbose      describe both ends, the layout and a summary on stderr
     -V, --version      print the version
 

@@ -2,7 +2,9 @@
 
 A lane is one connection to each end with its own event loop: lane 0 runs
 in the main loop, every other lane in a thread of its own, so the system
-calls of several connections (which release the GIL) overlap. Lanes share
+calls of several connections (which release the GIL) overlap. There are as
+many lanes as ``--connections``, at most ``--threads`` (by default the
+number of processors, as nbdcopy does) and one if a server cannot multi-conn. Lanes share
 the disk through ``Slices``. In each lane, ``--requests`` workers (one in
 ``--synchronous`` mode or when a stream is involved) each own one buffer of
 ``--request-size`` bytes, allocated once, and take the lane's next operation:
@@ -19,6 +21,7 @@ is reported as done only when every write (and ``--flush``) succeeded.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -64,13 +67,18 @@ class Counters:
 def plan_layout(opts: CopyOptions, src: Endpoint, dst: Endpoint) -> Layout:
     """Connections, request size, sparse block and parallelism for these endpoints."""
     sequential = is_sequential(opts, src, dst)
-    connections = 1 if sequential else max(1, min(opts.connections, src.max_connections(),
-                                                  dst.max_connections()))
+    connections = 1 if sequential else max(1, min(opts.connections, threads_for(opts),
+                                                  src.max_connections(), dst.max_connections()))
     request_size = min(opts.request_size, src.max_request, dst.max_request)
     sparse = max(opts.sparse, dst.preferred_block) if opts.sparse else 0
     requests = 1 if sequential else opts.requests_in_flight
     zero_piece = SLICE if dst.zero_is_cheap else request_size
     return Layout(connections, requests, request_size, sparse, zero_piece, src.size)
+
+
+def threads_for(opts: CopyOptions) -> int:
+    """``-T``, or the processors this process may run on (nbdcopy's default)."""
+    return opts.threads or len(os.sched_getaffinity(0)) or 1
 
 
 def is_sequential(opts: CopyOptions, src: Endpoint, dst: Endpoint) -> bool:
