@@ -73,6 +73,12 @@ def test_captive_server_that_fails(tmp_path):
     assert "[ false ]" in line
 
 
+def test_second_connection_refused(image):
+    """A server that advertises multi-conn but takes one client: the second lane fails."""
+    with served("--filter=limit", "memory", "16M", "limit=1", server="nbdkit") as srv:
+        assert "server closed the connection" in fails("-C", "2", "-T", "2", str(image), srv.uri)
+
+
 def test_read_only_destination(image):
     with served("memory", "16M", options=["-r"], server="nbdkit") as srv:
         assert "read-only" in fails(str(image), srv.uri)
