@@ -105,6 +105,13 @@ def test_existing_destination_file_is_truncated_to_the_source(image, tmp_path):
     assert same(dest, image)
 
 
+def test_file_onto_itself_is_left_intact(image, tmp_path):
+    twin = tmp_path / "twin.raw"
+    shutil.copyfile(image, twin)
+    pynbd_copy(str(twin), str(twin))
+    assert same(twin, image)
+
+
 @pytest.mark.parametrize("server", ["nbdkit", "pynbd"])
 def test_upload_and_download_match_nbdcopy(image, tmp_path, server):
     ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
