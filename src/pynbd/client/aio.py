@@ -52,7 +52,6 @@ from ..proto.client_handshake import (
     NeedData,
     OptionDone,
     OptionRefused,
-    Ready,
     Send,
     StartTLS,
 )
@@ -60,21 +59,21 @@ from ..proto.client_handshake import (
     State as HandshakeState,
 )
 from ..proto.client_transmission import Command, Transmission
-from ..proto.constants import Cmd, Opt
+from ..proto.constants import Cmd
 from ..proto.errors import ProtocolError
 from .captive import Captive, spawn_activated, spawn_stdin
 from .common import (
+    Buffer,
     HandleBase,
     apply_settings,
+    bytes_view,
     command_error,
     connect_error,
     extents_by_name,
     refused_error,
+    tls_error,
 )
 from .errors import NBDError
-from .tls import client_context
-
-Buffer = bytes | bytearray | memoryview
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -147,11 +146,8 @@ class AsyncNBD(HandleBase):
         super().__init__()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._hs: ClientHandshake | None = None
         self._protocol: _Protocol | None = None
         self._captive: Captive | None = None
-        self._server_hostname: str | None = None
-        self._where = ""
 
     async def __aenter__(self) -> AsyncNBD:
         return self
@@ -161,13 +157,8 @@ class AsyncNBD(HandleBase):
 
     # ------------------------------------------------------------ connect
     async def connect_uri(self, uri: str) -> None:
-        parsed = self._apply_uri(uri)
-        if parsed.transport == "unix":
-            await self.connect_unix(parsed.socket)
-        elif parsed.transport == "vsock":
-            await self.connect_vsock(int(parsed.host), parsed.port)
-        else:
-            await self.connect_tcp(parsed.host, parsed.port)
+        name, args = self._uri_connector(uri)
+        await getattr(self, name)(*args)
 
     async def connect_tcp(self, host: str, port: int | str) -> None:
         self._server_hostname = host
@@ -244,43 +235,28 @@ class AsyncNBD(HandleBase):
             elif isinstance(event, StartTLS):
                 await self._start_tls()
                 hs.tls_established()
-            elif isinstance(event, Ready):
-                self._enter_transmission(event)
-                return event
             else:
-                if isinstance(event, OptionDone) and event.option == Opt.INFO:
-                    self._negotiated = hs.negotiated
-                return event
+                return self._settle(hs, event)
 
     async def _start_tls(self) -> None:
         assert self._writer is not None
         sock = self._writer.get_extra_info("socket")
         unix = sock is not None and sock.family == socket.AF_UNIX
-        context = client_context(self.tls_certificates, self.tls_verify_peer, check_hostname=not unix)
+        context, server_hostname = self._tls_context(unix)
         try:
-            await self._writer.start_tls(context, server_hostname=None if unix
-                                         else self._server_hostname)
+            await self._writer.start_tls(context, server_hostname=server_hostname)
         except ssl.SSLError as exc:
-            raise NBDError(errno.ECONNREFUSED, f"TLS handshake failed: {exc.reason or exc}") from None
+            raise tls_error(exc) from None
 
-    def _enter_transmission(self, ready: Ready) -> None:
+    def _start_transmission(self, tx: Transmission) -> None:
         assert self._writer is not None
-        neg = ready.negotiated
-        self._negotiated = neg
-        tx = Transmission(neg.structured_replies, neg.extended_headers, neg.meta_contexts)
         transport = self._writer.transport
         self._protocol = _Protocol(tx, transport)
         transport.set_protocol(self._protocol)
-        self._ready = True
 
     # -------------------------------------------------------- option mode
     async def _option(self, name: str) -> object:
-        hs = self._hs
-        if hs is None or hs.state is not HandshakeState.NEGOTIATING:
-            raise NBDError(errno.EINVAL, f"{name} needs opt_mode=True before connecting")
-        hs.set_export_name(self.export_name)
-        hs.config.meta_contexts = list(self.meta_contexts)
-        getattr(hs, name)()
+        self._begin_option(name)
         return await self._drive()
 
     async def opt_go(self) -> None:
@@ -326,11 +302,11 @@ class AsyncNBD(HandleBase):
         return bytes(buf)
 
     async def pread_into(self, buf: Buffer, offset: int, flags: int = 0) -> None:
-        view = _bytes_view(buf)
+        view = bytes_view(buf)
         await self._run(Cmd.READ, offset, len(view), flags, view)
 
     async def pwrite(self, buf: Buffer, offset: int, flags: int = 0) -> None:
-        view = _bytes_view(buf)
+        view = bytes_view(buf)
         await self._run(Cmd.WRITE, offset, len(view), flags, view)
 
     async def zero(self, count: int, offset: int, flags: int = 0) -> None:
@@ -380,11 +356,6 @@ class AsyncNBD(HandleBase):
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.transport.close()
-
-
-def _bytes_view(buf: Buffer) -> memoryview:
-    view = memoryview(buf)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 async def connect(target: str | Sequence[str], **settings: Any) -> AsyncNBD:

@@ -7,14 +7,25 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import ssl
 from collections.abc import Callable
 from typing import Any
 
-from ..proto.client_handshake import HandshakeConfig, Negotiated, OptionRefused
-from ..proto.client_transmission import Command
-from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
+from ..proto.client_handshake import (
+    ClientHandshake,
+    Event,
+    HandshakeConfig,
+    Negotiated,
+    OptionDone,
+    OptionRefused,
+    Ready,
+)
+from ..proto.client_handshake import State as HandshakeState
+from ..proto.client_transmission import Command, Transmission
+from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, Opt
 from ..proto.constants import TransmissionFlag as TF
 from .errors import NBDError, nbd_error
+from .tls import client_context
 from .uri import NBDURI, parse_uri
 
 TLS_DISABLE, TLS_ALLOW, TLS_REQUIRE = 0, 1, 2
@@ -26,6 +37,7 @@ CONTEXT_BASE_ALLOCATION = BASE_ALLOCATION
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
 ExtentCallback = Callable[[str, int, list[int], Any], Any]
+Buffer = bytes | bytearray | memoryview
 
 _CAN = {
     "flush": TF.SEND_FLUSH, "fua": TF.SEND_FUA, "trim": TF.SEND_TRIM,
@@ -56,6 +68,9 @@ class HandleBase:
         self.uri: str | None = None
         self._negotiated: Negotiated | None = None
         self._ready = False
+        self._hs: ClientHandshake | None = None
+        self._server_hostname: str | None = None
+        self._where = ""
 
     # ------------------------------------------------------------ settings
     def set_export_name(self, name: str) -> None:
@@ -125,6 +140,54 @@ class HandleBase:
             self.tls_certificates = parsed.tls_certificates
         self.tls_verify_peer = parsed.tls_verify_peer
         return parsed
+
+    def _uri_connector(self, uri: str) -> tuple[str, tuple[Any, ...]]:
+        """The name of the ``connect_*`` method a URI asks for, and its arguments
+        (the URI's settings are applied to the handle)."""
+        parsed = self._apply_uri(uri)
+        if parsed.transport == "unix":
+            return "connect_unix", (parsed.socket,)
+        if parsed.transport == "vsock":
+            return "connect_vsock", (int(parsed.host), parsed.port)
+        return "connect_tcp", (parsed.host, parsed.port)
+
+    # ----------------------------------------------------------- handshake
+    def _tls_context(self, unix: bool) -> tuple[ssl.SSLContext, str | None]:
+        """The TLS context and the server name to check (none over a Unix socket)."""
+        context = client_context(self.tls_certificates, self.tls_verify_peer, check_hostname=not unix)
+        return context, None if unix else self._server_hostname
+
+    def _settle(self, hs: ClientHandshake, event: Event) -> Event:
+        """Take note of a handshake event the driver hands back to its caller."""
+        if isinstance(event, Ready):
+            neg = event.negotiated
+            self._negotiated = neg
+            self._start_transmission(Transmission(neg.structured_replies, neg.extended_headers,
+                                                  neg.meta_contexts))
+            self._ready = True
+        elif isinstance(event, OptionDone) and event.option == Opt.INFO:
+            self._negotiated = hs.negotiated
+        return event
+
+    def _start_transmission(self, tx: Transmission) -> None:
+        """Hand ``tx`` to the transport: the blocking and the asyncio handle each
+        override this, since only they know their transport."""
+        raise NotImplementedError
+
+    def _begin_option(self, name: str) -> ClientHandshake:
+        """Send option ``name`` (``"opt_go"``, ``"opt_list"`` ...) in option mode."""
+        hs = self._negotiating(name)
+        hs.set_export_name(self.export_name)
+        hs.config.meta_contexts = list(self.meta_contexts)
+        getattr(hs, name)()
+        return hs
+
+    def _negotiating(self, what: str) -> ClientHandshake:
+        """The handshake, which must be waiting in option mode."""
+        hs = self._hs
+        if hs is None or hs.state is not HandshakeState.NEGOTIATING:
+            raise NBDError(errno.EINVAL, f"{what} needs option mode (opt_mode=True, set before connecting)")
+        return hs
 
     # ---------------------------------------------------------------- facts
     @property
@@ -233,6 +296,16 @@ def command_error(command: Command) -> NBDError | None:
     name = _CMD_NAME.get(command.cmd, str(command.cmd))
     detail = command.message or os.strerror(command.error)
     return NBDError(command.error, f"{name}: server replied with error: {detail}")
+
+
+def tls_error(exc: ssl.SSLError) -> NBDError:
+    return NBDError(errno.ECONNREFUSED, f"TLS handshake failed: {exc.reason or exc}")
+
+
+def bytes_view(buf: Buffer) -> memoryview:
+    """``buf`` as a flat memoryview of bytes (no copy)."""
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def refused_error(refused: OptionRefused) -> NBDError:

@@ -29,7 +29,6 @@ from ..proto.client_handshake import (
     NeedData,
     OptionDone,
     OptionRefused,
-    Ready,
     Send,
     StartTLS,
 )
@@ -37,23 +36,23 @@ from ..proto.client_handshake import (
     State as HandshakeState,
 )
 from ..proto.client_transmission import Command, Transmission
-from ..proto.constants import Cmd, Opt
+from ..proto.constants import Cmd
 from ..proto.errors import ProtocolError
 from .captive import Captive, spawn_activated, spawn_stdin
 from .common import (
+    Buffer,
     ExtentCallback,
     HandleBase,
     apply_settings,
+    bytes_view,
     call_extent_callback,
     command_error,
     connect_error,
     extents_by_name,
     refused_error,
+    tls_error,
 )
 from .errors import NBDError
-from .tls import client_context
-
-Buffer = bytes | bytearray | memoryview
 
 
 class NBD(HandleBase):
@@ -62,11 +61,8 @@ class NBD(HandleBase):
     def __init__(self) -> None:
         super().__init__()
         self._sock: socket.socket | None = None
-        self._hs: ClientHandshake | None = None
         self._tx: Transmission | None = None
         self._captive: Captive | None = None
-        self._server_hostname: str | None = None
-        self._where = ""
 
     def __enter__(self) -> NBD:
         return self
@@ -76,13 +72,8 @@ class NBD(HandleBase):
 
     # ------------------------------------------------------------ connect
     def connect_uri(self, uri: str) -> None:
-        parsed = self._apply_uri(uri)
-        if parsed.transport == "unix":
-            self.connect_unix(parsed.socket)
-        elif parsed.transport == "vsock":
-            self.connect_vsock(int(parsed.host), parsed.port)
-        else:
-            self.connect_tcp(parsed.host, parsed.port)
+        name, args = self._uri_connector(uri)
+        getattr(self, name)(*args)
 
     def connect_tcp(self, host: str, port: int | str) -> None:
         where = f"{host}:{port}"
@@ -160,13 +151,8 @@ class NBD(HandleBase):
             elif isinstance(event, StartTLS):
                 self._start_tls()
                 hs.tls_established()
-            elif isinstance(event, Ready):
-                self._enter_transmission(event)
-                return event
             else:
-                if isinstance(event, OptionDone) and event.option == Opt.INFO:
-                    self._negotiated = hs.negotiated
-                return event
+                return self._settle(hs, event)
 
     def _recv_exact(self, size: int, hs: ClientHandshake) -> bytes:
         data = bytearray()
@@ -179,55 +165,44 @@ class NBD(HandleBase):
 
     def _start_tls(self) -> None:
         unix = self._socket().family != socket.AF_INET and self._socket().family != socket.AF_INET6
-        context = client_context(self.tls_certificates, self.tls_verify_peer, check_hostname=not unix)
+        context, server_hostname = self._tls_context(unix)
         try:
-            self._sock = context.wrap_socket(self._socket(), server_hostname=None if unix
-                                             else self._server_hostname)
+            self._sock = context.wrap_socket(self._socket(), server_hostname=server_hostname)
         except ssl.SSLError as exc:
-            raise NBDError(errno.ECONNREFUSED, f"TLS handshake failed: {exc.reason or exc}") from None
+            raise tls_error(exc) from None
 
-    def _enter_transmission(self, ready: Ready) -> None:
-        neg = ready.negotiated
-        self._negotiated = neg
-        self._tx = Transmission(neg.structured_replies, neg.extended_headers, neg.meta_contexts)
+    def _start_transmission(self, tx: Transmission) -> None:
+        self._tx = tx
         self._socket().settimeout(None)
-        self._ready = True
 
     # -------------------------------------------------------- option mode
-    def _option(self, start: Callable[[ClientHandshake], None]) -> object:
-        hs = self._hs
-        if hs is None or hs.state is not HandshakeState.NEGOTIATING:
-            raise NBDError(errno.EINVAL, "option requests need set_opt_mode(True) before connecting")
-        hs.set_export_name(self.export_name)
-        hs.config.meta_contexts = list(self.meta_contexts)
-        start(hs)
+    def _option(self, name: str) -> object:
+        self._begin_option(name)
         return self._drive()
 
     def opt_go(self) -> None:
-        self._option(ClientHandshake.opt_go)
+        self._option("opt_go")
 
     def opt_info(self) -> None:
-        self._option(ClientHandshake.opt_info)
+        self._option("opt_info")
 
     def opt_list(self, callback: Callable[[str, str], Any] | None = None) -> list[tuple[str, str]]:
         """Ask for every export; call ``callback(name, description)`` for each; return them."""
-        event = self._option(ClientHandshake.opt_list)
+        event = self._option("opt_list")
         exports: list[tuple[str, str]] = event.result if isinstance(event, OptionDone) else []
         for name, description in exports if callback else ():
             callback(name, description)
         return exports
 
     def opt_list_meta_context(self, callback: Callable[[str], Any] | None = None) -> list[str]:
-        event = self._option(lambda hs: hs.opt_list_meta_context())
+        event = self._option("opt_list_meta_context")
         names: list[str] = event.result if isinstance(event, OptionDone) else []
         for name in names if callback else ():
             callback(name)
         return names
 
     def opt_abort(self) -> None:
-        hs = self._hs
-        if hs is None or hs.state is not HandshakeState.NEGOTIATING:
-            raise NBDError(errno.EINVAL, "opt_abort needs option mode")
+        hs = self._negotiating("opt_abort")
         try:
             self._socket().sendall(hs.opt_abort())
         finally:
@@ -286,11 +261,11 @@ class NBD(HandleBase):
 
     def pread_into(self, buf: Buffer, offset: int, flags: int = 0) -> None:
         """Read ``len(buf)`` bytes at ``offset`` straight into ``buf``."""
-        view = _bytes_view(buf)
+        view = bytes_view(buf)
         self._run(Cmd.READ, offset, len(view), flags, view)
 
     def pwrite(self, buf: Buffer, offset: int, flags: int = 0) -> None:
-        view = _bytes_view(buf)
+        view = bytes_view(buf)
         self._run(Cmd.WRITE, offset, len(view), flags, view)
 
     def zero(self, count: int, offset: int, flags: int = 0) -> None:
@@ -344,11 +319,6 @@ class NBD(HandleBase):
                 sock.close()
             except OSError:
                 pass
-
-
-def _bytes_view(buf: Buffer) -> memoryview:
-    view = memoryview(buf)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def sendmsg_all(sock: socket.socket, parts: list[memoryview]) -> None:
