@@ -18,10 +18,12 @@ plugins translate one to one:
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from .errors import io_error
+
+Buffer = bytes | bytearray | memoryview
 
 FLAG_MAY_TRIM = 1 << 0
 FLAG_FUA = 1 << 1
@@ -100,6 +102,16 @@ class Connection:
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         raise io_error(errno.EIO, "pread is not implemented")
 
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        """Optional zero-copy read: buffers that together hold the data, or None.
+
+        A plugin whose data already sits in memory may return views of it;
+        the server hands them to the kernel as they are, without copying
+        them into a reply buffer first. The default, None, makes the server
+        call ``pread`` with a buffer of its own.
+        """
+        return None
+
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         raise io_error(errno.EROFS, "this export is read-only")
 
@@ -141,7 +153,7 @@ class Connection:
 _PASS_THROUGH = (
     "get_size", "can_write", "can_flush", "can_trim", "can_zero", "can_fast_zero",
     "can_fua", "can_multi_conn", "can_cache", "can_extents", "is_rotational",
-    "block_size", "pread", "pwrite", "zero", "trim", "flush", "cache", "extents",
+    "block_size", "pread", "pread_buffers", "pwrite", "zero", "trim", "flush", "cache", "extents",
 )
 
 
@@ -163,6 +175,13 @@ class FilterConnection(Connection):
         for name in _PASS_THROUGH:
             if getattr(cls, name) is getattr(FilterConnection, name):
                 setattr(self, name, getattr(next, name))
+        if cls.pread is not FilterConnection.pread and cls.pread_buffers is FilterConnection.pread_buffers:
+            # The filter changes reads: the layer below's buffers would bypass it.
+            self.pread_buffers = self._no_buffers
+
+    @staticmethod
+    def _no_buffers(count: int, offset: int, flags: int) -> None:
+        return None
 
     def close(self) -> None:
         self.next.close()

@@ -41,6 +41,7 @@ PAGE_SIZE = 1 << PAGE_SHIFT  # 32 KiB
 DIR_SHIFT = 9  # pages per directory: 512 (16 MiB of disk)
 DIR_PAGES = 1 << DIR_SHIFT
 ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_VIEW = memoryview(ZERO_PAGE)
 
 
 class SparsePages:
@@ -85,10 +86,13 @@ class SparsePages:
             if not d:
                 continue
             base = n << DIR_SHIFT
-            for slot in sorted(list(d)):
-                page = base + slot
-                if first <= page <= last:
-                    yield page
+            lo, hi = max(first - base, 0), min(last - base, DIR_PAGES - 1)
+            if hi - lo + 1 <= len(d):
+                slots = [slot for slot in range(lo, hi + 1) if slot in d]
+            else:
+                slots = sorted(slot for slot in list(d) if lo <= slot <= hi)
+            for slot in slots:
+                yield base + slot
 
     def bytes_allocated(self) -> int:
         return sum(len(d) for d in list(self.dirs.values())) * PAGE_SIZE
@@ -144,6 +148,19 @@ class SparseConnection(Connection):
             else:
                 buf[pos:pos + take] = data[inner:inner + take]
             pos += take
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> list[memoryview]:
+        """Views of the pages themselves: the server sends them without a copy."""
+        out = []
+        pos, end = offset, offset + count
+        get = self.pages.get
+        while pos < end:
+            page, inner = divmod(pos, PAGE_SIZE)
+            take = min(PAGE_SIZE - inner, end - pos)
+            data = get(page)
+            out.append(ZERO_VIEW[:take] if data is None else memoryview(data)[inner:inner + take])
+            pos += take
+        return out
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         pos = 0
@@ -212,6 +229,9 @@ class ZstdConnection(SparseConnection):
         blob = self.compressed.get(page)
         return None if blob is None else bytearray(self._decompress(blob, max_output_size=PAGE_SIZE))
 
+    def pread_buffers(self, count: int, offset: int, flags: int) -> None:
+        return None  # pages are compressed: pread decompresses into the buffer
+
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         pos, n = 0, len(buf)
         while pos < n:
@@ -271,6 +291,9 @@ class FlatConnection(SparseConnection):
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         buf[:] = self.view[offset:offset + len(buf)]
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> list[memoryview]:
+        return [self.view[offset:offset + count]]
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.view[offset:offset + len(buf)] = buf

@@ -23,6 +23,7 @@ from .session import Session, SessionConfig
 log = logging.getLogger("pynbd.server")
 
 SD_LISTEN_FDS_START = 3
+SEND_BUFFER = 4 << 20  # room for several large read replies before sendmsg waits
 
 
 class Listener:
@@ -211,6 +212,7 @@ class Server:
             log.warning("accept failed: %s", exc)
             return
         sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:

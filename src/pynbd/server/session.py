@@ -79,6 +79,7 @@ _WIRE_ERRNO = {errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
 _ERRNO_ALIASES = {errno.EROFS: errno.EPERM, errno.EACCES: errno.EPERM,
                   errno.EFBIG: errno.ENOSPC, errno.EDQUOT: errno.ENOSPC,
                   errno.ERANGE: errno.EINVAL}
+IOV_MAX = 1024  # buffers one sendmsg takes (Linux UIO_MAXIOV)
 HOLE_SCAN_MIN = 64 * 1024  # reads at least this long look for holes to skip
 MAX_EXTENTS_PER_REPLY = 128 * 1024
 
@@ -183,10 +184,11 @@ class Session:
                 if not self._use_sendmsg:
                     self.sock.sendall(b"".join(parts))
                     return
-                sent = self.sock.sendmsg(parts)
-                total = sum(len(p) for p in parts)
-                if sent < total:
-                    self._send_rest(parts, sent)
+                for first in range(0, len(parts), IOV_MAX):
+                    group = parts[first:first + IOV_MAX] if len(parts) > IOV_MAX else parts
+                    sent = self.sock.sendmsg(group)
+                    if sent < sum(len(p) for p in group):
+                        self._send_rest(group, sent)
             except OSError as exc:
                 self.done = True
                 raise ClientGone(str(exc)) from None
@@ -378,15 +380,18 @@ class Session:
             if holes:
                 self._read_with_holes(conn, cookie, offset, length, holes)
                 return
+        header = (wire.read_data_header(cookie, offset, length, True, self.extended)
+                  if self.structured else wire.simple_reply(cookie))
+        buffers = conn.pread_buffers(length, offset, 0)
+        if buffers is not None:
+            self._send([header, *buffers])
+            return
         if len(scratch) >= length:
             view = memoryview(scratch)[:length]
         else:
             view = memoryview(bytearray(length))
         conn.pread(view, offset, 0)
-        if self.structured:
-            self._send([wire.read_data_header(cookie, offset, length, True, self.extended), view])
-        else:
-            self._send([wire.simple_reply(cookie), view])
+        self._send([header, view])
 
     def _read_with_holes(self, conn: Connection, cookie: int, offset: int, length: int,
                          holes: list) -> None:
