@@ -11,6 +11,7 @@ import socket
 import pytest
 from test_copy import IMAGE_SIZE, make_image, pynbd_copy
 
+from client.nbdpeers import make_pki
 from nbdtest import served
 
 
@@ -77,6 +78,19 @@ def test_second_connection_refused(image):
     """A server that advertises multi-conn but takes one client: the second lane fails."""
     with served("--filter=limit", "memory", "16M", "limit=1", server="nbdkit") as srv:
         assert "server closed the connection" in fails("-C", "2", "-T", "2", str(image), srv.uri)
+
+
+def test_server_requiring_tls(image, tmp_path):
+    """Refused without TLS (one line); an nbds:// URI with the CA copies the same bytes."""
+    pki = make_pki(tmp_path)
+    out = tmp_path / "out.raw"
+    with served("memory", "16M", server="nbdkit",
+                options=["--tls=require", f"--tls-certificates={pki}"]) as srv:
+        assert "TLS" in fails(str(image), srv.uri)
+        secure = f"nbds+unix:///?socket={srv.socket}&tls-certificates={pki}"
+        pynbd_copy(str(image), secure)
+        pynbd_copy(secure, str(out))
+    assert out.read_bytes() == image.read_bytes()
 
 
 def test_read_only_destination(image):
