@@ -28,9 +28,17 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from ..backend.params import parse_size
-from ..client import NBD, NBDError
+from ..client import NBD
 from ..client.sync import connect
-from ..client.target import Target, report, split_target
+from ..client.target import (
+    Target,
+    UsageError,
+    add_version,
+    one_target,
+    parse_command_line,
+    report,
+    usage_error,
+)
 
 PROG = "pynbd dump"
 CHUNK = 1 << 20
@@ -46,32 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--length", metavar="N", help="dump at most N bytes")
     p.add_argument("--color", "--colour", "--no-color", "--no-colour", dest="color",
                    action="store_true", help="accepted for nbddump compatibility")
-    p.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    add_version(p)
     p.add_argument("uri", nargs="?", help="NBD URI")
     return p
 
 
 def main(argv: list[str]) -> int:
     try:
-        options, captive = split_target(argv)
-    except NBDError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    args = build_parser().parse_args(options)
-    if args.version:
-        from .. import __version__
-        print(f"pynbd {__version__}")
-        return 0
-    target: Target | None = captive if captive is not None else args.uri
-    if target is None or (captive is not None and args.uri):
-        print(f"{PROG}: give one NBD URI or one [ CMD ... ]; see --help", file=sys.stderr)
-        return 1
-    try:
-        limit = None if args.length is None else parse_size(args.length)
-    except ValueError as exc:
-        print(f"{PROG}: -n: {exc}", file=sys.stderr)
-        return 1
+        args, captive = parse_command_line(build_parser(), argv)
+        target = one_target(args.uri, captive)
+        limit = _length(args.length)
+    except UsageError as exc:
+        return usage_error(PROG, exc)
     return report(PROG, lambda: _dump(target, limit))
+
+
+def _length(text: str | None) -> int | None:
+    try:
+        return None if text is None else parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"-n: {exc}") from None
 
 
 def _dump(target: Target, limit: int | None) -> int:

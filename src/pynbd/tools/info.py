@@ -49,7 +49,15 @@ from dataclasses import dataclass, field, replace
 from ..client import NBD, NBDError
 from ..client.common import SIZE_MAXIMUM, SIZE_MINIMUM, SIZE_PREFERRED
 from ..client.sync import connect
-from ..client.target import Target, report, split_target
+from ..client.target import (
+    Target,
+    UsageError,
+    add_version,
+    one_target,
+    parse_command_line,
+    report,
+    usage_error,
+)
 from ..client.uri import format_uri, parse_uri
 from ..proto.constants import BASE_ALLOCATION
 
@@ -92,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-content", dest="content", action="store_false", help="do not probe the content")
     a("--color", "--colour", "--no-color", "--no-colour", dest="color", action="store_true",
       help="accepted for nbdinfo compatibility (no colours are used)")
-    a("-V", "--version", action="store_true", help="print the version and exit")
+    add_version(p)
     a("uri", nargs="?", help="NBD URI")
     return p
 
@@ -104,36 +112,26 @@ def _normalize(options: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     try:
-        options, captive = split_target(argv)
-    except NBDError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    args = build_parser().parse_args(_normalize(options))
-    if args.version:
-        from .. import __version__
-        print(f"pynbd {__version__}")
-        return 0
-    target: Target | None = captive if captive is not None else args.uri
-    if target is None or (captive is not None and args.uri):
-        print(f"{PROG}: give one NBD URI or one [ CMD ... ]; see --help", file=sys.stderr)
-        return 1
-    if args.totals and not args.map:
-        print(f"{PROG}: --totals needs --map", file=sys.stderr)
-        return 1
-    flag = _flag_test(args)
-    if flag is not None and isinstance(flag, str):
-        print(f"{PROG}: {flag}", file=sys.stderr)
-        return 1
+        args, captive = parse_command_line(build_parser(), argv, _normalize)
+        target = one_target(args.uri, captive)
+        if args.totals and not args.map:
+            raise UsageError("--totals needs --map")
+        flag = _flag_test(args)
+    except UsageError as exc:
+        return usage_error(PROG, exc)
     if flag is not None:
         return _test_flag(target, flag, args.can == "connect")
     return report(PROG, lambda: _run(args, target))
 
 
-def _flag_test(args: argparse.Namespace) -> Callable[[NBD], bool] | str | None:
-    if args.can is not None:
-        return CAN.get(args.can, f"unknown --can flag {args.can!r}; one of {', '.join(CAN)}")
-    if args.is_ is not None:
-        return IS.get(args.is_, f"unknown --is flag {args.is_!r}; one of {', '.join(IS)}")
+def _flag_test(args: argparse.Namespace) -> Callable[[NBD], bool] | None:
+    """The test ``--can FLAG`` or ``--is FLAG`` asks for, if any."""
+    for option, value, tests in (("--can", args.can, CAN), ("--is", args.is_, IS)):
+        if value is None:
+            continue
+        if value not in tests:
+            raise UsageError(f"unknown {option} flag {value!r}; one of {', '.join(tests)}")
+        return tests[value]
     return None
 
 

@@ -32,7 +32,7 @@ import traceback
 
 from .. import client as nbd_module
 from ..client import NBD, NBDError, ProtocolError
-from ..client.target import split_target
+from ..client.target import UsageError, add_version, parse_command_line, usage_error
 
 PROG = "pynbd sh"
 BANNER = """Welcome to pynbd sh, the shell for interacting with Network Block Device (NBD) servers.
@@ -53,24 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--base-allocation", action="store_true", help="request the base:allocation context")
     a("--opt-mode", action="store_true", help="connect in option mode")
     a("-n", dest="no_handle", action="store_true", help="do not create a handle")
-    a("-V", "--version", action="store_true", help="print the version and exit")
+    add_version(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     try:
-        options, captive = split_target(argv)
-    except NBDError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    args = build_parser().parse_args(options)
-    if args.version:
-        from .. import __version__
-        print(f"pynbd {__version__}")
-        return 0
-    if args.no_handle and (args.uri or captive):
-        print(f"{PROG}: -n cannot be used with a URI or a captive server", file=sys.stderr)
-        return 1
+        args, captive = parse_command_line(build_parser(), argv)
+        if args.no_handle and (args.uri or captive):
+            raise UsageError("-n cannot be used with a URI or a captive server")
+    except UsageError as exc:
+        return usage_error(PROG, exc)
     namespace: dict[str, object] = {"nbd": nbd_module, "__name__": "__main__"}
     handle = None if args.no_handle else NBD()
     if handle is not None:
