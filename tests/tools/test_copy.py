@@ -165,6 +165,32 @@ def test_captive_servers_at_both_ends(image, tmp_path):
     assert leftovers.stdout == b""
 
 
+@pytest.fixture
+def loop_device(tmp_path):
+    """A 16 MiB loop device full of 0xff bytes (root and losetup needed)."""
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(b"\xff" * IMAGE_SIZE)
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("loop devices need root and losetup")
+    made = run(["losetup", "-f", "--show", str(backing)], check=False)
+    if made.returncode != 0:
+        pytest.skip(f"losetup failed: {made.stderr.decode().strip()}")
+    device = made.stdout.decode().strip()
+    try:
+        yield Path(device)
+    finally:
+        run(["losetup", "-d", device], check=False)
+
+
+def test_block_device_both_ways(image, tmp_path, loop_device):
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    pynbd_copy(str(image), str(loop_device))  # its 0xff bytes are zeroed where the image has none
+    assert loop_device.read_bytes() == image.read_bytes()  # filecmp refuses devices
+    pynbd_copy(str(loop_device), str(ours))
+    nbdcopy(str(loop_device), str(theirs))
+    assert same(ours, theirs) and same(ours, image)
+
+
 # ------------------------------------------------------------------ streams
 
 def test_stdout_matches_nbdcopy(image):
