@@ -67,6 +67,13 @@ Options:
 Sizes accept K, M, G and T suffixes. Blocks are copied out of order unless
 the copy is synchronous.
 
+Limits: ``-`` is always a stream (stdin that is a regular file too), and a
+stream source is read to its end: into a file the file gets its length,
+into a server or device it must fit. Files and block devices are read and
+written with plain system calls from each connection's thread, so a slow
+disk holds up that connection's other requests. A file copied onto itself
+is left as it is (not truncated first).
+
 Errors: an unparseable URI, a server that cannot be reached, an unknown
 export, a destination smaller than the source or read-only, a read or write
 that fails (ENOSPC, EIO ...) each print one line ``pynbd copy: WHERE: WHAT``
