@@ -5,6 +5,7 @@ Import from here in a plugin or filter::
     from pynbd.backend import Plugin, Connection, Param, Extent, io_error
 """
 
+from .blocks import RamDisk, ResidentDisk, block_runs, fill_zero, is_zero
 from .connection import (
     CACHE_EMULATE,
     CACHE_NATIVE,
@@ -29,6 +30,7 @@ __all__ = [
     "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "FLAG_FAST_ZERO", "FLAG_FUA",
     "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE",
     "ConfigError", "Connection", "Export", "Extent", "Filter", "FilterConnection",
-    "OpenContext", "Param", "Plugin", "ThreadModel", "clip_extents", "errno_of",
-    "io_error", "parse_bool", "parse_duration", "parse_size",
+    "OpenContext", "Param", "Plugin", "RamDisk", "ResidentDisk", "ThreadModel", "block_runs",
+    "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",
+    "parse_duration", "parse_size",
 ]

@@ -56,10 +56,10 @@ from ..backend import (
     FilterConnection,
     Param,
     io_error,
+    is_zero,
     parse_bool,
 )
 from .blocksize import RangeLock
-from .truncate import is_zero
 
 MODES = ("writeback", "writethrough", "unsafe")
 DEFAULT_BLOCK = 64 * 1024

@@ -26,9 +26,8 @@ import bisect
 import errno
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Filter, FilterConnection, Param, io_error
+from ..backend import ConfigError, Filter, FilterConnection, Param, io_error, is_zero
 from ..backend.params import MAX_SIZE
-from .truncate import is_zero
 
 _CHECK_CHUNK = 4 * 1024 * 1024
 

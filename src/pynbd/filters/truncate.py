@@ -20,17 +20,8 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Extent, Filter, FilterConnection, Param, io_error
+from ..backend import ConfigError, Extent, Filter, FilterConnection, Param, fill_zero, io_error, is_zero
 from ..backend.params import MAX_SIZE
-
-_ZEROS = bytes(1 << 20)
-
-
-def is_zero(buf: memoryview) -> bool:
-    """True if every byte of ``buf`` is zero (compared a MiB at a time, in C)."""
-    step = len(_ZEROS)
-    return all(buf[i:i + step].tobytes() == _ZEROS[:min(step, len(buf) - i)]
-               for i in range(0, len(buf), step))
 
 
 class TruncateConnection(FilterConnection):
@@ -51,7 +42,7 @@ class TruncateConnection(FilterConnection):
         if n:
             self.next.pread(buf[:n], offset, flags)
         if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
+            fill_zero(buf[n:])
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         n = self._inside(len(buf), offset)

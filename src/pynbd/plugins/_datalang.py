@@ -32,24 +32,14 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from ..backend import ConfigError
+from ..backend import ConfigError, fill_zero
 
 PAGE = 32768  # the allocation granule extents are reported in, as nbdkit's sparse array
 FLAT_LIMIT = 4 << 20  # periods up to this size are cached flat for fast repetition
 MATERIALIZE_LIMIT = 1 << 20  # repetitions of plain bytes up to this size become plain bytes
 MAX_DEPTH = 100
-_ZEROES = memoryview(bytes(1 << 20))
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
-
-
-def fill_zero(view: memoryview) -> None:
-    """Zero ``view`` in place in 1 MiB strokes."""
-    pos, n = 0, len(view)
-    while pos < n:
-        take = min(n - pos, len(_ZEROES))
-        view[pos:pos + take] = _ZEROES[:take]
-        pos += take
 
 
 # ---------------------------------------------------------------- images

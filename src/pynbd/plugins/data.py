@@ -60,7 +60,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-from ..backend import FUA_NATIVE, ConfigError, Connection, Extent, Param, Plugin
+from ..backend import ConfigError, Connection, Extent, Param, Plugin, RamDisk, block_runs
 from ..backend.params import MAX_SIZE
 from ._datalang import PAGE, Image, evaluate, fill_zero
 
@@ -68,17 +68,7 @@ ZERO_PAGE = bytes(PAGE)
 _CHECK_CHUNK = 32 * PAGE  # pages are checked for zeroes 1 MiB at a time
 
 
-def page_runs(offset: int, count: int) -> Iterator[tuple[int, int, int, int]]:
-    """(page, offset in page, length, offset in request) pieces of a range."""
-    pos = 0
-    while pos < count:
-        page, inner = divmod(offset + pos, PAGE)
-        take = min(PAGE - inner, count - pos)
-        yield page, inner, take, pos
-        pos += take
-
-
-class DataDisk(Connection):
+class DataDisk(RamDisk):
     """The evaluated image, with the pages clients wrote laid over it.
 
     ``overlay`` maps a page number to its bytes, or to None when the page
@@ -86,49 +76,20 @@ class DataDisk(Connection):
     """
 
     def __init__(self, image: Image, report_holes: bool) -> None:
+        super().__init__(image.size)
         self.image = image
-        self.size = image.size
         self.report_holes = report_holes
         self.overlay: dict[int, bytearray | None] = {}
         self._create = threading.Lock()
 
-    # -- capabilities
-
-    def get_size(self) -> int:
-        return self.size
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_fua(self) -> int:
-        return FUA_NATIVE
-
-    def can_trim(self) -> bool:
-        return True
-
-    def can_flush(self) -> bool:
-        return True
-
-    def can_fast_zero(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        return None  # shared by all clients
-
-    def flush(self, flags: int) -> None:
-        return None  # memory: nothing to make durable
-
-    def cache(self, count: int, offset: int, flags: int) -> None:
-        return None  # already in memory
-
-    # -- data
+    # -- data (trim and zero are fast: they only drop or clear overlay pages)
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         if not self.overlay:
             self.image.read_into(buf, offset)
             return
         get = self.overlay.get
-        for page, inner, take, pos in page_runs(offset, len(buf)):
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE):
             part = buf[pos:pos + take]
             if page not in self.overlay:
                 self.image.read_into(part, offset + pos)
@@ -154,11 +115,11 @@ class DataDisk(Connection):
         return data
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        for page, inner, take, pos in page_runs(offset, len(buf)):
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE):
             self._writable_page(page)[inner:inner + take] = buf[pos:pos + take]
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        for page, inner, take, _ in page_runs(offset, count):
+        for page, inner, take, _ in block_runs(offset, count, PAGE):
             if take == PAGE or (inner == 0 and page * PAGE + take >= self.size):
                 self.overlay[page] = None
             else:

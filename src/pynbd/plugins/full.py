@@ -20,17 +20,8 @@ from .zero import ZeroDisk
 
 
 class FullDisk(ZeroDisk):
-    def can_write(self) -> bool:
-        return True
-
-    def can_trim(self) -> bool:
-        return True
-
-    def can_zero(self) -> bool:
-        return True
-
-    def can_fast_zero(self) -> bool:
-        return True
+    """The zero disk, writable in name: every write, zero and trim fails with ENOSPC
+    (at once, so fast zero is offered too)."""
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         raise io_error(errno.ENOSPC, "write")

@@ -25,15 +25,7 @@ import mmap
 import threading
 from collections.abc import Iterator
 
-from ..backend import (
-    CACHE_NATIVE,
-    FUA_NATIVE,
-    ConfigError,
-    Connection,
-    Extent,
-    Param,
-    Plugin,
-)
+from ..backend import ConfigError, Connection, Extent, Param, Plugin, RamDisk, block_runs
 from ..backend.params import MAX_SIZE
 
 PAGE_SHIFT = 15
@@ -98,79 +90,33 @@ class SparsePages:
         return sum(len(d) for d in list(self.dirs.values())) * PAGE_SIZE
 
 
-class SparseConnection(Connection):
-    """Shared by every client: the plugin hands out the same object."""
+class SparseConnection(RamDisk):
+    """Shared by every client: the plugin hands out the same object. Zero and
+    trim are fast (they free or clear pages)."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
+        super().__init__(size)
         self.pages = SparsePages()
 
-    def get_size(self) -> int:
-        return self.size
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_fua(self) -> int:
-        return FUA_NATIVE
-
-    def can_cache(self) -> int:
-        return CACHE_NATIVE
-
-    def can_trim(self) -> bool:
-        return True
-
-    def can_fast_zero(self) -> bool:
-        return True
-
-    def can_flush(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        return None  # the disk outlives each client
-
-    def flush(self, flags: int) -> None:
-        return None  # RAM: nothing to make durable
-
-    def cache(self, count: int, offset: int, flags: int) -> None:
-        return None  # already in memory
-
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        pos = 0
-        n = len(buf)
         get = self.pages.get
-        while pos < n:
-            page, inner = divmod(offset + pos, PAGE_SIZE)
-            take = min(PAGE_SIZE - inner, n - pos)
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             data = get(page)
-            if data is None:
-                buf[pos:pos + take] = ZERO_PAGE[:take]
-            else:
-                buf[pos:pos + take] = data[inner:inner + take]
-            pos += take
+            buf[pos:pos + take] = ZERO_PAGE[:take] if data is None else data[inner:inner + take]
 
     def pread_buffers(self, count: int, offset: int, flags: int) -> list[memoryview]:
         """Views of the pages themselves: the server sends them without a copy."""
-        out = []
-        pos, end = offset, offset + count
         get = self.pages.get
-        while pos < end:
-            page, inner = divmod(pos, PAGE_SIZE)
-            take = min(PAGE_SIZE - inner, end - pos)
+        out = []
+        for page, inner, take, _ in block_runs(offset, count, PAGE_SIZE):
             data = get(page)
             out.append(ZERO_VIEW[:take] if data is None else memoryview(data)[inner:inner + take])
-            pos += take
         return out
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        pos = 0
-        n = len(buf)
         get_or_create = self.pages.get_or_create
-        while pos < n:
-            page, inner = divmod(offset + pos, PAGE_SIZE)
-            take = min(PAGE_SIZE - inner, n - pos)
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             get_or_create(page)[inner:inner + take] = buf[pos:pos + take]
-            pos += take
 
     def zero(self, count: int, offset: int, flags: int) -> None:
         self._clear(count, offset)
@@ -233,24 +179,16 @@ class ZstdConnection(SparseConnection):
         return None  # pages are compressed: pread decompresses into the buffer
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        pos, n = 0, len(buf)
-        while pos < n:
-            page, inner = divmod(offset + pos, PAGE_SIZE)
-            take = min(PAGE_SIZE - inner, n - pos)
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             data = self._load(page)
             buf[pos:pos + take] = ZERO_PAGE[:take] if data is None else data[inner:inner + take]
-            pos += take
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        pos, n = 0, len(buf)
-        while pos < n:
-            page, inner = divmod(offset + pos, PAGE_SIZE)
-            take = min(PAGE_SIZE - inner, n - pos)
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             with self._lock(page):
                 data = self._load(page) or bytearray(PAGE_SIZE)
                 data[inner:inner + take] = buf[pos:pos + take]
                 self.compressed[page] = self._compress(data)
-            pos += take
 
     def _clear(self, count: int, offset: int) -> None:
         end = offset + count
@@ -285,7 +223,7 @@ class FlatConnection(SparseConnection):
     """allocator=malloc: one anonymous mapping; extents report all data."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
+        RamDisk.__init__(self, size)  # no page table: the mapping holds the data
         self.map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self.map)
 

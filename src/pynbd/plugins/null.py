@@ -13,26 +13,15 @@ and clients without any storage in the way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from ..backend import FUA_NATIVE, Connection, Param, Plugin
+from .zero import ZeroDisk
 
-from ..backend import FUA_NATIVE, Connection, Extent, Param, Plugin
 
-
-class NullConnection(Connection):
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def get_size(self) -> int:
-        return self.size
-
-    def can_multi_conn(self) -> bool:
-        return True
+class NullConnection(ZeroDisk):
+    """The zero disk, writable: every write, zero and trim is accepted and forgotten."""
 
     def can_fua(self) -> int:
         return FUA_NATIVE
-
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        buf[:] = bytes(len(buf))
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         return None
@@ -45,12 +34,6 @@ class NullConnection(Connection):
 
     def flush(self, flags: int) -> None:
         return None
-
-    def cache(self, count: int, offset: int, flags: int) -> None:
-        return None
-
-    def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
-        return (Extent(offset, count, hole=True, zero=True),)
 
 
 class NullPlugin(Plugin):

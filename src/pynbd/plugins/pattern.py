@@ -21,7 +21,7 @@ from __future__ import annotations
 import array
 import sys
 
-from ..backend import CACHE_NATIVE, Connection, Param, Plugin
+from ..backend import Connection, Param, Plugin, ResidentDisk, block_runs
 
 CHUNK = 1 << 16  # bytes per generated chunk; word offsets inside it fit in 16 bits
 WORDS = CHUNK // 8
@@ -45,30 +45,11 @@ def pattern_chunk(base: int) -> bytes:
 
 def fill_pattern(buf: memoryview, offset: int) -> None:
     """Fill ``buf`` with the pattern bytes found at ``offset``."""
-    pos, n = 0, len(buf)
-    while pos < n:
-        base, inner = divmod(offset + pos, CHUNK)
-        take = min(CHUNK - inner, n - pos)
-        buf[pos:pos + take] = pattern_chunk(base * CHUNK)[inner:inner + take]
-        pos += take
+    for chunk, inner, take, pos in block_runs(offset, len(buf), CHUNK):
+        buf[pos:pos + take] = pattern_chunk(chunk * CHUNK)[inner:inner + take]
 
 
-class PatternDisk(Connection):
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def get_size(self) -> int:
-        return self.size
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_cache(self) -> int:
-        return CACHE_NATIVE
-
-    def cache(self, count: int, offset: int, flags: int) -> None:
-        return None  # computed, nothing to fetch
-
+class PatternDisk(ResidentDisk):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         fill_pattern(buf, offset)
 

@@ -25,7 +25,7 @@ import errno
 import hashlib
 import secrets
 
-from ..backend import CACHE_NATIVE, Connection, Param, Plugin
+from ..backend import Connection, Param, Plugin, ResidentDisk, block_runs
 from ..backend.errors import io_error
 
 BLOCK = 1 << 16
@@ -42,25 +42,8 @@ def default_seed() -> int:
     return secrets.randbits(32)
 
 
-class VerifiedDisk(Connection):
+class VerifiedDisk(ResidentDisk):
     """A computed disk: writes must repeat what reads return, else EIO."""
-
-    size = 0
-
-    def get_size(self) -> int:
-        return self.size
-
-    def can_write(self) -> bool:
-        return True
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_cache(self) -> int:
-        return CACHE_NATIVE
-
-    def cache(self, count: int, offset: int, flags: int) -> None:
-        return None  # computed on demand
 
     def flush(self, flags: int) -> None:
         return None  # nothing is ever stored
@@ -77,16 +60,12 @@ class VerifiedDisk(Connection):
 
 class RandomDisk(VerifiedDisk):
     def __init__(self, size: int, seed: int) -> None:
-        self.size = size
+        super().__init__(size)
         self.seed = seed
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        pos, n = 0, len(buf)
-        while pos < n:
-            index, inner = divmod(offset + pos, BLOCK)
-            take = min(BLOCK - inner, n - pos)
+        for index, inner, take, pos in block_runs(offset, len(buf), BLOCK):
             buf[pos:pos + take] = random_block(self.seed, index, inner + take)[inner:]
-            pos += take
 
 
 class RandomPlugin(Plugin):

@@ -36,9 +36,8 @@ import functools
 import random as stdlib_random
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Connection, Extent, Param, Plugin
+from ..backend import ConfigError, Connection, Extent, Param, Plugin, block_runs, fill_zero
 from ..backend.errors import io_error
-from ._datalang import fill_zero
 from .random import VerifiedDisk, default_seed, random_block
 
 BLOCK = 4096
@@ -91,8 +90,8 @@ class Layout:
 
 class SparseRandomDisk(VerifiedDisk):
     def __init__(self, layout: Layout, random_content: bool) -> None:
+        super().__init__(layout.size)
         self.layout = layout
-        self.size = layout.size
         self.seed = layout.seed
         self.random_content = random_content
 
@@ -113,12 +112,8 @@ class SparseRandomDisk(VerifiedDisk):
             fill_zero(buf[pos - offset:])
 
     def _fill_data(self, view: memoryview, offset: int) -> None:
-        pos, n = 0, len(view)
-        while pos < n:
-            block, inner = divmod(offset + pos, BLOCK)
-            take = min(BLOCK - inner, n - pos)
+        for block, inner, take, pos in block_runs(offset, len(view), BLOCK):
             view[pos:pos + take] = self._block(block)[inner:inner + take]
-            pos += take
 
     def _block(self, block: int) -> bytes:
         if self.random_content:

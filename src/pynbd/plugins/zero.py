@@ -16,26 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..backend import CACHE_NATIVE, Connection, Extent, Param, Plugin
-from ._datalang import fill_zero
+from ..backend import Connection, Extent, Param, Plugin, ResidentDisk, fill_zero
 
 
-class ZeroDisk(Connection):
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def get_size(self) -> int:
-        return self.size
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_cache(self) -> int:
-        return CACHE_NATIVE
-
-    def cache(self, count: int, offset: int, flags: int) -> None:
-        return None
-
+class ZeroDisk(ResidentDisk):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         fill_zero(buf)
 

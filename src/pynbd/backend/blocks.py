@@ -1,0 +1,88 @@
+"""Helpers for layers that produce or inspect the bytes themselves.
+
+    from pynbd.backend import ResidentDisk, block_runs, fill_zero, is_zero
+
+    class PatternDisk(ResidentDisk):          # size, multi-conn, a no-op cache
+        def pread(self, buf, offset, flags):
+            for block, inner, take, pos in block_runs(offset, len(buf), BLOCK):
+                buf[pos:pos + take] = make_block(block)[inner:inner + take]
+
+- ``fill_zero(view)`` zeroes a buffer in place and ``is_zero(view)`` tests
+  one, a MiB at a time in C (no per-byte Python, no buffer-sized allocation).
+- ``block_runs(offset, count, size)`` splits a byte range into the pieces
+  that fall in each ``size``-byte block: (block number, offset in the block,
+  length, offset in the range).
+- ``ResidentDisk(size)`` is the base of disks whose bytes are at hand in
+  this process, computed (zero, pattern, random) or held in RAM (memory,
+  data): a fixed size, safe for many connections at once (every client sees
+  the same bytes), and nothing to prefetch, so ``cache`` is a native no-op.
+  ``RamDisk`` adds what a RAM disk has: writes are durable as soon as they
+  are done (native FUA, a no-op flush) and the disk outlives each client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .connection import CACHE_NATIVE, FUA_NATIVE, Connection
+
+_ZERO_BYTES = bytes(1 << 20)
+_ZEROES = memoryview(_ZERO_BYTES)
+
+
+def fill_zero(view: memoryview) -> None:
+    """Zero ``view`` in place in 1 MiB strokes."""
+    step = len(_ZEROES)
+    for pos in range(0, len(view), step):
+        piece = view[pos:pos + step]
+        piece[:] = _ZEROES[:len(piece)]
+
+
+def is_zero(view: memoryview) -> bool:
+    """True if every byte of ``view`` is zero (compared a MiB at a time, in C)."""
+    step = len(_ZERO_BYTES)
+    # bytes == bytes is a memcmp; memoryview == memoryview compares item by item.
+    return all(view[pos:pos + step].tobytes() == _ZERO_BYTES[:min(step, len(view) - pos)]
+               for pos in range(0, len(view), step))
+
+
+def block_runs(offset: int, count: int, size: int) -> Iterator[tuple[int, int, int, int]]:
+    """(block, offset in block, length, offset in range) for each block the range touches."""
+    pos = 0
+    while pos < count:
+        block, inner = divmod(offset + pos, size)
+        take = min(size - inner, count - pos)
+        yield block, inner, take, pos
+        pos += take
+
+
+class ResidentDisk(Connection):
+    """A disk of ``size`` bytes that are computed or already in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def get_size(self) -> int:
+        return self.size
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_cache(self) -> int:
+        return CACHE_NATIVE
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        """Nothing to fetch: the bytes are at hand."""
+
+
+class RamDisk(ResidentDisk):
+    """A ResidentDisk whose writes land in memory shared by every client."""
+
+    def can_fua(self) -> int:
+        return FUA_NATIVE
+
+    def flush(self, flags: int) -> None:
+        """Nothing to make durable: the data lives in memory until the server exits."""
+
+    def close(self) -> None:
+        """Nothing to release: the disk outlives each client."""
