@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pynbd.process import stop_process
+
 PYNBD = [sys.executable, "-m", "pynbd", "serve", "-f"]
 
 
@@ -102,12 +104,7 @@ def running(spec: ServerSpec, transport: str = "unix") -> Iterator[Running]:
         uri = f"nbd+unix:///?socket={sock}" if transport == "unix" else f"nbd://127.0.0.1:{port}"
         yield Running(uri, proc, startup)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         for name in os.listdir(tmp):
             os.unlink(os.path.join(tmp, name))
         os.rmdir(tmp)

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pynbd.process import stop_process
+
 PYNBD = [sys.executable, "-m", "pynbd"]
 SERVE = [*PYNBD, "serve"]
 
@@ -70,13 +72,7 @@ def served(*args: str, server: str = "pynbd", options: Sequence[str] = (),
         wait_for_socket(sock, proc)
         yield Served(f"nbd+unix:///?socket={sock}", sock, proc)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         try:
             os.unlink(sock)
         except FileNotFoundError:

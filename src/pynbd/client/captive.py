@@ -19,13 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 
+from ..process import stop_process
 from .errors import NBDError
 
 # A tiny launcher moves the listening socket to fd 3, sets LISTEN_PID to its
@@ -55,11 +55,7 @@ class Captive:
         """Stop and reap the server; remove its temporary directory."""
         if self.exits_alone:
             _wait(self.proc, 2.0)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            if not _wait(self.proc, 5.0):
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5.0)
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None

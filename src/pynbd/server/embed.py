@@ -55,6 +55,7 @@ from typing import Any
 from ..backend import ConfigError
 from ..backend.registry import find_filter, find_plugin
 from ..backend.stack import Stack
+from ..process import stop_process
 from .server import Listener, Server
 from .session import SessionConfig
 
@@ -125,7 +126,7 @@ class ServedStack:
             self._thread.join()
         self._server = self._thread = None
         if self._proc is not None:
-            _stop_process(self._proc)
+            stop_process(self._proc, STOP_TIMEOUT)
             self._proc = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -180,13 +181,3 @@ def _wait_for_socket(path: str, proc: _subprocess.Popen[bytes], errors: Any) -> 
             except OSError:
                 time.sleep(0.02)
     raise ConfigError(f"pynbd serve did not listen on {path} within {START_TIMEOUT:.0f} s")
-
-
-def _stop_process(proc: _subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except _subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
