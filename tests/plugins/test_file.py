@@ -94,7 +94,8 @@ def test_fio_verify(tmp_path):
     disk = make_file(tmp_path / "fio.img", 16 * MiB)
     with served("file", str(disk)) as srv:
         run(["fio", "--name=t", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randrw", "--bs=4k",
-             "--size=16M", "--verify=crc32c", "--verify_state_save=0", "--iodepth=8", "--output-format=terse"])
+             "--size=16M", "--verify=crc32c", "--verify_state_save=0", "--iodepth=8",
+             "--output-format=terse"])
 
 
 # ---------------------------------------------------------------- sparseness
