@@ -60,12 +60,6 @@ class Captive:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
-    def check_alive(self, what: str) -> None:
-        """Raise NBDError if the server already exited (it failed to start)."""
-        code = self.proc.poll()
-        if code is not None:
-            raise NBDError(errno.ECONNREFUSED, f"{what}: captive server exited with status {code}")
-
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
     try:

@@ -18,6 +18,7 @@ is closed. Connecting (socket and handshake) gives up after
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import ssl
@@ -299,10 +300,8 @@ class NBD(HandleBase):
         elif self._hs is not None and self._hs.state is HandshakeState.NEGOTIATING:
             goodbye = self._hs.opt_abort()
         if goodbye and self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # a goodbye the server cannot hear is moot
                 self._sock.sendall(goodbye)
-            except OSError:
-                pass
         self._drop()
 
     def close(self) -> None:
@@ -315,10 +314,8 @@ class NBD(HandleBase):
         self._ready = False
         if self._sock is not None:
             sock, self._sock = self._sock, None
-            try:
+            with contextlib.suppress(OSError):  # the handle lets go of the socket either way
                 sock.close()
-            except OSError:
-                pass
 
 
 def sendmsg_all(sock: socket.socket, parts: list[memoryview]) -> None:

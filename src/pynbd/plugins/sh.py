@@ -70,6 +70,7 @@ goes on serving.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -147,10 +148,6 @@ def _first_line(out: bytes) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-class ScriptError(Exception):
-    """A method failed; carries the errno the client should get."""
-
-
 class Runner:
     """Runs methods of a script as child processes, with the sh plugin's conventions.
 
@@ -164,6 +161,7 @@ class Runner:
         self.timeout = timeout
 
     def argv(self, method: str) -> list[str] | None:
+        """How to start ``method``; each runner (sh's script, eval's snippets) says."""
         raise NotImplementedError
 
     def has(self, method: str) -> bool:
@@ -203,10 +201,8 @@ class Runner:
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group already exited
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         try:
             proc.communicate(timeout=_KILL_WAIT)
         except subprocess.TimeoutExpired:

@@ -83,17 +83,6 @@ def greeting(handshake_flags: int) -> bytes:
     return GREETING.pack(NBDMAGIC, IHAVEOPT, handshake_flags)
 
 
-def parse_greeting(data: bytes) -> int:
-    """Check the server's greeting and return its handshake flags."""
-    magic, opt_magic, flags = GREETING.unpack(data)
-    if magic != NBDMAGIC:
-        raise ProtocolError(f"server did not send NBDMAGIC (got {magic:#x})")
-    if opt_magic != IHAVEOPT:
-        raise ProtocolError(
-            f"server is not a newstyle NBD server (magic {opt_magic:#x})")
-    return flags
-
-
 def option_request(option: int, data: bytes = b"") -> bytes:
     """An option as the client sends it."""
     return OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data

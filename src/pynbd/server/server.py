@@ -8,6 +8,7 @@ client, enforces ``serialize_connections`` and shuts everything down on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -15,7 +16,6 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterable
 
 from ..backend import ConfigError, ThreadModel
 from .session import Session, SessionConfig
@@ -112,10 +112,8 @@ class Listener:
         for sock in self.sockets:
             sock.close()
         if self.unix_path is not None and not self.activated:  # systemd owns its sockets
-            try:
+            with contextlib.suppress(FileNotFoundError):  # someone removed it: the goal is met
                 os.unlink(self.unix_path)
-            except FileNotFoundError:
-                pass
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
 
@@ -180,10 +178,8 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop accepting and disconnect every client. Safe from any thread or a signal."""
-        try:
+        with contextlib.suppress(OSError):  # pipe full or closed: a stop is already pending or done
             os.write(self._stop_w, b"x")
-        except OSError:
-            pass
 
     def _finish(self) -> None:
         self.stopping = True
@@ -197,10 +193,8 @@ class Server:
             thread.join(timeout=10)
         self.config.stack.unload()
         for fd in (self._stop_r, self._stop_w):
-            try:
+            with contextlib.suppress(OSError):  # already closed by an earlier shutdown
                 os.close(fd)
-            except OSError:
-                pass
 
     # ---- clients
     def _accept(self, listening: socket.socket) -> None:
@@ -237,8 +231,3 @@ class Server:
             with self._lock:
                 self._sessions.discard(session)
                 self._threads.discard(threading.current_thread())
-
-    @property
-    def active_sessions(self) -> Iterable[Session]:
-        with self._lock:
-            return list(self._sessions)

@@ -11,6 +11,7 @@ each one ``sendmsg`` of the header and the data memoryview, under
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -152,10 +153,8 @@ class Session:
                 conn.close()
             except Exception:  # noqa: BLE001
                 log.exception("closing the plugin connection failed")
-        try:
+        with contextlib.suppress(OSError):  # closing is all that is left to do with it
             self.sock.close()
-        except OSError:
-            pass
 
     # ------------------------------------------------------------- socket I/O
     def _recv_exact(self, view: memoryview) -> None:
@@ -275,18 +274,14 @@ class Session:
         except OSError as exc:
             log.debug("client %s: %s", self.address, exc)
         finally:
-            try:
+            with contextlib.suppress(ClientGone):  # replies still queued have nobody to go to
                 loop.close()
-            except ClientGone:
-                pass
             self._stop()
 
     def _stop(self) -> None:
         self.done = True
-        try:
+        with contextlib.suppress(OSError):  # the client may have closed it already
             self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
 
     # ------------------------------------------------------------- requests
     def _execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
