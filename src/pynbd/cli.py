@@ -23,7 +23,8 @@ def _module_for(name: str) -> str | None:
     if name in SUBCOMMANDS:
         return SUBCOMMANDS[name]
     candidate = f"pynbd.tools.{name}"
-    if name.isidentifier() and importlib.util.find_spec(candidate) is not None:
+    if name.isidentifier() and importlib.util.find_spec(candidate) is not None \
+            and hasattr(importlib.import_module(candidate), "main"):
         return candidate
     return None
 
