@@ -36,6 +36,9 @@ class OffsetConnection(FilterConnection):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pread(buf, offset + self.offset, flags)
 
+    def pread_buffers(self, count: int, offset: int, flags: int):
+        return self.next.pread_buffers(count, offset + self.offset, flags)
+
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pwrite(buf, offset + self.offset, flags)
 
