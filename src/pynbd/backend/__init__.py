@@ -17,6 +17,8 @@ from .connection import (
     FUA_EMULATE,
     FUA_NATIVE,
     FUA_NONE,
+    ZERO_BUFFER,
+    Buffer,
     Connection,
     Extent,
     FilterConnection,
@@ -28,7 +30,7 @@ from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
 
 __all__ = [
     "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "FLAG_FAST_ZERO", "FLAG_FUA",
-    "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE",
+    "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE", "ZERO_BUFFER", "Buffer",
     "ConfigError", "Connection", "Export", "Extent", "Filter", "FilterConnection",
     "OpenContext", "Param", "Plugin", "RamDisk", "ResidentDisk", "ThreadModel", "block_runs",
     "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",

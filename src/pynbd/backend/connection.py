@@ -25,6 +25,11 @@ from .errors import io_error
 
 Buffer = bytes | bytearray | memoryview
 
+ZERO_BUFFER = bytes(1 << 20)
+"""A mebibyte of zeroes. ``pread_buffers`` may return views of it for ranges
+that read as zeroes: the server recognises them and sends those ranges as
+holes (NBD_REPLY_TYPE_OFFSET_HOLE) instead of data."""
+
 FLAG_MAY_TRIM = 1 << 0
 FLAG_FUA = 1 << 1
 FLAG_REQ_ONE = 1 << 2
@@ -108,7 +113,8 @@ class Connection:
         A plugin whose data already sits in memory may return views of it;
         the server hands them to the kernel as they are, without copying
         them into a reply buffer first. The default, None, makes the server
-        call ``pread`` with a buffer of its own.
+        call ``pread`` with a buffer of its own. Return views of
+        ``ZERO_BUFFER`` for ranges known to read as zeroes.
         """
         return None
 

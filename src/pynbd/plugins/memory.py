@@ -25,7 +25,7 @@ import mmap
 import threading
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Connection, Extent, Param, Plugin, RamDisk, block_runs
+from ..backend import ZERO_BUFFER, ConfigError, Connection, Extent, Param, Plugin, RamDisk, block_runs
 from ..backend.params import MAX_SIZE
 
 PAGE_SHIFT = 15
@@ -33,7 +33,7 @@ PAGE_SIZE = 1 << PAGE_SHIFT  # 32 KiB
 DIR_SHIFT = 9  # pages per directory: 512 (16 MiB of disk)
 DIR_PAGES = 1 << DIR_SHIFT
 ZERO_PAGE = bytes(PAGE_SIZE)
-ZERO_VIEW = memoryview(ZERO_PAGE)
+ZERO_VIEW = memoryview(ZERO_BUFFER)  # pread_buffers: the server sends these as holes
 
 
 class SparsePages:

@@ -26,6 +26,8 @@ from ..backend import (
     FLAG_MAY_TRIM,
     FLAG_REQ_ONE,
     FUA_EMULATE,
+    ZERO_BUFFER,
+    Buffer,
     Extent,
     OpenContext,
     clip_extents,
@@ -83,6 +85,41 @@ _ERRNO_ALIASES = {errno.EROFS: errno.EPERM, errno.EACCES: errno.EPERM,
 IOV_MAX = 1024  # buffers one sendmsg takes (Linux UIO_MAXIOV)
 HOLE_SCAN_MIN = 64 * 1024  # reads at least this long look for holes to skip
 MAX_EXTENTS_PER_REPLY = 128 * 1024
+
+
+Piece = tuple[int, int, "list[Buffer] | None"]  # (offset, length, data buffers or None for a hole)
+
+
+def _pieces_of_buffers(offset: int, buffers: Sequence[Buffer]) -> list[Piece]:
+    """Group a plugin's read buffers into data runs and hole runs (views of ZERO_BUFFER)."""
+    pieces: list[Piece] = []
+    pos = offset
+    for buf in buffers:
+        hole = type(buf) is memoryview and buf.obj is ZERO_BUFFER
+        if pieces and (pieces[-1][2] is None) == hole:
+            start, size, bufs = pieces[-1]
+            if bufs is not None:
+                bufs.append(buf)
+            pieces[-1] = (start, size + len(buf), bufs)
+        else:
+            pieces.append((pos, len(buf), None if hole else [buf]))
+        pos += len(buf)
+    return pieces
+
+
+def _pieces_around_holes(conn: Connection, offset: int, length: int, holes: list[Extent]) -> list[Piece]:
+    """Data read with pread between the holes the extents reported."""
+    pieces: list[Piece] = []
+    pos = offset
+    for hole in [*holes, Extent(offset + length, 0)]:
+        if hole.offset > pos:
+            view = memoryview(bytearray(hole.offset - pos))
+            conn.pread(view, pos, 0)
+            pieces.append((pos, len(view), [view]))
+        if hole.length:
+            pieces.append((hole.offset, hole.length, None))
+        pos = hole.offset + hole.length
+    return pieces
 
 
 def wire_errno(err: int) -> int:
@@ -369,18 +406,22 @@ class Session:
 
     def _read(self, conn: Connection, cookie: int, offset: int, length: int, flags: int,
               scratch: bytearray) -> None:
-        if self.structured and length >= HOLE_SCAN_MIN and not flags & _F_DF \
-                and conn.can_extents():
-            holes = [e for e in clip_extents(conn.extents(length, offset, 0), offset, length) if e.zero]
-            if holes:
-                self._read_with_holes(conn, cookie, offset, length, holes)
-                return
+        # Long reads with structured replies send runs of zeroes as OFFSET_HOLE.
+        scan = self.structured and length >= HOLE_SCAN_MIN and not flags & _F_DF
         header = (wire.read_data_header(cookie, offset, length, True, self.extended)
                   if self.structured else wire.simple_reply(cookie))
         buffers = conn.pread_buffers(length, offset, 0)
         if buffers is not None:
-            self._send([header, *buffers])
+            if scan and any(type(b) is memoryview and b.obj is ZERO_BUFFER for b in buffers):
+                self._send_pieces(cookie, offset, _pieces_of_buffers(offset, buffers))
+            else:
+                self._send([header, *buffers])
             return
+        if scan and conn.can_extents():
+            holes = [e for e in clip_extents(conn.extents(length, offset, 0), offset, length) if e.zero]
+            if holes:
+                self._send_pieces(cookie, offset, _pieces_around_holes(conn, offset, length, holes))
+                return
         if len(scratch) >= length:
             view = memoryview(scratch)[:length]
         else:
@@ -388,27 +429,16 @@ class Session:
         conn.pread(view, offset, 0)
         self._send([header, view])
 
-    def _read_with_holes(self, conn: Connection, cookie: int, offset: int, length: int,
-                         holes: list) -> None:
-        """Send data chunks between OFFSET_HOLE chunks; the last one is DONE."""
-        pieces: list[tuple[int, int, bool]] = []
-        pos = offset
-        for hole in holes:
-            if hole.offset > pos:
-                pieces.append((pos, hole.offset - pos, False))
-            pieces.append((hole.offset, hole.length, True))
-            pos = hole.offset + hole.length
-        if pos < offset + length:
-            pieces.append((pos, offset + length - pos, False))
+    def _send_pieces(self, cookie: int, offset: int, pieces: list[Piece]) -> None:
+        """OFFSET_DATA and OFFSET_HOLE chunks of one read; the last one is DONE."""
         ext = self.extended
-        for index, (start, size, is_hole) in enumerate(pieces):
-            done = index == len(pieces) - 1
-            if is_hole:
-                self._send([wire.hole_chunk(cookie, start, size, done, ext, offset)])
+        last = len(pieces) - 1
+        for index, (start, size, buffers) in enumerate(pieces):
+            if buffers is None:
+                self._send([wire.hole_chunk(cookie, start, size, index == last, ext, offset)])
             else:
-                view = memoryview(bytearray(size))
-                conn.pread(view, start, 0)
-                self._send([wire.read_data_header(cookie, start, size, done, ext, offset), view])
+                self._send([wire.read_data_header(cookie, start, size, index == last, ext, offset),
+                            *buffers])
 
     def _block_status(self, conn: Connection, cookie: int, offset: int, length: int,
                       flags: int) -> None:
