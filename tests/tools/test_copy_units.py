@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
+import threading
 
 import pytest
 
-from pynbd.tools.copying.endpoint import Endpoint, Extent
+from pynbd.tools.copying.endpoint import Endpoint, Extent, Fanout
 from pynbd.tools.copying.local import file_extents
 from pynbd.tools.copying.options import UsageError, parse_args
 from pynbd.tools.copying.plan import SLICE, Plan, Slices
@@ -99,15 +99,15 @@ class FakeSource(Endpoint):
         super().__init__("fake")
         self._extents = extents
 
-    async def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
+    def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
         if self._extents is None:
             return None
         return [e for e in self._extents if offset <= e[0] < offset + count]
 
 
-async def all_ops(plan: Plan) -> list[tuple[int, int, bool]]:
+def all_ops(plan: Plan) -> list[tuple[int, int, bool]]:
     ops = []
-    while (op := await plan.next(0)) is not None:
+    while (op := plan.next(0)) is not None:
         ops.append(op)
     return ops
 
@@ -116,23 +116,21 @@ def test_plan_splits_data_and_keeps_zero_ranges_whole():
     size = 2 * SLICE
     source = FakeSource([(0, 600 * K, False), (600 * K, SLICE - 600 * K, True),
                          (SLICE, SLICE, True)])
-    ops = asyncio.run(all_ops(Plan(source, Slices(size), 256 * K, SLICE, True)))
+    ops = all_ops(Plan(source, Slices(size), 256 * K, SLICE, True))
     assert ops[:3] == [(0, 256 * K, False), (256 * K, 256 * K, False), (512 * K, 88 * K, False)]
     assert ops[3:] == [(600 * K, SLICE - 600 * K, True), (SLICE, SLICE, True)]
 
 
 def test_plan_without_extents_reads_everything():
-    ops = asyncio.run(all_ops(Plan(FakeSource(None), Slices(1000 * K), 256 * K, SLICE, True)))
+    ops = all_ops(Plan(FakeSource(None), Slices(1000 * K), 256 * K, SLICE, True))
     assert [n for _, n, zero in ops if not zero] == [256 * K] * 3 + [232 * K]
 
 
 def test_plan_for_a_stream_runs_until_stopped():
-    async def go() -> list[tuple[int, int, bool]]:
-        plan = Plan(FakeSource(None), Slices(None), 64 * K, SLICE, False)
-        first = [await plan.next(0), await plan.next(0)]
-        plan.stop(100 * K)
-        return [*first, await plan.next(0)]
-    assert asyncio.run(go()) == [(0, 64 * K, False), (64 * K, 64 * K, False), None]
+    plan = Plan(FakeSource(None), Slices(None), 64 * K, SLICE, False)
+    first = [plan.next(0), plan.next(0)]
+    plan.stop(100 * K)
+    assert [*first, plan.next(0)] == [(0, 64 * K, False), (64 * K, 64 * K, False), None]
 
 
 def test_zero_runs_blocks_starting_with_zero():
@@ -143,3 +141,41 @@ def test_zero_runs_blocks_starting_with_zero():
     assert runs(bytes(data)) == [(0, 4 * K, True), (4 * K, 56 * K, False), (60 * K, 4 * K, True)]
     data[0:64 * K:4 * K] = bytes(16)  # every block starts with zero; only two are zero
     assert runs(bytes(data))[1] == (4 * K, 56 * K, False)
+
+
+# -------------------------------------------------------------------- fanout
+
+def test_fanout_waits_for_every_part_and_the_starter():
+    calls: list[tuple[int, BaseException | None]] = []
+    fan = Fanout(10, lambda n, error: calls.append((n, error)))
+    parts = [fan.part() for _ in range(3)]
+    for part in parts:
+        part(1, None)
+    assert calls == []  # the starter has not closed it yet
+    fan.close()
+    assert calls == [(10, None)]
+
+
+def test_fanout_reports_the_first_error_once():
+    calls: list[tuple[int, BaseException | None]] = []
+    fan = Fanout(10, lambda n, error: calls.append((n, error)))
+    first, second = OSError(5, "first"), OSError(28, "second")
+    a, b = fan.part(), fan.part()
+    fan.close()
+    a(0, first)
+    b(0, second)
+    assert calls == [(10, first)]
+
+
+def test_fanout_from_many_threads_finishes_exactly_once():
+    calls: list[int] = []
+    fan = Fanout(1, lambda n, error: calls.append(n))
+    parts = [fan.part() for _ in range(400)]
+    threads = [threading.Thread(target=lambda ps=parts[i::8]: [p(1, None) for p in ps])
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    fan.close()
+    for t in threads:
+        t.join()
+    assert calls == [1]

@@ -9,7 +9,22 @@
     h.block_status(h.get_size(), 0, lambda ctx, off, entries, err: print(ctx, entries))
     h.shutdown(); h.close()
 
-One command is in flight at a time; use ``pynbd.client.aio`` for many.
+One command is in flight at a time on the handle itself; for many, use
+``pynbd.client.aio`` or wrap a connected handle in a ``Pipeline``:
+
+    p = Pipeline(h)                          # starts a receiver thread
+    p.submit(CMD_READ, offset, len(buf), 0, buf, lambda command, error: ...)
+    p.call(Cmd.FLUSH)                        # submit and wait
+    p.close()                                # stops the thread, closes the handle
+
+``submit`` may be called from any thread; it sends header and payload with
+one ``sendmsg``, and the receiver thread reads replies (read data straight
+into the caller's buffer) and calls each command's ``done(command, error)``
+(``error`` None, an ``NBDError``, or the ``ProtocolError`` or connection
+failure that ended the connection and every command in flight). Over TLS,
+where one SSL connection cannot be read and written by two threads at once,
+``submit`` waits for its own reply instead (one command in flight), calling
+``done`` before it returns.
 Errors from the server raise ``NBDError`` (an ``OSError`` with the errno);
 a server that breaks the protocol raises ``ProtocolError`` and the handle
 is closed. Connecting (socket and handshake) gives up after
@@ -22,6 +37,7 @@ import contextlib
 import errno
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -229,12 +245,15 @@ class NBD(HandleBase):
             raise
         except OSError as exc:
             self._drop()
-            raise NBDError(exc.errno or errno.EIO, f"connection to {self._where} failed: "
-                                                   f"{exc.strerror or exc}") from None
+            raise self._lost(exc) from None
         error = command_error(command)
         if error is not None:
             raise error
         return command
+
+    def _lost(self, exc: OSError) -> NBDError:
+        return NBDError(exc.errno or errno.EIO, f"connection to {self._where} failed: "
+                                                f"{exc.strerror or exc}")
 
     def _send(self, header: bytes, payload: memoryview | None) -> None:
         sock = self._socket()
@@ -316,6 +335,139 @@ class NBD(HandleBase):
             sock, self._sock = self._sock, None
             with contextlib.suppress(OSError):  # the handle lets go of the socket either way
                 sock.close()
+
+
+Done = Callable[[Command, BaseException | None], None]
+PIPELINE_SEND_BUFFER = 4 * 1024 * 1024
+
+
+class Pipeline:
+    """Many commands in flight on one connected ``NBD`` handle (see the module's manual)."""
+
+    def __init__(self, handle: NBD) -> None:
+        if handle._tx is None:
+            raise NBDError(errno.ENOTCONN, "the handle is not ready for commands")
+        self.handle = handle
+        self._sock, self._tx = handle._socket(), handle._tx
+        self._tx.direct_reads = True
+        widen_send_buffer(self._sock)
+        self._lock = threading.Lock()  # sending, and registering commands
+        self._dead: BaseException | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if not isinstance(self._sock, ssl.SSLSocket):
+            self._thread = threading.Thread(target=self._receive, daemon=True,
+                                            name=f"nbd-receive {handle._where}")
+            self._thread.start()
+
+    def submit(self, cmd: int, offset: int, count: int, flags: int,
+               buf: memoryview | None, done: Done) -> None:
+        """Send one command; ``done(command, error)`` is called once when it is over.
+
+        Raises (without calling ``done``) if the command is invalid or the
+        connection is already dead.
+        """
+        self.handle._check_command(cmd, offset, count, flags)
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead
+            command, header = self._tx.request(cmd, offset, count, flags,
+                                               buf if cmd == Cmd.READ else None)
+            command.token = done
+            try:
+                self.handle._send(header, buf if cmd == Cmd.WRITE else None)
+                finished = self._wait_lockstep(command) if self._thread is None else ()
+            except (OSError, ProtocolError) as exc:
+                self._broken(exc)
+                finished = () if self._thread is not None else self._fail_all()
+        for command in finished:
+            self._deliver(command)
+
+    def call(self, cmd: int, offset: int = 0, count: int = 0, flags: int = 0,
+             buf: memoryview | None = None) -> Command:
+        """Submit one command and wait for it; raise its error."""
+        over = threading.Event()
+        outcome: list[tuple[Command, BaseException | None]] = []
+
+        def done(command: Command, error: BaseException | None) -> None:
+            outcome.append((command, error))
+            over.set()
+
+        self.submit(cmd, offset, count, flags, buf, done)
+        over.wait()
+        command, error = outcome[0]
+        if error is not None:
+            raise error
+        return command
+
+    def close(self) -> None:
+        """Stop the receiver (commands still in flight fail) and close the handle."""
+        with self._lock:
+            self._closing = True
+        if self._thread is not None:
+            with contextlib.suppress(OSError):  # already gone is as good as shut
+                self._sock.shutdown(socket.SHUT_RD)
+            self._thread.join()
+        self.handle.close()
+
+    # ------------------------------------------------------------ inside
+    def _wait_lockstep(self, command: Command) -> list[Command]:
+        finished: list[Command] = []
+        while not command.done:
+            n = self._sock.recv_into(self._tx.get_buffer())
+            if n == 0:
+                raise self._tx.connection_lost()
+            finished.extend(self._tx.buffer_updated(n))
+        return finished
+
+    def _receive(self) -> None:
+        sock, tx = self._sock, self._tx
+        try:
+            while True:
+                n = sock.recv_into(tx.get_buffer())
+                if n == 0:
+                    if self._closing and not tx.in_flight:
+                        return
+                    raise tx.connection_lost()
+                for command in tx.buffer_updated(n):
+                    self._deliver(command)
+        except (OSError, ProtocolError) as exc:
+            with self._lock:
+                self._broken(exc)
+            for command in self._fail_all():
+                self._deliver(command)
+
+    def _broken(self, exc: BaseException) -> None:
+        """Record why the connection ended (the lock is held)."""
+        if self._dead is None:
+            self._dead = self.handle._lost(exc) if isinstance(exc, OSError) else exc
+        with contextlib.suppress(OSError):  # wake the receiver; the socket may be gone
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _fail_all(self) -> list[Command]:
+        failed = list(self._tx.in_flight.values())
+        for command in failed:
+            self._tx.forget(command)
+        return failed
+
+    def _deliver(self, command: Command) -> None:
+        done: Done = command.token  # type: ignore[assignment]
+        if command.done:
+            done(command, command_error(command))
+        else:
+            done(command, self._dead)
+
+
+def widen_send_buffer(sock: socket.socket) -> None:
+    """Let a Unix socket take a whole large write at once.
+
+    Its default send buffer (about 200 KiB) is smaller than one 256 KiB
+    write, so a sender would wait for the server to read each write in
+    pieces. TCP sizes its buffers itself.
+    """
+    if sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):  # a smaller buffer is slower, not wrong
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPELINE_SEND_BUFFER)
 
 
 def sendmsg_all(sock: socket.socket, parts: list[memoryview]) -> None:

@@ -108,6 +108,12 @@ class Transmission:
         self._dest: memoryview = _ZEROS[:0]  # where DATA goes
         self._direct = False
         self._completed: list[Command] = []
+        # Set by a driver whose reads are large: receive reply headers (and a data chunk's
+        # offset) on their own, so that read data never passes through the receive buffer.
+        self.direct_reads = False
+        header = (wire.EXTENDED_REPLY if extended else
+                  wire.STRUCTURED_REPLY if self.structured else wire.SIMPLE_REPLY).size
+        self._header_read = header + (wire.U64.size if self.structured else 0)
 
     # ----------------------------------------------------------- requests
     def request(self, cmd: int, offset: int = 0, count: int = 0, flags: int = 0,
@@ -146,7 +152,17 @@ class Transmission:
             self._start = self._end = 0
         if len(self._rbuf) - self._end < 4096 or self._need > len(self._rbuf) - self._start:
             self._compact()
+        if self.direct_reads:
+            return self._view[self._end:self._end + self._exact_read()]
         return self._view[self._end:]
+
+    def _exact_read(self) -> int:
+        """Bytes to ask for so as to stop at the next reply's data (``direct_reads``)."""
+        if self._rx is _Rx.HEADER:
+            return self._header_read
+        if self._rx is _Rx.DATA:
+            return len(self._dest) or self._header_read
+        return max(1, self._need - (self._end - self._start))
 
     def buffer_updated(self, nbytes: int) -> list[Command]:
         """``nbytes`` arrived in the last buffer; return the commands finished."""

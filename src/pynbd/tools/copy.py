@@ -58,9 +58,9 @@ Options:
     -S, --sparse=N     zero-detection block size (see above)
     --synchronous      one request at a time, in order (also used whenever a
                        stream is involved)
-    -T, --threads=N    at most N threads, one per connection (default, or
-                       0: the number of processors); each runs its own event
-                       loop with --requests requests in flight
+    -T, --threads=N    at most N connections (default, or 0: the number of
+                       processors); each is driven by a thread of its own,
+                       with --requests requests in flight
     -v, --verbose      describe both ends, the layout and a summary on stderr
     -V, --version      print the version
 
@@ -70,8 +70,10 @@ the copy is synchronous.
 Limits: ``-`` is always a stream (stdin that is a regular file too), and a
 stream source is read to its end: into a file the file gets its length,
 into a server or device it must fit. Files and block devices are read and
-written with plain system calls from each connection's thread, so a slow
-disk holds up that connection's other requests. A file copied onto itself
+written with plain system calls from the thread that drives the request
+(a lane's, or the one receiving an NBD source's replies), so a slow disk
+holds up that connection's other requests. Over TLS each connection has one
+request in flight at a time. A file copied onto itself
 is left as it is (not truncated first).
 
 Errors: an unparseable URI, a server that cannot be reached, an unknown
@@ -83,10 +85,9 @@ never reports success after one. Bad options exit with status 1 as well.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from ..client import NBDError
+from ..client.errors import NBDError
 from ..proto.errors import ProtocolError
 from .copying.endpoint import CopyError
 from .copying.options import UsageError, parse_args
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> int:
         print(f"pynbd copy {__version__}")
         return 0
     try:
-        asyncio.run(run_copy(opts))
+        run_copy(opts)
     except CopyError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

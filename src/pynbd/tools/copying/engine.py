@@ -1,33 +1,37 @@
-"""The copy itself: lanes of workers moving operations to the destination.
+"""The copy itself: lanes that keep requests in flight between the two ends.
 
-A lane is one connection to each end with its own event loop: lane 0 runs
-in the main loop, every other lane in a thread of its own, so the system
-calls of several connections (which release the GIL) overlap. There are as
-many lanes as ``--connections``, at most ``--threads`` (by default the
-number of processors, as nbdcopy does) and one if a server cannot multi-conn. Lanes share
-the disk through ``Slices``. In each lane, ``--requests`` workers (one in
-``--synchronous`` mode or when a stream is involved) each own one buffer of
-``--request-size`` bytes, allocated once, and take the lane's next operation:
+A lane is one connection to each end: lane 0 runs in the main thread,
+every other lane in a thread of its own. There are as many lanes as
+``--connections``, at most ``--threads`` (by default the number of
+processors, as nbdcopy does) and one if a server cannot multi-conn. Lanes
+share the disk through ``Slices``. A lane owns ``--requests`` slots (one in
+``--synchronous`` mode or when a stream is involved), each with a buffer of
+``--request-size`` bytes allocated once; its thread takes the next operation
+and a free slot and starts it, without waiting for it to finish:
 
 - a range that reads as zero on the source is skipped when the destination
   already reads as zero (and ``--allocated`` is not given), else zeroed;
-- data is read into the worker's buffer, split into runs of zero and
-  non-zero ``--sparse`` blocks, and the runs are zeroed or written.
+- data is read into the slot's buffer; when the read is done (in whichever
+  thread finished it: the lane's for a file, the receiver of the source's
+  NBD connection for a server) the buffer is split into runs of zero and
+  non-zero ``--sparse`` blocks, and the runs are zeroed or written;
+- the slot is free again when the last of those writes is done.
 
-The first failure anywhere stops every lane and is the copy's error; a copy
-is reported as done only when every write (and ``--flush``) succeeded.
+The first failure anywhere stops every lane, which then waits for its
+requests in flight; a copy is reported as done only when every write (and
+``--flush``) succeeded.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, fields
 
 from ...proto.errors import ProtocolError
-from .endpoint import CopyError, Endpoint
+from .endpoint import CopyError, Done, Endpoint, Fanout, start
 from .options import CopyOptions
 from .plan import SLICE, Plan, Slices
 from .progress import Progress
@@ -115,31 +119,31 @@ class Copier:
                      if lane.plan.extents_failed), None)
 
     def fail(self, exc: BaseException) -> None:
-        """Record a lane's failure and make every lane stop."""
+        """Record a failure (any thread) and make every lane stop."""
         self.failures.append(exc)
         self.slices.abort()
 
-    async def run(self) -> int:
+    def run(self) -> int:
         """Copy everything; return the number of bytes copied."""
         started = time.monotonic()
         self.progress.start()
-        threads = [threading.Thread(target=lane.run_in_thread, name=f"copy-lane-{lane.index}",
+        threads = [threading.Thread(target=lane.run, name=f"copy-lane-{lane.index}",
                                     daemon=True) for lane in self.lanes[1:]]
         for thread in threads:
             thread.start()
         try:
-            await self.lanes[0].run()
+            self.lanes[0].run()
         except BaseException:
             self.slices.abort()  # interrupted: the other lanes stop at their next operation
             raise
         finally:
             for thread in threads:
-                await asyncio.to_thread(thread.join)
+                thread.join()
         if self.failures:
             raise self.failures[0]
         length = self.slices.length
         try:
-            await self.dst.finish(0, length, self.opts.flush)
+            self.dst.finish(0, length, self.opts.flush)
         except _IO_ERRORS as exc:
             raise wrap(self.dst, exc) from None
         self.progress.finish()
@@ -147,8 +151,18 @@ class Copier:
         return length
 
 
+class Slot:
+    """One request's worth of buffer, reused for the whole copy."""
+
+    __slots__ = ("buf", "view")
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+
+
 class Lane:
-    """One connection to each end and the workers that use them."""
+    """One connection to each end and the requests in flight on them."""
 
     def __init__(self, copier: Copier, index: int) -> None:
         self.copier, self.index = copier, index
@@ -159,83 +173,105 @@ class Lane:
         self.scanner = ZeroScanner(layout.sparse, layout.request_size)
         self.counters = Counters()
         self.allocate = copier.opts.allocated
+        self.free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # counters, updated from the threads finishing requests
 
-    def run_in_thread(self) -> None:
-        asyncio.run(self.run())
-
-    async def run(self) -> None:
-        """Connect (lanes after the first), run the workers, disconnect; never raises."""
+    def run(self) -> None:
+        """Connect (lanes after the first), copy, wait, disconnect; never raises but
+        for an interrupt, which stops the copy (and the lane) where it is."""
         opened: list[Endpoint] = []
         try:
             for endpoint in (self.src, self.dst) if self.index else ():
-                await endpoint.connect_lane(self.index)
+                endpoint.connect_lane(self.index)
                 opened.append(endpoint)
-            async with asyncio.TaskGroup() as group:
-                for _ in range(self.copier.layout.requests):
-                    group.create_task(self._worker())
-        except BaseExceptionGroup as failures:
-            self.copier.fail(first_error(failures))
+            self._copy()
         except (CopyError, *_IO_ERRORS) as exc:
             self.copier.fail(exc)
         finally:
             for endpoint in opened:
-                await endpoint.close_lane(self.index)
+                self._close_lane(endpoint)
 
-    async def _worker(self) -> None:
-        buf = bytearray(self.copier.layout.request_size)
-        view = memoryview(buf)
-        conn, progress = self.index, self.copier.progress
-        while (op := await self.plan.next(conn)) is not None:
-            offset, length, zero = op
-            if zero:
-                await self._zero(offset, length)
+    def _close_lane(self, endpoint: Endpoint) -> None:
+        try:
+            endpoint.close_lane(self.index)
+        except _IO_ERRORS:
+            return  # closing a connection that failed: the failure is already recorded
+
+    def _copy(self) -> None:
+        size, slots = self.copier.layout.request_size, self.copier.layout.requests
+        for _ in range(slots):
+            self.free.put(Slot(size))
+        try:
+            while (op := self.plan.next(self.index)) is not None:
+                slot = self.free.get()
+                if self.copier.slices.aborted:
+                    self.free.put(slot)
+                    break
+                offset, length, zero = op
+                if zero:
+                    self._zero(offset, length, self._releaser(slot))
+                else:
+                    self._read(slot, offset, length)
+        finally:
+            for _ in range(slots):
+                self.free.get()  # every request in flight has finished
+
+    def _releaser(self, slot: Slot) -> Done:
+        """The completion that ends a slot's work: count it, report it, free the slot."""
+        def release(n: int, error: BaseException | None) -> None:
+            if error is None:
+                self.copier.progress.advance(n)
             else:
-                length = await self._copy(buf, view, offset, length)
-            progress.advance(length)
+                self.copier.fail(error)
+            self.free.put(slot)
+        return release
 
-    async def _zero(self, offset: int, length: int) -> None:
+    def _count(self, name: str, n: int) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + n)
+
+    def _zero(self, offset: int, length: int, done: Done) -> None:
         if self.copier.skip_zeroes:
-            self.counters.skipped += length
+            self._count("skipped", length)
+            done(length, None)
             return
-        try:
-            await self.dst.zero(self.index, length, offset, self.allocate)
-        except _IO_ERRORS as exc:
-            raise wrap(self.dst, exc) from None
-        self.counters.zeroed += length
+        self._count("zeroed", length)
+        start(self.dst.zero, _blaming(self.dst, done), self.index, length, offset, self.allocate)
 
-    async def _copy(self, buf: bytearray, view: memoryview, offset: int, length: int) -> int:
-        try:
-            n = await self.src.read(self.index, view[:length], offset)
-        except _IO_ERRORS as exc:
-            raise wrap(self.src, exc) from None
+    def _read(self, slot: Slot, offset: int, length: int) -> None:
+        release = self._releaser(slot)
+
+        def read_done(n: int, error: BaseException | None) -> None:
+            if error is not None:
+                release(0, error)
+                return
+            fan = Fanout(n, release)
+            try:
+                self._write_runs(slot, offset, n, length, fan)
+            except CopyError as exc:
+                fan.close(exc)
+            else:
+                fan.close()
+
+        start(self.src.read, _blaming(self.src, read_done), self.index, slot.view[:length], offset)
+
+    def _write_runs(self, slot: Slot, offset: int, n: int, length: int, fan: Fanout) -> None:
         if n < length:
             self.plan.stop(offset + n)
         if n and self.dst.size is not None and offset + n > self.dst.size:
             raise CopyError(self.dst.label, f"the source is larger than the destination "
                                             f"({self.dst.size} bytes)")
-        for start, run, zero in self.scanner.runs(buf, n):
+        for begin, run, zero in self.scanner.runs(slot.buf, n):
             if zero:
-                await self._zero(offset + start, run)
-                continue
-            try:
-                await self.dst.write(self.index, view[start:start + run], offset + start)
-            except _IO_ERRORS as exc:
-                raise wrap(self.dst, exc) from None
-            self.counters.written += run
-        return n
+                self._zero(offset + begin, run, fan.part())
+            else:
+                self._count("written", run)
+                start(self.dst.write, _blaming(self.dst, fan.part()), self.index,
+                      slot.view[begin:begin + run], offset + begin)
 
 
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a failed group: a CopyError if there is one."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            pending[:0] = exc.exceptions
-        else:
-            leaves.append(exc)
-    for exc in leaves:
-        if isinstance(exc, CopyError):
-            return exc
-    return leaves[0]
+def _blaming(endpoint: Endpoint, done: Done) -> Done:
+    """``done`` with its error turned into a CopyError naming ``endpoint``."""
+    def finished(n: int, error: BaseException | None) -> None:
+        done(n, None if error is None else wrap(endpoint, error))
+    return finished

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from .endpoint import NULL_SIZE, CopyError, Endpoint, Extent, Facts
+from .endpoint import NULL_SIZE, CopyError, Done, Endpoint, Extent, Facts
 from .options import Spec
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
@@ -92,7 +92,7 @@ class LocalEndpoint(Endpoint):
         except OSError as exc:
             raise CopyError(self.label, exc.strerror or exc) from None
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.owned and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
@@ -116,25 +116,28 @@ class FileEndpoint(LocalEndpoint):
         st = os.fstat(self.fd)
         return st.st_dev, st.st_ino
 
-    async def read(self, conn: int, view: memoryview, offset: int) -> int:
+    def read(self, conn: int, view: memoryview, offset: int, done: Done) -> None:
         n: int = self._call(pread_full, self.fd, view, offset)
         if n < len(view):
             raise CopyError(self.label, f"file shrank: read {n} of {len(view)} bytes at {offset}")
-        return n
+        done(n, None)
 
-    async def write(self, conn: int, view: memoryview, offset: int) -> None:
+    def write(self, conn: int, view: memoryview, offset: int, done: Done) -> None:
         self._call(pwrite_full, self.fd, view, offset)
+        done(len(view), None)
 
-    async def zero(self, conn: int, count: int, offset: int, allocate: bool) -> None:
+    def zero(self, conn: int, count: int, offset: int, allocate: bool, done: Done) -> None:
         if self._zero_native:
             try:
                 self._zero_native_call(count, offset, allocate)
-                return
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:
                     raise CopyError(self.label, exc.strerror or exc) from None
                 self._zero_native = False
-        await self.write_zeroes(conn, count, offset)
+            else:
+                done(count, None)
+                return
+        self.write_zeroes(conn, count, offset, done)
 
     def _zero_native_call(self, count: int, offset: int, allocate: bool) -> None:
         if self.block_device:
@@ -144,7 +147,7 @@ class FileEndpoint(LocalEndpoint):
         else:
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
 
-    async def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
+    def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
         if self.block_device:
             return None
         try:
@@ -154,7 +157,7 @@ class FileEndpoint(LocalEndpoint):
                 return None
             raise CopyError(self.label, exc.strerror or exc) from None
 
-    async def prepare(self, length: int | None, source: Endpoint) -> None:
+    def prepare(self, length: int | None, source: Endpoint) -> None:
         if self.block_device:
             return
         if isinstance(source, FileEndpoint) and source.identity() == self.identity():
@@ -167,7 +170,7 @@ class FileEndpoint(LocalEndpoint):
         self.size = NULL_SIZE if length is None else length
         self.reads_as_zero = True
 
-    async def finish(self, conn: int, length: int, flush: bool) -> None:
+    def finish(self, conn: int, length: int, flush: bool) -> None:
         if not self.block_device and os.fstat(self.fd).st_size < length:
             self._call(os.ftruncate, self.fd, length)  # a stream's trailing zeroes
         if flush:
@@ -213,19 +216,20 @@ class StreamEndpoint(LocalEndpoint):
         if offset != self.position:
             raise CopyError(self.label, f"a stream cannot seek (at {self.position}, asked {offset})")
 
-    async def read(self, conn: int, view: memoryview, offset: int) -> int:
+    def read(self, conn: int, view: memoryview, offset: int, done: Done) -> None:
         self._check_position(offset)
         n: int = self._call(read_full, self.fd, view)
         self.position += n
-        return n
+        done(n, None)
 
-    async def write(self, conn: int, view: memoryview, offset: int) -> None:
+    def write(self, conn: int, view: memoryview, offset: int, done: Done) -> None:
         self._check_position(offset)
         self._call(write_full, self.fd, view)
         self.position += len(view)
+        done(len(view), None)
 
-    async def zero(self, conn: int, count: int, offset: int, allocate: bool) -> None:
-        await self.write_zeroes(conn, count, offset)
+    def zero(self, conn: int, count: int, offset: int, allocate: bool, done: Done) -> None:
+        self.write_zeroes(conn, count, offset, done)
 
 
 def open_local(spec: Spec, writing: bool) -> LocalEndpoint:

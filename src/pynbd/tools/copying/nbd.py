@@ -1,28 +1,38 @@
 """NBD endpoints: a URI or a captive ``[ CMD ARGS ... ]`` server.
 
-One ``AsyncNBD`` handle per connection: the first is opened (and closed) in
-the main event loop, the others in their lanes' loops. More than one is opened
-only when the server advertises multi-conn and it is not captive (a captive
-server is started per connection, so it gets exactly one). Extents come from
-``base:allocation``; zeroing uses WRITE_ZEROES (with NO_HOLE for
+One blocking connection per lane, driven as a ``Pipeline``: the lane's
+thread sends requests (header and data in one ``sendmsg``) and a receiver
+thread per connection reads the replies, read data straight into the lane's
+buffers, and finishes each request from there. The first connection is
+opened by the main thread, the others by their lanes. More than one is
+opened only when the server advertises multi-conn and it is not captive (a
+captive server is started per connection, so it gets exactly one). Extents
+come from ``base:allocation``; zeroing uses WRITE_ZEROES (with NO_HOLE for
 ``--allocated``) where the server offers it, else writes of zero bytes.
+Over TLS each connection has one request in flight at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from ...client import CMD_FLAG_NO_HOLE, CONTEXT_BASE_ALLOCATION, STATE_ZERO, AsyncNBD, NBDError
-from ...client.aio import connect
-from ...client.common import SIZE_MAXIMUM, SIZE_PREFERRED
+from ...client.common import (
+    CMD_FLAG_NO_HOLE,
+    CONTEXT_BASE_ALLOCATION,
+    SIZE_MAXIMUM,
+    SIZE_PREFERRED,
+    STATE_ZERO,
+    extents_by_name,
+)
+from ...client.errors import NBDError
+from ...client.sync import NBD, Pipeline, connect
+from ...proto.client_transmission import Command
+from ...proto.constants import Cmd
 from ...proto.errors import ProtocolError
-from .endpoint import UNLIMITED, CopyError, Endpoint, Extent, Facts
+from .endpoint import UNLIMITED, CopyError, Done, Endpoint, Extent, Facts
 from .options import MAX_REQUEST, Spec
 
 MAX_STATUS = 0xFFFF_F000  # one block status request (fits a 32-bit length, 4 KiB aligned)
-SEND_BUFFER = 4 * 1024 * 1024
 ZERO_PROBES = 64  # block status requests spent deciding whether a destination reads as zero
 
 
@@ -32,23 +42,27 @@ class NBDEndpoint(Endpoint):
     def __init__(self, spec: Spec, writing: bool) -> None:
         super().__init__(spec.label)
         self.spec, self.writing = spec, writing
-        self.handles: dict[int, AsyncNBD] = {}  # lane -> its connection
+        self.pipes: dict[int, Pipeline] = {}  # lane -> its connection
 
     @property
     def _target(self) -> str | list[str]:
         return list(self.spec.command) if self.spec.kind == "captive" else self.spec.text
 
-    async def _connect(self) -> AsyncNBD:
+    def _connect(self) -> Pipeline:
         try:
-            h = await connect(self._target, meta_contexts=[CONTEXT_BASE_ALLOCATION])
+            h = connect(self._target, meta_contexts=[CONTEXT_BASE_ALLOCATION])
         except (NBDError, ProtocolError) as exc:
             raise CopyError(self.label, exc) from None
-        widen_send_buffer(h)
-        return h
+        return Pipeline(h)
 
-    async def open(self) -> None:
+    @property
+    def handle(self) -> NBD:
+        return self.pipes[0].handle
+
+    def open(self) -> None:
         """Open the first connection and learn the export's facts."""
-        h = self.handles[0] = await self._connect()
+        h = (p := self._connect()).handle
+        self.pipes[0] = p
         if self.writing and h.is_read_only():
             raise CopyError(self.label, "the export is read-only")
         self.size = h.get_size()
@@ -57,52 +71,52 @@ class NBDEndpoint(Endpoint):
         self.zero_is_cheap = h.can_zero()
 
     def facts(self) -> Facts:
-        h = self.handles[0]
+        h = self.handle
         return Facts("captive nbd" if self.spec.kind == "captive" else "nbd",
                      "write_zeroes" if h.can_zero() else "write")
 
     def max_connections(self) -> int:
-        if self.spec.kind == "captive" or not self.handles[0].can_multi_conn():
+        if self.spec.kind == "captive" or not self.handle.can_multi_conn():
             return 1
         return UNLIMITED
 
-    async def connect_lane(self, lane: int) -> None:
-        self.handles[lane] = await self._connect()
+    def connect_lane(self, lane: int) -> None:
+        self.pipes[lane] = self._connect()
 
-    async def close_lane(self, lane: int) -> None:
-        h = self.handles.pop(lane, None)
-        if h is not None:
-            await h.close()
+    def close_lane(self, lane: int) -> None:
+        p = self.pipes.pop(lane, None)
+        if p is not None:
+            p.close()
 
-    async def read(self, conn: int, view: memoryview, offset: int) -> int:
-        await self.handles[conn].pread_into(view, offset)
-        return len(view)
+    def read(self, conn: int, view: memoryview, offset: int, done: Done) -> None:
+        self.pipes[conn].submit(Cmd.READ, offset, len(view), 0, view, _counted(done))
 
-    async def write(self, conn: int, view: memoryview, offset: int) -> None:
-        await self.handles[conn].pwrite(view, offset)
+    def write(self, conn: int, view: memoryview, offset: int, done: Done) -> None:
+        self.pipes[conn].submit(Cmd.WRITE, offset, len(view), 0, view, _counted(done))
 
-    async def zero(self, conn: int, count: int, offset: int, allocate: bool) -> None:
-        h = self.handles[conn]
-        if h.can_zero():
-            await h.zero(count, offset, CMD_FLAG_NO_HOLE if allocate else 0)
+    def zero(self, conn: int, count: int, offset: int, allocate: bool, done: Done) -> None:
+        if self.handle.can_zero():
+            self.pipes[conn].submit(Cmd.WRITE_ZEROES, offset, count,
+                                    CMD_FLAG_NO_HOLE if allocate else 0, None, _counted(done))
         else:
-            await self.write_zeroes(conn, count, offset)
+            self.write_zeroes(conn, count, offset, done)
 
-    async def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
-        h = self.handles[conn]
-        if not h.can_meta_context(CONTEXT_BASE_ALLOCATION):
+    def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
+        p = self.pipes[conn]
+        if not self.handle.can_meta_context(CONTEXT_BASE_ALLOCATION):
             return None
-        reply = await h.block_status(min(count, MAX_STATUS), offset)
+        command = p.call(Cmd.BLOCK_STATUS, offset, min(count, MAX_STATUS))
+        reply = extents_by_name(self.handle.negotiated.meta_contexts, command)
         return _as_extents(reply.get(CONTEXT_BASE_ALLOCATION, []), offset, offset + count)
 
-    async def probe_zero(self) -> bool:
+    def probe_zero(self) -> bool:
         """True if base:allocation says the whole export reads as zeroes."""
         assert self.size is not None
         offset = 0
         for _ in range(ZERO_PROBES):
             if offset >= self.size:
                 return True
-            extents = await self.extents(0, self.size - offset, offset)
+            extents = self.extents(0, self.size - offset, offset)
             if not extents:
                 return False
             for start, length, zero in extents:
@@ -111,29 +125,18 @@ class NBDEndpoint(Endpoint):
                 offset = start + length
         return offset >= self.size
 
-    async def finish(self, conn: int, length: int, flush: bool) -> None:
-        h = self.handles[conn]
-        if flush and h.can_flush():
-            await h.flush()
+    def finish(self, conn: int, length: int, flush: bool) -> None:
+        if flush and self.handle.can_flush():
+            self.pipes[conn].call(Cmd.FLUSH)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Close the first connection (each lane closes its own)."""
-        h = self.handles.pop(0, None)
-        if h is not None:
-            await h.close()
+        self.close_lane(0)
 
 
-def widen_send_buffer(h: AsyncNBD) -> None:
-    """Let a Unix socket take a whole request at once.
-
-    Its default send buffer (about 200 KiB) is smaller than one 256 KiB
-    write, so the transport would keep (copy) the rest of every request and
-    send it later. TCP sizes its buffers itself.
-    """
-    sock = h.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_UNIX:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+def _counted(done: Done) -> Callable[[Command, BaseException | None], None]:
+    """A pipeline completion that reports the command's byte count to ``done``."""
+    return lambda command, error: done(command.count, error)
 
 
 def _as_extents(entries: Sequence[int], offset: int, end: int) -> list[Extent]:

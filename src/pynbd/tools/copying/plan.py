@@ -8,15 +8,14 @@ into operations for its workers:
     (offset, length, False)   data: read it (at most one request's worth)
     (offset, length, True)    a range that reads as zero on the source
 
-Only one worker of a connection fetches extents at a time; the others keep
-copying what is already queued. A source of unknown length (a stream) is
+Only the connection's lane thread asks for the next operation, so extents
+are fetched while the requests already started keep going. A source of unknown length (a stream) is
 cut into request-sized slices until a worker reports its end with ``stop``.
 When any connection fails, ``abort`` makes every plan run dry.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -69,7 +68,6 @@ class Plan:
         self.request_size, self.zero_piece = request_size, zero_piece
         self.use_extents = use_extents and slices.end is not None
         self._ops: deque[Op] = deque()
-        self._lock = asyncio.Lock()
         self.extents_failed: str | None = None
 
     def stop(self, at: int) -> None:
@@ -77,29 +75,27 @@ class Plan:
         self.slices.stop(at)
         self._ops.clear()
 
-    async def next(self, conn: int) -> Op | None:
+    def next(self, conn: int) -> Op | None:
         """The next operation, or None when there is nothing left (or the copy failed)."""
         while not self._ops:
-            async with self._lock:
-                if not self._ops:
-                    piece = self.slices.take()
-                    if piece is None:
-                        return None
-                    await self._fill(conn, *piece)
+            piece = self.slices.take()
+            if piece is None:
+                return None
+            self._fill(conn, *piece)
         if self.slices.aborted:
             return None
         return self._ops.popleft()
 
-    async def _fill(self, conn: int, start: int, stop: int) -> None:
-        for extent in await self._extents(conn, start, stop):
+    def _fill(self, conn: int, start: int, stop: int) -> None:
+        for extent in self._extents(conn, start, stop):
             self._ops.extend(self._split(*extent))
 
-    async def _extents(self, conn: int, start: int, stop: int) -> list[Extent]:
+    def _extents(self, conn: int, start: int, stop: int) -> list[Extent]:
         found: list[Extent] = []
         offset = start
         while self.use_extents and offset < stop:
             try:
-                got = await self.source.extents(conn, stop - offset, offset)
+                got = self.source.extents(conn, stop - offset, offset)
             except (CopyError, OSError) as exc:
                 self.extents_failed = str(exc)  # reading everything is slower but still right
                 self.use_extents = False

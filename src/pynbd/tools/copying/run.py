@@ -16,7 +16,7 @@ import contextlib
 import sys
 from typing import TextIO
 
-from ...client import NBDError
+from ...client.errors import NBDError
 from ...proto.errors import ProtocolError
 from .endpoint import CopyError, Endpoint, NullEndpoint
 from .engine import Copier, Layout, plan_layout
@@ -26,14 +26,14 @@ from .options import CopyOptions, Spec
 from .progress import Progress
 
 
-async def open_endpoint(spec: Spec, writing: bool) -> Endpoint:
+def open_endpoint(spec: Spec, writing: bool) -> Endpoint:
     """The endpoint for ``spec``, connected or opened."""
     if spec.kind in ("nbd", "captive"):
         endpoint = NBDEndpoint(spec, writing)
         try:
-            await endpoint.open()
+            endpoint.open()
         except BaseException:
-            await endpoint.close()
+            endpoint.close()
             raise
         return endpoint
     if spec.kind == "null":
@@ -47,13 +47,13 @@ def check_sizes(src: Endpoint, dst: Endpoint) -> None:
                                    f"source size ({src.size})")
 
 
-async def destination_is_zero(opts: CopyOptions, dst: Endpoint) -> bool:
+def destination_is_zero(opts: CopyOptions, dst: Endpoint) -> bool:
     if opts.destination_is_zero or dst.reads_as_zero:
         return True
     if opts.allocated or not isinstance(dst, NBDEndpoint):
         return False
     try:
-        return await dst.probe_zero()
+        return dst.probe_zero()
     except (NBDError, ProtocolError, CopyError):
         return False
 
@@ -68,25 +68,25 @@ def _verbose(err: TextIO, opts: CopyOptions, src: Endpoint, dst: Endpoint, layou
           f"destination {'reads as zero' if dst.reads_as_zero else 'may hold data'}", file=err)
 
 
-async def run_copy(opts: CopyOptions, err: TextIO = sys.stderr) -> int:
+def run_copy(opts: CopyOptions, err: TextIO = sys.stderr) -> int:
     """Run the copy ``opts`` describes; return the bytes copied or raise CopyError."""
     assert opts.source is not None and opts.destination is not None
     opened: list[Endpoint] = []
     try:
-        src = await open_endpoint(opts.source, writing=False)
+        src = open_endpoint(opts.source, writing=False)
         opened.append(src)
-        dst = await open_endpoint(opts.destination, writing=True)
+        dst = open_endpoint(opts.destination, writing=True)
         opened.append(dst)
-        await dst.prepare(src.size, src)
+        dst.prepare(src.size, src)
         check_sizes(src, dst)
-        dst.reads_as_zero = await destination_is_zero(opts, dst)
+        dst.reads_as_zero = destination_is_zero(opts, dst)
         layout = plan_layout(opts, src, dst)
         if opts.verbose:
             _verbose(err, opts, src, dst, layout)
         progress = Progress(src.size, bar=opts.progress and opts.progress_fd is None,
                             fd=opts.progress_fd, stream=err)
         copier = Copier(opts, src, dst, layout, progress)
-        length = await copier.run()
+        length = copier.run()
         if opts.verbose and copier.extents_failed:
             print(f"pynbd copy: extents unavailable, read everything: {copier.extents_failed}",
                   file=err)
@@ -97,10 +97,10 @@ async def run_copy(opts: CopyOptions, err: TextIO = sys.stderr) -> int:
         return length
     finally:
         for endpoint in reversed(opened):
-            await _quiet_close(endpoint)
+            _quiet_close(endpoint)
 
 
-async def _quiet_close(endpoint: Endpoint) -> None:
+def _quiet_close(endpoint: Endpoint) -> None:
     # A failure to close must not hide the copy's own outcome.
     with contextlib.suppress(OSError, ProtocolError):
-        await endpoint.close()
+        endpoint.close()
