@@ -13,8 +13,9 @@
 Errors: ``NBDError`` (an ``OSError`` with the errno) and ``ProtocolError``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ..proto.errors import ProtocolError
-from .aio import AsyncNBD, connect
 from .captive import split_captive
 from .common import (
     CMD_FLAG_DF,
@@ -36,7 +37,18 @@ from .errors import NBDError
 from .sync import NBD
 from .uri import NBDURI, format_uri, is_uri, parse_uri
 
+if TYPE_CHECKING:
+    from .aio import AsyncNBD, connect
+
 Error = NBDError  # libnbd's name
+
+
+def __getattr__(name: str) -> Any:
+    """``AsyncNBD`` and ``connect`` import asyncio only when asked for (start-up time)."""
+    if name in ("AsyncNBD", "connect"):
+        from . import aio
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "NBD", "AsyncNBD", "connect", "NBDError", "Error", "ProtocolError", "NBDURI", "parse_uri",
