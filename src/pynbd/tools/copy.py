@@ -53,7 +53,7 @@ Options:
     --progress=FD      write ``N/100`` lines to file descriptor FD instead
     --queue-size=N     bytes in flight per connection at most (default 16M)
     --request-size=N   bytes per read or write, a power of 2 from 4096 to
-                       32M (default 256K; smaller if a server says so)
+                       32M (default 1M; smaller if a server says so)
     -R, --requests=N   requests in flight per connection (default 64)
     -S, --sparse=N     zero-detection block size (see above)
     --synchronous      one request at a time, in order (also used whenever a
