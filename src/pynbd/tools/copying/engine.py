@@ -14,7 +14,8 @@ and a free slot and starts it, without waiting for it to finish:
 - data is read into the slot's buffer; when the read is done (in whichever
   thread finished it: the lane's for a file, the receiver of the source's
   NBD connection for a server) the buffer is split into runs of zero and
-  non-zero ``--sparse`` blocks, and the runs are zeroed or written;
+  non-zero ``--sparse`` blocks, and the runs are zeroed or written (all at
+  once, or one after the other when only one request may be in flight);
 - the slot is free again when the last of those writes is done.
 
 The first failure anywhere stops every lane, which then waits for its
@@ -261,13 +262,28 @@ class Lane:
         if n and self.dst.size is not None and offset + n > self.dst.size:
             raise CopyError(self.dst.label, f"the source is larger than the destination "
                                             f"({self.dst.size} bytes)")
+        one_at_a_time = self.copier.layout.requests == 1  # --synchronous, streams, -R 1
         for begin, run, zero in self.scanner.runs(slot.buf, n):
+            over = threading.Event() if one_at_a_time else None
+            part = fan.part() if over is None else _signalling(fan.part(), over)
             if zero:
-                self._zero(offset + begin, run, fan.part())
+                self._zero(offset + begin, run, part)
             else:
                 self._count("written", run)
-                start(self.dst.write, _blaming(self.dst, fan.part()), self.index,
+                start(self.dst.write, _blaming(self.dst, part), self.index,
                       slot.view[begin:begin + run], offset + begin)
+            if over is not None:
+                over.wait()
+                if fan.error is not None:
+                    return
+
+
+def _signalling(done: Done, over: threading.Event) -> Done:
+    """``done``, then ``over`` set: for waiting until a request has finished."""
+    def finished(n: int, error: BaseException | None) -> None:
+        done(n, error)
+        over.set()
+    return finished
 
 
 def _blaming(endpoint: Endpoint, done: Done) -> Done:
