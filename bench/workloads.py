@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 
+from servers import ENV
+
 MiB = 1 << 20
 
 
@@ -36,7 +38,7 @@ def fio(uri: str, rw: str, bs: str, iodepth: int, jobs: int, runtime: float,
 def timed_copy(cmd: list[str], nbytes: int) -> float:
     """MiB/s of a copy command."""
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     return nbytes / MiB / (time.perf_counter() - start)
 
 
