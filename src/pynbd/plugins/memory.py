@@ -115,6 +115,10 @@ class SparseConnection(RamDisk):
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         get_or_create = self.pages.get_or_create
+        page, inner = divmod(offset, PAGE_SIZE)
+        if inner + len(buf) <= PAGE_SIZE:  # the common case: one page
+            get_or_create(page)[inner:inner + len(buf)] = buf
+            return
         for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             get_or_create(page)[inner:inner + take] = buf[pos:pos + take]
 

@@ -87,7 +87,7 @@ class RequestLoop:
     # ---- reply sink of the inline mode
     def emit(self, parts: Sequence[bytes | memoryview]) -> None:
         """Queue a reply; parts are copied into the arena unless large."""
-        size = sum(len(p) for p in parts)
+        size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         if size >= DIRECT_SEND or self.used + size > ARENA_SIZE:
             self.flush()
             if size >= DIRECT_SEND:

@@ -164,6 +164,7 @@ class Session:
         self.extended = False
         self.contexts: dict[int, str] = {}
         self.fua_emulated = False
+        self.fua_native = FLAG_FUA
         self.allowed = _ALLOWED_FLAGS
         self.refused: dict[int, int] = {}
         self._use_sendmsg = True
@@ -295,6 +296,7 @@ class Session:
         self.refused = self._refusals()
         self.allowed = allowed_flags(self.extended, bool(info.flags & TF.SEND_DF))
         self.fua_emulated = bool(info.flags & TF.SEND_FUA) and self.conn.can_fua() == FUA_EMULATE
+        self.fua_native = 0 if self.fua_emulated else FLAG_FUA  # what a FUA request passes down
         log.debug("client %s: serving export %r, %d bytes", self.address, info.name, info.size)
 
     # ------------------------------------------------------------- transmission
@@ -332,20 +334,16 @@ class Session:
             if cmd == _READ:
                 self._read(conn, cookie, offset, length, flags, scratch)
                 return
+            fua = self.fua_native if flags & _F_FUA else 0
             if cmd == _WRITE:
-                conn.pwrite(payload, offset, FLAG_FUA if flags & _F_FUA and not self.fua_emulated else 0)
-                self._after_write(conn, flags)
+                conn.pwrite(payload, offset, fua)
             elif cmd == _ZERO:
-                zflags = 0 if flags & _F_NO_HOLE else FLAG_MAY_TRIM
+                zflags = fua | (0 if flags & _F_NO_HOLE else FLAG_MAY_TRIM)
                 if flags & _F_FAST_ZERO:
                     zflags |= FLAG_FAST_ZERO
-                if flags & _F_FUA and not self.fua_emulated:
-                    zflags |= FLAG_FUA
                 conn.zero(length, offset, zflags)
-                self._after_write(conn, flags)
             elif cmd == _TRIM:
-                conn.trim(length, offset, FLAG_FUA if flags & _F_FUA and not self.fua_emulated else 0)
-                self._after_write(conn, flags)
+                conn.trim(length, offset, fua)
             elif cmd == _FLUSH:
                 conn.flush(0)
             elif cmd == _CACHE:
@@ -353,6 +351,8 @@ class Session:
             elif cmd == _BLOCK_STATUS:
                 self._block_status(conn, cookie, offset, length, flags)
                 return
+            if flags & _F_FUA and self.fua_emulated:
+                conn.flush(0)  # FUA is only allowed on writes, trims and zeroes
         except ClientGone:
             raise
         except OSError as exc:
@@ -364,11 +364,10 @@ class Session:
             log.exception("client %s: command %d at %d+%d raised", self.address, cmd, offset, length)
             self._reply_error(cookie, cmd, errno.EIO, offset, f"{type(exc).__name__}: {exc}")
             return
-        self._reply_ok(cookie, offset)
-
-    def _after_write(self, conn: Connection, flags: int) -> None:
-        if flags & _F_FUA and self.fua_emulated:
-            conn.flush(0)
+        if self.extended:
+            self._send((wire.done_chunk(cookie, True, offset),))
+        else:
+            self._send((wire.simple_reply(cookie),))
 
     def _check(self, flags: int, cmd: int, offset: int, length: int,
                payload: memoryview | None) -> int:
@@ -461,12 +460,6 @@ class Session:
         for index, context_id in enumerate(ids):
             self._send([wire.block_status_chunk(cookie, context_id, descriptors,
                                                 index == len(ids) - 1, self.extended, offset)])
-
-    def _reply_ok(self, cookie: int, offset: int) -> None:
-        if self.extended:
-            self._send([wire.done_chunk(cookie, True, offset)])
-        else:
-            self._send([wire.simple_reply(cookie)])
 
     def _reply_error(self, cookie: int, cmd: int, err: int, offset: int, message: str) -> None:
         if self.extended or (self.structured and cmd in (_READ, _BLOCK_STATUS)):
