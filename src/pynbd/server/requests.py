@@ -130,6 +130,7 @@ class RequestLoop:
         view = memoryview(buf)
         start = end = 0
         more_pending = False
+        served = 0  # requests served since the last blocking receive
         while True:
             while end - start >= header_size:
                 magic, flags, cmd, cookie, offset, length = unpack_from(buf, start)
@@ -160,15 +161,18 @@ class RequestLoop:
                 if cmd == _DISC:
                     return
                 execute(flags, cmd, cookie, offset, length, payload, scratch)
+                served += 1
             if start == end:
                 start = end = 0
             elif start and RECV_SIZE - end < RECV_SIZE // 4:
                 buf[:end - start] = buf[start:end]
                 end -= start
                 start = 0
-            if self.used and not more_pending and self.can_probe:
-                # Before sending the replies, take whatever requests arrived
-                # meanwhile: their replies then share the same send.
+            if served > 1 and self.used and not more_pending and self.can_probe:
+                # The client keeps several requests in flight: before sending
+                # the replies, take whatever requests arrived meanwhile, so
+                # that their replies share the same send. (With one request
+                # at a time the probe would only add latency.)
                 try:
                     n = sock.recv_into(view[end:], 0, MSG_DONTWAIT)
                 except BlockingIOError:
@@ -178,6 +182,7 @@ class RequestLoop:
                     more_pending = True
                     continue
             more_pending = False
+            served = 0
             self.flush()
             n = sock.recv_into(view[end:])
             if n == 0:
