@@ -29,6 +29,11 @@ class OffsetConnection(FilterConnection):
             raise io_error(errno.EINVAL, f"offset: offset+range ({self.offset}+{size}) is "
                                          f"beyond the end of the underlying disk ({below})")
         self.size = size
+        if self.offset == 0:
+            # Nothing to shift: requests go straight to the layer below (the
+            # server keeps them inside ``size``, and clips extents to it).
+            for method in ("pread", "pread_buffers", "pwrite", "zero", "trim", "cache", "extents"):
+                setattr(self, method, getattr(next, method))
 
     def get_size(self) -> int:
         return self.size
