@@ -145,15 +145,25 @@ class SparseConnection(RamDisk):
                 self.pages.free(page)
 
     def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
+        """Runs of allocated pages as data, the gaps between them as holes."""
         end = offset + count
-        pos = offset
+        pos = offset  # everything before pos has been reported
+        run_start = run_end = -1  # the run of consecutive allocated pages being built
         for page in self.pages.allocated_pages(offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT):
             start = max(page << PAGE_SHIFT, offset)
-            if start > pos:
-                yield Extent(pos, start - pos, hole=True, zero=True)
-            stop = min((page + 1) << PAGE_SHIFT, end)
-            yield Extent(start, stop - start)
-            pos = stop
+            if start != run_end:
+                if run_end > 0:
+                    if run_start > pos:
+                        yield Extent(pos, run_start - pos, hole=True, zero=True)
+                    yield Extent(run_start, run_end - run_start)
+                    pos = run_end
+                run_start = start
+            run_end = min((page + 1) << PAGE_SHIFT, end)
+        if run_end > 0:
+            if run_start > pos:
+                yield Extent(pos, run_start - pos, hole=True, zero=True)
+            yield Extent(run_start, run_end - run_start)
+            pos = run_end
         if pos < end:
             yield Extent(pos, end - pos, hole=True, zero=True)
 
