@@ -4,6 +4,7 @@ the handshake, request checks and result shaping. No I/O happens here.
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import errno
 import os
@@ -51,7 +52,7 @@ _CMD_NAME = {Cmd.READ: "pread", Cmd.WRITE: "pwrite", Cmd.FLUSH: "flush", Cmd.TRI
              Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "zero", Cmd.BLOCK_STATUS: "block_status"}
 
 
-class HandleBase:
+class HandleBase(abc.ABC):
     """Settings (before connecting) and export facts (after) of one handle."""
 
     def __init__(self) -> None:
@@ -169,10 +170,10 @@ class HandleBase:
             self._negotiated = hs.negotiated
         return event
 
+    @abc.abstractmethod
     def _start_transmission(self, tx: Transmission) -> None:
         """Hand ``tx`` to the transport: the blocking and the asyncio handle each
         override this, since only they know their transport."""
-        raise NotImplementedError
 
     def _begin_option(self, name: str) -> ClientHandshake:
         """Send option ``name`` (``"opt_go"``, ``"opt_list"`` ...) in option mode."""

@@ -70,6 +70,7 @@ goes on serving.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import enum
 import errno
@@ -148,7 +149,7 @@ def _first_line(out: bytes) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-class Runner:
+class Runner(abc.ABC):
     """Runs methods of a script as child processes, with the sh plugin's conventions.
 
     ``argv(method)`` says how to start a method (None: it is missing); the
@@ -160,9 +161,9 @@ class Runner:
         self.env = dict(env)
         self.timeout = timeout
 
+    @abc.abstractmethod
     def argv(self, method: str) -> list[str] | None:
         """How to start ``method``; each runner (sh's script, eval's snippets) says."""
-        raise NotImplementedError
 
     def has(self, method: str) -> bool:
         return self.argv(method) is not None
