@@ -5,7 +5,7 @@ Import from here in a plugin or filter::
     from pynbd.backend import Plugin, Connection, Param, Extent, io_error
 """
 
-from .blocks import RamDisk, ResidentDisk, block_runs, fill_zero, is_zero
+from .blocks import RamDisk, ResidentDisk, block_runs, extents_of_runs, fill_zero, is_zero
 from .connection import (
     CACHE_EMULATE,
     CACHE_NATIVE,
@@ -33,6 +33,6 @@ __all__ = [
     "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE", "ZERO_BUFFER", "Buffer",
     "ConfigError", "Connection", "Export", "Extent", "Filter", "FilterConnection",
     "OpenContext", "Param", "Plugin", "RamDisk", "ResidentDisk", "ThreadModel", "block_runs",
-    "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",
+    "extents_of_runs", "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",
     "parse_duration", "parse_size",
 ]

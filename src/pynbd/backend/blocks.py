@@ -12,6 +12,9 @@
 - ``block_runs(offset, count, size)`` splits a byte range into the pieces
   that fall in each ``size``-byte block: (block number, offset in the block,
   length, offset in the range).
+- ``extents_of_runs(offset, end, runs)`` turns ordered (start, stop) runs of
+  data inside [offset, end) into extents: adjacent runs merged, the gaps
+  between them reported as holes that read as zeroes.
 - ``ResidentDisk(size)`` is the base of disks whose bytes are at hand in
   this process, computed (zero, pattern, random) or held in RAM (memory,
   data): a fixed size, safe for many connections at once (every client sees
@@ -22,9 +25,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from .connection import CACHE_NATIVE, FUA_NATIVE, Connection
+from .connection import CACHE_NATIVE, FUA_NATIVE, Connection, Extent
 
 _ZERO_BYTES = bytes(1 << 20)
 _ZEROES = memoryview(_ZERO_BYTES)
@@ -54,6 +57,28 @@ def block_runs(offset: int, count: int, size: int) -> Iterator[tuple[int, int, i
         take = min(size - inner, count - pos)
         yield block, inner, take, pos
         pos += take
+
+
+def extents_of_runs(offset: int, end: int, runs: Iterable[tuple[int, int]]) -> Iterator[Extent]:
+    """Data extents for ordered runs inside [offset, end), holes between them."""
+    pos = offset  # everything before pos has been reported
+    run_start = run_end = -1  # the data run being extended
+    for start, stop in runs:
+        if start != run_end:
+            if run_end >= 0:
+                if run_start > pos:
+                    yield Extent(pos, run_start - pos, hole=True, zero=True)
+                yield Extent(run_start, run_end - run_start)
+                pos = run_end
+            run_start = start
+        run_end = stop
+    if run_end >= 0:
+        if run_start > pos:
+            yield Extent(pos, run_start - pos, hole=True, zero=True)
+        yield Extent(run_start, run_end - run_start)
+        pos = run_end
+    if pos < end:
+        yield Extent(pos, end - pos, hole=True, zero=True)
 
 
 class ResidentDisk(Connection):

@@ -25,7 +25,17 @@ import mmap
 import threading
 from collections.abc import Iterator
 
-from ..backend import ZERO_BUFFER, ConfigError, Connection, Extent, Param, Plugin, RamDisk, block_runs
+from ..backend import (
+    ZERO_BUFFER,
+    ConfigError,
+    Connection,
+    Extent,
+    Param,
+    Plugin,
+    RamDisk,
+    block_runs,
+    extents_of_runs,
+)
 from ..backend.params import MAX_SIZE
 
 PAGE_SHIFT = 15
@@ -147,25 +157,9 @@ class SparseConnection(RamDisk):
     def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
         """Runs of allocated pages as data, the gaps between them as holes."""
         end = offset + count
-        pos = offset  # everything before pos has been reported
-        run_start = run_end = -1  # the run of consecutive allocated pages being built
-        for page in self.pages.allocated_pages(offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT):
-            start = max(page << PAGE_SHIFT, offset)
-            if start != run_end:
-                if run_end > 0:
-                    if run_start > pos:
-                        yield Extent(pos, run_start - pos, hole=True, zero=True)
-                    yield Extent(run_start, run_end - run_start)
-                    pos = run_end
-                run_start = start
-            run_end = min((page + 1) << PAGE_SHIFT, end)
-        if run_end > 0:
-            if run_start > pos:
-                yield Extent(pos, run_start - pos, hole=True, zero=True)
-            yield Extent(run_start, run_end - run_start)
-            pos = run_end
-        if pos < end:
-            yield Extent(pos, end - pos, hole=True, zero=True)
+        pages = self.pages.allocated_pages(offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT)
+        return extents_of_runs(offset, end, ((max(page << PAGE_SHIFT, offset),
+                                              min((page + 1) << PAGE_SHIFT, end)) for page in pages))
 
 
 class ZstdConnection(SparseConnection):

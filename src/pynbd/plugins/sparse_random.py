@@ -36,7 +36,7 @@ import functools
 import random as stdlib_random
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Connection, Extent, Param, Plugin, block_runs, fill_zero
+from ..backend import ConfigError, Connection, Extent, Param, Plugin, block_runs, extents_of_runs, fill_zero
 from ..backend.errors import io_error
 from .random import VerifiedDisk, default_seed, random_block
 
@@ -126,14 +126,7 @@ class SparseRandomDisk(VerifiedDisk):
             raise io_error(errno.EIO, f"zeroes written at offset {start} over data")
 
     def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
-        pos, end = offset, offset + count
-        for start, stop in self.layout.data_runs(offset, end):
-            if start > pos:
-                yield Extent(pos, start - pos, hole=True, zero=True)
-            yield Extent(start, stop - start)
-            pos = stop
-        if pos < end:
-            yield Extent(pos, end - pos, hole=True, zero=True)
+        return extents_of_runs(offset, offset + count, self.layout.data_runs(offset, offset + count))
 
 
 class SparseRandomPlugin(Plugin):
