@@ -155,7 +155,6 @@ class Session:
         self.config = config
         self.address = address
         self.send_lock = threading.Lock()
-        self.done = False
         self.conn: Connection | None = None
         self.size = 0
         self.flags = 0
@@ -227,7 +226,6 @@ class Session:
                     if sent < sum(len(p) for p in group):
                         self._send_rest(group, sent)
             except OSError as exc:
-                self.done = True
                 raise ClientGone(str(exc)) from None
 
     # Replies go through _send; the inline loop points it at its batching arena.
@@ -318,7 +316,7 @@ class Session:
             self._stop()
 
     def _stop(self) -> None:
-        self.done = True
+        """Stop reading requests: the request loop's next receive sees the end."""
         with contextlib.suppress(OSError):  # the client may have closed it already
             self.sock.shutdown(socket.SHUT_RD)
 
