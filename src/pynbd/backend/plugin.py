@@ -65,10 +65,13 @@ class _Configurable:
     thread_model: ClassVar[ThreadModel] = ThreadModel.PARALLEL
     # Set when the layer accepts keys it did not declare (e.g. nbdkit's python plugin).
     accept_unknown_params: ClassVar[bool] = False
-    # False promises that no request ever waits (no sleep, no disk or network
-    # I/O): the server then serves requests on the connection's reading thread,
-    # in batches, which is several times faster than handing them to workers.
-    blocking: ClassVar[bool] = True
+    # A scheduling hint, not a promise about I/O: True says every request of
+    # this layer finishes in a short, bounded time (memory, local files through
+    # the page cache) and never waits on something open-ended (a sleep, the
+    # network, a subprocess, a lock another client holds). Where every layer
+    # says so, the server runs a connection's requests on its reading thread
+    # in batches instead of on a pool (see ``pynbd.server.dispatch``).
+    short_requests: ClassVar[bool] = False
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         apply_params(self, values or {})
@@ -85,9 +88,9 @@ class _Configurable:
     def get_thread_model(self) -> ThreadModel:
         return self.thread_model
 
-    def is_blocking(self) -> bool:
-        """Whether requests may wait; see ``blocking``."""
-        return self.blocking
+    def requests_are_short(self) -> bool:
+        """Whether every request is short; see ``short_requests``."""
+        return self.short_requests
 
     def unload(self) -> None:
         """Called once when the server exits."""

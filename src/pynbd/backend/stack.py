@@ -66,9 +66,9 @@ class Stack:
         """The most restrictive model of any layer."""
         return min(layer.get_thread_model() for layer in self.layers)
 
-    def is_blocking(self) -> bool:
-        """True if any layer's requests may wait (see ``Plugin.blocking``)."""
-        return any(layer.is_blocking() for layer in self.layers)
+    def requests_are_short(self) -> bool:
+        """True if every layer's requests are short (see ``Plugin.short_requests``)."""
+        return all(layer.requests_are_short() for layer in self.layers)
 
     def open(self, ctx: OpenContext) -> Connection:
         return self._open(ctx)

@@ -192,7 +192,7 @@ class BlocksizeConnection(FilterConnection):
 
 
 class BlocksizeFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "blocksize"
     params = (
         Param("minblock", "size", "alignment and smallest request passed down (power of 2, <= 64k)"),

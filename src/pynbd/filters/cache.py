@@ -389,7 +389,7 @@ class CacheConnection(FilterConnection):
 
 
 class CacheFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "cache"
     params = (
         Param("cache", "str", "writeback, writethrough or unsafe", default="writeback",

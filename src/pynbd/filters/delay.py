@@ -91,8 +91,8 @@ class DelayFilter(Filter):
         self.delays = {short: getattr(self, short) or getattr(self, long.replace("-", "_"))
                        for short, long in _PAIRS}
 
-    def is_blocking(self) -> bool:
-        return any(self.delays.values()) or bool(self.delay_open or self.delay_close)
+    def requests_are_short(self) -> bool:
+        return not (any(self.delays.values()) or self.delay_open or self.delay_close)
 
     def open(self, next_open, ctx):
         if self.delay_open:

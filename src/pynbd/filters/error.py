@@ -116,7 +116,7 @@ def _params() -> tuple[Param, ...]:
 
 
 class ErrorFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "error"
     params = _params()
     connection = ErrorConnection

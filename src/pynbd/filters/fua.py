@@ -89,7 +89,7 @@ class FuaConnection(FilterConnection):
 
 
 class FuaFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "fua"
     params = (Param("fuamode", "str", "how FUA is handled", default="none", choices=MODES),)
     connection = FuaConnection

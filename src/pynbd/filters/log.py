@@ -176,7 +176,7 @@ def _bit(flags: int, flag: int) -> int:
 
 
 class LogFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "log"
     params = (
         Param("logfile", "path", "the file the log is written to", required=True),

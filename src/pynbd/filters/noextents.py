@@ -23,6 +23,6 @@ class NoExtentsConnection(FilterConnection):
 
 
 class NoExtentsFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "noextents"
     connection = NoExtentsConnection

@@ -33,7 +33,7 @@ class SingleClientConnection(FilterConnection):
 
 
 class NoParallelFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "noparallel"
     params = (Param("serialize", "str", "what is serialized", default="requests",
                     choices=tuple(MODELS)),)

@@ -72,7 +72,7 @@ class NoZeroConnection(FilterConnection):
 
 
 class NoZeroFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "nozero"
     params = (
         Param("zeromode", "str", "how zero requests are handled", default="none",

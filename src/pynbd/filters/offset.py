@@ -64,7 +64,7 @@ class OffsetConnection(FilterConnection):
 
 class OffsetFilter(Filter):
     name = "offset"
-    blocking = False
+    short_requests = True
     params = (
         Param("offset", "size", "start of the slice", default=0),
         Param("range", "size", "length of the slice (default: to the end)"),

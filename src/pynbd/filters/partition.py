@@ -63,7 +63,7 @@ class _Slice:
 
 
 class PartitionFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "partition"
     params = (Param("partition", "int", "partition number, counting from 1", required=True),)
     connection = PartitionConnection

@@ -121,7 +121,7 @@ class ProtectConnection(FilterConnection):
 
 
 class ProtectFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "protect"
     params = (Param("protect", "str", "START-END or ~START-END: bytes that cannot change",
                     repeat=True),)

@@ -79,7 +79,7 @@ class ReadaheadConnection(FilterConnection):
 
 
 class ReadaheadFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "readahead"
     connection = ReadaheadConnection
     _warned = False

@@ -184,7 +184,7 @@ class StatsConnection(FilterConnection):
 
 
 class StatsFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "stats"
     params = (
         Param("statsfile", "path", "file the statistics are written to at exit", required=True),

@@ -81,7 +81,7 @@ class TruncateConnection(FilterConnection):
 
 
 class TruncateFilter(Filter):
-    blocking = False
+    short_requests = True
     name = "truncate"
     params = (
         Param("truncate", "size", "the size to serve"),

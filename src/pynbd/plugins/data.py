@@ -180,7 +180,7 @@ class DataDisk(RamDisk):
 
 
 class DataPlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "data"
     magic_param = "data"
     accept_unknown_params = True  # NAME=EXPR variables

@@ -42,7 +42,7 @@ Behaviour
     - Every client gets its own file descriptor and sees the others' writes
       at once, so multi-conn is advertised.
     - Each connection's requests are served in order on that connection's
-      own thread, in batches (the plugin declares ``blocking = False``): for
+      own thread, in batches (the plugin declares ``short_requests = True``): for
       data in the page cache this is several times faster than handing each
       request to a worker thread. Clients that want disk parallelism open
       several connections (``nbdcopy --connections``, fio ``numjobs``).
@@ -408,7 +408,7 @@ def _servable(mode: int) -> bool:
 
 
 class FilePlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "file"
     magic_param = "file"
     params = (

@@ -34,7 +34,7 @@ class FullDisk(ZeroDisk):
 
 
 class FullPlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "full"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", required=True),)

@@ -84,7 +84,7 @@ class ClockDisk(Connection):
 
 
 class InfoPlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "info"
     magic_param = "mode"
     params = (Param("mode", "str", "what the disk holds", default="exportname", choices=MODES),)

@@ -260,7 +260,7 @@ class FlatConnection(SparseConnection):
 
 class MemoryPlugin(Plugin):
     name = "memory"
-    blocking = False
+    short_requests = True
     magic_param = "size"
     params = (
         Param("size", "size", "size of the disk", required=True),

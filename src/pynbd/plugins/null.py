@@ -38,7 +38,7 @@ class NullConnection(ZeroDisk):
 
 class NullPlugin(Plugin):
     name = "null"
-    blocking = False
+    short_requests = True
     params = (Param("size", "size", "virtual size in bytes", default=0),)
     magic_param = "size"
 

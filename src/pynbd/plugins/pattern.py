@@ -55,7 +55,7 @@ class PatternDisk(ResidentDisk):
 
 
 class PatternPlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "pattern"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", required=True),)

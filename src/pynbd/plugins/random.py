@@ -69,7 +69,7 @@ class RandomDisk(VerifiedDisk):
 
 
 class RandomPlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "random"
     magic_param = "size"
     params = (

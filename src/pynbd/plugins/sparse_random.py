@@ -130,7 +130,7 @@ class SparseRandomDisk(VerifiedDisk):
 
 
 class SparseRandomPlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "sparse-random"
     magic_param = "size"
     params = (

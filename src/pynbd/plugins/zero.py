@@ -28,7 +28,7 @@ class ZeroDisk(ResidentDisk):
 
 
 class ZeroPlugin(Plugin):
-    blocking = False
+    short_requests = True
     name = "zero"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", default=0),)

@@ -25,7 +25,7 @@ from .constants import (
     Info,
     ReplyType,
 )
-from .errors import ProtocolError
+from .errors import RemoteProtocolError
 
 GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
 CLIENT_FLAGS = struct.Struct(">I")
@@ -92,7 +92,7 @@ def parse_option_header(data: bytes) -> tuple[int, int]:
     """Return (option, length) of an option header; check its magic."""
     magic, option, length = OPTION_HEADER.unpack(data)
     if magic != IHAVEOPT:
-        raise ProtocolError(f"bad option magic {magic:#x}, expected IHAVEOPT")
+        raise RemoteProtocolError(f"bad option magic {magic:#x}, expected IHAVEOPT")
     return option, length
 
 
@@ -105,7 +105,7 @@ def parse_option_reply_header(data: bytes) -> tuple[int, int, int]:
     """Return (option, reply type, length) of an option reply header."""
     magic, option, reply, length = OPTION_REPLY_HEADER.unpack(data)
     if magic != REPLY_MAGIC:
-        raise ProtocolError(f"bad option reply magic {magic:#x}")
+        raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
     return option, reply, length
 
 
@@ -131,10 +131,10 @@ def parse_info_request(data: bytes) -> tuple[str, list[int]]:
     """Parse an NBD_OPT_INFO / NBD_OPT_GO payload into (name, info types)."""
     name, rest = _take_string(data)
     if len(rest) < 2:
-        raise ProtocolError("NBD_OPT_GO: missing number of information requests")
+        raise RemoteProtocolError("NBD_OPT_GO: missing number of information requests")
     (count,) = U16.unpack_from(rest)
     if len(rest) != 2 + 2 * count:
-        raise ProtocolError("NBD_OPT_GO: information request list has the wrong length")
+        raise RemoteProtocolError("NBD_OPT_GO: information request list has the wrong length")
     return name, [U16.unpack_from(rest, 2 + 2 * i)[0] for i in range(count)]
 
 
@@ -148,7 +148,7 @@ def parse_meta_context_request(data: bytes) -> tuple[str, list[str]]:
     """Parse a meta context option payload into (export name, queries)."""
     name, rest = _take_string(data)
     if len(rest) < 4:
-        raise ProtocolError("meta context option: missing number of queries")
+        raise RemoteProtocolError("meta context option: missing number of queries")
     (count,) = U32.unpack_from(rest)
     rest = rest[4:]
     queries = []
@@ -156,20 +156,20 @@ def parse_meta_context_request(data: bytes) -> tuple[str, list[str]]:
         query, rest = _take_string(rest)
         queries.append(query)
     if rest:
-        raise ProtocolError("meta context option: trailing bytes after the queries")
+        raise RemoteProtocolError("meta context option: trailing bytes after the queries")
     return name, queries
 
 
 def _take_string(data: bytes) -> tuple[str, bytes]:
     if len(data) < 4:
-        raise ProtocolError("string length missing")
+        raise RemoteProtocolError("string length missing")
     (length,) = U32.unpack_from(data)
     if length > len(data) - 4:
-        raise ProtocolError("string longer than the option payload")
+        raise RemoteProtocolError("string longer than the option payload")
     try:
         text = bytes(data[4:4 + length]).decode()
     except UnicodeDecodeError as exc:
-        raise ProtocolError("string is not valid UTF-8") from exc
+        raise RemoteProtocolError("string is not valid UTF-8") from exc
     return text, data[4 + length:]
 
 
@@ -224,7 +224,7 @@ def parse_request(data: bytes | bytearray | memoryview, extended: bool) -> Reque
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack(data)
         expected = REQUEST_MAGIC
     if magic != expected:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             f"bad request magic {magic:#x}, expected {expected:#x}")
     return Request(flags, cmd, cookie, offset, length)
 
@@ -324,4 +324,4 @@ def parse_reply_header(data: bytes | bytearray | memoryview) -> tuple[int, Reply
             return size, None
         _, flags, rtype, cookie, _offset, length = EXTENDED_REPLY.unpack_from(data)
         return size, ReplyHeader(flags, rtype, cookie, length, 0)
-    raise ProtocolError(f"bad reply magic {magic:#x}")
+    raise RemoteProtocolError(f"bad reply magic {magic:#x}")

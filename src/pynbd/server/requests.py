@@ -4,7 +4,7 @@ One thread per connection reads as many bytes as the socket has (a client
 with 16 requests in flight usually delivers several at once) and parses every
 complete request in the buffer. What happens next depends on the stack:
 
-- **inline** (every layer declares ``blocking = False``, or the thread model
+- **inline** (every layer declares ``short_requests = True``, or the thread model
   allows one request at a time): each request runs right here, its reply is
   collected in an output arena, and the whole batch of replies leaves in one
   send. No thread switch per request: under the GIL that is several times

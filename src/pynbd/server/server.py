@@ -142,7 +142,7 @@ class Server:
             config.threads = 1
         if model == ThreadModel.SERIALIZE_ALL_REQUESTS:
             config.request_lock = threading.Lock()
-        config.inline = not config.stack.is_blocking()
+        config.inline = config.stack.requests_are_short()
         self._one_connection = threading.Semaphore(1) if model == ThreadModel.SERIALIZE_CONNECTIONS else None
         self._stop_r, self._stop_w = os.pipe()
         self._sessions: set[Session] = set()
