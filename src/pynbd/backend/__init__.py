@@ -10,6 +10,7 @@ from .connection import (
     CACHE_EMULATE,
     CACHE_NATIVE,
     CACHE_NONE,
+    DATA_METHODS,
     FLAG_FAST_ZERO,
     FLAG_FUA,
     FLAG_MAY_TRIM,
@@ -25,13 +26,14 @@ from .connection import (
     clip_extents,
 )
 from .errors import ConfigError, errno_of, io_error
+from .layer import Layer, LayerCallError
 from .params import Param, parse_bool, parse_duration, parse_size
 from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
 
 __all__ = [
-    "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "FLAG_FAST_ZERO", "FLAG_FUA",
+    "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "DATA_METHODS", "FLAG_FAST_ZERO", "FLAG_FUA",
     "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE", "ZERO_BUFFER", "Buffer",
-    "ConfigError", "Connection", "Export", "Extent", "Filter", "FilterConnection",
+    "ConfigError", "Connection", "Export", "Extent", "Filter", "FilterConnection", "Layer", "LayerCallError",
     "OpenContext", "Param", "Plugin", "RamDisk", "ResidentDisk", "ThreadModel", "block_runs",
     "extents_of_runs", "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",
     "parse_duration", "parse_size",

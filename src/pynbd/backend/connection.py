@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
 
 from .errors import io_error
+
+if TYPE_CHECKING:
+    from .plugin import Filter, OpenContext
 
 Buffer = bytes | bytearray | memoryview
 
@@ -156,53 +159,111 @@ class Connection:
         """Release what open() took."""
 
 
-_PASS_THROUGH = (
-    "get_size", "can_write", "can_flush", "can_trim", "can_zero", "can_fast_zero",
-    "can_fua", "can_multi_conn", "can_cache", "can_extents", "is_rotational",
-    "block_size", "pread", "pread_buffers", "pwrite", "zero", "trim", "flush", "cache", "extents",
-)
+DATA_METHODS = frozenset({"pread", "pread_buffers", "pwrite", "zero", "trim", "flush", "cache",
+                          "extents"})
+"""The per-request calls a filter may pass through unchanged (see
+``FilterConnection.passes_through``)."""
+
+F = TypeVar("F", bound="Filter")
 
 
-class FilterConnection(Connection):
-    """A layer over ``self.next``. Override what the filter changes.
+class FilterConnection(Connection, Generic[F]):
+    """A filter's layer over ``self.next``. Override only what the filter changes.
 
-    Every method the subclass does not override is bound straight to the
-    next layer's method when the object is built, so a pass-through costs
+    ``next`` is the layer below, already wrapped in its checked boundary
+    (``backend.layer.Layer``): its answers are cached and every call into it
+    is checked. ``filter`` is the Filter object (its parameters, typed: a
+    ``FilterConnection[MyFilter]`` sees ``self.filter`` as ``MyFilter``),
+    ``ctx`` the OpenContext of this open.
+
+    Every method here passes the call to ``next`` unchanged. A call the
+    subclass does not override, or that ``passes_through`` names, is bound
+    by the boundary straight to the layer below, so passing through costs
     nothing per request. ``close`` closes the next layer after this one.
-    ``filter`` is the Filter object (its parameters), ``ctx`` the OpenContext.
     """
 
-    def __init__(self, next: Connection, filter: object = None,  # noqa: A002
-                 ctx: object = None) -> None:
+    def __init__(self, next: Connection, filter: F, ctx: OpenContext) -> None:  # noqa: A002
         self.next = next
         self.filter = filter
         self.ctx = ctx
-        cls = type(self)
-        for name in _PASS_THROUGH:
-            if getattr(cls, name) is getattr(FilterConnection, name):
-                setattr(self, name, getattr(next, name))
-        if cls.pread is not FilterConnection.pread and cls.pread_buffers is FilterConnection.pread_buffers:
-            # The filter changes reads: the layer below's buffers would bypass it.
-            self.pread_buffers = self._no_buffers
 
-    @staticmethod
-    def _no_buffers(count: int, offset: int, flags: int) -> None:
-        return None
+    @classmethod
+    def overrides(cls, method: str) -> bool:
+        """Whether this class defines its own ``method`` (not FilterConnection's)."""
+        return getattr(cls, method) is not getattr(FilterConnection, method)
+
+    def passes_through(self) -> frozenset[str]:
+        """The per-request calls (of ``DATA_METHODS``) this layer leaves unchanged.
+
+        The default is every call the class does not override. A filter
+        whose parameters make an override a no-op (``offset=0``, a zero
+        delay) extends it, and the boundary then calls the layer below
+        directly.
+        """
+        return frozenset(m for m in DATA_METHODS if not self.overrides(m))
+
+    def get_size(self) -> int:
+        return self.next.get_size()
+
+    def can_write(self) -> bool:
+        return self.next.can_write()
+
+    def can_flush(self) -> bool:
+        return self.next.can_flush()
+
+    def can_trim(self) -> bool:
+        return self.next.can_trim()
+
+    def can_zero(self) -> bool:
+        return self.next.can_zero()
+
+    def can_fast_zero(self) -> bool:
+        return self.next.can_fast_zero()
+
+    def can_fua(self) -> int:
+        return self.next.can_fua()
+
+    def can_multi_conn(self) -> bool:
+        return self.next.can_multi_conn()
+
+    def can_cache(self) -> int:
+        return self.next.can_cache()
+
+    def can_extents(self) -> bool:
+        return self.next.can_extents()
+
+    def is_rotational(self) -> bool:
+        return self.next.is_rotational()
+
+    def block_size(self) -> tuple[int, int, int]:
+        return self.next.block_size()
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.next.pread(buf, offset, flags)
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        return self.next.pread_buffers(count, offset, flags)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.next.pwrite(buf, offset, flags)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self.next.zero(count, offset, flags)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self.next.trim(count, offset, flags)
+
+    def flush(self, flags: int) -> None:
+        self.next.flush(flags)
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        self.next.cache(count, offset, flags)
+
+    def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
+        return self.next.extents(count, offset, flags)
 
     def close(self) -> None:
         self.next.close()
-
-
-def _forward(name: str):
-    def method(self, *args):
-        return getattr(self.next, name)(*args)
-    method.__name__ = name
-    method.__doc__ = f"Pass {name} to the next layer."
-    return method
-
-
-for _name in _PASS_THROUGH:
-    setattr(FilterConnection, _name, _forward(_name))
 
 
 def clip_extents(extents: Iterable[Extent], offset: int, count: int,

@@ -116,7 +116,7 @@ class Filter(_Configurable):
     ``open`` opens the layer below and builds ``connection(below, self, ctx)``.
     """
 
-    connection: ClassVar[type[FilterConnection]] = FilterConnection
+    connection: ClassVar[type[FilterConnection[Any]]] = FilterConnection
 
     def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
                      ctx: OpenContext) -> list[Export]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .connection import Connection
 from .errors import ConfigError
+from .layer import Layer, open_layer
 from .params import parse_params, split_key_value
 from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
 from .registry import find_filter, find_plugin
@@ -25,11 +26,14 @@ class Stack:
     def __init__(self, plugin: Plugin, filters: Sequence[Filter] = ()) -> None:
         self.plugin = plugin
         self.filters = list(filters)
-        open_fn: Callable[[OpenContext], Connection] = plugin.open
+        # Each layer is opened inside its checked boundary (``layer.Layer``):
+        # a filter's ``next_open`` returns the layer below already wrapped,
+        # and ``open`` hands the server the top layer wrapped the same way.
+        open_fn: Callable[[OpenContext], Layer] = _checked(plugin.open, plugin.name)
         list_fn: Callable[[OpenContext], list[Export]] = plugin.list_exports
         default_fn: Callable[[OpenContext], str] = plugin.default_export
         for flt in reversed(self.filters):
-            open_fn = functools.partial(flt.open, open_fn)
+            open_fn = _checked(functools.partial(flt.open, open_fn), flt.name)
             list_fn = functools.partial(flt.list_exports, list_fn)
             default_fn = functools.partial(flt.default_export, default_fn)
         self._open = open_fn
@@ -70,7 +74,8 @@ class Stack:
         """True if every layer's requests are short (see ``Plugin.short_requests``)."""
         return all(layer.requests_are_short() for layer in self.layers)
 
-    def open(self, ctx: OpenContext) -> Connection:
+    def open(self, ctx: OpenContext) -> Layer:
+        """Open every layer for one client; the top one, checked, is returned."""
         return self._open(ctx)
 
     def list_exports(self, ctx: OpenContext) -> list[Export]:
@@ -90,6 +95,13 @@ class Stack:
     def unload(self) -> None:
         for layer in self.layers:
             layer.unload()
+
+
+def _checked(open_fn: Callable[[OpenContext], Connection], name: str) -> Callable[[OpenContext], Layer]:
+    """``open_fn`` with its result wrapped in the checked boundary."""
+    def open_checked(ctx: OpenContext) -> Layer:
+        return open_layer(open_fn(ctx), name, ctx.readonly)
+    return open_checked
 
 
 def configure(cls: type[Any], pairs: Sequence[tuple[str, str]]) -> Any:

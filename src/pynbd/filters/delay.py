@@ -40,11 +40,12 @@ class DelayConnection(FilterConnection):
         super().__init__(next, filter, ctx)
         self.delays = filter.delays
         self.fastzero = filter.fastzero
+
+    def passes_through(self) -> frozenset[str]:
         # A method without a delay is the next layer's own: even sleep(0)
         # costs a timer-slack wait (about 50 µs) per request.
-        for method, delay in _METHOD_DELAY.items():
-            if not self.delays[delay]:
-                setattr(self, method, getattr(next, method))
+        undelayed = {method for method, delay in _METHOD_DELAY.items() if not self.delays[delay]}
+        return super().passes_through() | undelayed
 
     def pread(self, buf, offset, flags):
         time.sleep(self.delays["rdelay"])

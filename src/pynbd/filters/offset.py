@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from ..backend import Extent, Filter, FilterConnection, Param, io_error
+from ..backend import DATA_METHODS, Extent, Filter, FilterConnection, Param, io_error
 
 
 class OffsetConnection(FilterConnection):
@@ -29,11 +29,11 @@ class OffsetConnection(FilterConnection):
             raise io_error(errno.EINVAL, f"offset: offset+range ({self.offset}+{size}) is "
                                          f"beyond the end of the underlying disk ({below})")
         self.size = size
-        if self.offset == 0:
-            # Nothing to shift: requests go straight to the layer below (the
-            # server keeps them inside ``size``, and clips extents to it).
-            for method in ("pread", "pread_buffers", "pwrite", "zero", "trim", "cache", "extents"):
-                setattr(self, method, getattr(next, method))
+
+    def passes_through(self) -> frozenset[str]:
+        # With nothing to shift, requests go straight to the layer below (the
+        # boundary keeps them inside ``size``; the server clips extents to it).
+        return DATA_METHODS if self.offset == 0 else super().passes_through()
 
     def get_size(self) -> int:
         return self.size
