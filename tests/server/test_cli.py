@@ -8,30 +8,25 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from rawnbd import RawClient
 
-from nbdtest import PYNBD, SERVE, nbdsh, run, served, wait_for_socket
+from nbdtest import (
+    PYNBD,
+    SERVE,
+    exited,
+    nbdsh,
+    run,
+    served,
+    threads,
+    wait_for,
+    wait_for_socket,
+    wait_idle,
+)
 
 FLAKY = str(Path(__file__).with_name("flaky_plugin.py"))
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def task_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 # ---------------------------------------------------------------- --run
@@ -97,21 +92,21 @@ def test_readonly():
         assert result.returncode != 0 or b"failed" in result.stdout + result.stderr
 
 
-def test_threads_sets_the_workers_per_connection():
+@pytest.mark.parametrize("count, expected", [(1, 1 + 1), (5, 1 + 1 + 5)])
+def test_threads_sets_the_workers_per_connection(count, expected):
     # a plugin that may block gets its reading thread plus a crew of -t worker
-    # threads per connection; -t 1 runs requests on the reading thread itself
-    for count in (1, 5):
-        expected = 1 + (count if count > 1 else 0)
-        with served(FLAKY, options=["-t", str(count)]) as srv:
-            idle = task_count(srv.proc.pid)
-            with RawClient.connect(srv.socket) as client:
-                client.handshake()
-                assert client.pread(0, 512) == b"\x07" * 512
-                deadline = time.monotonic() + 10
-                while task_count(srv.proc.pid) < idle + expected and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                time.sleep(0.2)
-                assert task_count(srv.proc.pid) == idle + expected
+    # threads per connection; -t 1 runs requests on the reading thread itself.
+    # The idle server runs its main thread only. Once the read is answered the
+    # client's threads have all started, and any other client's (the probe that
+    # found the socket) can only end: so the count settles on exactly ``expected``.
+    with served(FLAKY, options=["-t", str(count)]) as srv:
+        pid = srv.proc.pid
+        wait_idle(srv)
+        with RawClient.connect(srv.socket) as client:
+            client.handshake()
+            assert client.pread(0, 512) == b"\x07" * 512
+            wait_for(lambda: threads(pid) == expected,
+                     message=lambda: f"-t {count} with one client: {threads(pid)} threads")
 
 
 # ---------------------------------------------------------------- daemon, parent
@@ -126,8 +121,8 @@ def test_daemonizes_and_writes_pidfile(tmp_path):
         assert run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"]).stdout.strip() == b"1048576"
     finally:
         os.kill(pid, signal.SIGTERM)
-    assert wait_gone(pid)
-    assert not sock.exists()
+    wait_for(lambda: exited(pid), message=f"daemon {pid} still running after SIGTERM")
+    assert not sock.exists()  # removed before the daemon exited
 
 
 def test_exit_with_parent(tmp_path):
@@ -141,14 +136,11 @@ def test_exit_with_parent(tmp_path):
         stdout=subprocess.PIPE)
     child = int(parent.stdout.readline())
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sock.exists()
+        wait_for(sock.exists, message=f"no socket {sock}")
     finally:
         parent.kill()
         parent.wait()
-    assert wait_gone(child), "the server outlived its parent"
+    wait_for(lambda: exited(child), message="the server outlived its parent")
 
 
 def test_systemd_socket_activation(tmp_path):
