@@ -217,10 +217,3 @@ def _string(text: str) -> bytes:
     raw = text.encode()
     return struct.pack(">I", len(raw)) + raw
 
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))

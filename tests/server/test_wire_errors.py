@@ -9,8 +9,7 @@ what they were (nothing leaked by the bad connection).
 from __future__ import annotations
 
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,11 +32,9 @@ from rawnbd import (
     REP_ERR_TOO_BIG,
     REP_ERR_UNSUP,
     RawClient,
-    open_fds,
-    threads,
 )
 
-from nbdtest import served
+from nbdtest import open_fds, served, sync_accepts, threads, wait_for, wait_idle
 
 SIZE = 1 << 20
 MAX_PAYLOAD = 32 << 20
@@ -61,37 +58,21 @@ def ro_server(request):
         yield srv
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def settled(sample: Callable[[], object], pause: float = 0.1) -> object:
-    """A value that stayed the same over ``pause`` seconds."""
-    last, now = sample(), None
-    while True:
-        time.sleep(pause)
-        now = sample()
-        if now == last:
-            return now
-        last = now
-
-
 @contextmanager
 def bystander(srv, writable: bool = True) -> Iterator[None]:
     """A client connected throughout; afterwards it works and nothing leaked."""
     pid = srv.proc.pid
+    wait_idle(srv)  # no thread or socket of an earlier test's clients is left
     with RawClient.connect(srv.socket) as other:
         other.handshake()
         other.pread(0, 512)
-        before = settled(lambda: (open_fds(pid), threads(pid)))  # its workers have all started
+        # not a sample of something moving: no other client is connected, and the
+        # bystander's session started all it runs (workers too) before it answered
+        before = (open_fds(pid), threads(pid))
         yield
-        assert wait_for(lambda: (open_fds(pid), threads(pid)) == before), \
-            f"leaked: before {before}, now {(open_fds(pid), threads(pid))}"
+        sync_accepts(srv)  # every bad client has been accepted: its session can only end
+        wait_for(lambda: (open_fds(pid), threads(pid)) == before,
+                 message=lambda: f"leaked: before {before}, now {(open_fds(pid), threads(pid))}")
         pattern = bytes(range(256)) * 16
         if writable:
             other.pwrite(pattern, 8192)
