@@ -13,7 +13,7 @@ import os
 import pytest
 
 from nbdtest import nbdsh, run, served
-from pynbd.backend import clip_extents
+from pynbd.backend import OpenContext, clip_extents
 from pynbd.backend.stack import Stack
 
 CORPUS = [
@@ -66,7 +66,7 @@ def nbdkit_disk(args: list[str]) -> tuple[bytes, list[tuple[int, int, int]]]:
 
 def pynbd_disk(args: list[str]) -> tuple[bytes, list[tuple[int, int, int]]]:
     """What pynbd's data plugin serves for ``args``, read in-process."""
-    disk = Stack.from_args("data", args).open(None)
+    disk = Stack.from_args("data", args).open(OpenContext())
     size = disk.get_size()
     buf = bytearray(size)
     disk.pread(memoryview(buf), 0, 0)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from nbdtest import PYNBD, nbdsh, run, served
-from pynbd.backend import ConfigError
+from pynbd.backend import ConfigError, OpenContext
 from pynbd.backend.stack import Stack
 
 
@@ -37,7 +37,7 @@ def test_percent_and_holes_in_map():
 
 
 def test_data_blocks_hold_nonzero_bytes_holes_zero():
-    disk = Stack.from_args("sparse-random", ["256M", "seed=3", "percent=50", "runlength=64K"]).open(None)
+    disk = Stack.from_args("sparse-random", ["256M", "seed=3", "percent=50", "runlength=64K"]).open(OpenContext())
     extents = list(disk.extents(8 << 20, 0, 0))
     assert len(extents) > 4
     for ext in extents:

@@ -242,6 +242,10 @@ class Layer(Connection):
         self.conn.close()
 
 
+def _hex(flags: int) -> str:
+    return f"{flags:#x}" if flags else "0"
+
+
 class LoggedLayer(Layer):
     """A Layer that logs every call (``-v``), then makes it."""
 
@@ -249,35 +253,35 @@ class LoggedLayer(Layer):
         log.debug("%s: %s %s", self.name, call, text)
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self._log("pread", f"count={len(buf)} offset={offset} flags={flags:#x}")
+        self._log("pread", f"count={len(buf)} offset={offset} flags={_hex(flags)}")
         super().pread(buf, offset, flags)
 
     def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
-        self._log("pread", f"count={count} offset={offset} flags={flags:#x}")
+        self._log("pread", f"count={count} offset={offset} flags={_hex(flags)}")
         return super().pread_buffers(count, offset, flags)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        self._log("pwrite", f"count={len(buf)} offset={offset} flags={flags:#x}")
+        self._log("pwrite", f"count={len(buf)} offset={offset} flags={_hex(flags)}")
         super().pwrite(buf, offset, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        self._log("zero", f"count={count} offset={offset} flags={flags:#x}")
+        self._log("zero", f"count={count} offset={offset} flags={_hex(flags)}")
         super().zero(count, offset, flags)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        self._log("trim", f"count={count} offset={offset} flags={flags:#x}")
+        self._log("trim", f"count={count} offset={offset} flags={_hex(flags)}")
         super().trim(count, offset, flags)
 
     def flush(self, flags: int) -> None:
-        self._log("flush", f"flags={flags:#x}")
+        self._log("flush", f"flags={_hex(flags)}")
         super().flush(flags)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        self._log("cache", f"count={count} offset={offset} flags={flags:#x}")
+        self._log("cache", f"count={count} offset={offset} flags={_hex(flags)}")
         super().cache(count, offset, flags)
 
     def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
-        self._log("extents", f"count={count} offset={offset} flags={flags:#x}")
+        self._log("extents", f"count={count} offset={offset} flags={_hex(flags)}")
         return super().extents(count, offset, flags)
 
     def close(self) -> None:
