@@ -185,6 +185,6 @@ class Bytes(Plugin):
 
 def test_a_filter_reading_past_the_layer_below_fails_that_request_only():
     top = Stack(Bytes(), [Shrink()]).open(OpenContext())
-    with pytest.raises(LayerCallError, match=r"bytes: pread count=10 offset=50 is outside the layer's size 8"):
+    with pytest.raises(LayerCallError, match=r"bytes: pread count=10 offset=50 is outside .* size 8"):
         top.pread(memoryview(bytearray(10)), 50, 0)
     assert read(top, 2, 0) == b"ab"
