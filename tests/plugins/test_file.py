@@ -385,7 +385,7 @@ def test_without_fallocate_zero_writes_zeroes_or_refuses_a_fast_zero(tmp_path):
     conn = open_connection(disk)
     try:
         # What a file system without fallocate leaves the plugin with.
-        conn.can_punch = conn.can_zero_range = conn.can_allocate = False
+        conn.zeroer.can_punch = conn.zeroer.can_zero_range = conn.zeroer.can_allocate = False
         with pytest.raises(OSError) as refused:
             conn.zero(65536, 0, FLAG_FAST_ZERO | FLAG_MAY_TRIM)
         assert refused.value.errno == errno.ENOTSUP

@@ -34,7 +34,10 @@ Behaviour
       ZERO_RANGE (or punch + allocate), writing zero buffers only when the
       file system can do none of these; a client asking for a fast zero then
       gets ENOTSUP instead. Block devices use fallocate where the kernel
-      supports it, else the BLKZEROOUT and BLKDISCARD ioctls.
+      supports it, else the BLKZEROOUT and BLKDISCARD ioctls. Errors that
+      say "not supported here" (EOPNOTSUPP, ENOSYS, ...) only make it try
+      the next way; any other error (EIO, ENOSPC) is the client's answer.
+      (All of this lives in ``pynbd.backend.linux``.)
     - Extents come from SEEK_DATA/SEEK_HOLE: holes are reported as holes that
       read as zeroes, so ``nbdinfo --map`` and ``nbdcopy`` see the sparseness.
     - Flush, and any request with FUA, runs fdatasync. Cache requests ask the
@@ -55,15 +58,10 @@ Limits
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import os
 import stat
-import struct
-import threading
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from ..backend import (
     CACHE_NATIVE,
@@ -81,113 +79,24 @@ from ..backend import (
     Plugin,
     io_error,
 )
+from ..backend.linux import (
+    ACCESS_PATTERNS,
+    WriteBehind,
+    Zeroer,
+    advise_access,
+    drop_cache,
+    is_rotational,
+    logical_sector_size,
+    will_need,
+    write_zeroes,
+)
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-BLKGETSIZE64 = 0x80081272
-BLKSSZGET = 0x1268
-BLKROTATIONAL = 0x127E
-BLKDISCARD = 0x1277
-BLKZEROOUT = 0x127F
-
-SYNC_FILE_RANGE_WAIT_BEFORE = 1
-SYNC_FILE_RANGE_WRITE = 2
-SYNC_FILE_RANGE_WAIT_AFTER = 4
-
-# errno values meaning "this file or kernel cannot do that", not "it failed".
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV,
-                          errno.ENOTTY})
 # errno values of open(O_RDWR) that mean "serve it read-only instead".
 _READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
-_ADVICE = {"normal": os.POSIX_FADV_NORMAL, "random": os.POSIX_FADV_RANDOM,
-           "sequential": os.POSIX_FADV_SEQUENTIAL}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    _sync_file_range.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2); raises OSError with the kernel's errno."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fallocate: {os.strerror(err)}")
-
-
-def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
-    """sync_file_range(2), or fdatasync where libc lacks it."""
-    if _sync_file_range is None:
-        os.fdatasync(fd)
-    elif _sync_file_range(fd, offset, length, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
-
-
-# The largest page-cache folio Linux builds (a PMD, 2 MiB on x86-64). DONTNEED
-# leaves a folio alone unless its whole length is in the range.
-_FOLIO = 2 * 1024 * 1024
-
-
-def drop_cache(fd: int, offset: int, length: int) -> None:
-    """Drop clean cached pages of [offset, offset+length) (cache=none).
-
-    The range is stretched back to a folio boundary, so large folios that
-    end inside it, which an exact range would miss, go as well.
-    """
-    start = offset & ~(_FOLIO - 1)
-    os.posix_fadvise(fd, start, offset + length - start, os.POSIX_FADV_DONTNEED)
-
-
-def _range_ioctl(fd: int, request: int, offset: int, length: int) -> None:
-    fcntl.ioctl(fd, request, struct.pack("QQ", offset, length))
-
-
-def _ioctl_int(fd: int, request: int, fmt: str) -> int:
-    size = struct.calcsize(fmt)
-    return struct.unpack(fmt, fcntl.ioctl(fd, request, bytes(size)))[0]
-
-
-class _WriteEvictor:
-    """cache=none for writes: start writeback now, drop the pages later.
-
-    Dirty pages cannot be dropped, so each write is queued for writeback at
-    once and remembered; when more than ``WINDOW`` writes are waiting, the
-    oldest is waited for and its pages are dropped. ``drain`` does that for
-    every remembered write (on flush and close).
-    """
-
-    WINDOW = 8
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pending: deque[tuple[int, int]] = deque()
-        self.lock = threading.Lock()
-
-    def written(self, offset: int, length: int) -> None:
-        sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
-        with self.lock:
-            self.pending.append((offset, length))
-            old = self.pending.popleft() if len(self.pending) > self.WINDOW else None
-        if old is not None:
-            self._drop(*old)
-
-    def drain(self) -> None:
-        with self.lock:
-            ranges, self.pending = list(self.pending), deque()
-        for offset, length in ranges:
-            self._drop(offset, length)
-
-    def _drop(self, offset: int, length: int) -> None:
-        sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WAIT_BEFORE
-                        | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
-        drop_cache(self.fd, offset, length)
+# cache=none: how many written ranges wait for writeback before they are
+# evicted (nbdkit's and nbdcopy's window).
+_WRITE_BEHIND_RANGES = 8
 
 
 class FileConnection(Connection):
@@ -200,14 +109,14 @@ class FileConnection(Connection):
         st = os.fstat(fd)
         self.block_device = stat.S_ISBLK(st.st_mode)
         self.size = os.lseek(fd, 0, os.SEEK_END) if self.block_device else st.st_size
-        self.sector = _ioctl_int(fd, BLKSSZGET, "i") if self.block_device else 1
-        self.rotational = _rotational(fd, st)
+        self.sector = logical_sector_size(fd) if self.block_device else 1
+        self.rotational = self.block_device and is_rotational(fd)
         self.seekable_holes = _probe_seek_data(fd)
-        self.evictor = _WriteEvictor(fd) if cache_none else None
-        # Methods the kernel refused once are not tried again on this fd.
-        self.can_punch = self.can_zero_range = self.can_allocate = True
-        self.can_zeroout = self.can_discard = self.block_device
-        os.posix_fadvise(fd, 0, 0, _ADVICE[fadvise])
+        self.evictor = WriteBehind(fd, max_ranges=_WRITE_BEHIND_RANGES) if cache_none else None
+        # The ways to zero without writing; those the kernel refused once are
+        # not tried again on this fd.
+        self.zeroer = Zeroer(fd, self.block_device, self.sector)
+        advise_access(fd, fadvise)
 
     # ---------------------------------------------------------- what it can do
     def get_size(self) -> int:
@@ -266,15 +175,15 @@ class FileConnection(Connection):
         self._written(offset, length, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        if not self._zero_fast(count, offset, flags):
+        if not self.zeroer.zero(offset, count, may_punch=bool(flags & FLAG_MAY_TRIM),
+                                fast_only=bool(flags & FLAG_FAST_ZERO)):
             if flags & FLAG_FAST_ZERO:
                 raise io_error(errno.ENOTSUP, "file: no fast way to zero this range")
-            super().zero(count, offset, flags & ~FLAG_FUA)
+            write_zeroes(self.fd, offset, count)
         self._written(offset, count, flags)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        if self._aligned(count, offset) and not self._punch(count, offset):
-            self._try("can_discard", _range_ioctl, BLKDISCARD, offset, count)
+        self.zeroer.discard(offset, count)
         self._written(offset, count, flags)
 
     def flush(self, flags: int) -> None:
@@ -283,7 +192,7 @@ class FileConnection(Connection):
             self.evictor.drain()
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        os.posix_fadvise(self.fd, offset, count, os.POSIX_FADV_WILLNEED)
+        will_need(self.fd, offset, count)
 
     def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
         end = offset + count
@@ -323,54 +232,6 @@ class FileConnection(Connection):
                 return end
             raise
 
-    def _try(self, capability: str, call: Callable[..., None], *args: int) -> bool:
-        """Run ``call(fd, *args)`` unless it was unsupported before; True if it worked."""
-        if not getattr(self, capability):
-            return False
-        try:
-            call(self.fd, *args)
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            setattr(self, capability, False)
-            return False
-        return True
-
-    def _aligned(self, count: int, offset: int) -> bool:
-        """Block devices take fallocate and ioctls in whole sectors only."""
-        return offset % self.sector == 0 and count % self.sector == 0
-
-    def _punch(self, count: int, offset: int) -> bool:
-        return self._try("can_punch", fallocate,
-                         FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
-
-    def _zero_fast(self, count: int, offset: int, flags: int) -> bool:
-        """Zero without writing zero buffers; False if no such way exists."""
-        if not self._aligned(count, offset):
-            return False
-        if flags & FLAG_MAY_TRIM and self._punch(count, offset):
-            return True
-        if self.block_device:
-            return self._zero_device(count, offset, flags)
-        return self._zero_file(count, offset)
-
-    def _zero_file(self, count: int, offset: int) -> bool:
-        if self._try("can_zero_range", fallocate,
-                     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, count):
-            return True
-        if self.can_allocate and self._punch(count, offset):
-            # The hole reads as zeroes; allocating it again honours NO_HOLE.
-            self._try("can_allocate", fallocate, FALLOC_FL_KEEP_SIZE, offset, count)
-            return True
-        return False
-
-    def _zero_device(self, count: int, offset: int, flags: int) -> bool:
-        if flags & FLAG_FAST_ZERO:
-            return False  # the kernel may carry out both below by writing zeroes
-        return self._try("can_zero_range", fallocate, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                         offset, count) \
-            or self._try("can_zeroout", _range_ioctl, BLKZEROOUT, offset, count)
-
 
 def _probe_seek_data(fd: int) -> bool:
     """Whether SEEK_DATA/SEEK_HOLE work on this file."""
@@ -379,16 +240,6 @@ def _probe_seek_data(fd: int) -> bool:
     except OSError as exc:
         return exc.errno == errno.ENXIO
     return True
-
-
-def _rotational(fd: int, st: os.stat_result) -> bool:
-    """Whether a block device spins; regular files say no, as nbdkit's do."""
-    if not stat.S_ISBLK(st.st_mode):
-        return False
-    try:
-        return bool(_ioctl_int(fd, BLKROTATIONAL, "H"))
-    except OSError:
-        return False
 
 
 def open_file(path: str, readonly: bool) -> tuple[int, bool]:
@@ -410,13 +261,18 @@ def _servable(mode: int) -> bool:
 class FilePlugin(Plugin):
     short_requests = True
     name = "file"
+    # Set from params by the backend.
+    file: str | None
+    dir: str | None
+    cache: str
+    fadvise: str
     magic_param = "file"
     params = (
         Param("file", "path", "the file or block device to serve"),
         Param("dir", "path", "serve every file in this directory, by export name"),
         Param("cache", "str", "page cache use", default="default", choices=("default", "none")),
         Param("fadvise", "str", "access pattern hint", default="normal",
-              choices=tuple(_ADVICE)),
+              choices=tuple(ACCESS_PATTERNS)),
     )
 
     def config_complete(self) -> None:
@@ -424,7 +280,7 @@ class FilePlugin(Plugin):
             raise ConfigError("file: give exactly one of file=PATH and dir=DIR")
         if self.file is not None:
             self._check_file(self.file)
-        else:
+        elif self.dir is not None:
             self.root = self._check_dir(self.dir)
 
     @staticmethod
@@ -479,7 +335,7 @@ class FilePlugin(Plugin):
 
     # ----------------------------------------------------------------- open
     def open(self, ctx: OpenContext) -> Connection:
-        if self.dir is None:
+        if self.file is not None:
             fd, writable = open_file(self.file, ctx.readonly)
         else:
             fd, writable = self._open_export(ctx.export_name, ctx.readonly)
