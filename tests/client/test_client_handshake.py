@@ -24,7 +24,7 @@ from pynbd.proto.constants import (
     Opt,
     Rep,
 )
-from pynbd.proto.errors import ProtocolError
+from pynbd.proto.errors import LocalProtocolError, RemoteProtocolError
 
 GREETING = wire.greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 EXPORT_INFO = wire.option_reply(Opt.GO, Rep.INFO, wire.info_export(1 << 20, 0x1 | 0x4))
@@ -153,24 +153,73 @@ def test_option_mode_list_info_go():
     (GREETING + wire.option_reply(Opt.EXTENDED_HEADERS, Rep.SERVER, b"\0\0\0\0"), "unexpected reply"),
 ])
 def test_protocol_violations(server, message):
-    with pytest.raises(ProtocolError, match=message):
+    with pytest.raises(RemoteProtocolError, match=message):
         run(ClientHandshake(), server)
 
 
 def test_bad_option_reply_magic():
     bad = bytearray(wire.option_reply(Opt.EXTENDED_HEADERS, Rep.ACK))
     bad[0] ^= 0xFF
-    with pytest.raises(ProtocolError, match="magic"):
+    with pytest.raises(RemoteProtocolError, match="magic"):
         run(ClientHandshake(), GREETING + bytes(bad))
 
 
 def test_connection_lost_names_the_state():
     hs = ClientHandshake()
     run(hs, GREETING)
-    assert "NBD_OPT_EXTENDED_HEADERS" in str(hs.connection_lost())
+    lost = hs.connection_lost()
+    assert isinstance(lost, RemoteProtocolError) and "NBD_OPT_EXTENDED_HEADERS" in str(lost)
+
+
+@pytest.mark.parametrize("late_call", [
+    lambda hs: hs.next_event(),
+    lambda hs: hs.receive_data(b"more"),
+    lambda hs: hs.tls_established(),
+    lambda hs: hs.opt_list(),
+])
+def test_a_remote_error_breaks_the_machine_for_good(late_call):
+    hs = ClientHandshake()
+    with pytest.raises(RemoteProtocolError) as first:
+        run(hs, b"XXXXXXXX" + bytes(8))
+    assert hs.state is State.ERROR
+    with pytest.raises(LocalProtocolError, match="earlier error.*NBDMAGIC") as later:
+        late_call(hs)
+    assert later.value.__cause__ is first.value
+
+
+@pytest.mark.parametrize("misuse, message", [
+    (lambda hs: hs.opt_go(), "opt_go needs option mode"),
+    (lambda hs: hs.opt_abort(), "opt_abort needs option mode"),
+    (lambda hs: hs.tls_established(), "TLS established while"),
+    (lambda hs: hs.next_event(), "transmission phase; nothing to read"),
+])
+def test_misuse_is_a_local_error_and_breaks_the_machine(misuse, message):
+    hs = ClientHandshake(HandshakeConfig(extended_headers=False, structured_replies=False))
+    _, event = run(hs, GREETING + EXPORT_INFO + wire.option_reply(Opt.GO, Rep.ACK))
+    assert isinstance(event, Ready)
+    with pytest.raises(LocalProtocolError, match=message) as first:
+        misuse(hs)
+    assert hs.state is State.ERROR
+    with pytest.raises(LocalProtocolError) as later:
+        hs.next_event()
+    assert later.value.__cause__ is first.value and message.split()[0] in str(later.value)
+
+
+def test_a_refused_option_is_an_answer_not_a_breakage():
+    hs = ClientHandshake(HandshakeConfig(opt_mode=True, extended_headers=False,
+                                         structured_replies=False))
+    run(hs, GREETING)
+    hs.opt_list()
+    with pytest.raises(OptionRefused):
+        run(hs, wire.option_reply(Opt.LIST, Rep.ERR_POLICY))
+    assert hs.state is State.NEGOTIATING
+    hs.opt_abort()  # still usable
+    assert hs.state is State.CLOSED
 
 
 def test_transition_table_is_closed():
     for state, targets in TRANSITIONS.items():
         assert targets <= set(State), state
-    assert TRANSITIONS[State.CLOSED] == frozenset()
+        assert state is State.ERROR or State.ERROR in targets, state  # any state may fail
+    assert TRANSITIONS[State.CLOSED] == {State.ERROR}
+    assert TRANSITIONS[State.ERROR] == frozenset()  # and failing is final

@@ -7,7 +7,7 @@ import pytest
 from pynbd.proto import wire
 from pynbd.proto.client_transmission import Transmission
 from pynbd.proto.constants import Cmd, CmdFlag
-from pynbd.proto.errors import ProtocolError
+from pynbd.proto.errors import LocalProtocolError, RemoteProtocolError
 
 
 def feed(t: Transmission, data: bytes, step: int | None = None) -> list:
@@ -103,7 +103,7 @@ def test_extended_write_carries_payload_len():
 def _violation(stream_for):
     t = Transmission(structured=True, extended=False, contexts={1: "base:allocation"})
     cmd, _ = read(t, 100, 10)
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         feed(t, stream_for(cmd.cookie))
     return str(info.value)
 
@@ -121,10 +121,34 @@ def test_protocol_violations(stream_for, message):
     assert message in _violation(stream_for)
 
 
+@pytest.mark.parametrize("late_call", [
+    lambda t: t.get_buffer(),
+    lambda t: t.buffer_updated(0),
+    lambda t: t.request(Cmd.FLUSH),
+])
+def test_a_bad_reply_breaks_the_parser_for_good(late_call):
+    t = Transmission(structured=True, extended=False)
+    cmd, _ = read(t, 0, 10)
+    with pytest.raises(RemoteProtocolError) as first:
+        feed(t, wire.simple_reply(cmd.cookie + 1))
+    with pytest.raises(LocalProtocolError, match="earlier error.*unknown cookie") as later:
+        late_call(t)
+    assert later.value.__cause__ is first.value
+
+
+def test_no_request_after_disconnect():
+    t = Transmission(structured=False, extended=False)
+    t.disconnect()
+    for late_call in (lambda: t.request(Cmd.FLUSH), t.disconnect):
+        with pytest.raises(LocalProtocolError, match="NBD_CMD_DISC was already sent"):
+            late_call()
+
+
 def test_connection_lost_mid_reply_and_between_replies():
     t = Transmission(structured=True, extended=False)
     cmd, _ = read(t, 0, 100)
-    assert "1 command(s) in flight" in str(t.connection_lost())
+    lost = t.connection_lost()
+    assert isinstance(lost, RemoteProtocolError) and "1 command(s) in flight" in str(lost)
     feed(t, wire.read_data_header(cmd.cookie, 0, 100, True, False) + b"x" * 10)
     assert "middle of a reply" in str(t.connection_lost())
 

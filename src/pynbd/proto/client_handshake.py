@@ -16,9 +16,24 @@ changes state, so the table is the whole story of a negotiation:
         elif isinstance(event, Ready):       enter transmission with event.negotiated
 
 The machine asks for exactly the bytes it needs, so it never swallows the
-first byte of a TLS handshake. A server that breaks the protocol raises
-``ProtocolError``; a server that refuses what the client cannot do without
-(TLS, the export, NBD_OPT_GO) raises ``OptionRefused`` carrying the reply code.
+first byte of a TLS handshake.
+
+Errors, the h11 way (``proto.errors``):
+
+- ``RemoteProtocolError``: the server broke the protocol (a bad magic, a
+  reply to an option never sent, a malformed NBD_REP_INFO) or hung up
+  (``connection_lost()`` builds that one for the driver).
+- ``LocalProtocolError``: the driver misused the machine (``opt_go`` outside
+  option mode, ``tls_established`` without a StartTLS, ``next_event`` after
+  Ready).
+- ``OptionRefused``: the server refused an option with an NBD_REP_ERR_* reply.
+  That is an answer, not a breakage: in option mode the machine is back in
+  NEGOTIATING and may be used on; when the client cannot do without the
+  option (TLS, the export, NBD_OPT_GO) it is CLOSED.
+
+Any other exception raised by a method of the machine moves it to ERROR for
+good: every later call raises ``LocalProtocolError`` naming that first
+failure (its ``__cause__``), so a half-parsed handshake never carries on.
 
 Default negotiation, in order: STARTTLS (when TLS is wanted), EXTENDED_HEADERS
 (when asked), STRUCTURED_REPLY, SET_META_CONTEXT (when contexts were added),
@@ -31,8 +46,10 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Concatenate, ParamSpec, TypeVar
 
 from . import wire
 from .constants import (
@@ -49,13 +66,13 @@ from .constants import (
     Opt,
     Rep,
 )
-from .errors import ProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .machine import ByteMachine, NeedData, Send
 
 MAX_OPTION_REPLY = 16 * 1024 * 1024  # larger option replies are refused
 OLDSTYLE_REST = 8 + 4 + 124  # size, flags, padding after the two magics
 
-_REP_ERRNO = {
+_REP_ERRNO: dict[int, int] = {
     Rep.ERR_UNSUP: errno.ENOTSUP, Rep.ERR_POLICY: errno.EPERM,
     Rep.ERR_INVALID: errno.EINVAL, Rep.ERR_PLATFORM: errno.EOPNOTSUPP,
     Rep.ERR_TLS_REQD: errno.ENOTSUP, Rep.ERR_UNKNOWN: errno.ENOENT,
@@ -172,11 +189,13 @@ class State(enum.Enum):
     LIST_META_CONTEXT = "waiting for the NBD_OPT_LIST_META_CONTEXT reply"
     READY = "transmission phase"
     CLOSED = "closed"
+    ERROR = "broken by an earlier error"
 
 
 _OPTS = (State.NEGOTIATING, State.GO, State.EXPORT_NAME, State.CLOSED)
 
-TRANSITIONS: dict[State, frozenset[State]] = {
+# The moves of a working handshake; every state may also fail into ERROR, which is final.
+_MOVES: dict[State, frozenset[State]] = {
     State.MAGIC: frozenset({State.NEWSTYLE_FLAGS, State.OLDSTYLE}),
     State.NEWSTYLE_FLAGS: frozenset({State.CLIENT_FLAGS}),
     State.OLDSTYLE: frozenset({State.READY}),
@@ -199,6 +218,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.READY: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
+TRANSITIONS: dict[State, frozenset[State]] = {
+    **{state: moves | {State.ERROR} for state, moves in _MOVES.items()},
+    State.ERROR: frozenset(),
+}
 
 # The option each waiting state has sent, so replies can be checked against it.
 _STATE_OPTION = {
@@ -207,6 +230,30 @@ _STATE_OPTION = {
     State.GO: Opt.GO, State.LIST: Opt.LIST, State.INFO: Opt.INFO,
     State.LIST_META_CONTEXT: Opt.LIST_META_CONTEXT,
 }
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _guarded(method: Callable[Concatenate[ClientHandshake, P], T],
+             ) -> Callable[Concatenate[ClientHandshake, P], T]:
+    """Refuse calls once the machine is broken; break it when ``method`` fails.
+
+    An ``OptionRefused`` is an answer from the server, not a failure, and
+    passes through without breaking anything.
+    """
+    @functools.wraps(method)
+    def guarded(self: ClientHandshake, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        self._check_usable()
+        try:
+            return method(self, *args, **kwargs)
+        except OptionRefused:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+    return guarded
 
 
 class ClientHandshake(ByteMachine[State]):
@@ -223,50 +270,74 @@ class ClientHandshake(ByteMachine[State]):
         self._reply: tuple[int, int, int] | None = None  # header of the reply being read
         self._results: list[object] = []  # collected by LIST / LIST_META_CONTEXT
         self._then: State | None = None  # where SET_META_CONTEXT continues
+        self._failure: BaseException | None = None  # what moved the machine to ERROR
 
     # ---------------------------------------------------- driver interface
+    @_guarded
+    def receive_data(self, data: bytes) -> None:
+        super().receive_data(data)
+
+    @_guarded
     def tls_established(self) -> None:
         """The driver calls this once the TLS handshake succeeded."""
         if self.state is not State.TLS_HANDSHAKE:
-            raise ProtocolError(f"TLS established while {self.state.value}")
+            raise LocalProtocolError(f"TLS established while {self.state.value}")
         self.negotiated.tls = True
         self._after_tls()
 
+    @_guarded
     def next_event(self) -> Event:
         """The next thing the driver must do."""
         while not self._pending:
             need = self._needed()
             if need is None:
-                raise ProtocolError(f"the handshake is {self.state.value}; nothing to read")
+                raise LocalProtocolError(f"the handshake is {self.state.value}; nothing to read")
             data = self._take(need)
             if isinstance(data, NeedData):
                 return data
             self._consume(data)
         return self._pending.pop(0)
 
-    def connection_lost(self) -> ProtocolError:
+    def connection_lost(self) -> RemoteProtocolError:
         """The error to raise when the server hangs up mid-handshake."""
-        return ProtocolError(f"server closed the connection while {self.state.value}")
+        return RemoteProtocolError(f"server closed the connection while {self.state.value}")
+
+    def _check_usable(self) -> None:
+        """Raise ``LocalProtocolError`` (caused by the first failure) if the machine is broken."""
+        if self._failure is not None:
+            failure = self._failure
+            raise LocalProtocolError(f"the handshake is unusable after an earlier error: "
+                                     f"{type(failure).__name__}: {failure}") from failure
+
+    def _fail(self, exc: BaseException) -> None:
+        """Break the machine for good because of ``exc``."""
+        self._failure = exc
+        self._goto(State.ERROR)
 
     # ------------------------------------------------ option-mode commands
+    @_guarded
     def opt_go(self) -> None:
         self._require_negotiating("opt_go")
         self._with_meta_context(State.GO)
 
+    @_guarded
     def opt_info(self) -> None:
         self._require_negotiating("opt_info")
         self._with_meta_context(State.INFO)
 
+    @_guarded
     def opt_list(self) -> None:
         self._require_negotiating("opt_list")
         self._send_option(State.LIST, b"")
 
+    @_guarded
     def opt_list_meta_context(self, queries: list[str] | None = None) -> None:
         self._require_negotiating("opt_list_meta_context")
         queries = self.config.meta_contexts if queries is None else queries
         self._send_option(State.LIST_META_CONTEXT,
                           wire.meta_context_request(self.config.export_name, queries))
 
+    @_guarded
     def opt_abort(self) -> bytes:
         """Bytes to send before closing; the server's answer is not awaited."""
         self._require_negotiating("opt_abort")
@@ -278,7 +349,8 @@ class ClientHandshake(ByteMachine[State]):
 
     def _require_negotiating(self, what: str) -> None:
         if self.state is not State.NEGOTIATING:
-            raise ProtocolError(f"{what} needs option mode, but the handshake is {self.state.value}")
+            raise LocalProtocolError(f"{what} needs option mode, but the handshake is "
+                                     f"{self.state.value}")
 
     # ------------------------------------------------ what each state reads
     def _needed(self) -> int | None:
@@ -313,15 +385,15 @@ class ClientHandshake(ByteMachine[State]):
     def _magic(self, data: bytes) -> None:
         magic, second = wire.U64.unpack_from(data)[0], wire.U64.unpack_from(data, 8)[0]
         if magic != NBDMAGIC:
-            raise ProtocolError(f"server did not send NBDMAGIC (got {magic:#x}); is it an NBD server?")
+            raise RemoteProtocolError(f"server did not send NBDMAGIC (got {magic:#x}); is it an NBD server?")
         if second == IHAVEOPT:
             self._goto(State.NEWSTYLE_FLAGS)
         elif second == OLDSTYLE_MAGIC:
             if self.config.tls:
-                raise ProtocolError("oldstyle server cannot do TLS")
+                raise RemoteProtocolError("oldstyle server cannot do TLS")
             self._goto(State.OLDSTYLE)
         else:
-            raise ProtocolError(f"unknown NBD protocol magic {second:#x}")
+            raise RemoteProtocolError(f"unknown NBD protocol magic {second:#x}")
 
     def _oldstyle(self, data: bytes) -> None:
         size, flags = wire.U64.unpack_from(data)[0], wire.U32.unpack_from(data, 8)[0]
@@ -339,7 +411,7 @@ class ClientHandshake(ByteMachine[State]):
         self._pending.append(Send(wire.CLIENT_FLAGS.pack(client)))
         if not fixed:
             if self.config.tls:
-                raise ProtocolError("server is not fixed-newstyle and cannot do TLS")
+                raise RemoteProtocolError("server is not fixed-newstyle and cannot do TLS")
             self._send_export_name()
         elif self.config.tls:
             self._send_option(State.STARTTLS, b"")
@@ -398,9 +470,9 @@ class ClientHandshake(ByteMachine[State]):
         option, reply, length = wire.parse_option_reply_header(data)
         expected = _STATE_OPTION[self.state]
         if option != expected:
-            raise ProtocolError(f"server answered option {option} while {self.state.value}")
+            raise RemoteProtocolError(f"server answered option {option} while {self.state.value}")
         if length > MAX_OPTION_REPLY:
-            raise ProtocolError(f"option reply of {length} bytes is too large")
+            raise RemoteProtocolError(f"option reply of {length} bytes is too large")
         self._reply = (option, reply, length)
         if length == 0:
             self._reply = None
@@ -415,7 +487,7 @@ class ClientHandshake(ByteMachine[State]):
         else:
             handler = self._ON_REPLY.get((self.state, reply))
             if handler is None:
-                raise ProtocolError(f"unexpected reply {_name(Rep, reply)} to {_name(Opt, option)}")
+                raise RemoteProtocolError(f"unexpected reply {_name(Rep, reply)} to {_name(Opt, option)}")
             handler(self, payload)
 
     def _refuse(self, refused: OptionRefused) -> None:
@@ -446,7 +518,7 @@ class ClientHandshake(ByteMachine[State]):
 
     def _meta_context(self, payload: bytes) -> None:
         if len(payload) < 5:
-            raise ProtocolError("NBD_REP_META_CONTEXT reply is too short")
+            raise RemoteProtocolError("NBD_REP_META_CONTEXT reply is too short")
         context_id = wire.U32.unpack_from(payload)[0]
         name = _text(payload[4:])
         if self.state is State.SET_META_CONTEXT:
@@ -464,7 +536,7 @@ class ClientHandshake(ByteMachine[State]):
 
     def _info(self, payload: bytes) -> None:
         if len(payload) < 2:
-            raise ProtocolError("NBD_REP_INFO reply is too short")
+            raise RemoteProtocolError("NBD_REP_INFO reply is too short")
         kind = wire.U16.unpack_from(payload)[0]
         handler = self._INFO.get(kind)
         if handler is not None:
@@ -472,7 +544,7 @@ class ClientHandshake(ByteMachine[State]):
 
     def _info_export(self, payload: bytes) -> None:
         if len(payload) != wire.INFO_EXPORT.size:
-            raise ProtocolError("NBD_INFO_EXPORT has the wrong length")
+            raise RemoteProtocolError("NBD_INFO_EXPORT has the wrong length")
         _, self.negotiated.size, self.negotiated.flags = wire.INFO_EXPORT.unpack(payload)
 
     def _info_name(self, payload: bytes) -> None:
@@ -483,13 +555,13 @@ class ClientHandshake(ByteMachine[State]):
 
     def _info_block_size(self, payload: bytes) -> None:
         if len(payload) != wire.INFO_BLOCK_SIZE.size:
-            raise ProtocolError("NBD_INFO_BLOCK_SIZE has the wrong length")
+            raise RemoteProtocolError("NBD_INFO_BLOCK_SIZE has the wrong length")
         _, minimum, preferred, maximum = wire.INFO_BLOCK_SIZE.unpack(payload)
         self.negotiated.block_size = (minimum, preferred, maximum)
 
     def _go_ack(self, payload: bytes) -> None:
         if not self.negotiated.flags:
-            raise ProtocolError("server finished NBD_OPT_GO without NBD_INFO_EXPORT")
+            raise RemoteProtocolError("server finished NBD_OPT_GO without NBD_INFO_EXPORT")
         self._ready()
 
     def _go_refused(self, refused: OptionRefused) -> None:

@@ -21,9 +21,14 @@ A finished ``Command`` carries ``error`` (an errno, 0 on success),
 ``message`` (the server's text, if any) and, for BLOCK_STATUS, ``extents``:
 ``(context id, [length, flags, length, flags, ...])`` per chunk.
 
-A reply that breaks the protocol (bad magic, a cookie nobody asked for, a
-chunk outside the request, a chunk type the command cannot have, a wrong
-payload length) raises ``ProtocolError``; the connection is then unusable.
+Errors, the h11 way (``proto.errors``): a reply that breaks the protocol
+(bad magic, a cookie nobody asked for, a chunk outside the request, a chunk
+type the command cannot have, a wrong payload length) raises
+``RemoteProtocolError``, and ``connection_lost()`` builds one for a server
+that hung up. Any exception raised while taking in replies (``get_buffer``,
+``buffer_updated``) breaks the parser for good: every later call, and every
+``request``, raises ``LocalProtocolError`` naming that first failure (its
+``__cause__``). A ``request`` after ``disconnect()`` is refused the same way.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from .constants import (
     ReplyType,
     is_error_reply_type,
 )
-from .errors import ProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 
 DEFAULT_BUFFER = 256 * 1024
 DIRECT_MIN = 64 * 1024  # data this large is received straight into the caller's buffer
@@ -108,6 +113,8 @@ class Transmission:
         self._dest: memoryview = _ZEROS[:0]  # where DATA goes
         self._direct = False
         self._completed: list[Command] = []
+        self._failure: BaseException | None = None  # what broke the parser, once
+        self._disconnected = False
         # Set by a driver whose reads are large: receive reply headers (and a data chunk's
         # offset) on their own, so that read data never passes through the receive buffer.
         self.direct_reads = False
@@ -123,6 +130,8 @@ class Transmission:
         READ fills ``buf`` (``count`` bytes); WRITE sends ``buf`` after the
         header, so ``count`` is its length.
         """
+        if self._failure is not None or self._disconnected:
+            raise self._refusal("request")
         if not self.extended and count > 0xFFFFFFFF:
             raise ValueError(f"request of {count} bytes needs extended headers")
         if cmd == Cmd.READ and (buf is None or len(buf) != count):
@@ -134,7 +143,10 @@ class Transmission:
         return command, wire.request(flags, cmd, command.cookie, offset, count, self.extended)
 
     def disconnect(self) -> bytes:
-        """The NBD_CMD_DISC header (it gets no reply)."""
+        """The NBD_CMD_DISC header (it gets no reply); no request may follow it."""
+        if self._disconnected:
+            raise self._refusal("disconnect")
+        self._disconnected = True
         return wire.request(0, Cmd.DISC, next(self._cookies), 0, 0, self.extended)
 
     def forget(self, command: Command) -> None:
@@ -144,6 +156,15 @@ class Transmission:
     # ------------------------------------------------------------ replies
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the driver must put the next received bytes."""
+        if self._failure is not None:
+            raise self._refusal("get_buffer")
+        try:
+            return self._next_buffer()
+        except BaseException as exc:
+            self._failure = exc
+            raise
+
+    def _next_buffer(self) -> memoryview:
         if self._rx is _Rx.DATA and self._start == self._end and len(self._dest) >= DIRECT_MIN:
             self._direct = True
             return self._dest
@@ -166,25 +187,42 @@ class Transmission:
 
     def buffer_updated(self, nbytes: int) -> list[Command]:
         """``nbytes`` arrived in the last buffer; return the commands finished."""
-        if self._direct:
-            self._dest = self._dest[nbytes:]
-            self._cmd_or_fail().covered += nbytes
-            if not self._dest:
-                self._data_done()
-        else:
-            self._end += nbytes
-        self._drain()
+        if self._failure is not None:
+            raise self._refusal("buffer_updated")
+        try:
+            if self._direct:
+                self._dest = self._dest[nbytes:]
+                self._cmd_or_fail().covered += nbytes
+                if not self._dest:
+                    self._data_done()
+            else:
+                self._end += nbytes
+            self._drain()
+        except BaseException as exc:
+            self._failure = exc
+            raise
         done, self._completed = self._completed, []
         return done
 
-    def connection_lost(self) -> ProtocolError:
+    def connection_lost(self) -> RemoteProtocolError:
         """The error for a server that hung up; every command in flight fails."""
         pending = len(self.in_flight)
         middle = self._rx is not _Rx.HEADER or self._start != self._end
         if middle:
-            return ProtocolError(f"server closed the connection in the middle of a reply "
-                                 f"({self._rx.value})")
-        return ProtocolError(f"server closed the connection with {pending} command(s) in flight")
+            return RemoteProtocolError(f"server closed the connection in the middle of a reply "
+                                       f"({self._rx.value})")
+        return RemoteProtocolError(f"server closed the connection with {pending} command(s) "
+                                   f"in flight")
+
+    def _refusal(self, what: str) -> LocalProtocolError:
+        """The error for a call the parser can no longer take."""
+        failure = self._failure
+        if failure is None:
+            return LocalProtocolError(f"{what}: NBD_CMD_DISC was already sent")
+        error = LocalProtocolError(f"{what}: the connection is unusable after an earlier error: "
+                                   f"{type(failure).__name__}: {failure}")
+        error.__cause__ = failure
+        return error
 
     # ------------------------------------------------------------ parsing
     def _compact(self) -> None:
@@ -234,16 +272,16 @@ class Transmission:
         magic = wire.U32.unpack_from(avail)[0]
         if magic not in self._magics:
             kind = "extended" if self.extended else "structured" if self.structured else "simple"
-            raise ProtocolError(f"bad reply magic {magic:#x} (expected {kind} replies)")
+            raise RemoteProtocolError(f"bad reply magic {magic:#x} (expected {kind} replies)")
         size, header = wire.parse_reply_header(avail)
         if header is None:
             if size > len(self._rbuf):
-                raise ProtocolError("reply header larger than the receive buffer")
+                raise RemoteProtocolError("reply header larger than the receive buffer")
             return False
         self._start += size
         command = self.in_flight.get(header.cookie)
         if command is None:
-            raise ProtocolError(f"server replied to unknown cookie {header.cookie:#x}")
+            raise RemoteProtocolError(f"server replied to unknown cookie {header.cookie:#x}")
         self._cmd = command
         if header.type == -1:
             self._simple(command, header.error)
@@ -292,7 +330,7 @@ class Transmission:
         else:
             ok = False
         if not ok:
-            raise ProtocolError(f"server sent an invalid reply: {what}")
+            raise RemoteProtocolError(f"server sent an invalid reply: {what}")
 
     def _payload(self, chunk: memoryview) -> None:
         command, header = self._cmd_or_fail(), self._chunk
@@ -315,14 +353,14 @@ class Transmission:
         err, msglen = wire.ERROR_PAYLOAD.unpack_from(chunk)
         extra = 8 if rtype == ReplyType.ERROR_OFFSET else 0
         if 6 + msglen + extra > len(chunk):
-            raise ProtocolError("error chunk message is longer than the chunk")
+            raise RemoteProtocolError("error chunk message is longer than the chunk")
         message = bytes(chunk[6:6 + msglen]).decode("utf-8", errors="replace")
         command.fail(err or errno.EIO, message)
 
     def _range(self, command: Command, offset: int, length: int) -> memoryview:
         start = offset - command.offset
         if start < 0 or start + length > command.count:
-            raise ProtocolError(f"server sent data for {offset}+{length}, outside the request "
+            raise RemoteProtocolError(f"server sent data for {offset}+{length}, outside the request "
                                 f"{command.offset}+{command.count}")
         assert command.buf is not None
         return command.buf[start:start + length]
@@ -330,7 +368,7 @@ class Transmission:
     def _hole(self, command: Command, chunk: memoryview) -> None:
         offset, length = wire.HOLE_PAYLOAD.unpack_from(chunk)
         if length == 0:
-            raise ProtocolError("server sent a hole of length 0")
+            raise RemoteProtocolError("server sent a hole of length 0")
         zero_fill(self._range(command, offset, length))
         command.covered += length
 
@@ -350,12 +388,12 @@ class Transmission:
     def _block_status(self, command: Command, rtype: int, chunk: memoryview) -> None:
         context_id = wire.U32.unpack_from(chunk)[0]
         if self.contexts and context_id not in self.contexts:
-            raise ProtocolError(f"block status for meta context id {context_id} never negotiated")
+            raise RemoteProtocolError(f"block status for meta context id {context_id} never negotiated")
         if rtype == ReplyType.BLOCK_STATUS_EXT:
             count = wire.U32.unpack_from(chunk, 4)[0]
             entries = _be_array("Q", chunk[8:])
             if count != len(entries) // 2:
-                raise ProtocolError("extended block status descriptor count does not match")
+                raise RemoteProtocolError("extended block status descriptor count does not match")
         else:
             entries = _be_array("I", chunk[4:])
         command.extents.append((context_id, entries.tolist()))
@@ -370,12 +408,12 @@ class Transmission:
         self._completed.append(command)
 
     def _cmd_or_fail(self) -> Command:
-        if self._cmd is None:
-            raise ProtocolError("reply data without a reply header")
+        if self._cmd is None:  # only a driver that skipped get_buffer gets here
+            raise LocalProtocolError("reply data without a reply header")
         return self._cmd
 
 
-def _be_array(code: str, data: memoryview) -> array.array:
+def _be_array(code: str, data: memoryview) -> array.array[int]:
     values = array.array(code)  # "I" is 32 and "Q" 64 bits on every platform pynbd runs on
     values.frombytes(data)
     if _SWAP:
