@@ -6,15 +6,20 @@
   several requests going at once. A source file's extents come from
   ``SEEK_DATA`` / ``SEEK_HOLE``.
 - Written ranges of a regular file are pushed to the disk as the copy goes
-  (``sync_file_range``) and dropped from the page cache a few requests
-  later, as nbdcopy does: the copy does not fill memory with dirty pages
-  that the kernel would otherwise throttle or reclaim in the middle of it.
+  (``sync_file_range``) and dropped from the page cache once a connection
+  has 16 MiB more in flight, as nbdcopy does: the copy does not fill memory
+  with dirty pages that the kernel would otherwise throttle or reclaim in
+  the middle of it. A write-back error (EIO) found on the way fails the
+  copy; it is not left for the final fsync, which would no longer see it.
 - A regular-file destination is truncated and then extended to the source's
   size, as nbdcopy does, so it reads as zeroes and holes need no writing
-  (a file copied onto itself is left alone). Zeroing punches holes
-  (``fallocate`` PUNCH_HOLE) or, with ``--allocated``, uses ZERO_RANGE; a
-  block device uses the BLKZEROOUT ioctl. Where those fail, zero bytes are
-  written.
+  (a file copied onto itself is left alone). Zeroing tries what nbdcopy
+  tries, in its order: a hole (``fallocate`` PUNCH_HOLE, not with
+  ``--allocated``), ZERO_RANGE, then a hole allocated again (files) or the
+  BLKZEROOUT ioctl (block devices, whole sectors). A way the file system
+  does not support (EOPNOTSUPP, ENOSYS, ...) is not tried again; where none
+  works, zero bytes are written. Other errors (EIO, ENOSPC) fail the copy.
+  (The Linux calls live in ``pynbd.backend.linux``.)
 - ``-``, pipes, character devices and sockets are streams: read or written in
   order, one request at a time, and a stream source's length is wherever it
   ends.
@@ -22,62 +27,23 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import os
 import stat
-import struct
-from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
+from ...backend.linux import (
+    WriteBehind,
+    Zeroer,
+    is_not_supported,
+    logical_sector_size,
+    write_zeroes,
+)
 from .endpoint import NULL_SIZE, CopyError, Done, Endpoint, Extent, Facts
 from .options import Spec
 
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-BLKZEROOUT = 0x127F
-_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-SYNC_WAIT_BEFORE, SYNC_WRITE, SYNC_WAIT_AFTER = 1, 2, 4
 EVICT_BEHIND = 16 * 1024 * 1024  # bytes written per connection before they leave the cache
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Linux fallocate(2) with its mode flags (os.posix_fallocate has none)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-class CacheEvictor:
-    """Writes back and forgets written ranges of a file, per connection.
-
-    ``written`` starts the write-back of a range at once and, once more than
-    ``EVICT_BEHIND`` bytes of a connection are pending, waits for its oldest
-    ranges and drops them from the page cache. Each connection is driven by
-    one thread, so its queue needs no lock. Failures only cost speed (a file
-    system without ``sync_file_range`` keeps its cache) and are ignored.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pending: dict[int, deque[tuple[int, int]]] = defaultdict(deque)
-        self.queued: dict[int, int] = defaultdict(int)
-
-    def written(self, conn: int, offset: int, length: int) -> None:
-        _libc.sync_file_range(self.fd, offset, length, SYNC_WRITE)
-        ranges = self.pending[conn]
-        ranges.append((offset, length))
-        self.queued[conn] += length
-        while self.queued[conn] > EVICT_BEHIND:
-            old, n = ranges.popleft()
-            self.queued[conn] -= n
-            _libc.sync_file_range(self.fd, old, n, SYNC_WAIT_BEFORE | SYNC_WRITE | SYNC_WAIT_AFTER)
-            os.posix_fadvise(self.fd, old, n, os.POSIX_FADV_DONTNEED)
 
 
 def pread_full(fd: int, view: memoryview, offset: int) -> int:
@@ -141,11 +107,13 @@ class FileEndpoint(LocalEndpoint):
         self.block_device = block_device
         self.size = os.lseek(fd, 0, os.SEEK_END)
         self.zero_is_cheap = True
-        self._zero_native = True
-        self._evictor: CacheEvictor | None = None  # set for a regular file being written
+        sector = self._call(logical_sector_size, fd) if block_device else 1
+        self._zeroer = Zeroer(fd, block_device, sector)
+        # Per connection (each is one lane's thread), set for a regular file being written.
+        self._write_behind: dict[int, WriteBehind] | None = None
 
     def facts(self) -> Facts:
-        method = "BLKZEROOUT" if self.block_device else "fallocate"
+        method = "fallocate/BLKZEROOUT" if self.block_device else "fallocate"
         return Facts("block device" if self.block_device else "file", zero_method=method)
 
     def identity(self) -> tuple[int, int]:
@@ -160,30 +128,23 @@ class FileEndpoint(LocalEndpoint):
 
     def write(self, conn: int, view: memoryview, offset: int, done: Done) -> None:
         self._call(pwrite_full, self.fd, view, offset)
-        if self._evictor is not None:
-            self._evictor.written(conn, offset, len(view))
+        self._written(conn, offset, len(view))
         done(len(view), None)
 
     def zero(self, conn: int, count: int, offset: int, allocate: bool, done: Done) -> None:
-        if self._zero_native:
-            try:
-                self._zero_native_call(count, offset, allocate)
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise CopyError(self.label, exc.strerror or exc) from None
-                self._zero_native = False
-            else:
-                done(count, None)
-                return
-        self.write_zeroes(conn, count, offset, done)
+        if not self._call(self._zeroer.zero, offset, count, not allocate):
+            self._call(write_zeroes, self.fd, offset, count)
+            self._written(conn, offset, count)
+        done(count, None)
 
-    def _zero_native_call(self, count: int, offset: int, allocate: bool) -> None:
-        if self.block_device:
-            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", offset, count))
-        elif allocate:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, count)
-        else:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+    def _written(self, conn: int, offset: int, count: int) -> None:
+        """Start writing a range back; evict this connection's older ones."""
+        if self._write_behind is None:
+            return
+        behind = self._write_behind.get(conn)
+        if behind is None:
+            behind = self._write_behind.setdefault(conn, WriteBehind(self.fd, max_bytes=EVICT_BEHIND))
+        self._call(behind.written, offset, count)
 
     def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
         if self.block_device:
@@ -191,14 +152,14 @@ class FileEndpoint(LocalEndpoint):
         try:
             return file_extents(self.fd, offset, offset + count)
         except OSError as exc:
-            if exc.errno in _UNSUPPORTED:
+            if is_not_supported(exc):
                 return None
             raise CopyError(self.label, exc.strerror or exc) from None
 
     def prepare(self, length: int | None, source: Endpoint) -> None:
         if self.block_device:
             return
-        self._evictor = CacheEvictor(self.fd)
+        self._write_behind = {}
         if isinstance(source, FileEndpoint) and source.identity() == self.identity():
             return  # a file copied onto itself: truncating would destroy the source
         try:
