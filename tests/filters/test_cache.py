@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import subprocess
 
 import pytest
 from stack_helpers import file_bytes
 
 from nbdtest import PYNBD, nbdsh, run, served
+from pynbd.backend import OpenContext, linux
+from pynbd.backend.stack import Stack
 
 MiB = 1 << 20
 
@@ -110,3 +115,129 @@ def test_clients_share_the_cache(disk):
 def test_bad_parameters_are_refused(params, message):
     result = run([*PYNBD, "serve", "--filter=cache", "memory", "1M", *params], check=False)
     assert result.returncode == 1 and message in result.stderr.decode()
+
+
+# ---------------------------------------------------------------- zeroing the cache file
+# In process, through the Connection interface, so the Linux calls can be replaced.
+BLOCK = 65536
+
+
+@pytest.fixture
+def cached(disk):
+    """A writeback cache with 64k blocks over the file plugin."""
+    stack = Stack.from_args("file", [disk, "cache-min-block-size=64k"], ["cache"])
+    conn = stack.open(OpenContext())
+    try:
+        yield conn
+    finally:
+        conn.close()
+        stack.unload()
+
+
+def read(conn, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    conn.pread(memoryview(buf), offset, 0)
+    return bytes(buf)
+
+
+def refusing(code: int, calls: list):
+    def punch_hole(fd: int, offset: int, count: int) -> None:
+        calls.append((offset, count))
+        raise OSError(code, os.strerror(code))
+    return punch_hole
+
+
+def test_zero_without_holes_writes_zeroes(cached, disk, monkeypatch):
+    cached.pwrite(memoryview(b"\x99" * 3 * BLOCK), BLOCK, 0)  # cached, dirty
+    calls: list = []
+    monkeypatch.setattr(linux, "punch_hole", refusing(errno.EOPNOTSUPP, calls))
+    cached.zero(2 * BLOCK, BLOCK, 0)
+    assert calls == [(BLOCK, BLOCK), (2 * BLOCK, BLOCK)]  # the whole blocks: punch first
+    assert read(cached, 0, 5 * BLOCK) == (b"\x11" * BLOCK + bytes(2 * BLOCK) + b"\x99" * BLOCK
+                                          + b"\x11" * BLOCK)
+    cached.flush(0)
+    assert file_bytes(disk, BLOCK, 3 * BLOCK) == bytes(2 * BLOCK) + b"\x99" * BLOCK
+
+
+def test_zero_with_a_real_error_fails(cached, disk, monkeypatch):
+    cached.pwrite(memoryview(b"\x99" * BLOCK), BLOCK, 0)
+    calls: list = []
+    monkeypatch.setattr(linux, "punch_hole", refusing(errno.ENOSPC, calls))
+    with pytest.raises(OSError) as failed:
+        cached.zero(BLOCK, BLOCK, 0)
+    assert failed.value.errno == errno.ENOSPC and calls == [(BLOCK, BLOCK)]
+    assert read(cached, BLOCK, 4) == b"\x99" * 4  # no zeroes written behind the error's back
+    monkeypatch.setattr(linux, "punch_hole", refusing(errno.EIO, calls))
+    with pytest.raises(OSError) as failed:
+        cached.zero(BLOCK, BLOCK, 0)
+    assert failed.value.errno == errno.EIO
+
+
+def test_evicting_without_holes_keeps_data_right(disk, monkeypatch, tmp_path):
+    """Forgotten blocks need no zeroes: nothing reads them before they are written whole."""
+    calls: list = []
+    monkeypatch.setattr(linux, "punch_hole", refusing(errno.EOPNOTSUPP, calls))
+    source = random.Random(9).randbytes(2 * MiB)
+    stack = Stack.from_args("file", [disk, "cache-min-block-size=64k", "cache-max-size=256k"],
+                            ["cache"])
+    conn = stack.open(OpenContext())
+    try:
+        for offset in range(0, 2 * MiB, 3 * BLOCK // 2):  # unaligned: partial blocks too
+            piece = source[offset:offset + 3 * BLOCK // 2]
+            conn.pwrite(memoryview(piece), offset, 0)
+        assert calls  # eviction tried to give space back
+        assert read(conn, 0, 2 * MiB) == source
+        conn.flush(0)
+    finally:
+        conn.close()
+        stack.unload()
+    assert file_bytes(disk) == source
+
+
+def test_partial_block_zero_never_punches(cached, monkeypatch):
+    cached.pwrite(memoryview(b"\x99" * BLOCK), 0, 0)
+    calls: list = []
+    monkeypatch.setattr(linux, "punch_hole", refusing(errno.EIO, calls))
+    cached.zero(1000, 100, 0)  # inside one block: zero bytes, whatever punching would say
+    assert calls == [] and read(cached, 0, 1200) == b"\x99" * 100 + bytes(1000) + b"\x99" * 100
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    """A ramfs: a real file system with no fallocate at all (no holes)."""
+    point = tmp_path / "ramfs"
+    point.mkdir()
+    result = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs: {result.stderr.decode().strip()}")
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def open_files(pid: int) -> list[str]:
+    fds = f"/proc/{pid}/fd"
+    return [os.readlink(os.path.join(fds, fd)) for fd in os.listdir(fds)]
+
+
+def test_cache_file_on_a_file_system_without_holes(disk, ramfs):
+    """TMPDIR on ramfs: zeroed and trimmed blocks work, with zeroes written instead of holes."""
+    script = "\n".join([
+        "h.pwrite(b'\\x22' * 262144, 0)",
+        "h.zero(131072, 65536)",                # whole blocks 1, 2: no hole, zeroes written
+        "h.zero(10, 5)",                        # part of block 0
+        "h.trim(65536, 196608)",                # block 3 forgotten (no hole: bytes left)
+        "print(h.pread(20, 0).hex(), h.pread(131072, 65536) == bytes(131072))",
+        "h.pwrite(b'\\x33' * 4, 196608)",    # block 3 is loaded again before the write
+        "print(h.pread(8, 196608).hex())",
+        "h.flush()",
+    ])
+    env = {**os.environ, "TMPDIR": str(ramfs)}
+    with served("--filter=cache", "file", disk, "cache-min-block-size=64k", env=env) as srv:
+        out = nbdsh(srv.uri, script).split()
+        assert any(path.startswith(str(ramfs)) for path in open_files(srv.proc.pid))
+    assert out == ["22" * 5 + "00" * 10 + "22" * 5, "True", "33" * 4 + "00" * 4]
+    assert file_bytes(disk, 0, 262144) == (b"\x22" * 5 + bytes(10) + b"\x22" * (65536 - 15)
+                                           + bytes(131072) + b"\x33" * 4 + bytes(65532))

@@ -374,6 +374,67 @@ h.zero({512 * 1024}, {3 * MiB})
     assert allocated(disk) == 2 * MiB + 512 * 1024
 
 
+def mounted(tmp_path: Path, name: str, *mount_args: str):
+    point = tmp_path / name
+    point.mkdir()
+    result = subprocess.run(["mount", *mount_args, str(point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount {name}: {result.stderr.decode().strip()}")
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    """A ramfs: a real file system with no fallocate at all (no holes, no ZERO_RANGE)."""
+    yield from mounted(tmp_path, "ramfs", "-t", "ramfs", "ramfs")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs: soon full."""
+    yield from mounted(tmp_path, "tmpfs", "-t", "tmpfs", "-o", "size=1m", "tmpfs")
+
+
+def test_without_fallocate_zeroes_are_written_and_fast_zero_refused(ramfs):
+    disk = make_file(ramfs / "disk.img", 4 * MiB, {0: b"\xff" * 4 * MiB})
+    with served("file", str(disk)) as srv:
+        out = nbdsh(srv.uri, f"""
+try:
+    h.zero({MiB}, 0, nbd.CMD_FLAG_FAST_ZERO)
+    print("fast")
+except nbd.Error as exc:
+    print(exc.errno)
+h.zero({MiB}, {MiB})
+h.trim({MiB}, {2 * MiB})
+h.zero({MiB}, {3 * MiB}, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)
+h.flush()
+""")
+    assert out.split() == [errno.errorcode[errno.ENOTSUP]]
+    data = disk.read_bytes()
+    assert data[:MiB] == b"\xff" * MiB  # the refused fast zero changed nothing
+    assert data[MiB:2 * MiB] == bytes(MiB) and data[3 * MiB:] == bytes(MiB)
+
+
+def test_zero_on_a_full_file_system_is_enospc(small_tmpfs):
+    disk = make_file(small_tmpfs / "disk.img", 4 * MiB)
+    with served("file", str(disk)) as srv:
+        out = nbdsh(srv.uri, f"""
+for flags in (nbd.CMD_FLAG_NO_HOLE, 0):
+    try:
+        h.zero({2 * MiB}, 0, flags)
+        print("zeroed")
+    except nbd.Error as exc:
+        print(exc.errno)
+""")
+    # No hole allowed: tmpfs has no ZERO_RANGE, so the hole is allocated again,
+    # which the full file system refuses. A hole needs no space.
+    assert out.split() == ["ENOSPC", "zeroed"]
+
+
 # ---------------------------------------------------------------- in process
 def open_connection(path: Path) -> FileConnection:
     fd, writable = open_file(str(path), readonly=False)

@@ -35,8 +35,6 @@ ranges with unflushed blocks are reported as data.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import itertools
 import os
@@ -57,27 +55,15 @@ from ..backend import (
     Param,
     io_error,
     is_zero,
+    linux,
     parse_bool,
 )
 from .blocksize import RangeLock
 
 MODES = ("writeback", "writethrough", "unsafe")
 DEFAULT_BLOCK = 64 * 1024
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 WRITE_BACK_BYTES = 4 * 1024 * 1024
 _EXTENT_CHECK_BLOCKS = 4096  # larger ranges with dirty blocks are reported as data
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free [offset, offset+length) of a file so it reads as zeroes."""
-    result = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                             ctypes.c_int64(offset), ctypes.c_int64(length))
-    if result != 0:
-        zeros = bytes(min(length, 1 << 20))
-        for pos in range(offset, offset + length, len(zeros)):
-            pwrite_all(fd, memoryview(zeros)[:min(len(zeros), offset + length - pos)], pos)
 
 
 def pread_all(fd: int, view: memoryview, offset: int) -> None:
@@ -223,7 +209,10 @@ class BlockCache:
 
     def _put(self, data: memoryview | None, lo: int, hi: int, offset: int) -> None:
         if data is None:
-            punch_hole(self.fd, lo, hi - lo)
+            # Zeroes: a hole, or zero bytes where the temp file system has no
+            # holes (any other error is the request's).
+            if not linux.try_punch_hole(self.fd, lo, hi - lo):
+                linux.write_zeroes(self.fd, lo, hi - lo)
         else:
             pwrite_all(self.fd, data[lo - offset:hi - offset], lo)
 
@@ -233,7 +222,7 @@ class BlockCache:
         if not whole and not self.lookup(b, b)[0]:
             self._load(below, b, b)
         if data is None and not whole:
-            pwrite_all(self.fd, memoryview(bytes(hi - lo)), lo)
+            linux.write_zeroes(self.fd, lo, hi - lo)
         else:
             self._put(data, lo, hi, offset)
 
@@ -243,7 +232,7 @@ class BlockCache:
             if hit:
                 lo, hi, _ = self._piece(b, count, offset)
                 if data is None:
-                    pwrite_all(self.fd, memoryview(bytes(hi - lo)), lo)
+                    linux.write_zeroes(self.fd, lo, hi - lo)
                 else:
                     self._put(data, lo, hi, offset)
 
@@ -259,8 +248,11 @@ class BlockCache:
         with self.meta:
             for b in blocks:
                 self.blocks.pop(b, None)
+        # Only to give the space back: forgotten blocks are never read again
+        # (a block is written whole before it is next marked cached), so a
+        # file system without holes keeps the old bytes.
         for lo, hi in runs(blocks):
-            punch_hole(self.fd, lo * self.block, self.bounds(hi)[1] - lo * self.block)
+            linux.try_punch_hole(self.fd, lo * self.block, self.bounds(hi)[1] - lo * self.block)
 
     # -------------------------------------------------------------- flushing and eviction
     def flush(self, below: Connection) -> None:
