@@ -2,20 +2,46 @@
 
 import asyncio
 import errno
+import inspect
 import socket
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
 from client.nbdpeers import make_pki, make_qcow2, nbd_server, qemu_nbd
 from nbdtest import run, served
-from pynbd.client import NBD, NBDError, ProtocolError, aio, connect, parse_uri
+from pynbd.client import NBD, AsyncNBD, NBDError, aio, connect, parse_uri
 from pynbd.client.sync import connect as sync_connect
 from pynbd.proto import wire
 from pynbd.proto.constants import FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, Opt, Rep
+from pynbd.proto.errors import RemoteProtocolError
 
 MiB = 1 << 20
+
+
+class Driven:
+    """An ``AsyncNBD`` called from blocking code, so that one test body runs on both faces."""
+
+    def __init__(self, runner: asyncio.Runner) -> None:
+        self.handle, self.runner = AsyncNBD(), runner
+
+    def __getattr__(self, name):
+        attr = getattr(self.handle, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+        return lambda *args, **kwargs: self.runner.run(attr(*args, **kwargs))
+
+
+@pytest.fixture(params=["sync", "async"])
+def new_handle(request) -> Iterator:
+    """Makes handles of one face: ``NBD`` itself, or an ``AsyncNBD`` driven by a loop."""
+    if request.param == "sync":
+        yield NBD
+        return
+    with asyncio.Runner() as runner:
+        yield lambda: Driven(runner)
 
 
 @contextmanager
@@ -93,13 +119,30 @@ def test_async_many_in_flight(kind):
         asyncio.run(main(srv.uri))
 
 
-def test_server_error_carries_errno():
+def test_server_error_carries_errno(new_handle):
     with served("memory", "1M", "--filter=error", "error=ENOSPC", "error-pwrite-rate=1",
-                server="nbdkit") as srv, sync_connect(srv.uri) as h:
+                server="nbdkit") as srv:
+        h = new_handle()
+        h.connect_uri(srv.uri)
         with pytest.raises(NBDError) as info:
             h.pwrite(b"x" * 512, 0)
         assert info.value.errno == errno.ENOSPC
         assert h.pread(4, 0) == bytes(4)  # the connection survives
+        h.close()
+
+
+def test_block_status_callback_and_result(new_handle):
+    with served("memory", "1M", server="nbdkit") as srv:
+        h = new_handle()
+        h.add_meta_context("base:allocation")
+        h.connect_uri(srv.uri)
+        h.pwrite(b"x" * 4096, 0)
+        seen = []
+        result = h.block_status(MiB, 0, lambda ctx, off, entries, err: seen.append((ctx, off, entries)))
+        assert seen == [("base:allocation", 0, result["base:allocation"])]
+        entries = result["base:allocation"]
+        assert entries[1] == 0 and 4096 <= entries[0] and sum(entries[0::2]) == MiB  # data first
+        h.close()
 
 
 def test_captive_servers(tmp_path):
@@ -117,18 +160,33 @@ def test_captive_servers(tmp_path):
     assert asyncio.run(main()) == 2 * MiB
 
 
-def test_option_mode_against_nbdkit():
+def test_option_mode_against_nbdkit(new_handle):
     with served("memory", "1M", server="nbdkit") as srv:
-        h = NBD()
+        h = new_handle()
         h.set_opt_mode(True)
+        h.add_meta_context("base:allocation")
         h.connect_uri(srv.uri)
-        assert h.opt_list() == [("", "")]
-        assert "base:allocation" in h.opt_list_meta_context()
+        exports, contexts = [], []
+        assert h.opt_list(lambda name, description: exports.append(name)) == [("", "")]
+        assert exports == [""]
+        assert h.opt_list_meta_context(contexts.append) == contexts == ["base:allocation"]
         h.opt_info()
         assert h.get_size() == MiB
         h.opt_go()
         assert h.pread(1, 0) == b"\0"
         h.close()
+
+
+def test_opt_abort_ends_option_mode(new_handle):
+    with served("memory", "1M", server="nbdkit") as srv:
+        h = new_handle()
+        h.set_opt_mode(True)
+        h.connect_uri(srv.uri)
+        h.opt_abort()
+        assert not h.is_ready()
+        with pytest.raises(NBDError) as info:
+            h.opt_list()
+        assert info.value.errno == errno.EINVAL
 
 
 @pytest.mark.parametrize("uri, expect", [
@@ -237,12 +295,29 @@ def _recv(conn, n):
     (lambda c, k: c.sendall(wire.simple_reply(k + 1)), "unknown cookie"),
     (lambda c, k: None, "in flight"),
 ])
-def test_protocol_breakers_raise_and_never_hang(script, message):
+def test_protocol_breakers_raise_and_never_hang(script, message, new_handle):
     uri, thread = fake_server(script)
-    h = NBD()
+    h = new_handle()
     h.connect_uri(uri)
-    with pytest.raises(ProtocolError, match=message):
+    with pytest.raises(RemoteProtocolError, match=message):
         h.pread(512, 0)
     thread.join(10)
-    with pytest.raises(NBDError):
-        h.pread(512, 0)  # the handle is dead, not hung
+    with pytest.raises(NBDError) as info:
+        h.pread(512, 0)  # the handle is closed, not hung
+    assert info.value.errno == errno.ENOTCONN and not h.is_ready()
+
+
+def test_a_server_gone_in_the_handshake_is_a_remote_protocol_error(new_handle):
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.sendall(wire.greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)[:10])
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    h = new_handle()
+    with pytest.raises(RemoteProtocolError, match="closed the connection while reading the"):
+        h.connect_tcp("127.0.0.1", listener.getsockname()[1])
+    thread.join(10)
+    assert not h.is_ready()

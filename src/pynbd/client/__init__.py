@@ -1,16 +1,19 @@
-"""The NBD client library: one sans-IO core (``pynbd.proto``), two faces.
+"""The NBD client library: one sans-IO core (``pynbd.proto``), one handle, two faces.
 
-- ``NBD`` (``pynbd.client.sync``): a blocking handle shaped like libnbd's
-  Python ``nbd.NBD`` — ``connect_uri``, ``connect_command``,
-  ``connect_systemd_socket_activation``, option mode, ``pread``, ``pwrite``,
-  ``zero``, ``trim``, ``flush``, ``cache``, ``block_status``, ``shutdown``.
-- ``AsyncNBD`` / ``connect`` (``pynbd.client.aio``): asyncio, many commands
-  in flight on one connection, replies matched out of order (see that
-  module's manual).
+- ``AsyncNBD`` / ``aio.connect`` (``pynbd.client.aio``): the handle, shaped
+  like libnbd's Python ``nbd.NBD``, for asyncio: many commands in flight on
+  one connection, replies matched out of order. Its module's docstring is
+  the manual of both faces.
+- ``NBD`` / ``sync.connect`` (``pynbd.client.sync``): the same handle,
+  blocking and safe to share between threads; generated from ``aio.py`` by
+  ``scripts/unasync.py``, so the two have the same methods, arguments,
+  return values and exceptions. ``sync.Pipeline`` keeps many commands in
+  flight on a blocking connection.
 - ``parse_uri`` (``pynbd.client.uri``): NBD URIs; ``split_captive`` finds
   ``[ CMD ... ]`` on a command line.
 
-Errors: ``NBDError`` (an ``OSError`` with the errno) and ``ProtocolError``.
+Errors: ``NBDError`` (an ``OSError`` with the errno) and ``ProtocolError``
+(``RemoteProtocolError`` when the server broke the protocol).
 """
 
 from typing import TYPE_CHECKING, Any

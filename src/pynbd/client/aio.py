@@ -1,153 +1,104 @@
-"""The asyncio client handle: many commands in flight on one connection.
+"""The NBD client handle, shaped like libnbd's Python ``nbd.NBD``.
 
-    from pynbd.client.aio import connect
+The client has two faces with one API: the asyncio one (``pynbd.client.aio``)
+and the blocking one (``pynbd.client.sync``). Both come from one source,
+``aio.py``: ``scripts/unasync.py`` writes ``blocking.py`` from it by dropping
+every ``async`` and ``await``, and a test runs ``scripts/unasync.py --check``
+so that the two cannot drift. Edit ``aio.py`` only, then run the script.
+This face does its I/O through ``stream_async``, whose manual says how
+callers running at the same time share one connection.
 
-    async with await connect("nbd+unix:///?socket=/tmp/sock",
-                             meta_contexts=["base:allocation"]) as h:
-        size = h.get_size()
-        buf = bytearray(1 << 20)
-        await asyncio.gather(h.pread_into(memoryview(buf)[:65536], 0),
-                             h.pwrite(b"x" * 4096, 1 << 20))
-        extents = await h.block_status(size, 0)   # {"base:allocation": [len, flags, ...]}
+    h = AsyncNBD()
+    h.add_meta_context("base:allocation")
+    await h.connect_uri("nbd+unix:///?socket=/tmp/sock")
+    data = await h.pread(512, 0)
+    await h.pwrite(b"hello", 0, flags=CMD_FLAG_FUA)
+    extents = await h.block_status(h.get_size(), 0)   # {"base:allocation": [length, flags, ...]}
+    await h.close()
+
+or, with the settings given by name:
+
+    async with await connect("nbd+unix:///?socket=/tmp/sock", meta_contexts=["base:allocation"]) as h:
+        ...
 
 ``connect(target, **settings)`` takes an NBD URI or, for a captive server,
-the server's argv as a list (``["qemu-nbd", "-f", "qcow2", "disk.qcow2"]``,
-run with systemd socket activation). ``settings`` are attributes of the
-handle: ``meta_contexts``, ``export_name``, ``opt_mode``,
-``request_structured_replies``, ``request_extended_headers``,
-``connect_timeout``, ``tls``, ``tls_certificates``, ``tls_verify_peer``.
+its argv as a list (``["qemu-nbd", "-f", "qcow2", "disk.qcow2"]``, run with
+systemd socket activation). Settings are attributes of the handle:
+``meta_contexts``, ``export_name``, ``opt_mode``, ``request_structured_replies``,
+``request_extended_headers``, ``full_info``, ``connect_timeout``, ``tls``,
+``tls_certificates``, ``tls_verify_peer`` (each also has libnbd's ``set_*``).
 
-``AsyncNBD`` has the blocking handle's getters (``get_size``, ``can_zero``,
-``get_block_size``, ``can_meta_context`` ...) and coroutine commands:
+- Connecting: ``connect_uri``, ``connect_tcp``, ``connect_unix``,
+  ``connect_vsock``, ``connect_socket``, ``connect_command(argv)`` (a captive
+  server on its stdin and stdout), ``connect_systemd_socket_activation(argv)``.
+  Each wait for the server gives up after ``connect_timeout`` seconds (30 by
+  default).
+- Option mode (``opt_mode``): ``opt_list(callback=None)`` -> [(name,
+  description)], ``opt_list_meta_context(callback=None)`` -> [name],
+  ``opt_info()``, ``opt_go()``, ``opt_abort()``.
+- Facts, once connected (no I/O, the same in both faces): ``get_size``,
+  ``can_zero``, ``get_block_size``, ``can_meta_context`` ...
+- Commands, each taking ``flags=0`` last (``CMD_FLAG_FUA`` ...):
+  ``pread(count, offset) -> bytes``; ``pread_into(buf, offset)`` fills
+  ``buf`` in place, large data received straight into it; ``pwrite(buf,
+  offset)`` sends ``buf`` without a copy (do not change either buffer until
+  the call returns); ``zero(count, offset)``, ``trim``, ``cache``, ``flush()``;
+  ``block_status(count, offset, callback=None)`` returns ``{context: [length,
+  flags, ...]}`` and calls libnbd's ``callback(context, offset, entries,
+  error)`` per chunk.
+- Ending: ``shutdown()`` sends NBD_CMD_DISC (NBD_OPT_ABORT in option mode)
+  and closes the connection; ``close()`` also stops a captive server.
 
-- ``await h.pread(count, offset, flags=0) -> bytes``
-- ``await h.pread_into(buf, offset, flags=0)``: fills ``buf`` in place; large
-  data is received straight into it (no copy). Do not touch ``buf`` until done.
-- ``await h.pwrite(buf, offset, flags=0)``: ``buf`` is sent without a copy
-  where the kernel takes it at once; do not change it until the await returns.
-- ``await h.zero(count, offset, flags=0)``, ``trim``, ``cache``, ``flush(flags=0)``
-- ``await h.block_status(count, offset, flags=0) -> {context: [length, flags, ...]}``
-- ``await h.close()`` (sends NBD_CMD_DISC, stops a captive server), or ``async with``.
-
-Each command is one request; any number may be awaited concurrently (the
-caller bounds them, e.g. with a semaphore), and replies are matched to them
-by cookie in whatever order the server sends them. Server errors raise
-``NBDError`` (errno set); a server that breaks the protocol or hangs up
-fails every command in flight with ``ProtocolError``. Writes respect the
-transport's flow control. Cancelling an awaiting coroutine does not recall
-its request: a read still lands in its buffer when the reply comes.
+Errors: ``NBDError`` (an ``OSError`` whose ``errno`` says why) when the server
+refuses a command or an option, when a command is invalid for the export,
+and when the connection fails; ``RemoteProtocolError`` (a ``ProtocolError``)
+when the server breaks the protocol. After a failed connection the handle is
+closed, and every later command raises ``NBDError`` (ENOTCONN).
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
-import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from ..proto.client_handshake import (
-    ClientHandshake,
-    NeedData,
-    OptionDone,
-    OptionRefused,
-    Send,
-    StartTLS,
-)
-from ..proto.client_handshake import (
-    State as HandshakeState,
-)
-from ..proto.client_transmission import Command, Transmission
+from ..proto.client_handshake import ClientHandshake, Event, OptionRefused, StartTLS
+from ..proto.client_handshake import State as HandshakeState
+from ..proto.client_transmission import Command
 from ..proto.constants import Cmd
 from ..proto.errors import ProtocolError
+from ..proto.machine import NeedData, Send
 from .captive import Captive, spawn_activated, spawn_stdin
 from .common import (
     Buffer,
+    ContextCallback,
+    ExportCallback,
+    ExtentCallback,
     HandleBase,
     apply_settings,
     bytes_view,
+    call_extent_callback,
+    closed_error,
     command_error,
     connect_error,
     extents_by_name,
+    lost_error,
+    option_result,
     refused_error,
-    tls_error,
 )
 from .errors import NBDError
-
-
-class _Protocol(asyncio.BufferedProtocol):
-    """Feeds received bytes to the sans-IO parser and completes futures."""
-
-    def __init__(self, tx: Transmission, transport: asyncio.BaseTransport) -> None:
-        self.tx = tx
-        self.transport = transport
-        self.dead: BaseException | None = None
-        self._paused = False
-        self._resume: asyncio.Future[None] | None = None
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.tx.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            finished = self.tx.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self.fail(exc)
-            self.transport.abort()  # type: ignore[attr-defined]
-            return
-        for command in finished:
-            future = command.token
-            if isinstance(future, asyncio.Future) and not future.done():
-                future.set_result(command)
-
-    def eof_received(self) -> bool:
-        self.fail(self.tx.connection_lost())
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None:
-            self.fail(self.tx.connection_lost())
-        else:
-            self.fail(NBDError(getattr(exc, "errno", None) or errno.EIO,
-                               f"connection lost: {exc}"))
-        self.resume_writing()
-
-    def fail(self, exc: BaseException) -> None:
-        """Fail every command in flight (once); later commands fail at once."""
-        if self.dead is None:
-            self.dead = exc
-        for command in list(self.tx.in_flight.values()):
-            self.tx.forget(command)
-            future = command.token
-            if isinstance(future, asyncio.Future) and not future.done():
-                future.set_exception(self.dead)
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._resume is not None and not self._resume.done():
-            self._resume.set_result(None)
-        self._resume = None
-
-    async def drain(self) -> None:
-        if self._paused and self.dead is None:
-            if self._resume is None:
-                self._resume = asyncio.get_running_loop().create_future()
-            await self._resume
+from .stream_async import Lock, Stream, open_socket, open_tcp, open_unix, open_vsock, to_thread
 
 
 class AsyncNBD(HandleBase):
-    """An asyncio connection to one NBD export."""
+    """A connection to one NBD export (see the module's manual)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._protocol: _Protocol | None = None
+        self._stream: Stream | None = None
         self._captive: Captive | None = None
+        self._lock = Lock()  # one connect, option or shutdown at a time
 
     async def __aenter__(self) -> AsyncNBD:
         return self
@@ -157,107 +108,97 @@ class AsyncNBD(HandleBase):
 
     # ------------------------------------------------------------ connect
     async def connect_uri(self, uri: str) -> None:
-        name, args = self._uri_connector(uri)
-        await getattr(self, name)(*args)
+        parsed = self._apply_uri(uri)
+        if parsed.transport == "unix":
+            await self.connect_unix(parsed.socket)
+        elif parsed.transport == "vsock":
+            await self.connect_vsock(int(parsed.host), parsed.port)
+        else:
+            await self.connect_tcp(parsed.host, parsed.port)
 
     async def connect_tcp(self, host: str, port: int | str) -> None:
-        self._server_hostname = host
-        await self._open(f"{host}:{port}", lambda: asyncio.open_connection(host, int(port)))
+        async with self._lock:
+            self._unconnected(host)
+            await self._negotiate(await open_tcp(host, int(port), self.connect_timeout))
 
     async def connect_unix(self, path: str) -> None:
-        await self._open(path, lambda: asyncio.open_unix_connection(path))
+        async with self._lock:
+            self._unconnected()
+            await self._negotiate(await open_unix(path, self.connect_timeout))
 
     async def connect_vsock(self, cid: int, port: int) -> None:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (cid, port)),
-                                   self.connect_timeout)
-        except OSError as exc:
-            sock.close()
-            raise connect_error(exc, f"vsock {cid}:{port}") from None
-        await self.connect_socket(sock)
+        async with self._lock:
+            self._unconnected()
+            await self._negotiate(await open_vsock(cid, port, self.connect_timeout))
 
     async def connect_socket(self, sock: socket.socket) -> None:
         """Negotiate over a socket that is already connected to a server."""
-        await self._open("socket", lambda: asyncio.open_connection(sock=sock))
+        async with self._lock:
+            self._unconnected()
+            await self._negotiate(await open_socket(sock, "socket", self.connect_timeout))
 
     async def connect_command(self, argv: Sequence[str]) -> None:
         """Run a server (``nbdkit -s ...``) with a socket as its stdin and stdout."""
-        sock, self._captive = await asyncio.to_thread(spawn_stdin, argv)
-        await self._open(argv[0], lambda: asyncio.open_connection(sock=sock))
+        async with self._lock:
+            self._unconnected()
+            sock, self._captive = await to_thread(spawn_stdin, argv)
+            await self._negotiate(await open_socket(sock, argv[0], self.connect_timeout))
 
     async def connect_systemd_socket_activation(self, argv: Sequence[str]) -> None:
         """Run a server (``qemu-nbd ...``) handed a listening socket as fd 3."""
-        path, self._captive = await asyncio.to_thread(spawn_activated, argv)
-        await self.connect_unix(path)
+        async with self._lock:
+            self._unconnected()
+            path, self._captive = await to_thread(spawn_activated, argv)
+            await self._negotiate(await open_unix(path, self.connect_timeout))
 
-    async def _open(self, where: str, opener: Any) -> None:
-        if self._writer is not None:
+    def _unconnected(self, host: str | None = None) -> None:
+        """Refuse to connect twice; remember the TCP host name TLS checks."""
+        if self._stream is not None:
             raise NBDError(errno.EISCONN, "the handle is already connected")
-        self._where = where
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                self._reader, self._writer = await opener()
-                self._hs = ClientHandshake(self._handshake_config())
-                await self._drive()
-        except TimeoutError:
-            self._drop()
-            raise NBDError(errno.ETIMEDOUT, f"connect: {where}: timed out") from None
-        except OSError as exc:
-            raise connect_error(exc, where) from None
+        self._server_hostname = host
+
+    async def _negotiate(self, stream: Stream) -> None:
+        self._stream = stream
+        self._hs = ClientHandshake(self._handshake_config())
+        await self._drive(self._hs)
 
     # ---------------------------------------------------------- handshake
-    async def _drive(self) -> object:
-        assert self._hs is not None
+    async def _drive(self, hs: ClientHandshake) -> Event:
+        """Run the handshake until it needs the user or is over."""
+        stream = self.stream()
         try:
-            return await self._drive_events(self._hs)
+            while True:
+                event = hs.next_event()
+                if isinstance(event, NeedData):
+                    data = await stream.receive(event.size)
+                    if not data:
+                        raise hs.connection_lost()
+                    hs.receive_data(data)
+                elif isinstance(event, Send):
+                    await stream.send(event.data)
+                elif isinstance(event, StartTLS):
+                    await stream.start_tls(*self._tls_context())
+                    hs.tls_established()
+                else:
+                    tx = self._settle(event)
+                    if tx is not None:
+                        stream.start_transmission(tx)
+                    return event
         except OptionRefused as refused:
-            if self._hs.state is HandshakeState.CLOSED:
+            if hs.state is HandshakeState.CLOSED:
                 self._drop()
             raise refused_error(refused) from None
-        except (ProtocolError, OSError):
+        except ProtocolError:
             self._drop()
             raise
-
-    async def _drive_events(self, hs: ClientHandshake) -> object:
-        assert self._reader is not None and self._writer is not None
-        while True:
-            event = hs.next_event()
-            if isinstance(event, NeedData):
-                try:
-                    hs.receive_data(await self._reader.readexactly(event.size))
-                except asyncio.IncompleteReadError:
-                    raise hs.connection_lost() from None
-            elif isinstance(event, Send):
-                self._writer.write(event.data)
-                await self._writer.drain()
-            elif isinstance(event, StartTLS):
-                await self._start_tls()
-                hs.tls_established()
-            else:
-                return self._settle(hs, event)
-
-    async def _start_tls(self) -> None:
-        assert self._writer is not None
-        sock = self._writer.get_extra_info("socket")
-        unix = sock is not None and sock.family == socket.AF_UNIX
-        context, server_hostname = self._tls_context(unix)
-        try:
-            await self._writer.start_tls(context, server_hostname=server_hostname)
-        except ssl.SSLError as exc:
-            raise tls_error(exc) from None
-
-    def _start_transmission(self, tx: Transmission) -> None:
-        assert self._writer is not None
-        transport = self._writer.transport
-        self._protocol = _Protocol(tx, transport)
-        transport.set_protocol(self._protocol)
+        except OSError as exc:
+            self._drop()
+            raise connect_error(exc, stream.where) from None
 
     # -------------------------------------------------------- option mode
-    async def _option(self, name: str) -> object:
-        self._begin_option(name)
-        return await self._drive()
+    async def _option(self, name: str) -> Event:
+        async with self._lock:
+            return await self._drive(self._begin_option(name))
 
     async def opt_go(self) -> None:
         await self._option("opt_go")
@@ -265,32 +206,44 @@ class AsyncNBD(HandleBase):
     async def opt_info(self) -> None:
         await self._option("opt_info")
 
-    async def opt_list(self) -> list[tuple[str, str]]:
-        event = await self._option("opt_list")
-        return event.result if isinstance(event, OptionDone) else []  # type: ignore[return-value]
+    async def opt_list(self, callback: ExportCallback | None = None) -> list[tuple[str, str]]:
+        """Ask for every export; call ``callback(name, description)`` for each; return them."""
+        exports: list[tuple[str, str]] = option_result(await self._option("opt_list"))
+        if callback is not None:
+            for name, description in exports:
+                callback(name, description)
+        return exports
 
-    async def opt_list_meta_context(self) -> list[str]:
-        event = await self._option("opt_list_meta_context")
-        return event.result if isinstance(event, OptionDone) else []  # type: ignore[return-value]
+    async def opt_list_meta_context(self, callback: ContextCallback | None = None) -> list[str]:
+        """Ask which meta contexts match the ones added; call ``callback(name)`` for each;
+        return them."""
+        names: list[str] = option_result(await self._option("opt_list_meta_context"))
+        if callback is not None:
+            for name in names:
+                callback(name)
+        return names
+
+    async def opt_abort(self) -> None:
+        """Leave option mode: send NBD_OPT_ABORT and close the connection."""
+        async with self._lock:
+            self._drop(self._negotiating("opt_abort").opt_abort())
 
     # ------------------------------------------------------- transmission
-    async def _run(self, cmd: int, offset: int, count: int, flags: int,
-                   buf: memoryview | None = None) -> Command:
-        self._check_command(cmd, offset, count, flags)
-        protocol = self._protocol
-        assert protocol is not None
-        if protocol.dead is not None:
-            raise protocol.dead
-        command, header = protocol.tx.request(cmd, offset, count, flags,
-                                              buf if cmd == Cmd.READ else None)
-        future: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
-        command.token = future
-        transport = protocol.transport
-        transport.write(header)  # type: ignore[attr-defined]
-        if cmd == Cmd.WRITE and buf is not None and len(buf):
-            transport.write(buf)  # type: ignore[attr-defined]
-        await protocol.drain()
-        await future
+    async def _run(
+        self, cmd: int, offset: int, count: int, flags: int, buf: memoryview | None = None,
+    ) -> Command:
+        self.check_command(cmd, offset, count, flags)
+        stream = self.stream()
+        try:
+            command = await stream.run(cmd, offset, count, flags, buf)
+        except NBDError:
+            raise  # the stream refused: the connection is as it was
+        except ProtocolError:
+            self._drop()
+            raise
+        except OSError as exc:
+            self._drop()
+            raise lost_error(exc, stream.where) from None
         error = command_error(command)
         if error is not None:
             raise error
@@ -302,6 +255,7 @@ class AsyncNBD(HandleBase):
         return bytes(buf)
 
     async def pread_into(self, buf: Buffer, offset: int, flags: int = 0) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf``."""
         view = bytes_view(buf)
         await self._run(Cmd.READ, offset, len(view), flags, view)
 
@@ -321,45 +275,61 @@ class AsyncNBD(HandleBase):
     async def flush(self, flags: int = 0) -> None:
         await self._run(Cmd.FLUSH, 0, 0, flags)
 
-    async def block_status(self, count: int, offset: int, flags: int = 0) -> dict[str, list[int]]:
+    async def block_status(
+        self, count: int, offset: int, callback: ExtentCallback | None = None, flags: int = 0,
+    ) -> dict[str, list[int]]:
+        """Ask for extents from ``offset``; call ``callback(context, offset, entries, err)``
+        per chunk as libnbd does, and return ``{context: [length, flags, ...]}``."""
         command = await self._run(Cmd.BLOCK_STATUS, offset, count, flags)
-        return extents_by_name(self.negotiated.meta_contexts, command)
+        contexts = self.negotiated.meta_contexts
+        if callback is not None:
+            call_extent_callback(callback, contexts, command)
+        return extents_by_name(contexts, command)
 
     def in_flight(self) -> int:
-        return len(self._protocol.tx.in_flight) if self._protocol else 0
+        """Commands sent and not yet answered."""
+        return self._stream.in_flight() if self._stream is not None else 0
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """The transport's extra info (``"socket"`` to tune buffer sizes, ``"peername"``...)."""
-        if self._writer is None:
-            return default
-        return self._writer.transport.get_extra_info(name, default)
+    def stream(self) -> Stream:
+        """The connection's transport (a ``sync.Pipeline`` takes the blocking one over)."""
+        if self._stream is None:
+            raise closed_error()
+        return self._stream
 
     # ------------------------------------------------------------- ending
-    async def shutdown(self) -> None:
-        """Send NBD_CMD_DISC and close the connection."""
-        protocol = self._protocol
-        if self._ready and protocol is not None and protocol.dead is None:
-            protocol.transport.write(protocol.tx.disconnect())  # type: ignore[attr-defined]
-        elif self._hs is not None and self._hs.state is HandshakeState.NEGOTIATING:
-            if self._writer is not None:
-                self._writer.write(self._hs.opt_abort())
-        self._drop()
+    async def shutdown(self, flags: int = 0) -> None:
+        """Tell the server we are done and close the connection (``flags``, libnbd's, are
+        accepted and ignored: commands in flight are always answered first)."""
+        async with self._lock:
+            self._drop(self._goodbye())
 
     async def close(self) -> None:
+        """Shut down, then stop and reap a captive server."""
         await self.shutdown()
         if self._captive is not None:
             captive, self._captive = self._captive, None
-            await asyncio.to_thread(captive.close)
+            await to_thread(captive.close)
 
-    def _drop(self) -> None:
+    def _goodbye(self) -> bytes:
+        """NBD_CMD_DISC in transmission, NBD_OPT_ABORT in option mode, else nothing."""
+        stream, hs = self._stream, self._hs
+        if self._ready and stream is not None and stream.tx is not None:
+            return stream.tx.disconnect()
+        if hs is not None and hs.state is HandshakeState.NEGOTIATING:
+            return hs.opt_abort()
+        return b""
+
+    def _drop(self, goodbye: bytes = b"") -> None:
+        """Let go of the connection, sending ``goodbye`` first (best effort)."""
         self._ready = False
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            writer.transport.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close(goodbye)
 
 
 async def connect(target: str | Sequence[str], **settings: Any) -> AsyncNBD:
-    """Connect to an NBD URI, or run ``target`` (an argv list) as a captive server."""
+    """Connect to an NBD URI, or run ``target`` (an argv list) as a captive server;
+    ``settings`` are handle attributes (see the module's manual)."""
     handle = AsyncNBD()
     apply_settings(handle, settings)
     try:

@@ -47,7 +47,7 @@ except OSError as exc:
 class Captive:
     """A server subprocess owned by a client handle."""
 
-    def __init__(self, proc: subprocess.Popen, tmpdir: str | None = None,
+    def __init__(self, proc: subprocess.Popen[bytes], tmpdir: str | None = None,
                  exits_alone: bool = False) -> None:
         self.proc, self.tmpdir, self.exits_alone = proc, tmpdir, exits_alone
 
@@ -61,7 +61,7 @@ class Captive:
             self.tmpdir = None
 
 
-def _wait(proc: subprocess.Popen, timeout: float) -> bool:
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     try:
         proc.wait(timeout)
         return True
@@ -69,11 +69,12 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
         return False
 
 
-def _popen(argv: Sequence[str], **kw: object) -> subprocess.Popen:
+def _popen(argv: Sequence[str], *, stdin: int, stdout: int | None = None,
+           pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     if not argv:
         raise NBDError(errno.EINVAL, "captive server: empty command")
     try:
-        return subprocess.Popen(list(argv), **kw)  # type: ignore[call-overload]
+        return subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, pass_fds=pass_fds)
     except OSError as exc:
         raise NBDError(exc.errno or errno.ENOENT, f"cannot run {argv[0]}: {exc.strerror}") from None
 

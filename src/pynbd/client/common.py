@@ -1,10 +1,13 @@
-"""What the blocking and the asyncio handles share: settings, the answers of
-the handshake, request checks and result shaping. No I/O happens here.
+"""What both faces of the client handle share: settings, the answers of the
+handshake, request checks, errors and result shaping. No I/O happens here.
+
+``HandleBase`` is the part of the handle that never waits (settings before
+connecting, facts after); the faces (``aio.AsyncNBD`` and the blocking
+``NBD`` generated from it) add the methods that talk to the server.
 """
 
 from __future__ import annotations
 
-import abc
 import ctypes
 import errno
 import os
@@ -23,7 +26,7 @@ from ..proto.client_handshake import (
 )
 from ..proto.client_handshake import State as HandshakeState
 from ..proto.client_transmission import Command, Transmission
-from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, Opt
+from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
 from ..proto.constants import TransmissionFlag as TF
 from .errors import NBDError, nbd_error
 from .tls import client_context
@@ -37,7 +40,9 @@ STATE_HOLE, STATE_ZERO = 1, 2
 CONTEXT_BASE_ALLOCATION = BASE_ALLOCATION
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
-ExtentCallback = Callable[[str, int, list[int], Any], Any]
+ExtentCallback = Callable[[str, int, list[int], Any], object]
+ExportCallback = Callable[[str, str], object]
+ContextCallback = Callable[[str], object]
 Buffer = bytes | bytearray | memoryview
 
 _CAN = {
@@ -46,13 +51,15 @@ _CAN = {
     "multi_conn": TF.CAN_MULTI_CONN, "cache": TF.SEND_CACHE,
 }
 # The export flag each command needs (write-type commands also need a writable export).
-_NEEDS = {Cmd.FLUSH: "flush", Cmd.TRIM: "trim", Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "zero"}
+_NEEDS: dict[int, str] = {Cmd.FLUSH: "flush", Cmd.TRIM: "trim", Cmd.CACHE: "cache",
+                          Cmd.WRITE_ZEROES: "zero"}
 _WRITES = {Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES}
-_CMD_NAME = {Cmd.READ: "pread", Cmd.WRITE: "pwrite", Cmd.FLUSH: "flush", Cmd.TRIM: "trim",
-             Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "zero", Cmd.BLOCK_STATUS: "block_status"}
+_CMD_NAME: dict[int, str] = {
+    Cmd.READ: "pread", Cmd.WRITE: "pwrite", Cmd.FLUSH: "flush", Cmd.TRIM: "trim",
+    Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "zero", Cmd.BLOCK_STATUS: "block_status"}
 
 
-class HandleBase(abc.ABC):
+class HandleBase:
     """Settings (before connecting) and export facts (after) of one handle."""
 
     def __init__(self) -> None:
@@ -70,8 +77,7 @@ class HandleBase(abc.ABC):
         self._negotiated: Negotiated | None = None
         self._ready = False
         self._hs: ClientHandshake | None = None
-        self._server_hostname: str | None = None
-        self._where = ""
+        self._server_hostname: str | None = None  # checked against the TLS certificate
 
     # ------------------------------------------------------------ settings
     def set_export_name(self, name: str) -> None:
@@ -132,6 +138,7 @@ class HandleBase(abc.ABC):
             full_info=self.full_info)
 
     def _apply_uri(self, uri: str) -> NBDURI:
+        """Parse ``uri`` and take its settings (export name, TLS)."""
         parsed = parse_uri(uri)
         self.uri = uri
         self.export_name = parsed.export_name
@@ -142,38 +149,23 @@ class HandleBase(abc.ABC):
         self.tls_verify_peer = parsed.tls_verify_peer
         return parsed
 
-    def _uri_connector(self, uri: str) -> tuple[str, tuple[Any, ...]]:
-        """The name of the ``connect_*`` method a URI asks for, and its arguments
-        (the URI's settings are applied to the handle)."""
-        parsed = self._apply_uri(uri)
-        if parsed.transport == "unix":
-            return "connect_unix", (parsed.socket,)
-        if parsed.transport == "vsock":
-            return "connect_vsock", (int(parsed.host), parsed.port)
-        return "connect_tcp", (parsed.host, parsed.port)
-
     # ----------------------------------------------------------- handshake
-    def _tls_context(self, unix: bool) -> tuple[ssl.SSLContext, str | None]:
-        """The TLS context and the server name to check (none over a Unix socket)."""
-        context = client_context(self.tls_certificates, self.tls_verify_peer, check_hostname=not unix)
-        return context, None if unix else self._server_hostname
+    def _tls_context(self) -> tuple[ssl.SSLContext, str | None]:
+        """The TLS context and the server name to check (only a TCP host has one)."""
+        host = self._server_hostname
+        return client_context(self.tls_certificates, self.tls_verify_peer,
+                              check_hostname=host is not None), host
 
-    def _settle(self, hs: ClientHandshake, event: Event) -> Event:
-        """Take note of a handshake event the driver hands back to its caller."""
+    def _settle(self, event: Event) -> Transmission | None:
+        """Take note of a handshake event the face hands back to its caller;
+        on Ready, the Transmission the face must start."""
         if isinstance(event, Ready):
-            neg = event.negotiated
-            self._negotiated = neg
-            self._start_transmission(Transmission(neg.structured_replies, neg.extended_headers,
-                                                  neg.meta_contexts))
+            neg = self._negotiated = event.negotiated
             self._ready = True
-        elif isinstance(event, OptionDone) and event.option == Opt.INFO:
-            self._negotiated = hs.negotiated
-        return event
-
-    @abc.abstractmethod
-    def _start_transmission(self, tx: Transmission) -> None:
-        """Hand ``tx`` to the transport: the blocking and the asyncio handle each
-        override this, since only they know their transport."""
+            return Transmission(neg.structured_replies, neg.extended_headers, neg.meta_contexts)
+        if isinstance(event, OptionDone) and isinstance(event.result, Negotiated):
+            self._negotiated = event.result  # NBD_OPT_INFO: the facts of the export asked about
+        return None
 
     def _begin_option(self, name: str) -> ClientHandshake:
         """Send option ``name`` (``"opt_go"``, ``"opt_list"`` ...) in option mode."""
@@ -271,11 +263,11 @@ class HandleBase(abc.ABC):
         return self._ready
 
     # ------------------------------------------------------------- checks
-    def _check_command(self, cmd: int, offset: int, count: int, flags: int) -> None:
-        """Refuse, before sending, what the server said it cannot do."""
-        if not self._ready:
-            raise NBDError(errno.ENOTCONN, f"{_CMD_NAME.get(cmd, cmd)}: the handle is not connected")
+    def check_command(self, cmd: int, offset: int, count: int, flags: int) -> None:
+        """Refuse, before sending, what the server said it cannot do (NBDError)."""
         name = _CMD_NAME.get(cmd, str(cmd))
+        if not self._ready:
+            raise nbd_error(errno.ENOTCONN, name, "the handle is not connected")
         if cmd in _WRITES and self.is_read_only():
             raise nbd_error(errno.EPERM, name, "the export is read-only")
         need = _NEEDS.get(cmd)
@@ -303,14 +295,42 @@ def tls_error(exc: ssl.SSLError) -> NBDError:
     return NBDError(errno.ECONNREFUSED, f"TLS handshake failed: {exc.reason or exc}")
 
 
+def refused_error(refused: OptionRefused) -> NBDError:
+    return NBDError(refused.errno, str(refused))
+
+
+def connect_error(exc: OSError, where: str) -> NBDError:
+    """A failed connect or handshake I/O as one line naming the server."""
+    if isinstance(exc, NBDError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return NBDError(errno.ETIMEDOUT, f"connect: {where}: timed out")
+    return NBDError(exc.errno or errno.EIO, f"connect: {where}: {exc.strerror or exc}")
+
+
+def lost_error(exc: OSError, where: str) -> NBDError:
+    """A connection that failed in the transmission phase, as one line naming the server."""
+    if isinstance(exc, NBDError):
+        return exc
+    return NBDError(exc.errno or errno.EIO, f"connection to {where} failed: {exc.strerror or exc}")
+
+
+def closed_error() -> NBDError:
+    """What a command on a handle that is not (or no longer) connected raises."""
+    return NBDError(errno.ENOTCONN, "the handle is not connected")
+
+
 def bytes_view(buf: Buffer) -> memoryview:
     """``buf`` as a flat memoryview of bytes (no copy)."""
     view = memoryview(buf)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def refused_error(refused: OptionRefused) -> NBDError:
-    return NBDError(refused.errno, str(refused))
+def option_result(event: Event) -> list[Any]:
+    """The list an NBD_OPT_LIST or NBD_OPT_LIST_META_CONTEXT answer carries."""
+    if isinstance(event, OptionDone) and isinstance(event.result, list):
+        return event.result
+    return []
 
 
 def extents_by_name(contexts: dict[int, str], command: Command) -> dict[str, list[int]]:
@@ -327,23 +347,6 @@ def call_extent_callback(callback: ExtentCallback, contexts: dict[int, str],
     err = ctypes.c_int(command.error)
     for context_id, entries in command.extents:
         callback(contexts.get(context_id, str(context_id)), command.offset, entries, err)
-
-
-def connect_error(exc: OSError, where: str) -> NBDError:
-    """A failed connect or handshake I/O as one line naming the server."""
-    if isinstance(exc, NBDError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return NBDError(errno.ETIMEDOUT, f"connect: {where}: timed out")
-    err = exc.errno or errno.EIO
-    return NBDError(err, f"connect: {where}: {exc.strerror or exc}")
-
-
-def describe(parsed: NBDURI) -> str:
-    """Where a URI points, for error messages."""
-    if parsed.transport == "unix":
-        return parsed.socket
-    return f"{parsed.host}:{parsed.port}"
 
 
 def apply_settings(handle: HandleBase, settings: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ Unknown query parameters are ignored, as the specification asks.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..proto.constants import NBD_DEFAULT_PORT
@@ -69,24 +69,24 @@ def parse_uri(uri: str) -> NBDURI:
     transport, tls = SCHEMES[parts.scheme.lower()]
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    common = dict(transport=transport, tls=tls, export_name=export,
-                  tls_certificates=query.get("tls-certificates"),
-                  tls_verify_peer=_bool(uri, query.get("tls-verify-peer", "true")),
-                  tls_username=query.get("tls-username") or (unquote(parts.username)
-                                                             if parts.username else None))
+    common = NBDURI(transport=transport, tls=tls, export_name=export,
+                    tls_certificates=query.get("tls-certificates"),
+                    tls_verify_peer=_bool(uri, query.get("tls-verify-peer", "true")),
+                    tls_username=query.get("tls-username") or (unquote(parts.username)
+                                                               if parts.username else None))
     if transport == "unix":
         if parts.hostname:
             raise _bad(uri, "a Unix socket URI has no host (write nbd+unix:///EXPORT?socket=PATH)")
         if not query.get("socket"):
             raise _bad(uri, "missing ?socket=PATH")
-        return NBDURI(socket=query["socket"], **common)
+        return replace(common, socket=query["socket"])
     if not parts.hostname:
         raise _bad(uri, "missing host name")
     if "socket" in query:
         raise _bad(uri, "?socket= is only allowed with nbd+unix://")
     if transport == "vsock" and not parts.hostname.isdigit():
         raise _bad(uri, "the host of a vsock URI is a numeric CID")
-    return NBDURI(host=parts.hostname, port=port_text or NBD_DEFAULT_PORT, **common)
+    return replace(common, host=parts.hostname, port=port_text or NBD_DEFAULT_PORT)
 
 
 def _bool(uri: str, text: str) -> bool:
