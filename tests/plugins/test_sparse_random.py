@@ -37,7 +37,8 @@ def test_percent_and_holes_in_map():
 
 
 def test_data_blocks_hold_nonzero_bytes_holes_zero():
-    disk = Stack.from_args("sparse-random", ["256M", "seed=3", "percent=50", "runlength=64K"]).open(OpenContext())
+    stack = Stack.from_args("sparse-random", ["256M", "seed=3", "percent=50", "runlength=64K"])
+    disk = stack.open(OpenContext())
     extents = list(disk.extents(8 << 20, 0, 0))
     assert len(extents) > 4
     for ext in extents:

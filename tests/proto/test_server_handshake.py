@@ -1,6 +1,7 @@
 """The server handshake as a pure state machine: byte strings in, events out.
 
-No sockets: a fake catalog stands in for the plugin stack, and every client
+No sockets and no plugin: a fake catalog answers the handshake's questions
+(ListExports, OpenExport) as the server's driver would, and every client
 message is packed here with ``struct`` from doc/proto.md.
 """
 
@@ -10,16 +11,17 @@ import struct
 
 import pytest
 
-from pynbd.proto.errors import ProtocolError
+from pynbd.proto.errors import LocalProtocolError
+from pynbd.proto.machine import NeedData
 from pynbd.proto.server_handshake import (
     Closed,
     ExportInfo,
-    NeedData,
+    ListExports,
+    OpenExport,
     Ready,
     ServerHandshake,
     StartTLS,
     State,
-    UnknownExport,
 )
 
 IHAVEOPT = 0x49484156454F5054
@@ -31,23 +33,26 @@ HAS_FLAGS, READ_ONLY, SEND_DF = 1, 2, 1 << 7
 
 
 class Catalog:
+    """Answers the handshake's questions, as the server's session does."""
+
     def __init__(self) -> None:
-        self.opened: list[str] = []
-        self.closed: list[str] = []
+        self.opened: list[tuple[str, bool]] = []  # (name, kept open)
 
-    def list_exports(self):
-        return [("", "the default"), ("second", "")]
-
-    def open_export(self, name):
-        if name not in ("", "second"):
-            raise UnknownExport(f"no export {name!r}")
-        self.opened.append(name)
-        return ExportInfo(name=name or "default", size=1 << 20,
-                          flags=HAS_FLAGS | READ_ONLY | SEND_DF,
-                          block_size=(1, 4096, 1 << 25), description="a disk", handle=object())
-
-    def close_export(self, info):
-        self.closed.append(info.name)
+    def answer(self, hs: ServerHandshake, event) -> bool:
+        """Answer ``event`` if it is a question; False if it is not one."""
+        if isinstance(event, ListExports):
+            hs.exports_listed([("", "the default"), ("second", "")])
+        elif isinstance(event, OpenExport):
+            if event.name not in ("", "second"):
+                hs.export_refused(f"no export {event.name!r}")
+                return True
+            self.opened.append((event.name, event.keep))
+            hs.export_opened(ExportInfo(name=event.name or "default", size=1 << 20,
+                                        flags=HAS_FLAGS | READ_ONLY | SEND_DF,
+                                        block_size=(1, 4096, 1 << 25), description="a disk"))
+        else:
+            return False
+        return True
 
 
 def option(opt: int, data: bytes = b"") -> bytes:
@@ -73,10 +78,14 @@ def replies(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def feed(hs: ServerHandshake, data: bytes):
-    """Feed bytes as the driver would (exactly what is asked) and return the next event."""
+def feed(hs: ServerHandshake, data: bytes, catalog: Catalog | None = None):
+    """Feed bytes as the driver would (exactly what is asked), answer the
+    questions, and return the next event for the client."""
+    catalog = catalog or Catalog()
     while True:
         event = hs.next_event()
+        if catalog.answer(hs, event):
+            continue
         if not isinstance(event, NeedData):
             return event
         assert data, "the handshake asked for more bytes than the client sent"
@@ -84,14 +93,14 @@ def feed(hs: ServerHandshake, data: bytes):
         data = data[event.size:]
 
 
-def started(catalog: Catalog | None = None, **kw) -> ServerHandshake:
-    hs = ServerHandshake(catalog or Catalog(), **kw)
+def started(**kw) -> ServerHandshake:
+    hs = ServerHandshake(**kw)
     hs.receive_data(struct.pack(">I", 3))
     return hs
 
 
 def test_greeting_and_byte_exact_reads():
-    hs = ServerHandshake(Catalog())
+    hs = ServerHandshake()
     assert hs.greeting() == struct.pack(">QQH", 0x4E42444D41474943, IHAVEOPT, 3)
     assert hs.next_event() == NeedData(4)
     hs.receive_data(struct.pack(">I", 3))
@@ -101,7 +110,7 @@ def test_greeting_and_byte_exact_reads():
 
 
 def test_unknown_client_flags_close():
-    hs = ServerHandshake(Catalog())
+    hs = ServerHandshake()
     hs.receive_data(struct.pack(">I", 0x100))
     assert isinstance(hs.next_event(), Closed)
 
@@ -133,18 +142,18 @@ def test_list():
     assert replies(feed(started(), option(3, b"x")).data)[0][1] == ERR_INVALID
 
 
-def test_info_then_go_opens_once():
+def test_info_opens_and_closes_go_opens_and_keeps():
     catalog = Catalog()
-    hs = started(catalog)
-    event = feed(hs, option(6, go_data("", (1, 2, 3))))
+    hs = started()
+    event = feed(hs, option(6, go_data("", (1, 2, 3))), catalog)
     got = replies(event.data)
     assert [r[1] for r in got] == [INFO, INFO, INFO, INFO, ACK]
     infos = {struct.unpack_from(">H", p)[0]: p for _, _, p in got[:-1]}
     assert struct.unpack(">HQH", infos[0]) == (0, 1 << 20, HAS_FLAGS | READ_ONLY)  # no DF yet
     assert infos[1][2:] == b"default" and infos[2][2:] == b"a disk"
     assert struct.unpack(">HIII", infos[3]) == (3, 1, 4096, 1 << 25)
-    ready = feed(hs, option(7, go_data("")))
-    assert isinstance(ready, Ready) and catalog.opened == [""]
+    ready = feed(hs, option(7, go_data("")), catalog)
+    assert isinstance(ready, Ready) and catalog.opened == [("", False), ("", True)]
     assert not ready.structured_replies and ready.export.flags & SEND_DF == 0
 
 
@@ -191,7 +200,7 @@ def test_extended_headers_imply_structured_and_refuse_downgrade():
 def test_export_name_with_and_without_zeroes():
     ready = feed(started(), option(1, b""))
     assert isinstance(ready, Ready) and len(ready.reply) == 10
-    hs = ServerHandshake(Catalog())
+    hs = ServerHandshake()
     hs.receive_data(struct.pack(">I", 1))  # no NBD_FLAG_C_NO_ZEROES
     ready = feed(hs, option(1, b""))
     assert len(ready.reply) == 10 + 124 and struct.unpack_from(">Q", ready.reply)[0] == 1 << 20
@@ -224,16 +233,49 @@ def test_starttls_forgets_what_was_negotiated():
     assert not feed(hs, option(7, go_data())).structured_replies
 
 
-def test_abandon_releases_the_export_of_info():
-    catalog = Catalog()
-    hs = started(catalog)
-    feed(hs, option(6, go_data()))
-    hs.abandon()
-    assert catalog.closed == ["default"] and hs.state is State.DONE
-
-
 def test_no_events_after_the_end():
     hs = started()
     feed(hs, option(7, go_data()))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError, match="already over"):
         hs.next_event()
+
+
+def test_the_handshake_never_opens_an_export_itself():
+    hs = started()
+    hs.receive_data(option(7, go_data("second")))
+    assert hs.next_event() == OpenExport("second", keep=True)
+    assert hs.state is State.ANSWER
+
+
+def test_a_driver_that_skips_an_answer_poisons_the_machine():
+    hs = started()
+    hs.receive_data(option(3))
+    assert hs.next_event() == ListExports()
+    with pytest.raises(LocalProtocolError, match="answer ListExports"):
+        hs.next_event()
+    assert hs.state is State.ERROR
+    with pytest.raises(LocalProtocolError, match="failed earlier"):
+        hs.exports_listed([])
+    with pytest.raises(LocalProtocolError, match="failed earlier"):
+        hs.receive_data(b"x")
+
+
+def test_answering_what_was_not_asked_is_refused():
+    hs = started()
+    with pytest.raises(LocalProtocolError, match="OpenExport was not asked"):
+        hs.export_opened(ExportInfo("x", 1, HAS_FLAGS, (1, 4096, 1 << 25)))
+    hs.receive_data(option(3))
+    assert hs.next_event() == ListExports()
+    with pytest.raises(LocalProtocolError, match="OpenExport was not asked"):
+        hs.export_refused("no")
+
+
+def test_a_refused_open_is_an_error_reply_and_the_handshake_goes_on():
+    hs = started()
+    hs.receive_data(option(7, go_data("disk")))
+    assert isinstance(hs.next_event(), OpenExport)
+    hs.export_refused("disk: cannot open: Permission denied", unknown=False)
+    event = hs.next_event()
+    ERR_PLATFORM = 2**31 + 4
+    assert replies(event.data) == [(7, ERR_PLATFORM, b"disk: cannot open: Permission denied")]
+    assert hs.next_event() == NeedData(16)

@@ -9,7 +9,7 @@ and the plumbing of a byte-fed state machine with a table of moves.
             if isinstance(data, NeedData):
                 return data
             ...
-            self._goto(State.B)                 # ProtocolError if the table forbids it
+            self._goto(State.B)                 # LocalProtocolError if the table forbids it
 
 ``NeedData(size)`` asks the driver for exactly ``size`` more bytes (never
 more, so the first byte of a TLS handshake or of the first request is never
@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from .errors import ProtocolError
+from .errors import LocalProtocolError
 
 S = TypeVar("S", bound=enum.Enum)
 
@@ -63,7 +63,8 @@ class ByteMachine(Generic[S]):
         return data
 
     def _goto(self, state: S) -> None:
-        """The one place that changes state: refuses any move the table does not list."""
+        """The one place that changes state: refuses any move the table does not list
+        (a bug in the machine, hence LocalProtocolError)."""
         if state not in self.transitions[self.state]:
-            raise ProtocolError(f"handshake cannot go from {self.state.value} to {state.value}")
+            raise LocalProtocolError(f"handshake cannot go from {self.state.value} to {state.value}")
         self.state = state

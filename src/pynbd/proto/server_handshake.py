@@ -1,28 +1,39 @@
 """The server side of the fixed newstyle handshake, as a sans-IO state machine.
 
-The driver (``server/``) owns the socket; this module owns the rules. It reads
-exactly the bytes it asks for, so no byte of a TLS handshake or of the first
-request is ever swallowed:
+The driver (``server/``) owns the socket and the plugin stack; this module
+owns the rules. It reads exactly the bytes it asks for, so no byte of a TLS
+handshake or of the first request is ever swallowed, and it never runs
+plugin code: when it needs the list of exports or an opened export it asks
+with an event, and the driver answers before asking for the next event::
 
-    hs = ServerHandshake(catalog, tls="off")
+    hs = ServerHandshake(tls="off")
     send(hs.greeting())
     while True:
         event = hs.next_event()
-        if isinstance(event, NeedData):     feed hs.receive_data(recv exactly event.size)
-        elif isinstance(event, Send):       send(event.data)
-        elif isinstance(event, StartTLS):   send(event.data); wrap the socket
-        elif isinstance(event, Ready):      enter transmission with event.export
-        elif isinstance(event, Closed):     drop the connection
+        NeedData      feed hs.receive_data(recv exactly event.size)
+        Send          send(event.data)
+        StartTLS      send(event.data); wrap the socket; hs.tls_established()
+        ListExports   hs.exports_listed([(name, description), ...])
+        OpenExport    open event.name ("" is the default); answer
+                      hs.export_opened(ExportInfo(...)), or hs.export_refused(...);
+                      keep it open only if event.keep (NBD_OPT_GO / EXPORT_NAME)
+        Ready         enter transmission with the export kept open
+        Closed        drop the connection (close an export kept open)
 
-The states and the events each may produce are listed in ``TRANSITIONS``;
-``_goto`` refuses any other move, so the table is the whole story.
+The states and the moves between them are listed in ``TRANSITIONS``; ``_goto``
+refuses any other move, so the table is the whole story. Errors follow h11: a
+peer that breaks the protocol gets an option error reply or a ``Closed``
+event; a driver that misuses the machine (answers what was not asked, asks
+for events while an answer is due, goes on after the end) gets
+``LocalProtocolError``; and any exception raised inside the machine moves it
+to ``State.ERROR``, where every later call raises ``LocalProtocolError``.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from . import wire
 from .constants import (
@@ -39,12 +50,8 @@ from .constants import (
     Rep,
     TransmissionFlag,
 )
-from .errors import ProtocolError
+from .errors import LocalProtocolError, ProtocolError
 from .machine import ByteMachine, NeedData, Send
-
-
-class UnknownExport(LookupError):
-    """Raised by an ExportCatalog for a name it does not serve."""
 
 
 @dataclass(frozen=True)
@@ -56,20 +63,6 @@ class ExportInfo:
     flags: int  # TransmissionFlag bits, HAS_FLAGS included
     block_size: tuple[int, int, int]
     description: str = ""
-    handle: object = None  # the driver's open export, handed back in Ready
-
-
-class ExportCatalog(Protocol):
-    """What the handshake needs from the server's backend."""
-
-    def list_exports(self) -> list[tuple[str, str]]:
-        """(name, description) of each export."""
-
-    def open_export(self, name: str) -> ExportInfo:
-        """Open the export (``""`` means the default); raise UnknownExport."""
-
-    def close_export(self, info: ExportInfo) -> None:
-        """Release an export opened for NBD_OPT_INFO or abandoned."""
 
 
 # ------------------------------------------------------------------- events
@@ -79,6 +72,22 @@ class StartTLS:
     """Send ``data`` (the ACK), then run the TLS handshake on the socket."""
 
     data: bytes
+
+
+@dataclass(frozen=True)
+class ListExports:
+    """Answer with ``exports_listed``: the (name, description) of each export."""
+
+
+@dataclass(frozen=True)
+class OpenExport:
+    """Open export ``name`` ("" is the default) and answer with ``export_opened``
+    or ``export_refused``. Keep it open for the transmission phase only if
+    ``keep`` (NBD_OPT_GO, NBD_OPT_EXPORT_NAME); otherwise (NBD_OPT_INFO)
+    close it once its facts are known."""
+
+    name: str
+    keep: bool
 
 
 @dataclass(frozen=True)
@@ -100,37 +109,38 @@ class Closed:
     reply: bytes = b""
 
 
-Event = NeedData | Send | StartTLS | Ready | Closed
+Event = NeedData | Send | StartTLS | ListExports | OpenExport | Ready | Closed
 
 
 class State(enum.Enum):
     CLIENT_FLAGS = "waiting for client flags"
     OPTION_HEADER = "waiting for an option header"
     OPTION_DATA = "waiting for option data"
+    ANSWER = "waiting for the driver's answer"
     DONE = "handshake finished"
+    ERROR = "failed"
 
 
 TRANSITIONS: dict[State, set[State]] = {
-    State.CLIENT_FLAGS: {State.OPTION_HEADER, State.DONE},
-    State.OPTION_HEADER: {State.OPTION_DATA, State.DONE},
-    State.OPTION_DATA: {State.OPTION_HEADER, State.DONE},
-    State.DONE: set(),
+    State.CLIENT_FLAGS: {State.OPTION_HEADER, State.DONE, State.ERROR},
+    State.OPTION_HEADER: {State.OPTION_DATA, State.DONE, State.ERROR},
+    State.OPTION_DATA: {State.OPTION_HEADER, State.ANSWER, State.DONE, State.ERROR},
+    State.ANSWER: {State.OPTION_HEADER, State.DONE, State.ERROR},
+    State.DONE: {State.ERROR},
+    State.ERROR: set(),
 }
 
 META_CONTEXT_IDS = {BASE_ALLOCATION: 1}
-
 
 class ServerHandshake(ByteMachine[State]):
     """Negotiates one client connection up to the transmission phase."""
 
     transitions = TRANSITIONS
 
-    def __init__(self, catalog: ExportCatalog, tls: str = "off",
-                 forced_export: str | None = None) -> None:
+    def __init__(self, tls: str = "off", forced_export: str | None = None) -> None:
         if tls not in ("off", "on", "require"):
             raise ValueError(f"tls must be off, on or require, not {tls!r}")
         super().__init__(State.CLIENT_FLAGS)
-        self.catalog = catalog
         self.tls_mode = tls
         self.forced_export = forced_export
         self.tls_active = False
@@ -141,8 +151,10 @@ class ServerHandshake(ByteMachine[State]):
         self.meta_export: str | None = None
         self._option = 0
         self._option_length = 0
-        self._info: ExportInfo | None = None  # opened by INFO, reused by GO
-        self._info_name = ""  # the name the client asked for when _info was opened
+        self._asked: ListExports | OpenExport | None = None  # the question awaiting an answer
+        self._resume: Callable[[], Event] | None = None  # set by the answer
+        self._failure = ""
+        self._requested_infos: list[int] = []  # NBD_INFO_* the client asked for with INFO/GO
 
     # ---- driver interface
     def greeting(self) -> bytes:
@@ -150,15 +162,83 @@ class ServerHandshake(ByteMachine[State]):
 
     def tls_established(self) -> None:
         """The driver calls this once the TLS handshake succeeded."""
+        self._usable()
         self.tls_active = True
         # Everything negotiated in clear text is forgotten (spec: STARTTLS).
         self.structured_replies = self.extended_headers = False
         self.meta_query = []
-        self._release_info()
+
+    def receive_data(self, data: bytes) -> None:
+        self._usable()
+        super().receive_data(data)
 
     def next_event(self) -> Event:
+        """The next thing the driver must do. Any exception poisons the machine."""
+        self._usable()
         if self.state is State.DONE:
-            raise ProtocolError("the handshake is already over")
+            raise LocalProtocolError("the handshake is already over")
+        try:
+            return self._next()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def exports_listed(self, exports: list[tuple[str, str]]) -> None:
+        """Answer ``ListExports``."""
+        self._answering(ListExports)
+
+        def reply() -> Event:
+            replies = [wire.option_reply(self._option, Rep.SERVER, wire.server_reply_payload(n, d))
+                       for n, d in exports]
+            replies.append(wire.option_reply(self._option, Rep.ACK))
+            return self._option_done(Send(b"".join(replies)))
+        self._resume = reply
+
+    def export_opened(self, info: ExportInfo) -> None:
+        """Answer ``OpenExport``: the export's facts as the stack reports them."""
+        self._answering(OpenExport)
+        keep = isinstance(self._asked, OpenExport) and self._asked.keep
+        self._resume = lambda: self._opened(keep, self._for_client(info))
+
+    def export_refused(self, message: str, unknown: bool = True) -> None:
+        """Answer ``OpenExport``: no such export (``unknown``) or it failed to open."""
+        self._answering(OpenExport)
+        if self._option == Opt.EXPORT_NAME:
+            self._resume = lambda: self._close(f"NBD_OPT_EXPORT_NAME refused: {message}")
+        else:
+            rep = Rep.ERR_UNKNOWN if unknown else Rep.ERR_PLATFORM
+            self._resume = lambda: self._option_done(self._reply(self._option, rep, message.encode()))
+
+    # ---- error handling (h11's way)
+    def _usable(self) -> None:
+        if self.state is State.ERROR:
+            raise LocalProtocolError(f"the handshake failed earlier ({self._failure}); "
+                                     f"it cannot be used any more")
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = f"{type(exc).__name__}: {exc}"
+        self.state = State.ERROR
+
+    def _answering(self, kind: type[ListExports] | type[OpenExport]) -> None:
+        self._usable()
+        if self.state is not State.ANSWER or type(self._asked) is not kind or self._resume is not None:
+            raise LocalProtocolError(f"{kind.__name__} was not asked (the handshake is "
+                                     f"{self.state.value})")
+
+    def _ask(self, question: ListExports | OpenExport) -> Event:
+        self._asked = question
+        self._resume = None
+        self._goto(State.ANSWER)
+        return question
+
+    # ---- states
+    def _next(self) -> Event:
+        if self.state is State.ANSWER:
+            if self._resume is None:
+                raise LocalProtocolError(f"answer {type(self._asked).__name__} before asking "
+                                         f"for the next event")
+            resume, self._resume, self._asked = self._resume, None, None
+            return resume()
         data = self._take(self._needed())
         if isinstance(data, NeedData):
             return data
@@ -166,16 +246,8 @@ class ServerHandshake(ByteMachine[State]):
             return self._client_flags(data)
         if self.state is State.OPTION_HEADER:
             return self._option_header(data)
-        self._goto(State.OPTION_HEADER)
         return self._dispatch(self._option, data)
 
-    def abandon(self) -> None:
-        """Release what the handshake holds (the client went away)."""
-        self._release_info()
-        if self.state is not State.DONE:
-            self._goto(State.DONE)
-
-    # ---- states
     def _needed(self) -> int:
         if self.state is State.CLIENT_FLAGS:
             return 4
@@ -184,9 +256,13 @@ class ServerHandshake(ByteMachine[State]):
         return self._option_length
 
     def _close(self, reason: str, reply: bytes = b"") -> Closed:
-        self._release_info()
         self._goto(State.DONE)
         return Closed(reason, reply)
+
+    def _option_done(self, event: Event) -> Event:
+        """An option answered: back to waiting for the next one."""
+        self._goto(State.OPTION_HEADER)
+        return event
 
     def _client_flags(self, data: bytes) -> Event:
         (flags,) = wire.CLIENT_FLAGS.unpack(data)
@@ -194,7 +270,7 @@ class ServerHandshake(ByteMachine[State]):
             return self._close(f"unknown client flags {flags:#x}")
         self.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
         self._goto(State.OPTION_HEADER)
-        return self.next_event()
+        return self._next()
 
     def _option_header(self, data: bytes) -> Event:
         try:
@@ -206,7 +282,7 @@ class ServerHandshake(ByteMachine[State]):
             return self._close(reason, wire.option_reply(option, Rep.ERR_TOO_BIG, reason.encode()))
         self._option, self._option_length = option, length
         self._goto(State.OPTION_DATA)
-        return self.next_event()
+        return self._next()
 
     # ---- options
     def _dispatch(self, option: int, data: bytes) -> Event:
@@ -214,15 +290,18 @@ class ServerHandshake(ByteMachine[State]):
                 Opt.STARTTLS, Opt.ABORT):
             if option == Opt.EXPORT_NAME:
                 return self._close("client asked for an export before starting TLS")
-            return self._reply(option, Rep.ERR_TLS_REQD, b"TLS is required")
+            return self._option_done(self._reply(option, Rep.ERR_TLS_REQD, b"TLS is required"))
         handler = self._HANDLERS.get(option)
         if handler is None:
-            return self._reply(option, Rep.ERR_UNSUP,
-                               f"option {option} is not supported".encode())
+            return self._option_done(self._reply(option, Rep.ERR_UNSUP,
+                                                 f"option {option} is not supported".encode()))
         try:
-            return handler(self, option, data)
-        except ProtocolError as exc:
-            return self._reply(option, Rep.ERR_INVALID, str(exc).encode())
+            event = handler(self, option, data)
+        except ProtocolError as exc:  # the option's payload is malformed
+            return self._option_done(self._reply(option, Rep.ERR_INVALID, str(exc).encode()))
+        if self.state is State.OPTION_DATA:
+            return self._option_done(event)
+        return event
 
     def _reply(self, option: int, rep: int, data: bytes = b"") -> Send:
         return Send(wire.option_reply(option, rep, data))
@@ -233,10 +312,7 @@ class ServerHandshake(ByteMachine[State]):
     def _opt_list(self, option: int, data: bytes) -> Event:
         if data:
             return self._reply(option, Rep.ERR_INVALID, b"NBD_OPT_LIST takes no data")
-        replies = [wire.option_reply(option, Rep.SERVER, wire.server_reply_payload(n, d))
-                   for n, d in self.catalog.list_exports()]
-        replies.append(wire.option_reply(option, Rep.ACK))
-        return Send(b"".join(replies))
+        return self._ask(ListExports())
 
     def _opt_starttls(self, option: int, data: bytes) -> Event:
         if data:
@@ -285,14 +361,29 @@ class ServerHandshake(ByteMachine[State]):
         name, requested = wire.parse_info_request(data)
         if len(name.encode()) > MAX_STRING:
             return self._reply(option, Rep.ERR_INVALID, b"export name too long")
+        if not self._served(name):
+            return self._reply(option, Rep.ERR_UNKNOWN, f"no export named {name!r}".encode())
+        self._requested_infos = requested
+        return self._ask(OpenExport(name, keep=option == Opt.GO))
+
+    def _opt_export_name(self, option: int, data: bytes) -> Event:
         try:
-            info = self._open(name)
-        except UnknownExport as exc:
-            return self._reply(option, Rep.ERR_UNKNOWN, str(exc).encode())
-        except OSError as exc:
-            return self._reply(option, Rep.ERR_PLATFORM,
-                               f"cannot open export {name!r}: {exc.strerror or exc}".encode())
-        info = self._for_client(info)
+            name = data.decode()
+        except UnicodeDecodeError:
+            return self._close(f"NBD_OPT_EXPORT_NAME {data[:64]!r} is not UTF-8")
+        if not self._served(name):
+            return self._close(f"NBD_OPT_EXPORT_NAME {name!r} refused: no such export")
+        return self._ask(OpenExport(name, keep=True))
+
+    def _served(self, name: str) -> bool:
+        return self.forced_export is None or name in ("", self.forced_export)
+
+    def _opened(self, keep: bool, info: ExportInfo) -> Event:
+        """The reply to INFO, GO or EXPORT_NAME once the export is open."""
+        option = self._option
+        if option == Opt.EXPORT_NAME:
+            return self._ready(wire.export_name_reply(info.size, info.flags, self.no_zeroes), info)
+        requested = self._requested_infos
         replies = [wire.option_reply(option, Rep.INFO, wire.info_export(info.size, info.flags))]
         if Info.NAME in requested:
             replies.append(wire.option_reply(option, Rep.INFO, wire.info_name(info.name)))
@@ -301,28 +392,9 @@ class ServerHandshake(ByteMachine[State]):
                                              wire.info_description(info.description)))
         replies.append(wire.option_reply(option, Rep.INFO, wire.info_block_size(*info.block_size)))
         replies.append(wire.option_reply(option, Rep.ACK))
-        if option == Opt.INFO:
-            return Send(b"".join(replies))
+        if not keep:
+            return self._option_done(Send(b"".join(replies)))
         return self._ready(b"".join(replies), info)
-
-    def _opt_export_name(self, option: int, data: bytes) -> Event:
-        try:
-            name = data.decode()
-            info = self._open(name)
-        except (UnicodeDecodeError, UnknownExport, OSError) as exc:
-            return self._close(f"NBD_OPT_EXPORT_NAME {data[:64]!r} refused: {exc}")
-        info = self._for_client(info)
-        return self._ready(wire.export_name_reply(info.size, info.flags, self.no_zeroes), info)
-
-    def _open(self, name: str) -> ExportInfo:
-        if self.forced_export is not None and name != self.forced_export and name != "":
-            raise UnknownExport(f"no export named {name!r}")
-        if self._info is not None and self._info_name == name:
-            return self._info
-        self._release_info()
-        self._info = self.catalog.open_export(name)
-        self._info_name = name
-        return self._info
 
     def _for_client(self, info: ExportInfo) -> ExportInfo:
         """The export as this client sees it: DF only with structured replies."""
@@ -330,20 +402,14 @@ class ServerHandshake(ByteMachine[State]):
             return info
         return replace(info, flags=info.flags & ~TransmissionFlag.SEND_DF)
 
-    def _release_info(self) -> None:
-        if self._info is not None:
-            info, self._info = self._info, None
-            self.catalog.close_export(info)
-
     def _ready(self, reply: bytes, info: ExportInfo) -> Ready:
-        self._info = None  # handed over to the driver
         self._goto(State.DONE)
         contexts = {}
         if self.meta_export is None or self.meta_export == info.name or self.meta_export == "":
             contexts = {META_CONTEXT_IDS[c]: c for c in self.meta_query}
         return Ready(reply, info, self.structured_replies, self.extended_headers, contexts)
 
-    _HANDLERS = {
+    _HANDLERS: dict[int, Callable[[ServerHandshake, int, bytes], Event]] = {
         Opt.ABORT: _opt_abort,
         Opt.LIST: _opt_list,
         Opt.STARTTLS: _opt_starttls,

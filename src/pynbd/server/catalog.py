@@ -1,8 +1,10 @@
-"""The bridge between the handshake and a plugin stack: opening exports.
+"""The bridge between the handshake and a plugin stack: listing and opening exports.
 
-``StackCatalog`` implements the handshake's ``ExportCatalog`` for one client:
-it opens the stack for an export name, asks the top layer what it can do,
-and turns the answers into the transmission flags the client is sent.
+The handshake (``proto.server_handshake``) asks with ``ListExports`` and
+``OpenExport`` events; the session answers them with a ``StackCatalog``: it
+opens the stack for an export name (its top layer a checked ``Layer`` whose
+answers are asked once) and turns the answers into the transmission flags
+and block sizes the client is sent.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ import logging
 
 from ..backend import FUA_NONE, ConfigError, OpenContext
 from ..backend.connection import Connection
+from ..backend.layer import Layer
 from ..backend.stack import Stack
 from ..proto.constants import DEFAULT_MAX_PAYLOAD
 from ..proto.constants import TransmissionFlag as TF
-from ..proto.server_handshake import ExportInfo, UnknownExport
+from ..proto.server_handshake import ExportInfo
 
 log = logging.getLogger("pynbd.server")
+
+
+class UnknownExport(LookupError):
+    """The stack serves no export of that name (or refused the name)."""
 
 
 class StackCatalog:
@@ -30,12 +37,17 @@ class StackCatalog:
     def list_exports(self) -> list[tuple[str, str]]:
         return [(e.name, e.description) for e in self.stack.list_exports(self.ctx)]
 
-    def open_export(self, name: str) -> ExportInfo:
+    def open_export(self, name: str) -> tuple[Layer, ExportInfo]:
+        """Open the stack for ``name`` ("" is the default export).
+
+        Raises UnknownExport for a name the stack refuses, OSError when
+        opening fails.
+        """
         if name == "":
             name = self.stack.default_export(self.ctx)
         self.ctx.export_name = name
         try:
-            conn = self.stack.open(self.ctx)
+            top = self.stack.open(self.ctx)
         except LookupError as exc:
             raise UnknownExport(str(exc) or f"no export named {name!r}") from None
         except ConfigError as exc:
@@ -43,18 +55,8 @@ class StackCatalog:
         except OSError as exc:
             log.error("cannot open export %r: %s", name, exc.strerror or exc)
             raise
-        try:
-            return ExportInfo(name=name, size=conn.get_size(), flags=export_flags(conn, self.ctx.readonly),
-                              block_size=block_size(conn), description=self.description,
-                              handle=conn)
-        except BaseException:
-            conn.close()
-            raise
-
-    def close_export(self, info: ExportInfo) -> None:
-        conn = info.handle
-        if isinstance(conn, Connection):
-            conn.close()
+        return top, ExportInfo(name=name, size=top.get_size(), flags=export_flags(top, self.ctx.readonly),
+                               block_size=block_size(top), description=self.description)
 
 
 def export_flags(conn: Connection, readonly: bool) -> int:

@@ -26,6 +26,7 @@ from ..backend.plugin import Filter, Plugin
 from ..backend.registry import builtin_names, find_filter, find_plugin
 from ..backend.stack import Stack
 from ..proto.constants import NBD_DEFAULT_PORT
+from .dispatch import plan_for
 from .server import Listener, Server
 from .session import SessionConfig
 from .tls import server_context
@@ -33,6 +34,17 @@ from .tls import server_context
 PROG = "pynbd serve"
 DEFAULT_PLUGIN = "memory"
 log = logging.getLogger("pynbd.server")
+
+
+def _threads(text: str) -> int:
+    """-t: a positive number of threads."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of threads, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("-f", "--foreground", action="store_true", help="do not fork into the background")
     a("-P", "--pidfile", help="write the server's process ID here")
     a("--exit-with-parent", action="store_true", help="exit when the parent process exits")
-    a("-t", "--threads", type=int, default=16, help="worker threads per connection (default 16)")
+    a("-t", "--threads", type=_threads, default=None,
+      help="requests of one connection run at once (see pynbd.server.dispatch; default: 1 where "
+           "all layers' requests are short, else 16)")
     a("-v", "--verbose", action="store_true", help="debug messages")
     a("--log", choices=("stderr", "syslog", "null"), help="where messages go")
     a("--run", metavar="CMD", help="run CMD with $uri set, then exit with its status")
@@ -104,8 +118,8 @@ def _main(args: argparse.Namespace) -> int:
     _setup_logging(args)
     if args.exit_with_parent:
         _exit_with_parent()
-    config = SessionConfig(stack=stack, readonly=args.readonly, tls=args.tls,
-                           threads=max(1, args.threads), exportname=args.exportname,
+    config = SessionConfig(stack=stack, dispatch=plan_for(stack, args.threads),
+                           readonly=args.readonly, tls=args.tls, exportname=args.exportname,
                            description=args.description)
     if args.tls != "off":
         if not args.tls_certificates:

@@ -56,6 +56,7 @@ from ..backend import ConfigError
 from ..backend.registry import find_filter, find_plugin
 from ..backend.stack import Stack
 from ..process import stop_process
+from .dispatch import plan_for
 from .server import Listener, Server
 from .session import SessionConfig
 
@@ -138,7 +139,7 @@ class ServedStack:
         stack.get_ready()
         listener = Listener.unix("-")
         stack.after_fork()
-        config = SessionConfig(stack=stack, readonly=self.readonly)
+        config = SessionConfig(stack=stack, dispatch=plan_for(stack), readonly=self.readonly)
         self._server = Server(config, listener)
         self.socket = listener.unix_path or ""
         self.pid = os.getpid()

@@ -17,7 +17,7 @@ import socket
 import tempfile
 import threading
 
-from ..backend import ConfigError, ThreadModel
+from ..backend import ConfigError
 from .session import Session, SessionConfig
 
 log = logging.getLogger("pynbd.server")
@@ -46,8 +46,8 @@ class Listener:
                                        flags=socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise ConfigError(f"cannot resolve listening address {ipaddr!r}: {exc}") from None
-        sockets = []
-        seen = set()
+        sockets: list[socket.socket] = []
+        seen: set[tuple[int, object]] = set()
         for family, kind, proto, _, addr in infos:
             if (family, addr[0]) in seen:
                 continue
@@ -120,7 +120,8 @@ class Listener:
 
 def _port_of(sock: socket.socket) -> int | None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
     return None
 
 
@@ -137,13 +138,7 @@ class Server:
     def __init__(self, config: SessionConfig, listener: Listener) -> None:
         self.config = config
         self.listener = listener
-        model = config.stack.thread_model()
-        if model <= ThreadModel.SERIALIZE_REQUESTS:
-            config.threads = 1
-        if model == ThreadModel.SERIALIZE_ALL_REQUESTS:
-            config.request_lock = threading.Lock()
-        config.inline = config.stack.requests_are_short()
-        self._one_connection = threading.Semaphore(1) if model == ThreadModel.SERIALIZE_CONNECTIONS else None
+        self._one_connection = config.dispatch.one_connection
         self._stop_r, self._stop_w = os.pipe()
         self._sessions: set[Session] = set()
         self._threads: set[threading.Thread] = set()
@@ -188,7 +183,7 @@ class Server:
             sessions = list(self._sessions)
             threads = list(self._threads)
         for session in sessions:
-            session._stop()  # noqa: SLF001 (the server owns its sessions)
+            session.stop()
         for thread in threads:
             thread.join(timeout=10)
         self.config.stack.unload()

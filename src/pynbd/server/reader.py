@@ -1,0 +1,123 @@
+"""The transmission phase's reading loop: receive requests in batches, hand them on.
+
+One thread per connection receives as many bytes as the socket has (a client
+with 16 requests in flight usually delivers several at once), parses every
+complete request in the buffer with the protocol core, and hands each to
+``execute`` — the ``RequestRunner`` itself when requests run inline, or a
+``WorkerPool``'s ``submit`` (see ``dispatch``). Inline replies collect in the
+``ReplyBatch`` and leave together when the reader is about to wait.
+
+Write payloads reach ``execute`` as memoryviews into the receive buffer; one
+larger than the buffer is received into its own. A compact write over the
+maximum payload is received and dropped, and the request is refused.
+"""
+
+from __future__ import annotations
+
+from ..proto.server_transmission import DISC, ServerTransmission
+from .channel import Channel, ReplyBatch
+from .dispatch import Execute
+
+RECV_SIZE = 1 << 20  # receive buffer; larger write payloads get their own
+
+
+class RequestReader:
+    """Reads one connection's requests until NBD_CMD_DISC or the end of the stream.
+
+    ``batch`` is the inline replies' arena (None when workers send replies).
+    """
+
+    def __init__(self, channel: Channel, tx: ServerTransmission, execute: Execute,
+                 batch: ReplyBatch | None) -> None:
+        self.channel = channel
+        self.tx = tx
+        self.execute = execute
+        self.batch = batch
+        self.scratch = bytearray(RECV_SIZE)  # inline reads land here
+
+    def _flush(self) -> None:
+        if self.batch is not None:
+            self.batch.flush()
+
+    def run(self) -> None:
+        """Serve until the client disconnects."""
+        channel = self.channel
+        tx = self.tx
+        header_size = tx.header_size
+        parse = tx.parse_request
+        payload_length = tx.payload_length
+        max_payload = tx.max_payload
+        execute = self.execute
+        scratch = self.scratch
+        batch = self.batch
+        can_probe = batch is not None and channel.can_probe
+        buf = bytearray(RECV_SIZE)
+        view = memoryview(buf)
+        start = end = 0
+        more_pending = False
+        served = 0  # requests served since the last waiting receive
+        while True:
+            while end - start >= header_size:
+                flags, cmd, cookie, offset, length = parse(buf, start)
+                payload = None
+                need = payload_length(flags, cmd, length)
+                body = start + header_size
+                if need:
+                    if need > max_payload:
+                        in_buffer = min(need, end - body)
+                        self._flush()
+                        self._discard(need - in_buffer)
+                        start = body + in_buffer
+                    elif end - body >= need:
+                        payload = view[body:body + need]
+                        start = body + need
+                    elif header_size + need > RECV_SIZE:
+                        self._flush()
+                        payload = self._read_large(view[body:end], need)
+                        start = end = 0
+                    else:
+                        break  # wait for the rest of the payload
+                else:
+                    start = body
+                if cmd == DISC:
+                    return
+                execute(flags, cmd, cookie, offset, length, payload, scratch)
+                served += 1
+            if start == end:
+                start = end = 0
+            elif start and RECV_SIZE - end < RECV_SIZE // 4:
+                buf[:end - start] = buf[start:end]
+                end -= start
+                start = 0
+            if can_probe and served > 1 and not more_pending and batch is not None and batch.pending:
+                # The client keeps several requests in flight: before sending
+                # the replies, take whatever requests arrived meanwhile, so
+                # that their replies share the same send. (With one request
+                # at a time the probe would only add latency.)
+                n = channel.probe(view[end:])
+                if n > 0:
+                    end += n
+                    more_pending = True
+                    continue
+            more_pending = False
+            served = 0
+            self._flush()
+            n = channel.recv_some(view[end:])
+            if n == 0:
+                return
+            end += n
+
+    def _read_large(self, have: memoryview, length: int) -> memoryview:
+        """A write payload bigger than the receive buffer, in its own buffer."""
+        payload = memoryview(bytearray(length))
+        payload[:len(have)] = have
+        self.channel.recv_exact(payload[len(have):])
+        return payload
+
+    def _discard(self, left: int) -> None:
+        """Drain an oversized write payload the server refuses."""
+        sink = memoryview(self.scratch)
+        while left:
+            n = min(left, len(sink))
+            self.channel.recv_exact(sink[:n])
+            left -= n
