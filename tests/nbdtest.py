@@ -40,9 +40,9 @@ T = TypeVar("T")
 WAIT = 30.0  # seconds: spent only by a test that is failing anyway, so be generous
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = WAIT, interval: float = 0.02,
-             message: str | Callable[[], str] = "") -> T:
-    """Call ``predicate`` until it returns a true value, and return that value.
+def wait_for(predicate: Callable[[], T], timeout: float = WAIT,
+             message: str | Callable[[], str] = "", *, interval: float = 0.02) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns a true value; return that.
 
     ``predicate`` is called at least once, and once more when the deadline has
     passed, so a slow machine never fails a condition that did come true.
