@@ -321,3 +321,16 @@ def test_a_server_gone_in_the_handshake_is_a_remote_protocol_error(new_handle):
         h.connect_tcp("127.0.0.1", listener.getsockname()[1])
     thread.join(10)
     assert not h.is_ready()
+
+
+def test_async_close_waits_for_the_commands_in_flight():
+    async def main(uri):
+        h = await connect(uri)
+        await h.pwrite(b"kept", 0)
+        reads = [asyncio.ensure_future(h.pread(4, 0)) for _ in range(4)]
+        while h.in_flight() < 4:
+            await asyncio.sleep(0.01)
+        await h.close()  # NBD_CMD_DISC only once the reads have their answers
+        return await asyncio.gather(*reads)
+    with served("memory", "1M", "--filter=delay", "rdelay=0.3") as srv:
+        assert asyncio.run(asyncio.wait_for(main(srv.uri), 30)) == [b"kept"] * 4

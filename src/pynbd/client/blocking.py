@@ -48,8 +48,9 @@ systemd socket activation). Settings are attributes of the handle:
   ``block_status(count, offset, callback=None)`` returns ``{context: [length,
   flags, ...]}`` and calls libnbd's ``callback(context, offset, entries,
   error)`` per chunk.
-- Ending: ``shutdown()`` sends NBD_CMD_DISC (NBD_OPT_ABORT in option mode)
-  and closes the connection; ``close()`` also stops a captive server.
+- Ending: ``shutdown()`` waits for the commands in flight, sends NBD_CMD_DISC
+  (NBD_OPT_ABORT in option mode) and closes the connection; ``close()`` also
+  stops a captive server.
 
 Errors: ``NBDError`` (an ``OSError`` whose ``errno`` says why) when the server
 refuses a command or an option, when a command is invalid for the export,
@@ -300,9 +301,11 @@ class NBD(HandleBase):
 
     # ------------------------------------------------------------- ending
     def shutdown(self, flags: int = 0) -> None:
-        """Tell the server we are done and close the connection (``flags``, libnbd's, are
-        accepted and ignored: commands in flight are always answered first)."""
+        """Wait for the answers to the commands in flight, tell the server we are done and
+        close the connection (``flags``, libnbd's, are accepted and ignored)."""
         with self._lock:
+            if self._stream is not None:
+                self._stream.settle()
             self._drop(self._goodbye())
 
     def close(self) -> None:

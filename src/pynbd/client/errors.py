@@ -2,8 +2,10 @@
 
 ``NBDError`` is an ``OSError``: ``exc.errno`` is the errno the server sent
 (or the one the library chose, EINVAL for a bad URI, say) and ``str(exc)``
-one line for the user. ``ProtocolError`` (from ``pynbd.proto``) means the
-server broke the protocol; the handle is dead afterwards.
+one line for the user. ``ProtocolError`` (from ``pynbd.proto.errors``) is
+about the protocol itself: ``RemoteProtocolError`` when the server broke it
+(the handle is closed afterwards), ``LocalProtocolError`` when the client
+misused its own protocol machine (a bug).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ straight in the caller's buffer) and completes each command's future. Any
 number of tasks may ``run`` at once; replies are matched to them by cookie
 in whatever order the server sends them, and writes respect the transport's
 flow control. A server that breaks the protocol or hangs up fails every
-command in flight (RemoteProtocolError, or the connection's OSError).
+command in flight (RemoteProtocolError, or the connection's OSError);
+``settle`` waits for the answers of the commands in flight (before a
+goodbye), ``close`` fails those still waiting.
 Cancelling a waiting ``run`` does not recall its request: a read still
 lands in its buffer when the reply comes.
 
@@ -140,6 +142,13 @@ class Stream:
     def in_flight(self) -> int:
         """Commands sent and not yet answered."""
         return len(self.tx.in_flight) if self.tx is not None else 0
+
+    async def settle(self) -> None:
+        """Wait until every command in flight has its answer (or has failed)."""
+        waiting = [command.token for command in self.tx.in_flight.values()] if self.tx else []
+        futures = [token for token in waiting if isinstance(token, asyncio.Future)]
+        if futures:
+            await asyncio.wait(futures)
 
     def close(self, goodbye: bytes = b"") -> None:
         """Send ``goodbye`` (best effort) and close; later commands raise ENOTCONN."""

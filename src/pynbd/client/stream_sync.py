@@ -16,9 +16,9 @@ names to the asyncio face, so ``scripts/unasync.py`` only swaps the module.
 the last byte of its reply, so any number of threads may share one handle,
 as with libnbd (whose handle lock does the same): their commands reach the
 server one after the other, each thread waiting for its own reply.
-``close`` takes the lock too, so it waits for a command in progress. For
-many commands in flight on one connection, give it to a ``sync.Pipeline``
-(``hand_over``); ``run`` then refuses with EBUSY.
+``settle`` and ``close`` take the lock too, so they wait for a command in
+progress. For many commands in flight on one connection, give it to a
+``sync.Pipeline`` (``hand_over``); ``run`` then refuses with EBUSY.
 
 Each wait for the server while connecting or negotiating gives up after the
 ``timeout`` given to ``open_*`` (TimeoutError); the transmission phase has
@@ -136,6 +136,11 @@ class Stream:
     def in_flight(self) -> int:
         """Commands sent and not yet answered (0 or 1, seen from another thread)."""
         return len(self.tx.in_flight) if self.tx is not None else 0
+
+    def settle(self) -> None:
+        """Wait until the command in progress (another thread's) has its answer."""
+        with self._lock:
+            pass
 
     def hand_over(self) -> tuple[socket.socket, Transmission]:
         """Give the connection to a ``Pipeline``: from now on ``run`` refuses (EBUSY)."""
