@@ -17,6 +17,7 @@ from pynbd.client.sync import connect as sync_connect
 from pynbd.proto import wire
 from pynbd.proto.constants import FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, Opt, Rep
 from pynbd.proto.errors import RemoteProtocolError
+from pynbd.proto.server_transmission import ServerTransmission, Terms
 
 MiB = 1 << 20
 
@@ -271,8 +272,8 @@ def fake_server(script) -> tuple[str, threading.Thread]:
                                  + wire.option_reply(option, Rep.ACK))
                     break
                 conn.sendall(wire.option_reply(option, Rep.ERR_UNSUP))
-            request = wire.parse_request(_recv(conn, 28), False)
-            script(conn, request.cookie)
+            _, _, cookie, _, _ = ServerTransmission(Terms(MiB, 1)).parse_request(_recv(conn, 28))
+            script(conn, cookie)
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return f"nbd://127.0.0.1:{listener.getsockname()[1]}/", thread

@@ -8,6 +8,7 @@ from pynbd.proto import wire
 from pynbd.proto.client_transmission import Transmission
 from pynbd.proto.constants import Cmd, CmdFlag
 from pynbd.proto.errors import LocalProtocolError, RemoteProtocolError
+from pynbd.proto.server_transmission import ServerTransmission, Terms
 
 
 def feed(t: Transmission, data: bytes, step: int | None = None) -> list:
@@ -22,10 +23,15 @@ def feed(t: Transmission, data: bytes, step: int | None = None) -> list:
     return done
 
 
+def parsed(header: bytes, extended: bool) -> tuple[int, int, int, int, int]:
+    """The request as the server's core reads it: (flags, command, cookie, offset, length)."""
+    return ServerTransmission(Terms(1 << 30, 1, extended=extended)).parse_request(header)
+
+
 def read(t: Transmission, offset: int, count: int):
     buf = bytearray(count)
     cmd, header = t.request(Cmd.READ, offset, count, buf=memoryview(buf))
-    assert wire.parse_request(header, t.extended).cookie == cmd.cookie
+    assert parsed(header, t.extended)[2] == cmd.cookie
     return cmd, buf
 
 
@@ -97,7 +103,7 @@ def test_block_status_compact_and_extended():
 def test_extended_write_carries_payload_len():
     t = Transmission(structured=True, extended=True)
     _, header = t.request(Cmd.WRITE, 0, 5)
-    assert wire.parse_request(header, True).flags & CmdFlag.PAYLOAD_LEN
+    assert parsed(header, True)[0] & CmdFlag.PAYLOAD_LEN
 
 
 def _violation(stream_for):

@@ -52,16 +52,6 @@ BLOCK_DESCRIPTOR_EXT = struct.Struct(">QQ")
 NO_ZEROES_PAD = bytes(124)
 
 
-class Request(NamedTuple):
-    """One transmission-phase request header (the payload follows it)."""
-
-    flags: int
-    type: int
-    cookie: int
-    offset: int
-    length: int
-
-
 class ReplyHeader(NamedTuple):
     """A reply header as the client reads it.
 
@@ -213,20 +203,6 @@ def request(flags: int, cmd: int, cookie: int, offset: int, length: int,
         return EXTENDED_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags, cmd, cookie,
                                      offset, length)
     return REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-
-
-def parse_request(data: bytes | bytearray | memoryview, extended: bool) -> Request:
-    """Parse a request header of 28 (compact) or 32 (extended) bytes."""
-    if extended:
-        magic, flags, cmd, cookie, offset, length = EXTENDED_REQUEST.unpack(data)
-        expected = EXTENDED_REQUEST_MAGIC
-    else:
-        magic, flags, cmd, cookie, offset, length = REQUEST.unpack(data)
-        expected = REQUEST_MAGIC
-    if magic != expected:
-        raise RemoteProtocolError(
-            f"bad request magic {magic:#x}, expected {expected:#x}")
-    return Request(flags, cmd, cookie, offset, length)
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:
