@@ -12,10 +12,14 @@ demo: install
 test:
 	scripts/install-deps
 	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m mypy --strict src
+	$(PYTHON) scripts/unasync.py --check
 	$(PYTHON) -m pytest
 
 lint:
 	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m mypy --strict src
+	$(PYTHON) scripts/unasync.py --check
 
 bench:
 	scripts/install-deps
