@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from ..backend import (
     FLAG_FAST_ZERO,
     FLAG_FUA,
+    Connection,
     Extent,
     Filter,
     FilterConnection,
+    OpenContext,
     Param,
     io_error,
 )
@@ -82,18 +84,18 @@ def pieces(offset: int, count: int, limit: int) -> Iterator[tuple[int, int]]:
         offset += n
 
 
-class BlocksizeConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class BlocksizeConnection(FilterConnection["BlocksizeFilter"]):
+    def __init__(self, next: Connection, filter: BlocksizeFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
         below_min, _, below_max = next.block_size()
-        self.minblock: int = filter.minblock or below_min or 1
+        self.minblock = filter.minblock or below_min or 1
         if self.minblock & (self.minblock - 1) or self.minblock > MAX_MINBLOCK:
             raise io_error(errno.EINVAL, f"blocksize: the layer below needs blocks of {self.minblock}")
-        self.maxdata: int = filter.maxdata or min(DEFAULT_MAXDATA, below_max or DEFAULT_MAXDATA)
+        self.maxdata = filter.maxdata or min(DEFAULT_MAXDATA, below_max or DEFAULT_MAXDATA)
         self.maxdata -= self.maxdata % self.minblock
-        self.maxlen: int = filter.maxlen or PROTOCOL_MAXLEN - PROTOCOL_MAXLEN % self.minblock
+        self.maxlen = filter.maxlen or PROTOCOL_MAXLEN - PROTOCOL_MAXLEN % self.minblock
         self.size = next.get_size() // self.minblock * self.minblock
-        self.locks: RangeLock = filter.locks
+        self.locks = filter.locks
 
     def get_size(self) -> int:
         return self.size
@@ -186,7 +188,7 @@ class BlocksizeConnection(FilterConnection):
         for pos, n in pieces(offset, count, self.maxlen):
             op(n, pos, flags)
 
-    def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
+    def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
         start, end = self._blocks(count, offset)
         return self.next.extents(min(end - start, self.maxlen), start, flags)
 
@@ -199,14 +201,16 @@ class BlocksizeFilter(Filter):
         Param("maxdata", "size", "largest read or write passed down"),
         Param("maxlen", "size", "largest zero, trim, cache or extents request passed down"),
     )
+    minblock: int | None
+    maxdata: int | None
+    maxlen: int | None
     connection = BlocksizeConnection
 
     def config_complete(self) -> None:
         mb = self.minblock
         if mb is not None and (mb < 1 or mb & (mb - 1) or mb > MAX_MINBLOCK):
             raise ConfigError(f"blocksize: minblock={mb}: must be a power of 2 no larger than 64k")
-        for key in ("maxdata", "maxlen"):
-            value = getattr(self, key)
+        for key, value in (("maxdata", self.maxdata), ("maxlen", self.maxlen)):
             if value is not None and (value < (mb or 1) or value % (mb or 1)):
                 raise ConfigError(f"blocksize: {key}={value}: must be a multiple of minblock "
                                   f"({mb or 1})")

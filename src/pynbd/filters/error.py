@@ -30,14 +30,26 @@ import errno
 import logging
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..backend import ConfigError, Filter, FilterConnection, Param, io_error
+from ..backend import (
+    ConfigError,
+    Connection,
+    Extent,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    io_error,
+)
 
 log = logging.getLogger("pynbd.filters.error")
 
 OPS = ("pread", "pwrite", "trim", "zero", "extents", "cache")
-ERRNOS = ("EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "ESHUTDOWN", "EOVERFLOW", "ENOTSUP")
+ERRNOS = {"EPERM": errno.EPERM, "EIO": errno.EIO, "ENOMEM": errno.ENOMEM, "EINVAL": errno.EINVAL,
+          "ENOSPC": errno.ENOSPC, "ESHUTDOWN": errno.ESHUTDOWN, "EOVERFLOW": errno.EOVERFLOW,
+          "ENOTSUP": errno.ENOTSUP}
 
 
 def parse_rate(key: str, text: str) -> float:
@@ -76,32 +88,36 @@ class Injection:
             raise io_error(self.err, f"error: injecting {name} error into {self.op}")
 
 
-class ErrorConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class ErrorConnection(FilterConnection["ErrorFilter"]):
+    def __init__(self, next: Connection, filter: ErrorFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
         self.inject = filter.injections
 
-    def pread(self, buf, offset, flags):
+    def passes_through(self) -> frozenset[str]:
+        # A request that can never fail is the layer below's own.
+        return super().passes_through() | {op for op, how in self.inject.items() if how.rate <= 0.0}
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.inject["pread"].maybe_fail()
         self.next.pread(buf, offset, flags)
 
-    def pwrite(self, buf, offset, flags):
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.inject["pwrite"].maybe_fail()
         self.next.pwrite(buf, offset, flags)
 
-    def trim(self, count, offset, flags):
+    def trim(self, count: int, offset: int, flags: int) -> None:
         self.inject["trim"].maybe_fail()
         self.next.trim(count, offset, flags)
 
-    def zero(self, count, offset, flags):
+    def zero(self, count: int, offset: int, flags: int) -> None:
         self.inject["zero"].maybe_fail()
         self.next.zero(count, offset, flags)
 
-    def extents(self, count, offset, flags):
+    def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
         self.inject["extents"].maybe_fail()
         return self.next.extents(count, offset, flags)
 
-    def cache(self, count, offset, flags):
+    def cache(self, count: int, offset: int, flags: int) -> None:
         self.inject["cache"].maybe_fail()
         self.next.cache(count, offset, flags)
 
@@ -109,29 +125,67 @@ class ErrorConnection(FilterConnection):
 def _params() -> tuple[Param, ...]:
     out = []
     for prefix, what in [("error", "every request"), *((f"error-{op}", op) for op in OPS)]:
-        out += [Param(prefix, "str", f"errno injected into {what}", choices=ERRNOS),
+        out += [Param(prefix, "str", f"errno injected into {what}", choices=tuple(ERRNOS)),
                 Param(f"{prefix}-rate", "str", f"chance of an error in {what} (0..1 or N%)"),
                 Param(f"{prefix}-file", "path", f"inject into {what} only while this file exists")]
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """error, error-rate and error-file as given for all requests or one kind."""
+
+    name: str | None
+    rate: str | None
+    file: str | None
 
 
 class ErrorFilter(Filter):
     short_requests = True
     name = "error"
     params = _params()
+    error: str | None
+    error_rate: str | None
+    error_file: str | None
+    error_pread: str | None
+    error_pread_rate: str | None
+    error_pread_file: str | None
+    error_pwrite: str | None
+    error_pwrite_rate: str | None
+    error_pwrite_file: str | None
+    error_trim: str | None
+    error_trim_rate: str | None
+    error_trim_file: str | None
+    error_zero: str | None
+    error_zero_rate: str | None
+    error_zero_file: str | None
+    error_extents: str | None
+    error_extents_rate: str | None
+    error_extents_file: str | None
+    error_cache: str | None
+    error_cache_rate: str | None
+    error_cache_file: str | None
     connection = ErrorConnection
 
     def config_complete(self) -> None:
-        self.injections = {op: self._injection(op) for op in OPS}
+        every = Setting(self.error, self.error_rate, self.error_file)
+        specific = {
+            "pread": Setting(self.error_pread, self.error_pread_rate, self.error_pread_file),
+            "pwrite": Setting(self.error_pwrite, self.error_pwrite_rate, self.error_pwrite_file),
+            "trim": Setting(self.error_trim, self.error_trim_rate, self.error_trim_file),
+            "zero": Setting(self.error_zero, self.error_zero_rate, self.error_zero_file),
+            "extents": Setting(self.error_extents, self.error_extents_rate,
+                               self.error_extents_file),
+            "cache": Setting(self.error_cache, self.error_cache_rate, self.error_cache_file),
+        }
+        self.injections = {op: _injection(op, specific[op], every) for op in OPS}
 
-    def _setting(self, op: str, suffix: str):
-        specific = getattr(self, f"error_{op}{suffix}")
-        return specific if specific is not None else getattr(self, f"error{suffix}")
 
-    def _injection(self, op: str) -> Injection:
-        rate_text = self._setting(op, "_rate")
-        specific = getattr(self, f"error_{op}_rate") is not None
-        key = f"error-{op}-rate" if specific else "error-rate"
-        rate = 0.0 if rate_text is None else parse_rate(key, rate_text)
-        name = self._setting(op, "") or "EIO"
-        return Injection(op, getattr(errno, name), rate, self._setting(op, "_file"))
+def _injection(op: str, own: Setting, every: Setting) -> Injection:
+    """How ``op`` fails: its own settings, each falling back to the general one."""
+    key = f"error-{op}-rate" if own.rate is not None else "error-rate"
+    rate_text = own.rate if own.rate is not None else every.rate
+    rate = 0.0 if rate_text is None else parse_rate(key, rate_text)
+    name = (own.name if own.name is not None else every.name) or "EIO"
+    file = own.file if own.file is not None else every.file
+    return Injection(op, ERRNOS[name], rate, file)

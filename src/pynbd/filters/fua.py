@@ -30,12 +30,15 @@ from __future__ import annotations
 import errno
 
 from ..backend import (
+    DATA_METHODS,
     FLAG_FUA,
     FUA_EMULATE,
     FUA_NATIVE,
     FUA_NONE,
+    Connection,
     Filter,
     FilterConnection,
+    OpenContext,
     Param,
     io_error,
 )
@@ -43,18 +46,29 @@ from ..backend import (
 MODES = ("none", "emulate", "native", "force", "pass", "discard")
 
 
-class FuaConnection(FilterConnection):
-    """Rewrites the FUA flag of writes and decides what flush does."""
+class FuaConnection(FilterConnection["FuaFilter"]):
+    """Says what FUA and flush the client gets; rewrites FUA in force and discard modes.
 
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+    The other modes change no request. With ``none`` the boundary refuses
+    FUA (none is offered); with ``emulate`` it strips FUA and calls flush
+    after the write; with ``native`` FUA goes down as it came, and the layer
+    below's boundary emulates it there if that layer only can by flushing.
+    """
+
+    def __init__(self, next: Connection, filter: FuaFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
-        self.mode: str = filter.fuamode
-        below = next.can_fua()
+        self.mode = filter.fuamode
         if self.mode == "emulate" and not next.can_flush():
             raise io_error(errno.EINVAL, "fua: fuamode=emulate needs a plugin that can flush")
-        if self.mode in ("native", "force") and below == FUA_NONE:
+        if self.mode in ("native", "force") and next.can_fua() == FUA_NONE:
             raise io_error(errno.EINVAL, f"fua: fuamode={self.mode} needs a plugin with FUA support")
-        self.below_native = below == FUA_NATIVE
+        # force: every write with FUA; discard: none.
+        self.fua = FLAG_FUA if self.mode == "force" else 0
+
+    def passes_through(self) -> frozenset[str]:
+        if self.mode in ("force", "discard"):
+            return super().passes_through()
+        return DATA_METHODS
 
     def can_fua(self) -> int:
         return {"none": FUA_NONE, "emulate": FUA_EMULATE}.get(self.mode, FUA_NATIVE)
@@ -63,36 +77,24 @@ class FuaConnection(FilterConnection):
         return self.mode in ("force", "discard") or self.next.can_flush()
 
     def flush(self, flags: int) -> None:
-        if self.mode not in ("force", "discard"):
-            self.next.flush(flags)
+        """Nothing to do: with force every write was durable, with discard none need be."""
 
-    def _run(self, op, flags: int, *args) -> None:
-        """Call ``op(*args, flags)`` with FUA as the mode wants it, done durably."""
-        if self.mode == "force":
-            flags |= FLAG_FUA
-        elif self.mode in ("none", "discard"):
-            flags &= ~FLAG_FUA
-        if flags & FLAG_FUA and (self.mode == "emulate" or not self.below_native):
-            op(*args, flags & ~FLAG_FUA)
-            self.next.flush(0)
-        else:
-            op(*args, flags)
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.next.pwrite(buf, offset, flags & ~FLAG_FUA | self.fua)
 
-    def pwrite(self, buf, offset, flags):
-        self._run(self.next.pwrite, flags, buf, offset)
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self.next.zero(count, offset, flags & ~FLAG_FUA | self.fua)
 
-    def zero(self, count, offset, flags):
-        self._run(self.next.zero, flags, count, offset)
-
-    def trim(self, count, offset, flags):
-        self._run(self.next.trim, flags, count, offset)
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self.next.trim(count, offset, flags & ~FLAG_FUA | self.fua)
 
 
 class FuaFilter(Filter):
     short_requests = True
     name = "fua"
     params = (Param("fuamode", "str", "how FUA is handled", default="none", choices=MODES),)
+    fuamode: str
     connection = FuaConnection
 
-    def wrap(self, below, ctx):
+    def wrap(self, below: Connection, ctx: OpenContext) -> Connection:
         return below if self.fuamode == "pass" else self.connection(below, self, ctx)

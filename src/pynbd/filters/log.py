@@ -36,7 +36,7 @@ import itertools
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, TypeVar
 
 from ..backend import (
     FLAG_FAST_ZERO,
@@ -44,12 +44,17 @@ from ..backend import (
     FLAG_MAY_TRIM,
     FLAG_REQ_ONE,
     ConfigError,
+    Connection,
+    Export,
     Extent,
     Filter,
     FilterConnection,
+    OpenContext,
     Param,
     errno_of,
 )
+
+T = TypeVar("T")
 
 
 def shell_quote(text: str) -> str:
@@ -102,26 +107,27 @@ class LogWriter:
                 self._file = None
 
 
-class LogConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class LogConnection(FilterConnection["LogFilter"]):
+    def __init__(self, next: Connection, filter: LogFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
-        self.out: LogWriter = filter.writer
+        self.out = filter.writer
         self.prefix = f"connection={self.out.new_connection()}"
         self.ids = itertools.count(1)
         self.transactions = 0
-        minimum, preferred, maximum = self.next.block_size()
-        caps = self.next
+        minimum, preferred, maximum = next.block_size()
         self.out.write(
-            f"{self.prefix} Connect export={shell_quote(ctx.export_name if ctx else '')} "
-            f"tls={int(bool(ctx and ctx.tls))} size=0x{caps.get_size():x} minsize=0x{minimum:x} "
-            f"prefsize=0x{preferred:x} maxsize=0x{maximum:x} write={int(caps.can_write())} "
-            f"flush={int(caps.can_flush())} rotational={int(caps.is_rotational())} "
-            f"trim={int(caps.can_trim())} zero={2 if caps.can_zero() else 0} "
-            f"fua={int(caps.can_fua())} extents={int(caps.can_extents())} "
-            f"cache={int(caps.can_cache())} fast_zero={int(caps.can_fast_zero())}")
+            f"{self.prefix} Connect export={shell_quote(ctx.export_name)} "
+            f"tls={int(ctx.tls)} size=0x{next.get_size():x} minsize=0x{minimum:x} "
+            f"prefsize=0x{preferred:x} maxsize=0x{maximum:x} write={int(next.can_write())} "
+            f"flush={int(next.can_flush())} rotational={int(next.is_rotational())} "
+            f"trim={int(next.can_trim())} zero={2 if next.can_zero() else 0} "
+            f"fua={int(next.can_fua())} extents={int(next.can_extents())} "
+            f"cache={int(next.can_cache())} fast_zero={int(next.can_fast_zero())}")
 
-    def _call(self, action: str, fields: str, fn: Callable[[], Any],
-              result: Callable[[Any], str] = lambda _: "") -> Any:
+    def _call(self, action: str, fields: str, fn: Callable[[], T],
+              result: Callable[[T], str] | None = None) -> T:
+        """Log the start of a request, run ``fn``, log how it ended (``result`` describes
+        what it returned)."""
         request = next(self.ids)
         self.transactions += 1
         self.out.write(f"{self.prefix} {action} id={request} {fields}...")
@@ -131,40 +137,41 @@ class LogConnection(FilterConnection):
             name = errno.errorcode.get(errno_of(exc), "EIO")
             self.out.write(f"{self.prefix} ...{action} id={request} return=-1 error={name}")
             raise
-        self.out.write(f"{self.prefix} ...{action} id={request} {result(value)}return=0")
+        described = "" if result is None else result(value)
+        self.out.write(f"{self.prefix} ...{action} id={request} {described}return=0")
         return value
 
-    def pread(self, buf, offset, flags):
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self._call("Read", f"offset=0x{offset:x} count=0x{len(buf):x} ",
                    lambda: self.next.pread(buf, offset, flags))
 
-    def pwrite(self, buf, offset, flags):
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self._call("Write", f"offset=0x{offset:x} count=0x{len(buf):x} fua={_bit(flags, FLAG_FUA)} ",
                    lambda: self.next.pwrite(buf, offset, flags))
 
-    def zero(self, count, offset, flags):
+    def zero(self, count: int, offset: int, flags: int) -> None:
         self._call("Zero", f"offset=0x{offset:x} count=0x{count:x} trim={_bit(flags, FLAG_MAY_TRIM)} "
                            f"fua={_bit(flags, FLAG_FUA)} fast={_bit(flags, FLAG_FAST_ZERO)} ",
                    lambda: self.next.zero(count, offset, flags))
 
-    def trim(self, count, offset, flags):
+    def trim(self, count: int, offset: int, flags: int) -> None:
         self._call("Trim", f"offset=0x{offset:x} count=0x{count:x} fua={_bit(flags, FLAG_FUA)} ",
                    lambda: self.next.trim(count, offset, flags))
 
-    def cache(self, count, offset, flags):
+    def cache(self, count: int, offset: int, flags: int) -> None:
         self._call("Cache", f"offset=0x{offset:x} count=0x{count:x} ",
                    lambda: self.next.cache(count, offset, flags))
 
-    def flush(self, flags):
+    def flush(self, flags: int) -> None:
         self._call("Flush", "", lambda: self.next.flush(flags))
 
-    def extents(self, count, offset, flags):
+    def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
         return self._call(
             "Extents", f"offset=0x{offset:x} count=0x{count:x} req_one={_bit(flags, FLAG_REQ_ONE)} ",
             lambda: list(self.next.extents(count, offset, flags)),
             lambda found: f"extents=({' '.join(describe_extent(e) for e in found)}) ")
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.out.write(f"{self.prefix} Disconnect transactions={self.transactions}")
         finally:
@@ -182,6 +189,8 @@ class LogFilter(Filter):
         Param("logfile", "path", "the file the log is written to", required=True),
         Param("logappend", "bool", "append to the file instead of truncating it", default=False),
     )
+    logfile: str
+    logappend: bool
     connection = LogConnection
 
     def config_complete(self) -> None:
@@ -198,7 +207,8 @@ class LogFilter(Filter):
     def after_fork(self) -> None:
         self.writer.write("Fork")
 
-    def list_exports(self, next_list, ctx):
+    def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
+                     ctx: OpenContext) -> list[Export]:
         request = next(self.list_ids)
         self.writer.write(f"ListExports id={request} readonly={int(ctx.readonly)} tls={int(ctx.tls)} ...")
         try:
