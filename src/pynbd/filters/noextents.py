@@ -11,15 +11,15 @@ paths. Everything else passes straight through.
 
 from __future__ import annotations
 
-from ..backend import Extent, Filter, FilterConnection
+from ..backend import Filter, FilterConnection
 
 
-class NoExtentsConnection(FilterConnection):
+class NoExtentsConnection(FilterConnection["NoExtentsFilter"]):
+    """Says it has no extents: the boundary then answers block-status requests
+    with one data extent and never asks the layer below."""
+
     def can_extents(self) -> bool:
         return False
-
-    def extents(self, count: int, offset: int, flags: int) -> tuple[Extent, ...]:
-        return (Extent(offset, count),)
 
 
 class NoExtentsFilter(Filter):

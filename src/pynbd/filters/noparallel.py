@@ -18,7 +18,7 @@ cannot cope with replies out of order.
 
 from __future__ import annotations
 
-from ..backend import Filter, FilterConnection, Param, ThreadModel
+from ..backend import Connection, Filter, FilterConnection, OpenContext, Param, ThreadModel
 
 MODELS = {
     "requests": ThreadModel.SERIALIZE_REQUESTS,
@@ -27,7 +27,7 @@ MODELS = {
 }
 
 
-class SingleClientConnection(FilterConnection):
+class SingleClientConnection(FilterConnection["NoParallelFilter"]):
     def can_multi_conn(self) -> bool:
         return False
 
@@ -37,10 +37,11 @@ class NoParallelFilter(Filter):
     name = "noparallel"
     params = (Param("serialize", "str", "what is serialized", default="requests",
                     choices=tuple(MODELS)),)
+    serialize: str
     connection = SingleClientConnection
 
     def get_thread_model(self) -> ThreadModel:
         return MODELS[self.serialize]
 
-    def wrap(self, below, ctx):
+    def wrap(self, below: Connection, ctx: OpenContext) -> Connection:
         return self.connection(below, self, ctx) if self.serialize == "connections" else below

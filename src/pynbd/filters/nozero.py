@@ -34,16 +34,17 @@ from ..backend import (
     Connection,
     Filter,
     FilterConnection,
+    OpenContext,
     Param,
     io_error,
 )
 
 
-class NoZeroConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class NoZeroConnection(FilterConnection["NoZeroFilter"]):
+    def __init__(self, next: Connection, filter: NoZeroFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
-        self.mode: str = filter.zeromode
-        self.fast: str = filter.fastzeromode
+        self.mode = filter.zeromode
+        self.fast = filter.fastzeromode
         if self.mode in ("notrim", "plugin") and not next.can_zero():
             raise io_error(errno.EINVAL, f"nozero: zeromode={self.mode} needs a plugin that can zero")
 
@@ -57,13 +58,14 @@ class NoZeroConnection(FilterConnection):
             return self.next.can_fast_zero()
         return True
 
-    def zero(self, count, offset, flags):
+    def zero(self, count: int, offset: int, flags: int) -> None:
         if flags & FLAG_FAST_ZERO:
             if self.fast == "slow" or self.mode == "emulate":
                 raise io_error(errno.ENOTSUP, "nozero: fast zero is not supported")
             if self.fast == "ignore":
                 flags &= ~FLAG_FAST_ZERO
         if self.mode == "emulate":
+            # Connection's own zero: zero buffers written with self.pwrite (to the layer below)
             Connection.zero(self, count, offset, flags & ~(FLAG_MAY_TRIM | FLAG_FAST_ZERO))
         elif self.mode == "notrim":
             self.next.zero(count, offset, flags & ~FLAG_MAY_TRIM)
@@ -80,4 +82,6 @@ class NoZeroFilter(Filter):
         Param("fastzeromode", "str", "how fast zero requests are handled", default="default",
               choices=("default", "none", "slow", "ignore")),
     )
+    zeromode: str
+    fastzeromode: str
     connection = NoZeroConnection

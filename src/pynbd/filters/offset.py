@@ -14,20 +14,41 @@ client connects.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
-from ..backend import DATA_METHODS, Extent, Filter, FilterConnection, Param, io_error
+from ..backend import (
+    DATA_METHODS,
+    Buffer,
+    Connection,
+    Extent,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    io_error,
+)
+
+FilterT = TypeVar("FilterT", bound=Filter)
 
 
-class OffsetConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class SliceConnection(FilterConnection[FilterT]):
+    """A window of the layer below, ``size`` bytes from ``start``, served from 0.
+
+    The offset filter takes the window from its parameters, the partition
+    filter from the partition table.
+    """
+
+    def __init__(self, next: Connection, filter: FilterT, ctx: OpenContext,  # noqa: A002
+                 start: int, size: int | None) -> None:
         super().__init__(next, filter, ctx)
-        self.offset = filter.offset
         below = next.get_size()
-        size = below - self.offset if filter.range is None else filter.range
-        if self.offset > below or self.offset + size > below:
-            raise io_error(errno.EINVAL, f"offset: offset+range ({self.offset}+{size}) is "
+        if size is None:
+            size = below - start
+        if start > below or start + size > below:
+            raise io_error(errno.EINVAL, f"{filter.name}: offset+range ({start}+{size}) is "
                                          f"beyond the end of the underlying disk ({below})")
+        self.offset = start
         self.size = size
 
     def passes_through(self) -> frozenset[str]:
@@ -41,7 +62,7 @@ class OffsetConnection(FilterConnection):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pread(buf, offset + self.offset, flags)
 
-    def pread_buffers(self, count: int, offset: int, flags: int):
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
         return self.next.pread_buffers(count, offset + self.offset, flags)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
@@ -62,6 +83,11 @@ class OffsetConnection(FilterConnection):
             yield Extent(ext.offset - shift, ext.length, ext.hole, ext.zero)
 
 
+class OffsetConnection(SliceConnection["OffsetFilter"]):
+    def __init__(self, next: Connection, filter: OffsetFilter, ctx: OpenContext) -> None:  # noqa: A002
+        super().__init__(next, filter, ctx, filter.offset, filter.range)
+
+
 class OffsetFilter(Filter):
     name = "offset"
     short_requests = True
@@ -69,4 +95,6 @@ class OffsetFilter(Filter):
         Param("offset", "size", "start of the slice", default=0),
         Param("range", "size", "length of the slice (default: to the end)"),
     )
+    offset: int
+    range: int | None
     connection = OffsetConnection

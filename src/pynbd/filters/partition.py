@@ -27,17 +27,17 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..backend import ConfigError, Filter, Param, io_error
+from ..backend import ConfigError, Connection, Filter, OpenContext, Param, io_error
 from ..formats.partition_table import PartitionError, find_partition
-from .offset import OffsetConnection
+from .offset import SliceConnection
 
 log = logging.getLogger("pynbd.filters.partition")
 
 
-class PartitionConnection(OffsetConnection):
-    """An offset/range slice whose bounds come from the partition table."""
+class PartitionConnection(SliceConnection["PartitionFilter"]):
+    """The slice of the disk below that the partition table gives."""
 
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: PartitionFilter, ctx: OpenContext) -> None:  # noqa: A002
         size = next.get_size()
 
         def read(offset: int, count: int) -> bytes:
@@ -50,22 +50,14 @@ class PartitionConnection(OffsetConnection):
         except PartitionError as exc:
             log.error("partition: %s", exc)
             raise io_error(errno.ENOENT, f"partition: {exc}") from None
-        super().__init__(next, _Slice(part.start, part.length), ctx)
-        self.filter = filter
-
-
-class _Slice:
-    """What OffsetConnection reads from its filter: where the slice is."""
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.range = length
+        super().__init__(next, filter, ctx, part.start, part.length)
 
 
 class PartitionFilter(Filter):
     short_requests = True
     name = "partition"
     params = (Param("partition", "int", "partition number, counting from 1", required=True),)
+    partition: int
     connection = PartitionConnection
 
     def config_complete(self) -> None:

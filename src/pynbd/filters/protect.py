@@ -26,7 +26,16 @@ import bisect
 import errno
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Filter, FilterConnection, Param, io_error, is_zero
+from ..backend import (
+    ConfigError,
+    Connection,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    io_error,
+    is_zero,
+)
 from ..backend.params import MAX_SIZE
 
 _CHECK_CHUNK = 4 * 1024 * 1024
@@ -76,10 +85,10 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-class ProtectConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class ProtectConnection(FilterConnection["ProtectFilter"]):
+    def __init__(self, next: Connection, filter: ProtectFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
-        self.ranges: list[tuple[int, int]] = filter.ranges
+        self.ranges = filter.ranges
         self.starts = [start for start, _ in self.ranges]
 
     def _protected(self, count: int, offset: int) -> Iterator[tuple[int, int, tuple[int, int]]]:
@@ -107,15 +116,15 @@ class ProtectConnection(FilterConnection):
                     raise io_error(errno.EPERM, f"protect filter prevented write to protected "
                                                 f"range {start}-{last}")
 
-    def pwrite(self, buf, offset, flags):
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self._check(len(buf), offset, buf)
         self.next.pwrite(buf, offset, flags)
 
-    def zero(self, count, offset, flags):
+    def zero(self, count: int, offset: int, flags: int) -> None:
         self._check(count, offset, None)
         self.next.zero(count, offset, flags)
 
-    def trim(self, count, offset, flags):
+    def trim(self, count: int, offset: int, flags: int) -> None:
         self._check(count, offset, None)
         self.next.trim(count, offset, flags)
 
@@ -125,10 +134,11 @@ class ProtectFilter(Filter):
     name = "protect"
     params = (Param("protect", "str", "START-END or ~START-END: bytes that cannot change",
                     repeat=True),)
+    protect: list[str]
     connection = ProtectConnection
 
     def config_complete(self) -> None:
         self.ranges = merge_ranges([r for text in self.protect for r in parse_range(text)])
 
-    def wrap(self, below, ctx):
+    def wrap(self, below: Connection, ctx: OpenContext) -> Connection:
         return self.connection(below, self, ctx) if self.ranges else below

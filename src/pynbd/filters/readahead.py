@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 
-from ..backend import CACHE_NONE, Filter, FilterConnection
+from ..backend import CACHE_NONE, Connection, Filter, FilterConnection, OpenContext
 
 log = logging.getLogger("pynbd.filters.readahead")
 
@@ -32,8 +32,8 @@ MAX_WINDOW = 32 * 1024 * 1024
 _STOP = None
 
 
-class ReadaheadConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class ReadaheadConnection(FilterConnection["ReadaheadFilter"]):
+    def __init__(self, next: Connection, filter: ReadaheadFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
         self.size = next.get_size()
         self.window = 0
@@ -44,7 +44,7 @@ class ReadaheadConnection(FilterConnection):
         self.worker = threading.Thread(target=self._prefetch_loop, name="readahead", daemon=True)
         self.worker.start()
 
-    def pread(self, buf, offset, flags):
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pread(buf, offset, flags)
         wanted = self._plan(offset, len(buf))
         if wanted is not None:
@@ -84,7 +84,7 @@ class ReadaheadFilter(Filter):
     connection = ReadaheadConnection
     _warned = False
 
-    def wrap(self, below, ctx):
+    def wrap(self, below: Connection, ctx: OpenContext) -> Connection:
         if below.can_cache() == CACHE_NONE:
             if not self._warned:
                 log.warning("readahead: the layers below cannot cache; the filter does nothing")

@@ -32,59 +32,76 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
-from ..backend import ConfigError, Connection, Filter, FilterConnection, OpenContext, Param, io_error
+from ..backend import (
+    ConfigError,
+    Connection,
+    Extent,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    io_error,
+)
 
 log = logging.getLogger("pynbd.filters.retry")
 
-_WRITES = frozenset({"pwrite", "zero", "trim"})
-_CAPABILITIES = ("get_size", "can_write", "can_flush", "can_trim", "can_zero", "can_fast_zero",
-                 "can_fua", "can_multi_conn", "can_cache", "can_extents", "is_rotational",
-                 "block_size")
+T = TypeVar("T")
 
 
-class RetryConnection(FilterConnection):
-    def __init__(self, next, filter, ctx, reopen: Callable[[OpenContext], Connection]) -> None:  # noqa: A002
+class RetryConnection(FilterConnection["RetryFilter"]):
+    """Requests go to ``current``, the connection below as last (re)opened.
+
+    ``next`` stays the connection opened with the client: the boundary asks
+    it the size and capabilities once, and the client keeps those answers
+    across reopens. Every request is overridden, so none is bound to it.
+    """
+
+    def __init__(self, next: Connection, filter: RetryFilter, ctx: OpenContext,  # noqa: A002
+                 reopen: Callable[[OpenContext], Connection]) -> None:
         super().__init__(next, filter, ctx)
         self.current: Connection | None = next
         self.reopen = reopen
         self.generation = 0
         self.readonly = False
         self._lock = threading.Lock()
-        # What the client was told stays true: ask the first connection once.
-        self.answers: dict[str, Any] = {name: getattr(next, name)() for name in _CAPABILITIES}
 
-    def pread(self, buf, offset, flags):
-        self._do("pread", buf, offset, flags)
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._retry("pread", lambda conn: conn.pread(buf, offset, flags))
 
-    def pwrite(self, buf, offset, flags):
-        self._do("pwrite", buf, offset, flags)
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._retry("pwrite", lambda conn: conn.pwrite(buf, offset, flags), writes=True)
 
-    def zero(self, count, offset, flags):
-        self._do("zero", count, offset, flags)
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self._retry("zero", lambda conn: conn.zero(count, offset, flags), writes=True)
 
-    def trim(self, count, offset, flags):
-        self._do("trim", count, offset, flags)
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self._retry("trim", lambda conn: conn.trim(count, offset, flags), writes=True)
 
-    def flush(self, flags):
-        self._do("flush", flags)
+    def flush(self, flags: int) -> None:
+        self._retry("flush", lambda conn: conn.flush(flags))
 
-    def cache(self, count, offset, flags):
-        self._do("cache", count, offset, flags)
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        self._retry("cache", lambda conn: conn.cache(count, offset, flags))
 
-    def extents(self, count, offset, flags):
-        return self._do("extents", count, offset, flags)
+    def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
+        return self._retry("extents", lambda conn: list(conn.extents(count, offset, flags)))
 
-    def _do(self, name: str, *args: Any) -> Any:
-        """Run one request, reopening and retrying on failure."""
+    def _retry(self, name: str, request: Callable[[Connection], T], writes: bool = False) -> T:
+        """Run ``request`` on the current connection, reopening and retrying on failure."""
         settings = self.filter
         delay = settings.retry_delay
         attempt = 0
         while True:
             generation = self.generation
             try:
-                return self._call(name, args)
+                if writes and self.readonly:
+                    raise io_error(errno.EROFS, "retry: the plugin was reopened read-only")
+                conn = self.current
+                if conn is None:
+                    raise io_error(errno.EIO, "retry: the plugin could not be reopened")
+                return request(conn)
             except Exception as exc:  # noqa: BLE001 (any failure is worth a retry)
                 if attempt >= settings.retries:
                     raise
@@ -95,15 +112,6 @@ class RetryConnection(FilterConnection):
             if settings.retry_exponential:
                 delay *= 2
             self._reopen(generation)
-
-    def _call(self, name: str, args: tuple) -> Any:
-        if self.readonly and name in _WRITES:
-            raise io_error(errno.EROFS, "retry: the plugin was reopened read-only")
-        conn = self.current
-        if conn is None:
-            raise io_error(errno.EIO, "retry: the plugin could not be reopened")
-        result = getattr(conn, name)(*args)
-        return list(result) if name == "extents" else result
 
     def _reopen(self, generation: int) -> None:
         """Close and reopen the layers below, unless another request just did."""
@@ -133,18 +141,6 @@ class RetryConnection(FilterConnection):
             conn.close()
 
 
-def _remembered(name: str) -> Callable[[RetryConnection], Any]:
-    def method(self: RetryConnection) -> Any:
-        return self.answers[name]
-    method.__name__ = name
-    method.__doc__ = f"{name} as the layer below answered it when the client connected."
-    return method
-
-
-for _name in _CAPABILITIES:
-    setattr(RetryConnection, _name, _remembered(_name))
-
-
 class RetryFilter(Filter):
     name = "retry"
     params = (
@@ -153,12 +149,16 @@ class RetryFilter(Filter):
         Param("retry-exponential", "bool", "double the delay after each retry", default=True),
         Param("retry-readonly", "bool", "reopen read-only after a failure", default=False),
     )
+    retries: int
+    retry_delay: float
+    retry_exponential: bool
+    retry_readonly: bool
 
     def config_complete(self) -> None:
         if self.retries < 0:
             raise ConfigError(f"retry: retries={self.retries}: must be 0 or more")
 
-    def open(self, next_open, ctx):
+    def open(self, next_open: Callable[[OpenContext], Connection], ctx: OpenContext) -> Connection:
         below = next_open(ctx)
         try:
             return RetryConnection(below, self, ctx, next_open)

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from typing import IO
 
-from ..backend import ConfigError, Filter, FilterConnection, Param
+from ..backend import ConfigError, Connection, Extent, Filter, FilterConnection, OpenContext, Param
 
 OPERATIONS = ("read", "write", "trim", "zero", "extents", "cache", "flush")
 _DATA_OPS = ("read", "write", "trim", "zero")
@@ -148,39 +148,68 @@ class StatsTable:
         return "\n".join(lines).rstrip("\n") + "\n"
 
 
-class StatsConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
-        super().__init__(next, filter, ctx)
-        self.table: StatsTable = filter.table
+class StatsConnection(FilterConnection["StatsFilter"]):
+    """Times each request into the server's table (one OpStats per operation)."""
 
-    def _timed(self, name: str, count: int, offset: int, fn, *args):
+    def __init__(self, next: Connection, filter: StatsFilter, ctx: OpenContext) -> None:  # noqa: A002
+        super().__init__(next, filter, ctx)
+        ops = filter.table.ops
+        self.reads = ops["read"]
+        self.writes = ops["write"]
+        self.trims = ops["trim"]
+        self.zeroes = ops["zero"]
+        self.caches = ops["cache"]
+        self.flushes = ops["flush"]
+        self.extent_calls = ops["extents"]
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         start = time.perf_counter()
         try:
-            return fn(*args)
+            self.next.pread(buf, offset, flags)
         finally:
-            self.table.ops[name].record(count, offset, time.perf_counter() - start)
+            self.reads.record(len(buf), offset, time.perf_counter() - start)
 
-    def pread(self, buf, offset, flags):
-        self._timed("read", len(buf), offset, self.next.pread, buf, offset, flags)
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        start = time.perf_counter()
+        try:
+            self.next.pwrite(buf, offset, flags)
+        finally:
+            self.writes.record(len(buf), offset, time.perf_counter() - start)
 
-    def pwrite(self, buf, offset, flags):
-        self._timed("write", len(buf), offset, self.next.pwrite, buf, offset, flags)
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        start = time.perf_counter()
+        try:
+            self.next.trim(count, offset, flags)
+        finally:
+            self.trims.record(count, offset, time.perf_counter() - start)
 
-    def trim(self, count, offset, flags):
-        self._timed("trim", count, offset, self.next.trim, count, offset, flags)
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        start = time.perf_counter()
+        try:
+            self.next.zero(count, offset, flags)
+        finally:
+            self.zeroes.record(count, offset, time.perf_counter() - start)
 
-    def zero(self, count, offset, flags):
-        self._timed("zero", count, offset, self.next.zero, count, offset, flags)
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        start = time.perf_counter()
+        try:
+            self.next.cache(count, offset, flags)
+        finally:
+            self.caches.record(count, offset, time.perf_counter() - start)
 
-    def cache(self, count, offset, flags):
-        self._timed("cache", count, offset, self.next.cache, count, offset, flags)
+    def flush(self, flags: int) -> None:
+        start = time.perf_counter()
+        try:
+            self.next.flush(flags)
+        finally:
+            self.flushes.record(0, 0, time.perf_counter() - start)
 
-    def flush(self, flags):
-        self._timed("flush", 0, 0, self.next.flush, flags)
-
-    def extents(self, count, offset, flags):
-        return self._timed("extents", count, offset,
-                           lambda: list(self.next.extents(count, offset, flags)))
+    def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
+        start = time.perf_counter()
+        try:
+            return list(self.next.extents(count, offset, flags))
+        finally:
+            self.extent_calls.record(count, offset, time.perf_counter() - start)
 
 
 class StatsFilter(Filter):
@@ -191,6 +220,9 @@ class StatsFilter(Filter):
         Param("statsappend", "bool", "append to the file instead of replacing it", default=False),
         Param("statsthreshold", "int", "percent of requests the histogram covers", default=95),
     )
+    statsfile: str
+    statsappend: bool
+    statsthreshold: int
     connection = StatsConnection
 
     def config_complete(self) -> None:

@@ -20,12 +20,23 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Extent, Filter, FilterConnection, Param, fill_zero, io_error, is_zero
+from ..backend import (
+    ConfigError,
+    Connection,
+    Extent,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    fill_zero,
+    io_error,
+    is_zero,
+)
 from ..backend.params import MAX_SIZE
 
 
-class TruncateConnection(FilterConnection):
-    def __init__(self, next, filter, ctx) -> None:  # noqa: A002
+class TruncateConnection(FilterConnection["TruncateFilter"]):
+    def __init__(self, next: Connection, filter: TruncateFilter, ctx: OpenContext) -> None:  # noqa: A002
         super().__init__(next, filter, ctx)
         self.real_size = next.get_size()
         self.size = filter.size_for(self.real_size)
@@ -71,10 +82,8 @@ class TruncateConnection(FilterConnection):
 
     def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
         n = self._inside(count, offset)
-        if n and self.next.can_extents():
+        if n:  # (one data extent if the layer below cannot say: its boundary answers)
             yield from self.next.extents(n, offset, flags)
-        elif n:
-            yield Extent(offset, n)
         if n < count:
             start = max(offset, self.real_size)
             yield Extent(start, offset + count - start, hole=True, zero=True)
@@ -88,13 +97,15 @@ class TruncateFilter(Filter):
         Param("round-up", "size", "round the size up to a multiple of N"),
         Param("round-down", "size", "round the size down to a multiple of N"),
     )
+    truncate: int | None
+    round_up: int | None
+    round_down: int | None
     connection = TruncateConnection
 
     def config_complete(self) -> None:
-        for key in ("round_up", "round_down"):
-            value = getattr(self, key)
+        for key, value in (("round-up", self.round_up), ("round-down", self.round_down)):
             if value is not None and (value < 1 or value & (value - 1)):
-                raise ConfigError(f"truncate: {key.replace('_', '-')}={value}: must be a power of 2")
+                raise ConfigError(f"truncate: {key}={value}: must be a power of 2")
 
     def size_for(self, real_size: int) -> int:
         """The size served over a disk of ``real_size`` bytes."""
