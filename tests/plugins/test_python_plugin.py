@@ -159,3 +159,58 @@ def test_nbdkit_module_functions(tmp_path):
         log = srv.stderr()
     assert text.strip() == "['named', False, 2048, True, 2, 2, 2, 3]"
     assert "debug works" in log
+
+
+COUNTER = '''
+import builtins
+import itertools
+API_VERSION = 2
+LOG = {log!r}
+opens = itertools.count(1)
+
+def note(method, h):
+    with builtins.open(LOG, "a") as f:  # (open is the plugin's callback here)
+        f.write(f"{{method}} {{h}}\\n")
+
+def open(readonly):
+    return f"conn{{next(opens)}}"
+
+def get_size(h): note("get_size", h); return 1 << 20
+def block_size(h): note("block_size", h); return (1, 4096, 1 << 20)
+def can_write(h): note("can_write", h); return True
+def can_flush(h): note("can_flush", h); return True
+def can_trim(h): note("can_trim", h); return True
+def can_zero(h): note("can_zero", h); return True
+def can_extents(h): note("can_extents", h); return True
+def can_multi_conn(h): note("can_multi_conn", h); return False
+def is_rotational(h): note("is_rotational", h); return False
+def pread(h, buf, offset, flags): buf[:] = bytes(len(buf))
+def pwrite(h, buf, offset, flags): note("pwrite", h)
+def zero(h, count, offset, flags): pass
+def trim(h, count, offset, flags): pass
+def flush(h, flags): pass
+def extents(h, count, offset, flags): return [(offset, count, 3)]
+def close(h): note("close", h)
+'''
+
+
+def test_each_question_calls_the_plugin_once_per_connection(tmp_path):
+    # The filters and the server ask the layer below again and again; the
+    # layer boundary asks the plugin once per connection.
+    log = tmp_path / "calls"
+    plugin = tmp_path / "counter.py"
+    plugin.write_text(COUNTER.format(log=str(log)))
+    io = ("h.pread(4096, 0); h.pwrite(b'x' * 4096, 8192, nbd.CMD_FLAG_FUA); h.zero(4096, 0); "
+          "h.trim(4096, 4096); h.flush(); "
+          "h.block_status(65536, 0, lambda *a: 0); print(h.get_size())")
+    with served("--filter=offset", "--filter=truncate", "--filter=blocksize", "--filter=log",
+                str(plugin), f"logfile={tmp_path / 'log'}") as srv:
+        for _ in range(2):
+            code = f"h.add_meta_context('base:allocation'); h.connect_uri('{srv.uri}'); {io}"
+            assert run(["nbdsh", "-c", code]).stdout.decode().split() == [str(1 << 20)]
+    calls = log.read_text().splitlines()
+    for handle in ("conn1", "conn2"):
+        for method in ("get_size", "block_size", "can_write", "can_flush", "can_trim", "can_zero",
+                       "can_extents", "can_multi_conn", "is_rotational"):
+            assert calls.count(f"{method} {handle}") == 1, (method, handle, calls)
+        assert f"pwrite {handle}" in calls and f"close {handle}" in calls

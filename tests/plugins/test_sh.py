@@ -165,3 +165,47 @@ def test_missing_get_size_fails_the_client_not_the_server(tmp_path):
         assert run(["nbdinfo", srv.uri], check=False).returncode != 0
         assert run(["nbdinfo", srv.uri], check=False).returncode != 0
         assert srv.proc.poll() is None
+
+
+COUNTER = r"""#!/bin/sh
+# One line per call ("METHOD HANDLE"); each open gets its own handle.
+echo "$1 $2" >> "$RECORD"
+case "$1" in
+  open) n=$(( $(cat "$tmpdir/opens" 2>/dev/null || echo 0) + 1 ))
+        echo "$n" > "$tmpdir/opens"; echo "conn$n" ;;
+  get_size) echo 1M ;;
+  can_write|can_flush|can_trim|can_zero|can_extents) exit 0 ;;
+  pread) head -c "$3" /dev/zero ;;
+  pwrite) cat > /dev/null ;;
+  zero|trim|flush) ;;
+  extents) echo "$4 $3 hole,zero" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def test_each_question_runs_the_script_once_per_connection(tmp_path):
+    # The filters and the server ask the layer below its size and what it can
+    # do again and again; the layer boundary asks the script once per connection.
+    script = tmp_path / "counter.sh"
+    script.write_text(COUNTER)
+    script.chmod(0o755)
+    record = tmp_path / "calls"
+    io = ("h.pread(4096, 0); h.pwrite(b'x' * 4096, 8192, nbd.CMD_FLAG_FUA); h.zero(4096, 0); "
+          "h.trim(4096, 4096); h.flush(); h.block_status(65536, 0, lambda *a: 0); "
+          "print(h.get_size(), h.can_zero(), h.can_fua())")
+    with served("--filter=offset", "--filter=truncate", "--filter=blocksize", "--filter=log",
+                "sh", str(script), f"logfile={tmp_path / 'log'}",
+                env={**os.environ, "RECORD": str(record)}) as srv:
+        for _ in range(2):
+            code = f"h.add_meta_context('base:allocation'); h.connect_uri('{srv.uri}'); {io}"
+            out = run(["nbdsh", "-c", code]).stdout.decode()
+            assert out.split() == [str(1 << 20), "True", "True"]
+    calls = record.read_text().splitlines()
+    assert calls.count("open false") == 2
+    for handle in ("conn1", "conn2"):
+        for method in ("get_size", "block_size", "can_write", "can_flush", "can_trim", "can_zero",
+                       "can_fast_zero", "can_fua", "can_multi_conn", "can_cache", "can_extents",
+                       "is_rotational"):
+            assert calls.count(f"{method} {handle}") == 1, (method, handle, calls)
+        assert f"pwrite {handle}" in calls and f"close {handle}" in calls

@@ -136,7 +136,7 @@ _FALLBACK = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP})
 _NOT_DONE = object()  # zero() asked to be emulated with pwrite
 
 
-def _line_of(fn: Callable[..., Any]) -> str:
+def _line_of(fn: object) -> str:
     code = getattr(fn, "__code__", None)
     return str(code.co_firstlineno) if code is not None else "?"
 
@@ -178,7 +178,7 @@ class Script:
                               f"(use 1 or 2)")
         return int(value)
 
-    def _checked(self, name: str, fn: Any, shape: tuple[str, ...]) -> Callable[..., Any]:
+    def _checked(self, name: str, fn: object, shape: tuple[str, ...]) -> Callable[..., Any]:
         where = f"{self.path}:{_line_of(fn)}"
         if not callable(fn):
             raise ConfigError(f"{where}: {name} must be a function, not {type(fn).__name__}")
@@ -237,7 +237,7 @@ class Script:
             raise ConfigError(f"{self.path}:{line}: {name}: {type(exc).__name__}: {exc}") from None
 
 
-def _integer(name: str, value: Any) -> int:
+def _integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise io_error(errno.EIO, f"{name} returned {value!r}, not an integer")
     return value
@@ -251,25 +251,25 @@ class ScriptConnection(Connection):
         self.h = handle
         self.ctx = ctx
         self.v1 = script.api_version == 1
-        self._memo: dict[str, Any] = {}
+        # The plugin's can_zero answer, kept because can_fast_zero falls back
+        # on it and every zero request needs it (nbdkit's backend keeps it too).
+        self._can_zero: bool | None = None
 
     def _call(self, name: str, *args: Any) -> Any:
         return self.script.call(name, self.ctx, self.h, *args)
 
-    def _once(self, name: str, compute: Callable[[], Any]) -> Any:
-        """can_* answers are asked once per connection, as nbdkit does."""
-        if name not in self._memo:
-            self._memo[name] = compute()
-        return self._memo[name]
-
     def _bool(self, can: str, plain: str | None = None) -> bool:
+        """The plugin's ``can`` callback, or whether it defines ``plain`` when it has none.
+
+        The layer boundary asks each can_* once per connection, as nbdkit does.
+        """
         if self.script.has(can):
-            return self._once(can, lambda: bool(self._call(can)))
+            return bool(self._call(can))
         return plain is not None and self.script.has(plain)
 
     def _level(self, can: str, default: int) -> int:
         if self.script.has(can):
-            return self._once(can, lambda: _integer(can, self._call(can)))
+            return _integer(can, self._call(can))
         return default
 
     # ------------------------------------------------------------ what it can do
@@ -295,16 +295,20 @@ class ScriptConnection(Connection):
     def can_trim(self) -> bool:
         return self._bool("can_trim", "trim")
 
-    def can_zero(self) -> bool:
-        return True  # zeroing is always offered; without the plugin's zero it is emulated
+    def _zero_method(self) -> bool:
+        """The plugin's can_zero: whether its zero is called."""
+        if self._can_zero is None:
+            self._can_zero = self._bool("can_zero", "zero")
+        return self._can_zero
 
-    def _plugin_zeroes(self) -> bool:
-        return self._bool("can_zero", "zero")
+    def can_zero(self) -> bool:
+        self._zero_method()  # asked now, so that its failure fails the open
+        return True  # zeroing is always offered; without the plugin's zero it is emulated
 
     def can_fast_zero(self) -> bool:
         if self.script.has("can_fast_zero"):
             return self._bool("can_fast_zero")
-        return not self._plugin_zeroes()  # emulated zeroes fail fast requests at once
+        return not self._zero_method()  # emulated zeroes fail fast requests at once
 
     def can_extents(self) -> bool:
         return self._bool("can_extents", "extents")
@@ -361,7 +365,7 @@ class ScriptConnection(Connection):
             self._call("trim", count, offset, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        if self._plugin_zeroes() and self.script.has("zero"):
+        if self._zero_method() and self.script.has("zero"):
             arg = bool(flags & FLAG_MAY_TRIM) if self.v1 else flags
             if self.script.call_zero(self.ctx, self.h, count, offset, arg) is not _NOT_DONE:
                 return
@@ -370,7 +374,9 @@ class ScriptConnection(Connection):
         super().zero(count, offset, flags)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        if self.can_cache() == CACHE_NATIVE and self.script.has("cache"):
+        # Called only when can_cache said native (the boundary emulates the rest);
+        # a plugin that says so without a cache function gets reads.
+        if self.script.has("cache"):
             self._call("cache", count, offset, flags)
         else:
             super().cache(count, offset, flags)

@@ -83,11 +83,9 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backend import (
-    CACHE_EMULATE,
-    CACHE_NATIVE,
     CACHE_NONE,
     FLAG_FAST_ZERO,
     FLAG_FUA,
@@ -193,7 +191,9 @@ class Runner(abc.ABC):
                 raise io_error(errno.EIO, f"{self.label}: cannot run {method}: {exc.strerror}") from None
             return self._spawn(method, ["/bin/sh", *argv], stdin)  # no #! line: a shell script
         try:
-            out, err = proc.communicate(stdin, timeout=self.timeout)
+            # communicate() takes any buffer (it writes a memoryview of it); typeshed
+            # says bytes, and copying a memoryview to bytes would copy the request.
+            out, err = proc.communicate(stdin, timeout=self.timeout)  # type: ignore[arg-type]
         except subprocess.TimeoutExpired:
             self._kill(proc)
             log.error("%s: %s: killed after %gs (timeout=)", self.label, method, self.timeout)
@@ -201,7 +201,7 @@ class Runner(abc.ABC):
         return proc.returncode, out, err
 
     @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):  # the group already exited
             os.killpg(proc.pid, signal.SIGKILL)
         try:
@@ -246,32 +246,33 @@ class ScriptRunner(Runner):
 
 
 class ShConnection(Connection):
-    """A client's handle, as the script's open method printed it."""
+    """A client's handle, as the script's open method printed it.
+
+    Each ``can_*`` runs the script's method when asked: the layer boundary
+    asks once per connection and remembers the answers. Only the script's
+    can_flush and can_zero are kept here too, as nbdkit's sh plugin keeps
+    them in its handle: can_fua and can_fast_zero fall back on them, and
+    every zero request needs to know whether to run the script's zero.
+    """
 
     def __init__(self, runner: Runner, handle: str) -> None:
         self.runner = runner
         self.h = handle
-        self._memo: dict[str, Any] = {}
-
-    def _once(self, name: str, compute: Any) -> Any:
-        if name not in self._memo:
-            self._memo[name] = compute()
-        return self._memo[name]
+        self._can_flush: bool | None = None
+        self._can_zero: bool | None = None
 
     def _bool(self, method: str, default: bool = False) -> bool:
-        return self._once(method, lambda: self.runner.boolean(method, self.h, default=default))
+        return self.runner.boolean(method, self.h, default=default)
 
     def _level(self, method: str, default: int) -> int:
-        def ask() -> int:
-            out = self.runner.expect(method, self.h)
-            if out is None:
-                return default
-            word = _first_line(out).strip().lower()
-            if word not in _LEVELS:
-                raise io_error(errno.EIO, f"{self.runner.label}: {method} printed {word!r}, "
-                                          "not none, emulate or native")
-            return _LEVELS[word]
-        return self._once(method, ask)
+        out = self.runner.expect(method, self.h)
+        if out is None:
+            return default
+        word = _first_line(out).strip().lower()
+        if word not in _LEVELS:
+            raise io_error(errno.EIO, f"{self.runner.label}: {method} printed {word!r}, "
+                                      "not none, emulate or native")
+        return _LEVELS[word]
 
     def get_size(self) -> int:
         out = self.runner.expect("get_size", self.h, required=True)
@@ -299,12 +300,21 @@ class ShConnection(Connection):
         return self._bool("can_write")
 
     def can_flush(self) -> bool:
-        return self._bool("can_flush")
+        if self._can_flush is None:
+            self._can_flush = self._bool("can_flush")
+        return self._can_flush
 
     def can_trim(self) -> bool:
         return self._bool("can_trim")
 
+    def _zero_method(self) -> bool:
+        """The script's can_zero: whether its zero method is tried."""
+        if self._can_zero is None:
+            self._can_zero = self._bool("can_zero")
+        return self._can_zero
+
     def can_zero(self) -> bool:
+        self._zero_method()  # asked now, as nbdkit does, so that its failure fails the open
         return True  # without the script's zero, zeroes are written with pwrite
 
     def can_extents(self) -> bool:
@@ -317,9 +327,9 @@ class ShConnection(Connection):
         return self._bool("is_rotational")
 
     def can_fast_zero(self) -> bool:
-        status, _ = self._once("can_fast_zero@", lambda: self.runner.run("can_fast_zero", self.h))
-        if status is Status.MISSING:
-            return not self._bool("can_zero")
+        status, _ = self.runner.run("can_fast_zero", self.h)
+        if status is Status.MISSING:  # as nbdkit: fast when zeroes are emulated (they fail at once)
+            return not self._zero_method()
         return status is Status.OK
 
     def can_fua(self) -> int:
@@ -349,7 +359,7 @@ class ShConnection(Connection):
         self.runner.expect("trim", self.h, str(count), str(offset), flag_words(flags))
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        if self._bool("can_zero"):
+        if self._zero_method():
             try:
                 if self.runner.expect("zero", self.h, str(count), str(offset), flag_words(flags),
                                       quiet=_ENOTSUP) is not None:
@@ -362,11 +372,8 @@ class ShConnection(Connection):
         super().zero(count, offset, flags & ~FLAG_FAST_ZERO)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        level = self.can_cache()
-        if level == CACHE_NATIVE:
-            self.runner.expect("cache", self.h, str(count), str(offset))
-        elif level == CACHE_EMULATE:
-            super().cache(count, offset, flags)
+        # Called only when can_cache said native; the boundary emulates the rest.
+        self.runner.expect("cache", self.h, str(count), str(offset))
 
     def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
         out = self.runner.expect("extents", self.h, str(count), str(offset), flag_words(flags))
@@ -414,8 +421,8 @@ def parse_exports(out: bytes) -> list[Export]:
 
 class ShPlugin(Plugin):
     name = "sh"
-    magic_param = "script"
-    params = (
+    magic_param: ClassVar[str | None] = "script"  # (eval, a subclass, has none)
+    params: ClassVar[Sequence[Param]] = (
         Param("script", "str", "the executable to run for each method ('-': read from stdin)",
               required=True),
         Param("timeout", "duration", "kill a method that runs longer than this (pynbd only)"),
