@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """Terminate ``proc`` unless it already exited; kill it after ``timeout`` seconds; reap it."""
     if proc.poll() is not None:
         return
