@@ -8,15 +8,19 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nbdtest import wait_for
 from pynbd.backend import linux
 
 MiB = 1 << 20
+METADATA = 64 * 1024
+"""Slack for file-system metadata in st_blocks: a hole or zeroed range that splits
+an extent can make ext4 allocate an extent-tree block (whether it must depends on
+how fragmented the file's data landed on the disk)."""
 
 
 def make_data(path: Path, size: int) -> int:
@@ -112,7 +116,7 @@ def test_punch_hole_frees_blocks_and_seek_hole_finds_it(fd_file):
     before = blocks(fd)
     assert before >= 8 * MiB
     linux.punch_hole(fd, 2 * MiB, 3 * MiB)
-    assert blocks(fd) <= before - 3 * MiB
+    assert blocks(fd) <= before - 3 * MiB + METADATA
     assert os.lseek(fd, 0, os.SEEK_HOLE) == 2 * MiB
     assert os.lseek(fd, 2 * MiB, os.SEEK_DATA) == 5 * MiB
     assert os.pread(fd, 3 * MiB, 2 * MiB) == bytes(3 * MiB)
@@ -144,7 +148,7 @@ def test_zero_range_reads_zeroes_and_stays_allocated(fd_file):
     data = os.pread(fd, 4 * MiB, 0)
     assert data[MiB + 100:3 * MiB + 100] == bytes(2 * MiB)
     assert data[:MiB + 100].count(0) < MiB  # the rest is still the random data
-    assert blocks(fd) >= before - 64 * 1024
+    assert blocks(fd) >= before - METADATA
     assert os.fstat(fd).st_size == 8 * MiB
 
 
@@ -313,12 +317,12 @@ def test_zeroer_holes_or_allocated_zeroes(fd_file):
     zeroer = linux.Zeroer(fd)
     before = blocks(fd)
     assert zeroer.zero(0, MiB, may_punch=True) is True
-    assert blocks(fd) <= before - MiB and os.lseek(fd, 0, os.SEEK_HOLE) == 0
+    assert blocks(fd) <= before - MiB + METADATA and os.lseek(fd, 0, os.SEEK_HOLE) == 0
     assert zeroer.zero(2 * MiB, MiB) is True  # no hole allowed: stays allocated
-    assert blocks(fd) >= before - MiB - 64 * 1024
+    assert blocks(fd) >= before - MiB - METADATA
     assert os.pread(fd, 3 * MiB, 0) == bytes(MiB) + os.pread(fd, MiB, MiB) + bytes(MiB)
     assert zeroer.discard(4 * MiB, MiB) is True
-    assert blocks(fd) <= before - 2 * MiB
+    assert blocks(fd) <= before - 2 * MiB + METADATA
 
 
 def test_zeroer_sectors_only_where_asked(fd_file):
@@ -387,8 +391,9 @@ def test_will_need_reads_ahead_and_drop_cache_drops(fd_file):
     fd, path = fd_file
     linux.drop_cache(fd, 0, 8 * MiB)
     assert resident(path) == 0
-    linux.will_need(fd, 0, 4 * MiB)
-    assert_eventually(lambda: resident(path) >= 4 * MiB)
+    linux.will_need(fd, 0, 4 * MiB)  # the reads go on in the background
+    wait_for(lambda: resident(path) >= 4 * MiB,
+             message=lambda: f"WILLNEED read {resident(path)} bytes of 4 MiB in")
     os.pread(fd, 8 * MiB, 0)
     assert resident(path) == 8 * MiB
     linux.drop_cache(fd, 3 * MiB, 5 * MiB)  # stretched back to 2 MiB, the folio boundary
@@ -397,25 +402,23 @@ def test_will_need_reads_ahead_and_drop_cache_drops(fd_file):
     assert resident(path) == 0
 
 
-def assert_eventually(condition, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.02)
-
-
 def test_evict_writes_back_and_drops_dirty_pages(tmp_path):
     path = tmp_path / "dirty.img"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         data = os.urandom(4 * MiB)
         os.pwrite(fd, data, 0)
-        linux.drop_cache(fd, 0, 4 * MiB)  # dirty: stays
-        assert resident(path) == 4 * MiB
-        linux.start_writeback(fd, 0, 4 * MiB)
-        linux.evict(fd, 0, 4 * MiB)
-        assert resident(path) == 0
+        # Dirty pages cannot be dropped: DONTNEED only starts their writeback.
+        # How many are clean by the time it looks depends on the disk and the
+        # load, so the page cache is not sampled here, only the data checked.
+        linux.drop_cache(fd, 0, 4 * MiB)
         assert os.pread(fd, 4 * MiB, 0) == data
+        data = os.urandom(4 * MiB)
+        os.pwrite(fd, data, 0)  # all dirty again
+        linux.start_writeback(fd, 0, 4 * MiB)
+        linux.evict(fd, 0, 4 * MiB)  # waits for that writeback: nothing is left to keep
+        assert resident(path) == 0
+        assert os.pread(fd, 4 * MiB, 0) == data  # read back from the disk
     finally:
         os.close(fd)
 
@@ -445,6 +448,8 @@ def test_write_behind_without_limits_only_evicts_on_drain(tmp_path):
         for i in range(4):
             os.pwrite(fd, bytes([i + 1]) * MiB, i * MiB)
             behind.written(i * MiB, MiB)
+        assert len(behind.pending) == 4 and behind.queued == 4 * MiB
+        # Writeback (started by written) cleans pages but never drops them.
         assert resident(path) == 4 * MiB
         behind.drain()
         assert resident(path) == 0

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nbdtest import run, wait_for_socket
+from nbdtest import run, wait_for, wait_for_socket
 
 
 def make_qcow2(directory: Path) -> Path:
@@ -46,10 +46,8 @@ def nbd_server(image: Path, name: str = "disk") -> Iterator[str]:
     conf.write_text(f"[generic]\nuser = root\ngroup = root\nallowlist = true\nunixsock = {sock}\n"
                     f"[{name}]\nexportname = {image}\n")
     run(["nbd-server", "-C", str(conf), "-p", str(pidfile)])
-    deadline = time.monotonic() + 10
-    while not (pidfile.exists() and pidfile.read_text().strip() and _accepts(sock)):
-        assert time.monotonic() < deadline, "nbd-server did not start"
-        time.sleep(0.05)
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() and _accepts(sock),
+             message=f"nbd-server did not start accepting on {sock}")
     pid = int(pidfile.read_text())
     try:
         yield f"nbd+unix:///{name}?socket={sock}"

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from client.nbdpeers import make_pki, make_qcow2, nbd_server, qemu_nbd
-from nbdtest import run, served
+from nbdtest import WAIT, run, served
 from pynbd.client import NBD, AsyncNBD, NBDError, aio, connect, parse_uri
 from pynbd.client.sync import connect as sync_connect
 from pynbd.proto import wire
@@ -302,7 +302,8 @@ def test_protocol_breakers_raise_and_never_hang(script, message, new_handle):
     h.connect_uri(uri)
     with pytest.raises(RemoteProtocolError, match=message):
         h.pread(512, 0)
-    thread.join(10)
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the fake server is still running"
     with pytest.raises(NBDError) as info:
         h.pread(512, 0)  # the handle is closed, not hung
     assert info.value.errno == errno.ENOTCONN and not h.is_ready()
@@ -320,7 +321,8 @@ def test_a_server_gone_in_the_handshake_is_a_remote_protocol_error(new_handle):
     h = new_handle()
     with pytest.raises(RemoteProtocolError, match="closed the connection while reading the"):
         h.connect_tcp("127.0.0.1", listener.getsockname()[1])
-    thread.join(10)
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the fake server is still running"
     assert not h.is_ready()
 
 

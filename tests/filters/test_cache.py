@@ -218,8 +218,15 @@ def ramfs(tmp_path):
 
 
 def open_files(pid: int) -> list[str]:
+    """What a running process has open; an fd closed while we look (a socket) is skipped."""
     fds = f"/proc/{pid}/fd"
-    return [os.readlink(os.path.join(fds, fd)) for fd in os.listdir(fds)]
+    paths = []
+    for fd in os.listdir(fds):
+        try:
+            paths.append(os.readlink(os.path.join(fds, fd)))
+        except FileNotFoundError:
+            continue  # closed between listing the directory and reading the link
+    return paths
 
 
 def test_cache_file_on_a_file_system_without_holes(disk, ramfs):
