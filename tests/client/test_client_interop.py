@@ -331,8 +331,10 @@ def test_async_close_waits_for_the_commands_in_flight():
         h = await connect(uri)
         await h.pwrite(b"kept", 0)
         reads = [asyncio.ensure_future(h.pread(4, 0)) for _ in range(4)]
-        while h.in_flight() < 4:
-            await asyncio.sleep(0.01)
+        async def all_sent() -> None:
+            while h.in_flight() < 4:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(all_sent(), WAIT)  # a deadline, as nbdtest.wait_for has
         await h.close()  # NBD_CMD_DISC only once the reads have their answers
         return await asyncio.gather(*reads)
     with served("memory", "1M", "--filter=delay", "rdelay=0.3") as srv:
