@@ -60,9 +60,19 @@ import os
 import threading
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Connection, Extent, Param, Plugin, RamDisk, block_runs
+from ..backend import (
+    ConfigError,
+    Connection,
+    Extent,
+    OpenContext,
+    Param,
+    Plugin,
+    RamDisk,
+    block_runs,
+    fill_zero,
+)
 from ..backend.params import MAX_SIZE
-from ._datalang import PAGE, Image, evaluate, fill_zero
+from ._datalang import PAGE, Image, evaluate
 
 ZERO_PAGE = bytes(PAGE)
 _CHECK_CHUNK = 32 * PAGE  # pages are checked for zeroes 1 MiB at a time
@@ -191,33 +201,40 @@ class DataPlugin(Plugin):
         Param("size", "size", "truncate or extend the disk to this size"),
         Param("allocator", "str", "sparse|malloc|zstd: how extents are reported", default="sparse"),
     )
+    data: str | None
+    base64: str | None
+    raw: str | None
+    size: int | None
+    allocator: str
 
     def config_complete(self) -> None:
-        given = [k for k in ("data", "base64", "raw") if getattr(self, k) is not None]
+        given = [(key, text) for key, text in (("data", self.data), ("base64", self.base64),
+                                               ("raw", self.raw)) if text is not None]
         if len(given) != 1:
             raise ConfigError("data: exactly one of data=, base64= or raw= must be given")
         kind = self.allocator.split(",")[0]
         if kind not in ("sparse", "malloc", "zstd"):
             raise ConfigError(f"data: allocator: {self.allocator!r} is not sparse, malloc or zstd")
-        image = self._image(given[0])
+        image = self._image(*given[0])
         if self.size is not None:
             image = image.resized(self.size)
         if image.size > MAX_SIZE:
             raise ConfigError("data: the disk is larger than 2^63-1 bytes")
         self.disk = DataDisk(image, report_holes=kind != "malloc")
 
-    def _image(self, kind: str) -> Image:
+    def _image(self, kind: str, text: str) -> Image:
+        """The disk that ``kind=text`` (data, base64 or raw) describes."""
         if kind == "raw":
-            return Image.of_bytes(os.fsencode(self.raw))
+            return Image.of_bytes(os.fsencode(text))
         if kind == "base64":
             try:
-                return Image.of_bytes(base64.b64decode(self.base64, validate=True))
+                return Image.of_bytes(base64.b64decode(text, validate=True))
             except (binascii.Error, ValueError) as exc:
                 raise ConfigError(f"data: base64: {exc}") from None
         declared = {p.name for p in self.params}
         variables = {k: v for k, v in vars(self).items()
                      if k not in declared and isinstance(v, str)}
-        return evaluate(self.data, variables)
+        return evaluate(text, variables)
 
-    def open(self, ctx) -> Connection:
+    def open(self, ctx: OpenContext) -> Connection:
         return self.disk

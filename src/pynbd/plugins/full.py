@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 
-from ..backend import Connection, Param, Plugin
+from ..backend import Connection, OpenContext, Param, Plugin
 from ..backend.errors import io_error
 from .zero import ZeroDisk
 
@@ -38,6 +38,7 @@ class FullPlugin(Plugin):
     name = "full"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", required=True),)
+    size: int
 
-    def open(self, ctx) -> Connection:
+    def open(self, ctx: OpenContext) -> Connection:
         return FullDisk(self.size)

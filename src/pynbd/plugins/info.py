@@ -88,6 +88,7 @@ class InfoPlugin(Plugin):
     name = "info"
     magic_param = "mode"
     params = (Param("mode", "str", "what the disk holds", default="exportname", choices=MODES),)
+    mode: str
 
     def config_complete(self) -> None:
         self.started = time.monotonic()

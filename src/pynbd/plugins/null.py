@@ -13,7 +13,7 @@ and clients without any storage in the way.
 
 from __future__ import annotations
 
-from ..backend import FUA_NATIVE, Connection, Param, Plugin
+from ..backend import FUA_NATIVE, Connection, OpenContext, Param, Plugin
 from .zero import ZeroDisk
 
 
@@ -41,6 +41,7 @@ class NullPlugin(Plugin):
     short_requests = True
     params = (Param("size", "size", "virtual size in bytes", default=0),)
     magic_param = "size"
+    size: int
 
-    def open(self, ctx) -> Connection:
+    def open(self, ctx: OpenContext) -> Connection:
         return NullConnection(self.size)

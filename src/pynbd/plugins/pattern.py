@@ -21,7 +21,7 @@ from __future__ import annotations
 import array
 import sys
 
-from ..backend import Connection, Param, Plugin, ResidentDisk, block_runs
+from ..backend import Connection, OpenContext, Param, Plugin, ResidentDisk, block_runs
 
 CHUNK = 1 << 16  # bytes per generated chunk; word offsets inside it fit in 16 bits
 WORDS = CHUNK // 8
@@ -59,6 +59,7 @@ class PatternPlugin(Plugin):
     name = "pattern"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", required=True),)
+    size: int
 
-    def open(self, ctx) -> Connection:
+    def open(self, ctx: OpenContext) -> Connection:
         return PatternDisk(self.size)

@@ -25,7 +25,7 @@ import errno
 import hashlib
 import secrets
 
-from ..backend import Connection, Param, Plugin, ResidentDisk, block_runs
+from ..backend import Connection, OpenContext, Param, Plugin, ResidentDisk, block_runs
 from ..backend.errors import io_error
 
 BLOCK = 1 << 16
@@ -76,10 +76,11 @@ class RandomPlugin(Plugin):
         Param("size", "size", "size of the disk", required=True),
         Param("seed", "int", "random seed (default: chosen at start)"),
     )
+    size: int
+    seed: int | None
 
     def config_complete(self) -> None:
-        if self.seed is None:
-            self.seed = default_seed()
+        self.disk_seed = default_seed() if self.seed is None else self.seed
 
-    def open(self, ctx) -> Connection:
-        return RandomDisk(self.size, self.seed)
+    def open(self, ctx: OpenContext) -> Connection:
+        return RandomDisk(self.size, self.disk_seed)

@@ -36,7 +36,17 @@ import functools
 import random as stdlib_random
 from collections.abc import Iterator
 
-from ..backend import ConfigError, Connection, Extent, Param, Plugin, block_runs, extents_of_runs, fill_zero
+from ..backend import (
+    ConfigError,
+    Connection,
+    Extent,
+    OpenContext,
+    Param,
+    Plugin,
+    block_runs,
+    extents_of_runs,
+    fill_zero,
+)
 from ..backend.errors import io_error
 from .random import VerifiedDisk, default_seed, random_block
 
@@ -140,16 +150,20 @@ class SparseRandomPlugin(Plugin):
         Param("runlength", "size", "average length of a data run", default=16 << 20),
         Param("random-content", "bool", "random bytes in every data block", default=False),
     )
+    size: int
+    seed: int | None
+    percent: float
+    runlength: int
+    random_content: bool
 
     def config_complete(self) -> None:
         if not 0 <= self.percent <= 100:
             raise ConfigError(f"sparse-random: percent must be between 0 and 100, not {self.percent}")
         if self.runlength <= 0:
             raise ConfigError("sparse-random: runlength must be greater than 0")
-        if self.seed is None:
-            self.seed = default_seed()
-        layout = Layout(self.size, self.seed, self.percent, self.runlength)
+        seed = default_seed() if self.seed is None else self.seed
+        layout = Layout(self.size, seed, self.percent, self.runlength)
         self.disk = SparseRandomDisk(layout, self.random_content)
 
-    def open(self, ctx) -> Connection:
+    def open(self, ctx: OpenContext) -> Connection:
         return self.disk

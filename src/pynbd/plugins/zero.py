@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..backend import Connection, Extent, Param, Plugin, ResidentDisk, fill_zero
+from ..backend import Connection, Extent, OpenContext, Param, Plugin, ResidentDisk, fill_zero
 
 
 class ZeroDisk(ResidentDisk):
@@ -32,6 +32,7 @@ class ZeroPlugin(Plugin):
     name = "zero"
     magic_param = "size"
     params = (Param("size", "size", "size of the disk", default=0),)
+    size: int
 
-    def open(self, ctx) -> Connection:
+    def open(self, ctx: OpenContext) -> Connection:
         return ZeroDisk(self.size)
