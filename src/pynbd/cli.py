@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 
 SUBCOMMANDS = {"serve": "pynbd.server.cli"}
 
@@ -42,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if module_name is None:
         print(f"pynbd: unknown command {argv[0]!r}; try 'pynbd --help'", file=sys.stderr)
         return 2
+    # Every subcommand module has main(argv) -> exit status.
+    command: Callable[[list[str]], int] = importlib.import_module(module_name).main
     try:
-        return importlib.import_module(module_name).main(argv[1:])
+        return command(argv[1:])
     except BrokenPipeError:
         # The reader went away (`pynbd serve memory --help | head`): not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

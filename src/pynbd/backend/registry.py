@@ -21,18 +21,32 @@ import sys
 import traceback
 from importlib import metadata
 from types import ModuleType
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from .errors import ConfigError
 from .plugin import Filter, Plugin
 
 T = TypeVar("T", Plugin, Filter)
 
-_KINDS = {Plugin: ("plugin", "pynbd.plugins"), Filter: ("filter", "pynbd.filters")}
+_KINDS: dict[type, tuple[str, str]] = {Plugin: ("plugin", "pynbd.plugins"),
+                                        Filter: ("filter", "pynbd.filters")}
+
+
+@runtime_checkable
+class PluginFileHost(Protocol):
+    """What the python plugin's class offers: the plugin class for a .py file
+    (the file's own Plugin subclass, or one running its nbdkit-style functions)."""
+
+    def for_path(self, path: str) -> type[Plugin]: ...
 
 
 def find_plugin(name: str) -> type[Plugin]:
     """The Plugin class for ``name`` (a name or a path to a .py file)."""
+    if is_script_path(name):  # native or nbdkit-style: the python plugin tells them apart
+        host = _find("python", Plugin)
+        if not isinstance(host, PluginFileHost):
+            raise ConfigError(f"the python plugin cannot serve plugin files such as {name!r}")
+        return host.for_path(name)
     return _find(name, Plugin)
 
 
@@ -54,8 +68,6 @@ def is_script_path(name: str) -> bool:
 def _find(name: str, kind: type[T]) -> type[T]:
     label, group = _KINDS[kind]
     if is_script_path(name):
-        if kind is Plugin:  # native or nbdkit-style: the python plugin tells them apart
-            return _find("python", Plugin).for_path(name)  # type: ignore[attr-defined]
         return from_module(load_path(name, label), kind, name)
     module_name = f"{group}.{name.replace('-', '_')}"
     if name.replace("-", "_").isidentifier():
@@ -67,14 +79,14 @@ def _find(name: str, kind: type[T]) -> type[T]:
             obj = entry.load()
             if isinstance(obj, ModuleType):
                 return from_module(obj, kind, name)
-            return obj
+            return _checked_class(obj, kind, f"entry point {entry.value!r}")
     raise ConfigError(f"unknown {label} {name!r} (see 'pynbd serve --help' for the list)")
 
 
 class _ScriptLoader(importlib.machinery.SourceFileLoader):
     """Python source under any file name (shebang scripts); writes no __pycache__."""
 
-    def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
+    def set_data(self, path: str, data: object, *, _mode: int = 0o666) -> None:
         return None
 
 
@@ -107,10 +119,17 @@ def from_module(module: ModuleType, kind: type[T], name: str) -> type[T]:
     label = _KINDS[kind][0]
     declared = getattr(module, label.upper(), None)
     if declared is not None:
-        return declared
+        return _checked_class(declared, kind, f"{name}: {label.upper()}")
     found = [obj for obj in vars(module).values()
              if isinstance(obj, type) and issubclass(obj, kind) and obj is not kind
              and obj.__module__ == module.__name__]
     if len(found) != 1:
         raise ConfigError(f"{name}: expected one {kind.__name__} subclass, found {len(found)}")
     return found[0]
+
+
+def _checked_class(obj: object, kind: type[T], what: str) -> type[T]:
+    """``obj`` if it is a subclass of ``kind``; ConfigError naming ``what`` otherwise."""
+    if isinstance(obj, type) and issubclass(obj, kind):
+        return obj
+    raise ConfigError(f"{what} is {obj!r}, not a {kind.__name__} subclass")

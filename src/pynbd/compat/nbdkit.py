@@ -36,10 +36,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
 
 from ..backend import connection as _connection
 from ..backend import params as _params
+from ..backend.plugin import OpenContext as _OpenContext
 from ..backend.plugin import ThreadModel as _ThreadModel
 
 THREAD_MODEL_SERIALIZE_CONNECTIONS = int(_ThreadModel.SERIALIZE_CONNECTIONS)
@@ -70,7 +70,7 @@ class _State(threading.local):
     """Per-thread: the errno from set_error and the client being served."""
 
     error: int = 0
-    ctx: Any = None
+    ctx: _OpenContext | None = None
 
 
 _state = _State()
@@ -96,7 +96,7 @@ def parse_bool(text: str) -> bool:
     return _params.parse_bool(text)
 
 
-def _client(what: str) -> Any:
+def _client(what: str) -> _OpenContext:
     ctx = _state.ctx
     if ctx is None:
         raise RuntimeError(f"nbdkit.{what}() called outside a client connection")
@@ -135,7 +135,7 @@ def install() -> None:
     sys.modules["nbdkit"] = sys.modules[__name__]
 
 
-def begin_callback(ctx: Any) -> None:
+def begin_callback(ctx: _OpenContext | None) -> None:
     """Called by pynbd before each plugin callback: clear the error, set the client."""
     _state.error = 0
     _state.ctx = ctx
