@@ -62,7 +62,8 @@ def test_unwritten_disk_is_one_hole():
 
 
 @pytest.mark.parametrize("args, word", [(("size=1Q",), "size"), (("1M", "allocator=foo"), "allocator"),
-                                        (("1M", "colour=red"), "colour")])
+                                        (("1M", "colour=red"), "colour"),
+                                        (("256T", "allocator=malloc"), "128 TiB")])
 def test_bad_parameters_are_one_line(args, word):
     line = config_error("memory", *args)
     assert "memory" in line and word in line
@@ -83,3 +84,37 @@ while pending:
 print(time.monotonic() - start)
 """, srv.uri)
     assert float(out) < 1.8
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_requests_go_straight_to_the_shared_allocator(allocator):
+    """One disk for every client, its request methods the allocator's own (no frame in between)."""
+    from pynbd.backend.stack import Stack
+
+    stack = Stack.from_args("memory", ["1M", f"allocator={allocator}"])
+    disk = stack.plugin.open(None)
+    assert stack.plugin.open(None) is disk and disk.can_multi_conn()
+    alloc = disk.allocator
+    assert alloc.name == allocator
+    for method, own in (("pread", alloc.read), ("pread_buffers", alloc.read_buffers),
+                        ("pwrite", alloc.write), ("zero", alloc.zero), ("trim", alloc.trim),
+                        ("extents", alloc.extents)):
+        assert getattr(disk, method) == own
+    assert disk.can_write() and disk.can_trim() and disk.can_zero() and disk.can_extents()
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_a_trim_on_one_connection_keeps_another_connections_write(allocator):
+    """Connection 1 writes the end of a page; connection 2 then zeroes its start."""
+    with served("memory", "1M", f"allocator={allocator}") as srv:
+        out = nbd_script("""
+a, b = nbd.NBD(), nbd.NBD()
+a.connect_uri(sys.argv[1]); b.connect_uri(sys.argv[1])
+print(a.can_multi_conn())
+b.pwrite(b"x" * 4096, 0)
+a.pwrite(b"y" * 4096, 8192)
+b.zero(4096, 0)
+b.trim(4096, 4096)
+print(a.pread(4096, 8192) == b"y" * 4096, b.pread(8192, 0) == bytes(8192))
+""", srv.uri)
+    assert out.split() == ["True", "True", "True"]
