@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,44 +50,6 @@ def fd_file(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         yield fd, path
     finally:
         os.close(fd)
-
-
-def mounted(tmp_path: Path, name: str, *mount_args: str) -> Iterator[Path]:
-    point = tmp_path / name
-    point.mkdir()
-    result = subprocess.run(["mount", *mount_args, str(point)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount {name}: {result.stderr.decode().strip()}")
-    try:
-        yield point
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], check=False)
-
-
-@pytest.fixture
-def ramfs(tmp_path: Path) -> Iterator[Path]:
-    """A ramfs: a real file system without fallocate (no holes, no ZERO_RANGE)."""
-    yield from mounted(tmp_path, "ramfs", "-t", "ramfs", "ramfs")
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: holes but no ZERO_RANGE, and soon full."""
-    yield from mounted(tmp_path, "tmpfs", "-t", "tmpfs", "-o", "size=1m", "tmpfs")
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    """A directory on /dev/shm (tmpfs) without mounting anything."""
-    if subprocess.run(["stat", "-f", "-c", "%T", "/dev/shm"],
-                      capture_output=True).stdout.strip() != b"tmpfs":
-        pytest.skip("/dev/shm is not tmpfs")
-    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="pynbd-test"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------- errnos

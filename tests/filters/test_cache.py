@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import subprocess
 
 import pytest
 from stack_helpers import file_bytes
@@ -200,21 +199,6 @@ def test_partial_block_zero_never_punches(cached, monkeypatch):
     monkeypatch.setattr(linux, "punch_hole", refusing(errno.EIO, calls))
     cached.zero(1000, 100, 0)  # inside one block: zero bytes, whatever punching would say
     assert calls == [] and read(cached, 0, 1200) == b"\x99" * 100 + bytes(1000) + b"\x99" * 100
-
-
-@pytest.fixture
-def ramfs(tmp_path):
-    """A ramfs: a real file system with no fallocate at all (no holes)."""
-    point = tmp_path / "ramfs"
-    point.mkdir()
-    result = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(point)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a ramfs: {result.stderr.decode().strip()}")
-    try:
-        yield point
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def open_files(pid: int) -> list[str]:

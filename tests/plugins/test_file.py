@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -348,20 +347,8 @@ except nbd.Error as exc:
 
 
 # ---------------------------------------------------------------- other file systems
-@pytest.fixture
-def tmpfs_dir(tmp_path):
-    """A directory on tmpfs, which has no fallocate ZERO_RANGE."""
-    if run(["stat", "-f", "-c", "%T", "/dev/shm"], check=False).stdout.strip() != b"tmpfs":
-        pytest.skip("/dev/shm is not tmpfs")
-    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="pynbd-test"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
-def test_no_hole_zero_on_tmpfs_stays_allocated(tmpfs_dir):
-    disk = make_file(tmpfs_dir / "disk.img", 4 * MiB, {0: os.urandom(MiB)})
+def test_no_hole_zero_on_tmpfs_stays_allocated(shm_dir):
+    disk = make_file(shm_dir / "disk.img", 4 * MiB, {0: os.urandom(MiB)})
     with served("file", str(disk)) as srv:
         nbdsh(srv.uri, f"""
 h.zero({2 * MiB}, {512 * 1024}, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
@@ -372,31 +359,6 @@ h.zero({512 * 1024}, {3 * MiB})
     # tmpfs reports fallocated pages as holes; st_blocks shows they are there.
     assert kind_at(rows, 0) == 0 and kind_at(rows, 3 * MiB) == 3
     assert allocated(disk) == 2 * MiB + 512 * 1024
-
-
-def mounted(tmp_path: Path, name: str, *mount_args: str):
-    point = tmp_path / name
-    point.mkdir()
-    result = subprocess.run(["mount", *mount_args, str(point)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount {name}: {result.stderr.decode().strip()}")
-    try:
-        yield point
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], check=False)
-
-
-@pytest.fixture
-def ramfs(tmp_path):
-    """A ramfs: a real file system with no fallocate at all (no holes, no ZERO_RANGE)."""
-    yield from mounted(tmp_path, "ramfs", "-t", "ramfs", "ramfs")
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs: soon full."""
-    yield from mounted(tmp_path, "tmpfs", "-t", "tmpfs", "-o", "size=1m", "tmpfs")
 
 
 def test_without_fallocate_zeroes_are_written_and_fast_zero_refused(ramfs):
