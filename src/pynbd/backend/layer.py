@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from .connection import (
     CACHE_EMULATE,
@@ -108,22 +107,23 @@ class Layer(Connection):
             unchanged = conn.passes_through()
         below = conn.next if isinstance(conn, FilterConnection) else conn
 
-        def bound(method: str) -> Any:
-            return getattr(below if method in unchanged else target, method)
+        def owner(method: str) -> Connection:
+            """Whose ``method`` does the work: the layer below's if it is left unchanged."""
+            return below if method in unchanged else target
 
-        self._pread: Callable[[memoryview, int, int], None] = bound("pread")
+        self._pread: Callable[[memoryview, int, int], None] = owner("pread").pread
         if isinstance(conn, FilterConnection) and "pread" not in unchanged \
                 and not conn.overrides("pread_buffers"):
             # The filter changes reads: the layer below's buffers would bypass it.
             self._pread_buffers: ReadBuffers = _no_buffers
         else:
-            self._pread_buffers = bound("pread_buffers")
-        self._pwrite: Callable[[memoryview, int, int], None] = bound("pwrite")
-        self._zero: Callable[[int, int, int], None] = bound("zero")
-        self._trim: Callable[[int, int, int], None] = bound("trim")
-        self._flush: Callable[[int], None] = bound("flush")
-        self._cache: Callable[[int, int, int], None] = bound("cache")
-        self._extents: Callable[[int, int, int], Iterable[Extent]] = bound("extents")
+            self._pread_buffers = owner("pread_buffers").pread_buffers
+        self._pwrite: Callable[[memoryview, int, int], None] = owner("pwrite").pwrite
+        self._zero: Callable[[int, int, int], None] = owner("zero").zero
+        self._trim: Callable[[int, int, int], None] = owner("trim").trim
+        self._flush: Callable[[int], None] = owner("flush").flush
+        self._cache: Callable[[int, int, int], None] = owner("cache").cache
+        self._extents: Callable[[int, int, int], Iterable[Extent]] = owner("extents").extents
 
     # ---- cached answers
     def get_size(self) -> int:

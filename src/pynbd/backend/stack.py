@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 from .connection import Connection
 from .errors import ConfigError
@@ -18,6 +18,8 @@ from .layer import Layer, open_layer
 from .params import parse_params, split_key_value
 from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
 from .registry import find_filter, find_plugin
+
+C = TypeVar("C", Plugin, Filter)
 
 
 class Stack:
@@ -104,7 +106,7 @@ def _checked(open_fn: Callable[[OpenContext], Connection], name: str) -> Callabl
     return open_checked
 
 
-def configure(cls: type[Any], pairs: Sequence[tuple[str, str]]) -> Any:
+def configure(cls: type[C], pairs: Sequence[tuple[str, str]]) -> C:
     """Instantiate a plugin or filter class from (key, text) pairs."""
     values = parse_params(cls.name or cls.__name__, cls.params, pairs,
                           accept_unknown=cls.accept_unknown_params)

@@ -211,9 +211,11 @@ class Runner(abc.ABC):
             proc.wait()
 
     # ------------------------------------------------------------ typed helpers
-    def expect(self, method: str, *args: str, required: bool = False, **kw: Any) -> bytes | None:
+    def expect(self, method: str, *args: str, required: bool = False,
+               stdin: bytes | memoryview | None = None,
+               quiet: frozenset[int] = frozenset()) -> bytes | None:
         """stdout of a method that must not answer 'false'; None if it is missing."""
-        status, out = self.run(method, *args, **kw)
+        status, out = self.run(method, *args, stdin=stdin, quiet=quiet)
         if status is Status.FALSE:
             raise io_error(errno.EIO, f"{self.label}: {method} exited 3 (false), which it may not")
         if status is Status.MISSING:
