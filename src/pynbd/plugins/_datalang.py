@@ -31,6 +31,7 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from ..backend import ConfigError, fill_zero
 
@@ -120,6 +121,13 @@ class Segment:
         start, end = max(self.start, lo), min(self.end, hi)
         return Segment(start, end, self.source, self.src_offset + start - self.start)
 
+    def view(self) -> memoryview:
+        """The segment's bytes, from a source that holds them (not a Repeat)."""
+        source = self.source
+        if isinstance(source, Repeat):
+            raise TypeError("a repeating segment has no bytes of its own")
+        return memoryview(source)[self.src_offset:self.src_offset + self.end - self.start]
+
 
 class Image:
     """A lazy disk: ``size`` bytes, data in ``segments``, zero holes between."""
@@ -185,7 +193,7 @@ class Image:
     def _segment_nonzero(seg: Segment) -> bool:
         if isinstance(seg.source, Repeat):
             return seg.source.image.has_nonzero()
-        part = memoryview(seg.source)[seg.src_offset:seg.src_offset + seg.end - seg.start]
+        part = seg.view()
         return bytes(part).count(0) != len(part)
 
     def sliced(self, lo: int, hi: int) -> Image:
@@ -203,12 +211,8 @@ class Image:
         seg = self.segments[0]
         if (total <= MATERIALIZE_LIMIT and len(self.segments) == 1 and seg.start == 0
                 and seg.end == self.size and not isinstance(seg.source, Repeat)):
-            return Image(total, [Segment(0, total, bytes(self._plain(seg)) * count)])
+            return Image(total, [Segment(0, total, bytes(seg.view()) * count)])
         return Image(total, [Segment(0, total, Repeat(self))])
-
-    @staticmethod
-    def _plain(seg: Segment) -> memoryview:
-        return memoryview(seg.source)[seg.src_offset:seg.src_offset + seg.end - seg.start]
 
 
 class Builder:
@@ -242,12 +246,12 @@ class Builder:
         last = self.segments[-1] if self.segments else None
         small = not isinstance(seg.source, Repeat) and seg.end - seg.start <= 4096
         if small and last is not None and last.end == seg.start and self._run is not None:
-            self._run += Image._plain(seg)
+            self._run += seg.view()
             self.segments[-1] = Segment(last.start, seg.end, self._run)
             return
         self._freeze()
         if small:
-            self._run = bytearray(Image._plain(seg))
+            self._run = bytearray(seg.view())
             seg = Segment(seg.start, seg.end, self._run)
         self.segments.append(seg)
 
@@ -289,7 +293,6 @@ _WORD = re.compile(r"(le|be)(16|32|64):")
 _DELIMS = " \t\r\n()[]:*@\"<\\$#"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v",
             "\\": "\\", '"': '"', "'": "'", "?": "?"}
-_ESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)", re.DOTALL)
 
 
 class Stream:
@@ -424,7 +427,7 @@ class Parser:
             self.pos = word.end()
             bits = int(word.group(2))
             value = self.number(word.group(0), (1 << bits) - 1)
-            order = "little" if word.group(1) == "le" else "big"
+            order: Literal["little", "big"] = "little" if word.group(1) == "le" else "big"
             return Image.of_bytes(value.to_bytes(bits // 8, order))
         if _NUMBER.match(self.text, self.pos):
             return Image.of_bytes(bytes((self.number("byte", 255),)))
@@ -557,8 +560,8 @@ def _matching_paren(text: str, open_pos: int) -> int:
 
 
 def _unescape(body: str) -> bytes:
-    def one(match: re.Match[str]) -> str:
-        code = match.group(1)
+    def one(code: str) -> str:
+        """The character an escape stands for (``code`` is what follows the backslash)."""
         if code[0] == "x":
             return chr(int(code[1:], 16))
         if code[0] in "01234567":
@@ -569,7 +572,7 @@ def _unescape(body: str) -> bytes:
     out = bytearray()
     for i, part in enumerate(parts):
         if i % 2:
-            out += one(_ESCAPE_RE.fullmatch(part)).encode("latin-1")
+            out += one(part[1:]).encode("latin-1")
         else:
             out += part.encode("utf-8")
     return bytes(out)
