@@ -91,21 +91,22 @@ class ZstdAllocator(PagedAllocator[bytes]):
             inner = (offset + pos) & PAGE_MASK
             take = min(PAGE_SIZE - inner, n - pos)
             with self._locks[page % LOCK_STRIPES]:
+                d = self._dirs.get(page >> DIR_SHIFT)
+                blob = None if d is None else d.get(page & DIR_MASK)
                 if take == PAGE_SIZE:  # the whole page: nothing to merge
-                    self._store(page, compress(buf[pos:pos + take]))
+                    new = compress(buf[pos:pos + take])
                 else:
-                    blob = self.get_page(page)
                     data = bytearray(PAGE_SIZE) if blob is None else bytearray(decompress(blob))
                     data[inner:inner + take] = buf[pos:pos + take]
-                    self._store(page, compress(data))
+                    new = compress(data)
+                if blob is not None and d is not None:
+                    d[page & DIR_MASK] = new  # d holds this page: it cannot be dropped now
+                else:
+                    self._add(page, new)
             pos += take
 
-    def _store(self, page: int, blob: bytes) -> None:
-        """Put a page in place. Holds the page's lock."""
-        d = self._dirs.get(page >> DIR_SHIFT)
-        if d is not None and (page & DIR_MASK) in d:
-            d[page & DIR_MASK] = blob  # d holds this page: it cannot be dropped now
-            return
+    def _add(self, page: int, blob: bytes) -> None:
+        """Put a new page in place. Holds the page's lock."""
         with self._dir_lock:
             self._dirs.setdefault(page >> DIR_SHIFT, {})[page & DIR_MASK] = blob
 
@@ -125,7 +126,7 @@ class ZstdAllocator(PagedAllocator[bytes]):
                     data = bytearray(decompress(blob))
                     data[start:stop] = _ZERO[:stop - start]
                     if data != _ZERO_PAGE:
-                        self._store(page, self._codec()[0](data))
+                        self._dirs[page >> DIR_SHIFT][page & DIR_MASK] = self._codec()[0](data)
                         continue
                 self._free(page)
 
