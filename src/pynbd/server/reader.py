@@ -5,20 +5,43 @@ with 16 requests in flight usually delivers several at once), parses every
 complete request in the buffer with the protocol core, and hands each to
 ``execute`` — the ``RequestRunner`` itself when requests run inline, or a
 ``WorkerPool``'s ``submit`` (see ``dispatch``). Inline replies collect in the
-``ReplyBatch`` and leave together when the reader is about to wait.
+``ReplyBatch`` and leave together when the reader is about to wait, or
+after every ``REPLIES_PER_SEND`` requests: one send per 16 replies is fewer
+system calls, but the client, holding no replies, has nothing to send
+meanwhile; sent in groups of 8, the client refills its queue while the
+server works through the rest (measured on two cores: 4 KiB random writes at
+queue depth 16, file plugin, 85k → 110k IOPS).
 
 Write payloads reach ``execute`` as memoryviews into the receive buffer; one
 larger than the buffer is received into its own. A compact write over the
 maximum payload is received and dropped, and the request is refused.
+
+Polling before sleeping (as qemu's iothreads poll, ``poll-max-ns``): a
+client that sends its next request only after the reply to the last one
+(synchronous I/O, queue depth 1) would have the reader fall asleep in
+``recv`` after every reply and be woken for every request; on a machine
+whose CPUs are otherwise idle, that wake-up costs more than serving the
+request. So after a batch of one request, when the client's last request
+came within ``BUSY_GAP_NS`` of the previous reply, the reader first polls
+the socket (non-blocking receives) for up to ``POLL_NS`` before it sleeps.
+An idle or slow client costs no CPU, and only one reader of the process
+polls at a time, so polling never takes more than one CPU from the clients.
 """
 
 from __future__ import annotations
+
+import threading
+from time import perf_counter_ns
 
 from ..proto.server_transmission import DISC, ServerTransmission
 from .channel import Channel, ReplyBatch
 from .dispatch import Execute
 
 RECV_SIZE = 1 << 20  # receive buffer; larger write payloads get their own
+REPLIES_PER_SEND = 8  # inline replies leave at least this often within a batch
+POLL_NS = 50_000  # how long a reader polls for the next request before it sleeps
+BUSY_GAP_NS = 1_000_000  # a client whose requests came closer than this gets polled for
+POLL_SLOT = threading.Lock()  # held by the one reader of the process that polls
 
 
 class RequestReader:
@@ -34,6 +57,7 @@ class RequestReader:
         self.execute = execute
         self.batch = batch
         self.scratch = bytearray(RECV_SIZE)  # inline reads land here
+        self.polling = False  # whether the client's requests came close together lately
 
     def _flush(self) -> None:
         if self.batch is not None:
@@ -83,6 +107,8 @@ class RequestReader:
                     return
                 execute(flags, cmd, cookie, offset, length, payload, scratch)
                 served += 1
+                if not served % REPLIES_PER_SEND:
+                    self._flush()
             if start == end:
                 start = end = 0
             elif start and RECV_SIZE - end < RECV_SIZE // 4:
@@ -99,13 +125,31 @@ class RequestReader:
                     end += n
                     more_pending = True
                     continue
+            lone = served == 1
             more_pending = False
             served = 0
             self._flush()
-            n = channel.recv_some(view[end:])
+            n = self._receive(view[end:], lone)
             if n == 0:
                 return
             end += n
+
+    def _receive(self, view: memoryview, lone: bool) -> int:
+        """Wait for more bytes: poll first where that pays (module docstring), then sleep."""
+        channel = self.channel
+        if lone and self.polling and POLL_SLOT.acquire(blocking=False):
+            try:
+                deadline = perf_counter_ns() + POLL_NS
+                while perf_counter_ns() < deadline:
+                    n = channel.probe(view)
+                    if n > 0:
+                        return n
+            finally:
+                POLL_SLOT.release()
+        asleep = perf_counter_ns()
+        n = channel.recv_some(view)
+        self.polling = channel.can_probe and perf_counter_ns() - asleep < BUSY_GAP_NS
+        return n
 
     def _read_large(self, have: memoryview, length: int) -> memoryview:
         """A write payload bigger than the receive buffer, in its own buffer."""
