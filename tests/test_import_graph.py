@@ -1,8 +1,8 @@
 """The import graph of the package has no cycle, and layers import only downwards.
 
 Read from the source with ``ast`` (nothing is imported): every ``import`` and
-``from … import`` of a pynbd module, at any depth, except under
-``if TYPE_CHECKING:`` (annotations only, never run).
+``from … import`` of a pynbd module, at any depth — ``if TYPE_CHECKING:``
+blocks included, since a cycle for the type checker is a cycle in the design.
 """
 
 from __future__ import annotations
@@ -24,22 +24,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except the bodies of ``if TYPE_CHECKING:`` blocks."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """The pynbd modules ``path`` imports (a package import counts as its ``__init__``)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -23,12 +23,13 @@ from .connection import (
     Connection,
     Extent,
     FilterConnection,
+    OpenContext,
     clip_extents,
 )
 from .errors import ConfigError, errno_of, io_error
 from .layer import Layer, LayerCallError
 from .params import Param, parse_bool, parse_duration, parse_size
-from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
+from .plugin import Export, Filter, Plugin, ThreadModel
 
 __all__ = [
     "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "DATA_METHODS", "FLAG_FAST_ZERO", "FLAG_FUA",

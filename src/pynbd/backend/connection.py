@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .errors import io_error
-
-if TYPE_CHECKING:
-    from .plugin import Filter, OpenContext
 
 Buffer = bytes | bytearray | memoryview
 
@@ -164,7 +162,18 @@ DATA_METHODS = frozenset({"pread", "pread_buffers", "pwrite", "zero", "trim", "f
 """The per-request calls a filter may pass through unchanged (see
 ``FilterConnection.passes_through``)."""
 
-F = TypeVar("F", bound="Filter")
+F = TypeVar("F")  # the filter whose connection this is (a ``Filter`` subclass)
+
+
+@dataclass
+class OpenContext:
+    """What a layer knows about the client it is opened for."""
+
+    readonly: bool = False
+    export_name: str = ""
+    tls: bool = False
+    client_address: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FilterConnection(Connection, Generic[F]):

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .connection import Connection, FilterConnection
+from .connection import Connection, FilterConnection, OpenContext
 from .params import Param, apply_params
 
 
@@ -36,17 +36,6 @@ class ThreadModel(enum.IntEnum):
     SERIALIZE_ALL_REQUESTS = 1
     SERIALIZE_REQUESTS = 2
     PARALLEL = 3
-
-
-@dataclass
-class OpenContext:
-    """What a layer knows about the client it is opened for."""
-
-    readonly: bool = False
-    export_name: str = ""
-    tls: bool = False
-    client_address: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

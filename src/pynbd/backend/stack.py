@@ -12,11 +12,11 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .connection import Connection
+from .connection import Connection, OpenContext
 from .errors import ConfigError
 from .layer import Layer, open_layer
 from .params import parse_params, split_key_value
-from .plugin import Export, Filter, OpenContext, Plugin, ThreadModel
+from .plugin import Export, Filter, Plugin, ThreadModel
 from .registry import find_filter, find_plugin
 
 C = TypeVar("C", Plugin, Filter)

@@ -39,7 +39,7 @@ import threading
 
 from ..backend import connection as _connection
 from ..backend import params as _params
-from ..backend.plugin import OpenContext as _OpenContext
+from ..backend.connection import OpenContext as _OpenContext
 from ..backend.plugin import ThreadModel as _ThreadModel
 
 THREAD_MODEL_SERIALIZE_CONNECTIONS = int(_ThreadModel.SERIALIZE_CONNECTIONS)
