@@ -272,7 +272,7 @@ def fake_server(script) -> tuple[str, threading.Thread]:
                                  + wire.option_reply(option, Rep.ACK))
                     break
                 conn.sendall(wire.option_reply(option, Rep.ERR_UNSUP))
-            _, _, cookie, _, _ = ServerTransmission(Terms(MiB, 1)).parse_request(_recv(conn, 28))
+            _, _, cookie, _, _, _ = ServerTransmission(Terms(MiB, 1)).parse_request(_recv(conn, 28))
             script(conn, cookie)
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()

@@ -23,8 +23,8 @@ def feed(t: Transmission, data: bytes, step: int | None = None) -> list:
     return done
 
 
-def parsed(header: bytes, extended: bool) -> tuple[int, int, int, int, int]:
-    """The request as the server's core reads it: (flags, command, cookie, offset, length)."""
+def parsed(header: bytes, extended: bool) -> tuple[int, int, int, int, int, int]:
+    """The request as the server's core reads it: (flags, command, cookie, offset, length, payload)."""
     return ServerTransmission(Terms(1 << 30, 1, extended=extended)).parse_request(header)
 
 

@@ -47,11 +47,10 @@ def test_compact_and_extended_headers_parse_at_any_position():
     data = b"junk" + compact(FUA, WRITE, 0xC0FFEE, 4096, 512)
     tx = core()
     assert tx.header_size == 28
-    assert tx.parse_request(data, 4) == (FUA, WRITE, 0xC0FFEE, 4096, 512)
+    assert tx.parse_request(data, 4) == (FUA, WRITE, 0xC0FFEE, 4096, 512, 512)
     tx = core(extended=True)
     assert tx.header_size == 32
-    assert tx.parse_request(extended(PAYLOAD_LEN, WRITE, 7, 1 << 40, 1 << 33)) == (
-        PAYLOAD_LEN, WRITE, 7, 1 << 40, 1 << 33)
+    assert tx.parse_request(extended(0, READ, 7, 1 << 40, 1 << 33)) == (0, READ, 7, 1 << 40, 1 << 33, 0)
 
 
 def test_a_bad_magic_is_the_peers_fault():
@@ -62,16 +61,20 @@ def test_a_bad_magic_is_the_peers_fault():
 
 
 def test_payload_lengths():
+    def payload(tx: ServerTransmission, flags: int, cmd: int, length: int) -> int:
+        header = (extended if tx.extended else compact)(flags, cmd, 1, 0, length)
+        return tx.parse_request(header)[5]
+
     tx = core()
-    assert tx.payload_length(0, WRITE, 512) == 512
-    assert tx.payload_length(0, READ, 512) == 0
-    assert tx.payload_length(0, WRITE, 1 << 30) == 1 << 30  # the caller drops it, check refuses
+    assert payload(tx, 0, WRITE, 512) == 512
+    assert payload(tx, 0, READ, 512) == 0
+    assert payload(tx, 0, WRITE, 1 << 30) == 1 << 30  # the caller drops it, check refuses
     tx = core(extended=True)
-    assert tx.payload_length(PAYLOAD_LEN, WRITE, 512) == 512
-    assert tx.payload_length(0, WRITE, 512) == 0
-    assert tx.payload_length(PAYLOAD_LEN, CACHE, 16) == 16
+    assert payload(tx, PAYLOAD_LEN, WRITE, 512) == 512
+    assert payload(tx, 0, WRITE, 512) == 0
+    assert payload(tx, PAYLOAD_LEN, CACHE, 16) == 16
     with pytest.raises(RemoteProtocolError, match="over the maximum"):
-        tx.payload_length(PAYLOAD_LEN, WRITE, 1 << 30)
+        payload(tx, PAYLOAD_LEN, WRITE, 1 << 30)
 
 
 # ------------------------------------------------------------------ validation

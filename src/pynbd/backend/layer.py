@@ -97,7 +97,11 @@ class Layer(Connection):
         fua = FLAG_FUA if self.fua != FUA_NONE else 0
         self.write_flags = fua
         self.zero_flags = fua | FLAG_MAY_TRIM | (FLAG_FAST_ZERO if self.fast_zero else 0)
-        self.emulate_fua = self.fua == FUA_EMULATE
+        # FLAG_FUA where the layer has it emulated (write, then flush), else 0.
+        self.emulated_fua = FLAG_FUA if self.fua == FUA_EMULATE else 0
+        # The end a write may reach: the size, or -1 so that every write fails the
+        # one range test on the fast path when the layer cannot write.
+        self.write_limit = self.size if writable else -1
 
         # The callables that do the work: the layer's own, or, for what a
         # filter passes through unchanged, the checked layer below it.
@@ -186,11 +190,11 @@ class Layer(Connection):
         return self._pread_buffers(count, offset, flags)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        if not self.writable:
-            raise self._refuse("pwrite on a layer that cannot write")
-        if offset < 0 or offset + len(buf) > self.size or flags & ~self.write_flags:
+        if offset < 0 or offset + len(buf) > self.write_limit or flags & ~self.write_flags:
+            if not self.writable:
+                raise self._refuse("pwrite on a layer that cannot write")
             self._check("pwrite", len(buf), offset, flags, self.write_flags)
-        if flags & FLAG_FUA and self.emulate_fua:
+        if flags & self.emulated_fua:
             self._pwrite(buf, offset, flags & ~FLAG_FUA)
             self._flush(0)
         else:
@@ -200,7 +204,7 @@ class Layer(Connection):
         if not self.zeroable:
             raise self._refuse("zero on a layer that cannot zero")
         self._check("zero", count, offset, flags, self.zero_flags)
-        if flags & FLAG_FUA and self.emulate_fua:
+        if flags & self.emulated_fua:
             self._zero(count, offset, flags & ~FLAG_FUA)
             self._flush(0)
         else:
@@ -210,7 +214,7 @@ class Layer(Connection):
         if not self.trimmable:
             raise self._refuse("trim on a layer that cannot trim")
         self._check("trim", count, offset, flags, self.write_flags)
-        if flags & FLAG_FUA and self.emulate_fua:
+        if flags & self.emulated_fua:
             self._trim(count, offset, flags & ~FLAG_FUA)
             self._flush(0)
         else:

@@ -4,11 +4,10 @@ What the server's request loop needs from the protocol, in three parts, each
 tested with byte strings alone (``tests/proto/test_server_transmission.py``):
 
 1. **Parsing.** ``parse_request(data, pos)`` reads the request header at
-   ``pos`` (compact: 28 bytes, extended: 32) and checks its magic;
-   ``payload_length(flags, cmd, length)`` says how many payload bytes follow
-   it (a write's data; with extended headers, any command flagged
-   ``PAYLOAD_LEN``). A bad magic or an extended payload over the limit is a
-   ``RemoteProtocolError``: the stream can no longer be framed.
+   ``pos`` (compact: 28 bytes, extended: 32), checks its magic and says how
+   many payload bytes follow it (a write's data; with extended headers, any
+   command flagged ``PAYLOAD_LEN``). A bad magic or an extended payload over
+   the limit is a ``RemoteProtocolError``: the stream can no longer be framed.
 2. **Validation** against what the client was told (``Terms``): ``check``
    returns ``None`` for a request the stack may run, else a ``Refusal``
    (errno and message): an unknown command or flag, a flag not negotiated
@@ -114,29 +113,26 @@ class ServerTransmission:
 
     # ------------------------------------------------------------- parsing
     def parse_request(self, data: bytes | bytearray | memoryview, pos: int = 0
-                      ) -> tuple[int, int, int, int, int]:
-        """(flags, command, cookie, offset, length) of the header at ``pos``."""
+                      ) -> tuple[int, int, int, int, int, int]:
+        """(flags, command, cookie, offset, length, payload) of the header at ``pos``.
+
+        ``payload`` is how many payload bytes follow the header: a compact
+        write carries ``length`` bytes; with extended headers any command
+        flagged PAYLOAD_LEN does, and one over the maximum cannot be skipped
+        safely, so it ends the connection. (A compact write over the maximum
+        is read and dropped by the caller, then refused by ``check``.)
+        """
         magic, flags, cmd, cookie, offset, length = self._unpack(data, pos)
         if magic != self._magic:
             raise RemoteProtocolError(f"bad request magic {magic:#x}, expected {self._magic:#x}")
-        return flags, cmd, cookie, offset, length
-
-    def payload_length(self, flags: int, cmd: int, length: int) -> int:
-        """How many payload bytes follow this request's header.
-
-        A compact write carries ``length`` bytes; with extended headers any
-        command with PAYLOAD_LEN does, and one over the maximum cannot be
-        skipped safely, so it ends the connection. (A compact write over the
-        maximum is read and dropped by the caller, then refused.)
-        """
-        if self.extended:
-            if not flags & F_PAYLOAD_LEN:
-                return 0
-            if length > self.max_payload:
-                raise RemoteProtocolError(f"payload of {length} bytes is over the maximum "
-                                          f"{self.max_payload}")
-            return length
-        return length if cmd == WRITE else 0
+        if not self.extended:
+            return flags, cmd, cookie, offset, length, length if cmd == WRITE else 0
+        if not flags & F_PAYLOAD_LEN:
+            return flags, cmd, cookie, offset, length, 0
+        if length > self.max_payload:
+            raise RemoteProtocolError(f"payload of {length} bytes is over the maximum "
+                                      f"{self.max_payload}")
+        return flags, cmd, cookie, offset, length, length
 
     # ------------------------------------------------------------- validation
     def _allowed_flags(self) -> dict[int, int]:

@@ -69,7 +69,6 @@ class RequestReader:
         tx = self.tx
         header_size = tx.header_size
         parse = tx.parse_request
-        payload_length = tx.payload_length
         max_payload = tx.max_payload
         execute = self.execute
         scratch = self.scratch
@@ -82,9 +81,8 @@ class RequestReader:
         served = 0  # requests served since the last waiting receive
         while True:
             while end - start >= header_size:
-                flags, cmd, cookie, offset, length = parse(buf, start)
+                flags, cmd, cookie, offset, length, need = parse(buf, start)
                 payload = None
-                need = payload_length(flags, cmd, length)
                 body = start + header_size
                 if need:
                     if need > max_payload:
