@@ -38,6 +38,7 @@ import threading
 import weakref
 from typing import Any
 
+from ..blocks import block_runs
 from ..connection import ZERO_BUFFER
 from .allocator import DIR_MASK, DIR_SHIFT, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PagedAllocator
 
@@ -128,16 +129,10 @@ class SparseAllocator(PagedAllocator[memoryview]):
             p = None if d is None else d.get(page & DIR_MASK)
             buf[:] = ZERO_VIEW[:n] if p is None else p[inner:inner + n]
             return
-        dirs = self._dirs
-        pos = 0
-        while pos < n:
-            page = (offset + pos) >> PAGE_SHIFT
-            inner = (offset + pos) & PAGE_MASK
-            take = min(PAGE_SIZE - inner, n - pos)
-            d = dirs.get(page >> DIR_SHIFT)
-            p = None if d is None else d.get(page & DIR_MASK)
+        lookup = self.get_page
+        for page, inner, take, pos in block_runs(offset, n, PAGE_SIZE):
+            p = lookup(page)
             buf[pos:pos + take] = ZERO_VIEW[:take] if p is None else p[inner:inner + take]
-            pos += take
 
     def read_buffers(self, count: int, offset: int, flags: int = 0) -> list[memoryview]:
         """Views of the pages themselves: the server sends them without a copy."""
@@ -147,6 +142,8 @@ class SparseAllocator(PagedAllocator[memoryview]):
             d = self._dirs.get(page >> DIR_SHIFT)
             p = None if d is None else d.get(page & DIR_MASK)
             return [ZERO_VIEW[:count] if p is None else p[inner:inner + count]]
+        # The server's read path: the page walk is written out (block_runs'
+        # generator costs a third more on a 256 KiB read).
         dirs = self._dirs
         out = []
         pos = 0
@@ -187,14 +184,8 @@ class SparseAllocator(PagedAllocator[memoryview]):
             self._write_pages(buf, offset)
 
     def _write_pages(self, buf: memoryview, offset: int) -> None:
-        n = len(buf)
-        pos = 0
-        while pos < n:
-            page = (offset + pos) >> PAGE_SHIFT
-            inner = (offset + pos) & PAGE_MASK
-            take = min(PAGE_SIZE - inner, n - pos)
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             self._page(page)[inner:inner + take] = buf[pos:pos + take]
-            pos += take
 
     def _page(self, page: int) -> memoryview:
         """The page, allocated if it is not. Writers racing for a new page agree on one."""

@@ -24,9 +24,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from ..blocks import block_runs
 from ..connection import ZERO_BUFFER
 from ..errors import ConfigError
-from .allocator import DIR_MASK, DIR_SHIFT, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PagedAllocator
+from .allocator import DIR_MASK, DIR_SHIFT, PAGE_SHIFT, PAGE_SIZE, PagedAllocator
 
 LOCK_STRIPES = 64
 _ZERO = memoryview(ZERO_BUFFER)
@@ -69,27 +70,16 @@ class ZstdAllocator(PagedAllocator[bytes]):
 
     def read(self, buf: memoryview, offset: int, flags: int = 0) -> None:
         decompress = self._codec()[1]
-        n = len(buf)
-        pos = 0
-        while pos < n:
-            page = (offset + pos) >> PAGE_SHIFT
-            inner = (offset + pos) & PAGE_MASK
-            take = min(PAGE_SIZE - inner, n - pos)
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             blob = self.get_page(page)
             if blob is None:
                 buf[pos:pos + take] = _ZERO[:take]
             else:
                 buf[pos:pos + take] = memoryview(decompress(blob))[inner:inner + take]
-            pos += take
 
     def write(self, buf: memoryview, offset: int, flags: int = 0) -> None:
         compress, decompress = self._codec()
-        n = len(buf)
-        pos = 0
-        while pos < n:
-            page = (offset + pos) >> PAGE_SHIFT
-            inner = (offset + pos) & PAGE_MASK
-            take = min(PAGE_SIZE - inner, n - pos)
+        for page, inner, take, pos in block_runs(offset, len(buf), PAGE_SIZE):
             with self._locks[page % LOCK_STRIPES]:
                 d = self._dirs.get(page >> DIR_SHIFT)
                 blob = None if d is None else d.get(page & DIR_MASK)
@@ -103,7 +93,6 @@ class ZstdAllocator(PagedAllocator[bytes]):
                     d[page & DIR_MASK] = new  # d holds this page: it cannot be dropped now
                 else:
                     self._add(page, new)
-            pos += take
 
     def _add(self, page: int, blob: bytes) -> None:
         """Put a new page in place. Holds the page's lock."""
