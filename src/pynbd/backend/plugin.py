@@ -20,6 +20,7 @@ first word sets (``pynbd serve file disk.img``).
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class _Configurable:
         """Called once when the server exits."""
 
 
-class Plugin(_Configurable):
+class Plugin(_Configurable, abc.ABC):
     """A data source. Subclass it, declare ``params`` and implement ``open``."""
 
     def list_exports(self, ctx: OpenContext) -> list[Export]:
@@ -94,8 +95,9 @@ class Plugin(_Configurable):
     def default_export(self, ctx: OpenContext) -> str:
         return ""
 
+    @abc.abstractmethod
     def open(self, ctx: OpenContext) -> Connection:
-        raise NotImplementedError(f"plugin {self.name} must implement open()")
+        """A new connection for one client (the export it chose is ``ctx.export_name``)."""
 
 
 class Filter(_Configurable):

@@ -140,7 +140,7 @@ class Stream:
     def settle(self) -> None:
         """Wait until the command in progress (another thread's) has its answer."""
         with self._lock:
-            pass
+            pass  # the command in progress holds the lock until its answer is in
 
     def hand_over(self) -> tuple[socket.socket, Transmission]:
         """Give the connection to a ``Pipeline``: from now on ``run`` refuses (EBUSY)."""

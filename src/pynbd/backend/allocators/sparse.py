@@ -32,6 +32,7 @@ and two reads of ``_gen``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import threading
@@ -91,10 +92,8 @@ class PagePool:
 
     def _refill(self) -> tuple[mmap.mmap, int, int]:
         with self._refill_lock:
-            try:
-                return self._free.pop()  # another thread refilled while we waited
-            except IndexError:
-                pass
+            with contextlib.suppress(IndexError):  # unless another thread refilled meanwhile
+                return self._free.pop()
             arena = mmap.mmap(-1, self.arena_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.arenas.append(arena)
             base = ctypes.addressof(ctypes.c_char.from_buffer(arena))
