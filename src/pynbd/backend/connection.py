@@ -191,7 +191,7 @@ class FilterConnection(Connection, Generic[F]):
     nothing per request. ``close`` closes the next layer after this one.
     """
 
-    def __init__(self, next: Connection, filter: F, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: F, ctx: OpenContext) -> None:
         self.next = next
         self.filter = filter
         self.ctx = ctx

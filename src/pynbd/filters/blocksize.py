@@ -85,7 +85,7 @@ def pieces(offset: int, count: int, limit: int) -> Iterator[tuple[int, int]]:
 
 
 class BlocksizeConnection(FilterConnection["BlocksizeFilter"]):
-    def __init__(self, next: Connection, filter: BlocksizeFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: BlocksizeFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         below_min, _, below_max = next.block_size()
         self.minblock = filter.minblock or below_min or 1

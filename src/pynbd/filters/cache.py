@@ -304,7 +304,7 @@ class BlockCache:
 
 
 class CacheConnection(FilterConnection["CacheFilter"]):
-    def __init__(self, next: Connection, filter: CacheFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: CacheFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.store = filter.cache_for(next.get_size())
         self.mode = filter.cache

@@ -42,7 +42,7 @@ _PAIRS = (("rdelay", "delay-read"), ("wdelay", "delay-write"), ("zerodelay", "de
 
 
 class DelayConnection(FilterConnection["DelayFilter"]):
-    def __init__(self, next: Connection, filter: DelayFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: DelayFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.read_delay = filter.read_delay
         self.write_delay = filter.write_delay

@@ -89,7 +89,7 @@ class Injection:
 
 
 class ErrorConnection(FilterConnection["ErrorFilter"]):
-    def __init__(self, next: Connection, filter: ErrorFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: ErrorFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.inject = filter.injections
 

@@ -55,7 +55,7 @@ class FuaConnection(FilterConnection["FuaFilter"]):
     below's boundary emulates it there if that layer only can by flushing.
     """
 
-    def __init__(self, next: Connection, filter: FuaFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: FuaFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.mode = filter.fuamode
         if self.mode == "emulate" and not next.can_flush():

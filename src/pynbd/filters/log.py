@@ -108,7 +108,7 @@ class LogWriter:
 
 
 class LogConnection(FilterConnection["LogFilter"]):
-    def __init__(self, next: Connection, filter: LogFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: LogFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.out = filter.writer
         self.prefix = f"connection={self.out.new_connection()}"

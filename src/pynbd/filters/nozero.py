@@ -41,7 +41,7 @@ from ..backend import (
 
 
 class NoZeroConnection(FilterConnection["NoZeroFilter"]):
-    def __init__(self, next: Connection, filter: NoZeroFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: NoZeroFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.mode = filter.zeromode
         self.fast = filter.fastzeromode

@@ -39,7 +39,7 @@ class SliceConnection(FilterConnection[FilterT]):
     filter from the partition table.
     """
 
-    def __init__(self, next: Connection, filter: FilterT, ctx: OpenContext,  # noqa: A002
+    def __init__(self, next: Connection, filter: FilterT, ctx: OpenContext,
                  start: int, size: int | None) -> None:
         super().__init__(next, filter, ctx)
         below = next.get_size()
@@ -84,7 +84,7 @@ class SliceConnection(FilterConnection[FilterT]):
 
 
 class OffsetConnection(SliceConnection["OffsetFilter"]):
-    def __init__(self, next: Connection, filter: OffsetFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: OffsetFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx, filter.offset, filter.range)
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger("pynbd.filters.partition")
 class PartitionConnection(SliceConnection["PartitionFilter"]):
     """The slice of the disk below that the partition table gives."""
 
-    def __init__(self, next: Connection, filter: PartitionFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: PartitionFilter, ctx: OpenContext) -> None:
         size = next.get_size()
 
         def read(offset: int, count: int) -> bytes:

@@ -86,7 +86,7 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class ProtectConnection(FilterConnection["ProtectFilter"]):
-    def __init__(self, next: Connection, filter: ProtectFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: ProtectFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.ranges = filter.ranges
         self.starts = [start for start, _ in self.ranges]

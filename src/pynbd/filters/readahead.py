@@ -33,7 +33,7 @@ _STOP = None
 
 
 class ReadaheadConnection(FilterConnection["ReadaheadFilter"]):
-    def __init__(self, next: Connection, filter: ReadaheadFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: ReadaheadFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.size = next.get_size()
         self.window = 0

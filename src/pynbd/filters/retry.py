@@ -58,7 +58,7 @@ class RetryConnection(FilterConnection["RetryFilter"]):
     across reopens. Every request is overridden, so none is bound to it.
     """
 
-    def __init__(self, next: Connection, filter: RetryFilter, ctx: OpenContext,  # noqa: A002
+    def __init__(self, next: Connection, filter: RetryFilter, ctx: OpenContext,
                  reopen: Callable[[OpenContext], Connection]) -> None:
         super().__init__(next, filter, ctx)
         self.current: Connection | None = next

@@ -151,7 +151,7 @@ class StatsTable:
 class StatsConnection(FilterConnection["StatsFilter"]):
     """Times each request into the server's table (one OpStats per operation)."""
 
-    def __init__(self, next: Connection, filter: StatsFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: StatsFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         ops = filter.table.ops
         self.reads = ops["read"]

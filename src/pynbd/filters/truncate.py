@@ -36,7 +36,7 @@ from ..backend.params import MAX_SIZE
 
 
 class TruncateConnection(FilterConnection["TruncateFilter"]):
-    def __init__(self, next: Connection, filter: TruncateFilter, ctx: OpenContext) -> None:  # noqa: A002
+    def __init__(self, next: Connection, filter: TruncateFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.real_size = next.get_size()
         self.size = filter.size_for(self.real_size)
