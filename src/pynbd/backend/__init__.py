@@ -26,6 +26,7 @@ from .connection import (
     OpenContext,
     clip_extents,
 )
+from .control import Command, ControlError
 from .errors import ConfigError, errno_of, io_error
 from .layer import Layer, LayerCallError
 from .params import Param, parse_bool, parse_duration, parse_size
@@ -34,7 +35,8 @@ from .plugin import Export, Filter, Plugin, ThreadModel
 __all__ = [
     "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "DATA_METHODS", "FLAG_FAST_ZERO", "FLAG_FUA",
     "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE", "ZERO_BUFFER", "Buffer",
-    "ConfigError", "Connection", "Export", "Extent", "Filter", "FilterConnection", "Layer", "LayerCallError",
+    "Command", "ConfigError", "Connection", "ControlError", "Export", "Extent", "Filter",
+    "FilterConnection", "Layer", "LayerCallError",
     "OpenContext", "Param", "Plugin", "RamDisk", "ResidentDisk", "ThreadModel", "block_runs",
     "extents_of_runs", "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",
     "parse_duration", "parse_size",

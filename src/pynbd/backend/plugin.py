@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .connection import Connection, FilterConnection, OpenContext
+from .control import Command
 from .params import Param, apply_params
 
 
@@ -81,6 +82,10 @@ class _Configurable:
     def requests_are_short(self) -> bool:
         """Whether every request is short; see ``short_requests``."""
         return self.short_requests
+
+    def control_commands(self) -> Sequence[Command]:
+        """Commands this layer serves on ``--control=PATH`` (see ``pynbd.backend.control``)."""
+        return ()
 
     def unload(self) -> None:
         """Called once when the server exits."""
