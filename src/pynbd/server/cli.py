@@ -25,6 +25,7 @@ from ..backend import ConfigError
 from ..backend.plugin import Filter, Plugin
 from ..backend.registry import builtin_names, find_filter, find_plugin
 from ..backend.stack import Stack
+from ..control.server import CommandTable, ControlSocket
 from ..proto.constants import NBD_DEFAULT_PORT
 from .dispatch import plan_for
 from .server import Listener, Server
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-v", "--verbose", action="store_true", help="debug messages")
     a("--log", choices=("stderr", "syslog", "null"), help="where messages go")
     a("--run", metavar="CMD", help="run CMD with $uri set, then exit with its status")
+    a("--control", metavar="PATH", help="serve control commands on this Unix socket (pynbd ctl PATH help)")
     a("--filter", action="append", default=[], metavar="NAME", help="add a filter (first is outermost)")
     a("--tls", choices=("off", "on", "require"), default="off", help="TLS mode")
     a("--tls-certificates", metavar="DIR", help="directory of ca-cert.pem, server-cert.pem, server-key.pem")
@@ -126,8 +128,10 @@ def _main(args: argparse.Namespace) -> int:
             raise ConfigError("--tls needs --tls-certificates=DIR")
         config.ssl_context = server_context(args.tls_certificates, args.tls_verify_peer)
     if args.single:
-        return _serve_single(config, stack)
+        return _serve_single(config, stack, args.control)
     listener = _make_listener(args)
+    server = Server(config, listener)
+    _bind_control(server, args.control)
     stack.get_ready()
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else ""  # before chdir("/")
     ready_fd = None
@@ -136,10 +140,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.pidfile:
         _write_pidfile(pidfile)
     stack.after_fork()
+    if server.control is not None:
+        server.control.start()
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    server = Server(config, listener)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.shutdown())
     status = [0]
@@ -151,7 +156,19 @@ def _main(args: argparse.Namespace) -> int:
     return status[0]
 
 
-def _serve_single(config: SessionConfig, stack: Stack) -> int:
+def _bind_control(server: Server, path: str | None) -> None:
+    """--control=PATH: bind in the foreground, so that a refusal reaches the terminal."""
+    if path is None:
+        return
+    try:
+        server.control = ControlSocket.bind(path, CommandTable.for_stack(server.config.stack,
+                                                                          server.connection_count))
+    except ConfigError:
+        server.listener.close()
+        raise
+
+
+def _serve_single(config: SessionConfig, stack: Stack, control: str | None) -> int:
     if os.environ.get("LISTEN_PID") == str(os.getpid()):
         raise ConfigError("cannot use socket activation with -s/--single")
     try:
@@ -160,9 +177,12 @@ def _serve_single(config: SessionConfig, stack: Stack) -> int:
         raise ConfigError("--single needs a socket on standard input") from None
     if sock.type != socket.SOCK_STREAM:
         raise ConfigError("--single needs a stream socket on standard input")
+    server = Server(config, Listener([]))
+    _bind_control(server, control)
     stack.get_ready()
     stack.after_fork()
-    server = Server(config, Listener([]))
+    if server.control is not None:
+        server.control.start()
     server.serve_one(sock)
     return 0
 

@@ -18,6 +18,7 @@ import tempfile
 import threading
 
 from ..backend import ConfigError
+from ..control.server import ControlSocket
 from .session import Session, SessionConfig
 
 log = logging.getLogger("pynbd.server")
@@ -144,6 +145,7 @@ class Server:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self.stopping = False
+        self.control: ControlSocket | None = None  # --control=PATH, closed before the stack unloads
 
     # ---- lifetime
     def serve_forever(self) -> None:
@@ -176,9 +178,16 @@ class Server:
         with contextlib.suppress(OSError):  # pipe full or closed: a stop is already pending or done
             os.write(self._stop_w, b"x")
 
+    def connection_count(self) -> int:
+        """How many clients are connected now."""
+        with self._lock:
+            return len(self._sessions)
+
     def _finish(self) -> None:
         self.stopping = True
         self.listener.close()
+        if self.control is not None:
+            self.control.close()
         with self._lock:
             sessions = list(self._sessions)
             threads = list(self._threads)
