@@ -20,6 +20,7 @@ calls them::
             ...
             return {"name": name}
 
+The server asks ``control_commands()`` once, after ``get_ready()``.
 ``run`` is called with the request's arguments as strings, one per name in
 ``args``; a trailing ``*REST`` name takes any number of them (possibly
 none). It returns a JSON-able result (None, bool, int, float, str, lists and

@@ -131,8 +131,8 @@ def _main(args: argparse.Namespace) -> int:
         return _serve_single(config, stack, args.control)
     listener = _make_listener(args)
     server = Server(config, listener)
-    _bind_control(server, args.control)
     stack.get_ready()
+    _bind_control(server, args.control)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else ""  # before chdir("/")
     ready_fd = None
     if not (args.foreground or args.run or args.exit_with_parent or listener.activated):
@@ -178,8 +178,8 @@ def _serve_single(config: SessionConfig, stack: Stack, control: str | None) -> i
     if sock.type != socket.SOCK_STREAM:
         raise ConfigError("--single needs a stream socket on standard input")
     server = Server(config, Listener([]))
-    _bind_control(server, control)
     stack.get_ready()
+    _bind_control(server, control)
     stack.after_fork()
     if server.control is not None:
         server.control.start()
