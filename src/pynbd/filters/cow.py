@@ -1,0 +1,355 @@
+"""cow: a copy-on-write overlay: make any disk writable without changing it.
+
+    pynbd serve --filter=cow file base.img
+    pynbd serve --filter=cow data "1 2 3 @4096 4 5 6" size=1M
+    pynbd serve --filter=cow --filter=xz file disk.xz cow-on-read=true
+    pynbd serve --filter=cow file base.img cow-block-size=4k cow-on-read=/run/cor
+
+Parameters
+    cow-block-size=SIZE   the overlay's block size: a power of 2 from 4k to
+                          2G (default 64k). A write smaller than a block
+                          copies the rest of the block from below first.
+    cow-on-read=BOOL      also copy blocks the client reads into the overlay,
+                          so later reads need not ask the layer below
+                          (default false)
+    cow-on-read=/PATH     do so only while /PATH exists
+    cow-on-cache=BOOL     NBD_CMD_CACHE copies blocks into the overlay
+                          (default false: the request is passed below)
+
+The layer below is opened read-only and never modified, even when it is
+writable: writes, zeroes and trims go to the overlay, reads take each block
+from the overlay when it holds the block and from below otherwise. Any
+plugin works, read-only ones included (data, pattern, sparse-random, ...).
+The overlay is a sparse temporary file in ``$TMPDIR`` (or the system temp
+directory), unlinked as soon as it is created, plus a map of the blocks it
+holds in memory (one byte per block); everything written is thrown away when
+the server exits, and flush and FUA do nothing, as with nbdkit.
+
+There is one overlay per export name, shared by every connection to that
+export, so clients see each other's writes (multi-conn is offered). Zeroing
+or trimming whole blocks stores nothing: the blocks read as zeroes and
+extents report them as holes; parts of blocks are zeroed in the overlay.
+Extents merge the overlay's blocks with the extents of the layer below.
+
+Requests run in parallel: requests on different blocks never wait for each
+other, and a write that covers part of a block holds that block's lock for
+its read-modify-write, so two partial writes to the same block never lose
+each other.
+
+Differences from nbdkit's cow filter: zeroed whole blocks are reported as
+holes (nbdkit reports them as data), a fast zero succeeds (nbdkit always
+refuses it: it never zeroes faster than it writes), and each export name
+has its own overlay (nbdkit's one overlay serves every export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+from ..backend import (
+    CACHE_NATIVE,
+    CACHE_NONE,
+    FLAG_FUA,
+    FLAG_REQ_ONE,
+    FUA_NATIVE,
+    ZERO_BUFFER,
+    Buffer,
+    ConfigError,
+    Connection,
+    Extent,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    clip_extents,
+    fill_zero,
+)
+from ..backend.overlay import ABSENT, DATA, ZERO, Overlay, TempOverlay, state_runs, switch_rule
+
+DEFAULT_BLOCK = 64 * 1024
+MAX_BLOCK = 1 << 31
+_ZEROES = memoryview(ZERO_BUFFER)
+
+
+def zeroes(count: int) -> memoryview:
+    """A read-only view of ``count`` zero bytes."""
+    return _ZEROES[:count] if count <= len(_ZEROES) else memoryview(bytes(count))
+
+
+class CowConnection(FilterConnection["CowFilter"]):
+    def __init__(self, next: Connection, filter: CowFilter, ctx: OpenContext) -> None:
+        super().__init__(next, filter, ctx)
+        self.size = next.get_size()
+        self.overlay = filter.overlay_for(next, ctx.export_name)
+        self.bs = self.overlay.block_size
+        self.map = self.overlay.map
+        self.locks = self.overlay.locks
+        self.on_read = filter.on_read
+
+    # ------------------------------------------------------------ answers
+    def can_write(self) -> bool:
+        return True
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_trim(self) -> bool:
+        return True
+
+    def can_zero(self) -> bool:
+        return True
+
+    def can_fast_zero(self) -> bool:
+        return True
+
+    def can_fua(self) -> int:
+        return FUA_NATIVE
+
+    def can_multi_conn(self) -> bool:
+        return True  # one overlay per export: every client sees every write
+
+    def can_cache(self) -> int:
+        return CACHE_NATIVE
+
+    def can_extents(self) -> bool:
+        return True
+
+    def block_size(self) -> tuple[int, int, int]:
+        minimum, preferred, maximum = self.next.block_size()
+        if minimum == 0:
+            return 1, self.bs, 0xFFFFFFFF
+        return minimum, max(preferred, self.bs) if maximum >= self.bs else preferred, maximum
+
+    # ------------------------------------------------------------ reads
+    def _block_span(self, count: int, offset: int) -> tuple[int, int]:
+        """First block and end block (exclusive) of a range."""
+        return offset // self.bs, (offset + count - 1) // self.bs + 1
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        """Zero-copy reads of the layer below where the overlay holds none of the range."""
+        first, end = self._block_span(count, offset)
+        states = self.map[first:end]
+        if states.count(ABSENT) == len(states) and not self.on_read():
+            return self.next.pread_buffers(count, offset, flags)
+        return None
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        if not buf:
+            return
+        first, end = self._block_span(len(buf), offset)
+        if end - first == 1:
+            state = self.map[first]
+            if state == ABSENT and self.on_read():
+                self.copy_up(first, end)
+                state = self.map[first]
+            if state == ABSENT:
+                self.next.pread(buf, offset, 0)
+            elif state == DATA:
+                self.overlay.read(buf, offset)
+            else:
+                fill_zero(buf)
+            return
+        if self.on_read():
+            self.copy_up(first, end)
+        stop = offset + len(buf)
+        for state, lo, hi in state_runs(self.map[first:end], first):
+            start, finish = max(offset, lo * self.bs), min(stop, hi * self.bs)
+            view = buf[start - offset:finish - offset]
+            if state == ABSENT:
+                self.next.pread(view, start, 0)
+            elif state == DATA:
+                self.overlay.read(view, start)
+            else:
+                fill_zero(view)
+
+    def _current(self, block: int, view: memoryview) -> None:
+        """Fill ``view`` with what block ``block`` holds now (its lock held)."""
+        state = self.map[block]
+        offset = block * self.bs
+        if state == ABSENT:
+            self.next.pread(view, offset, 0)
+        elif state == DATA:
+            self.overlay.read(view, offset)
+        else:
+            fill_zero(view)
+
+    def copy_up(self, first: int, end: int) -> None:
+        """Copy the ABSENT blocks of [first, end) from below into the overlay."""
+        with self.locks.hold(first, end):
+            for state, lo, hi in state_runs(self.map[first:end], first):
+                if state != ABSENT:
+                    continue
+                start, finish = lo * self.bs, min(hi * self.bs, self.size)
+                bounce = memoryview(bytearray(finish - start))
+                self.next.pread(bounce, start, 0)
+                self.overlay.write_blocks(lo, bounce)
+
+    # ------------------------------------------------------------ writes
+    def _bounds(self, block: int) -> tuple[int, int]:
+        start = block * self.bs
+        return start, min(start + self.bs, self.size)
+
+    def _write_piece(self, block: int, piece: memoryview | None, count: int, offset: int) -> None:
+        """Write ``piece`` (zeroes if None) over part or all of one block (its lock held)."""
+        start, finish = self._bounds(block)
+        state = self.map[block]
+        if offset == start and count == finish - start:
+            if piece is None:
+                self.overlay.zero_blocks(block, block + 1)
+            else:
+                self.overlay.write_blocks(block, piece)
+        elif piece is None and state == ZERO:
+            return
+        elif state == DATA:
+            self.overlay.patch(zeroes(count) if piece is None else piece, offset)
+        else:
+            whole = self.filter.scratch(finish - start)
+            self._current(block, whole)
+            inner = offset - start
+            whole[inner:inner + count] = zeroes(count) if piece is None else piece
+            self.overlay.write_blocks(block, whole)
+
+    def _write(self, buf: memoryview | None, count: int, offset: int) -> None:
+        """Write ``buf`` (zeroes if None) at ``offset``, block by block under the locks."""
+        first, end = self._block_span(count, offset)
+        if end - first == 1:
+            with self.locks.one(first):
+                self._write_piece(first, buf, count, offset)
+            return
+        stop = offset + count
+        with self.locks.hold(first, end):
+            # Whole blocks in the middle go down in one call; a partial head and tail alone.
+            body_first = first if offset % self.bs == 0 else first + 1
+            body_end = end if stop == self._bounds(end - 1)[1] else end - 1
+            if body_first > first:
+                n = (first + 1) * self.bs - offset
+                self._write_piece(first, None if buf is None else buf[:n], n, offset)
+            if body_end > body_first:
+                lo, hi = body_first * self.bs, min(body_end * self.bs, stop)
+                if buf is None:
+                    self.overlay.zero_blocks(body_first, body_end)
+                else:
+                    self.overlay.write_blocks(body_first, buf[lo - offset:hi - offset])
+            if body_end < end:
+                lo = (end - 1) * self.bs
+                self._write_piece(end - 1, None if buf is None else buf[lo - offset:], stop - lo, lo)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        if buf:
+            self._write(buf, len(buf), offset)
+        if flags & FLAG_FUA:
+            self.overlay.sync()
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        # Never slower than writing the zeroes: a fast zero is done too.
+        if count:
+            self._write(None, count, offset)
+        if flags & FLAG_FUA:
+            self.overlay.sync()
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        """As nbdkit: trimmed whole blocks read as zeroes, parts of blocks are zeroed."""
+        self.zero(count, offset, flags)
+
+    def flush(self, flags: int) -> None:
+        self.overlay.sync()
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        if not count:
+            return
+        first, end = self._block_span(count, offset)
+        if self.filter.cow_on_cache:
+            self.copy_up(first, end)
+            return
+        if self.next.can_cache() == CACHE_NONE:
+            return
+        for state, lo, hi in state_runs(self.map[first:end], first):
+            if state == ABSENT:
+                start, finish = lo * self.bs, min(hi * self.bs, self.size)
+                self.next.cache(finish - start, start, 0)
+
+    # ------------------------------------------------------------ extents
+    def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
+        first, end = self._block_span(count, offset)
+        stop = offset + count
+        for state, lo, hi in state_runs(self.map[first:end], first):
+            start, finish = max(offset, lo * self.bs), min(stop, hi * self.bs)
+            if state == DATA:
+                yield Extent(start, finish - start)
+            elif state == ZERO:
+                yield Extent(start, finish - start, hole=True, zero=True)
+            else:
+                yield from self._extents_below(start, finish, flags)
+            if flags & FLAG_REQ_ONE:
+                return
+
+    def _extents_below(self, start: int, finish: int, flags: int) -> Iterator[Extent]:
+        """Extents of the layer below covering [start, finish), asking again after a short answer."""
+        pos = start
+        while pos < finish:
+            asked = pos
+            for ext in clip_extents(self.next.extents(finish - pos, pos, flags & FLAG_REQ_ONE),
+                                    pos, finish - pos):
+                yield ext
+                pos = ext.offset + ext.length
+            if flags & FLAG_REQ_ONE:
+                return
+            if pos == asked:  # no answer from there: call the rest data
+                yield Extent(pos, finish - pos)
+                return
+
+
+class CowFilter(Filter):
+    name = "cow"
+    short_requests = True
+    params = (
+        Param("cow-block-size", "size", "block size of the overlay (a power of 2, 4k to 2G)",
+              default=DEFAULT_BLOCK),
+        Param("cow-on-read", "str", "true, false or /PATH: copy blocks that are read into "
+              "the overlay", default="false"),
+        Param("cow-on-cache", "bool", "copy blocks of cache requests into the overlay",
+              default=False),
+    )
+    cow_block_size: int
+    cow_on_read: str
+    cow_on_cache: bool
+    connection = CowConnection
+
+    def config_complete(self) -> None:
+        block = self.cow_block_size
+        if block < 4096 or block > MAX_BLOCK or block & (block - 1):
+            raise ConfigError(f"cow: cow-block-size={block}: must be a power of 2 from 4096 to 2G")
+        self.on_read: Callable[[], bool] = switch_rule("cow: cow-on-read", self.cow_on_read)
+        self._overlays: dict[str, Overlay] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def open(self, next_open: Callable[[OpenContext], Connection],
+             ctx: OpenContext) -> Connection:
+        """Open the layer below read-only, whatever the client asked."""
+        return super().open(lambda c: next_open(dataclasses.replace(c, readonly=True)), ctx)
+
+    def overlay_for(self, below: Connection, export: str) -> Overlay:
+        """The overlay of ``export``, created when its first client connects."""
+        size = below.get_size()
+        with self._lock:
+            overlay = self._overlays.get(export)
+            if overlay is None:
+                overlay = self._overlays[export] = TempOverlay(size, self.cow_block_size)
+            elif overlay.size != size:
+                raise ConfigError(f"cow: the size of export {export!r} below changed from "
+                                  f"{overlay.size} to {size} bytes")
+            return overlay
+
+    def scratch(self, count: int) -> memoryview:
+        """A buffer of ``count`` bytes (at most a block) owned by the calling thread."""
+        buf: memoryview | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(bytearray(self.cow_block_size))
+        return buf[:count]
+
+    def unload(self) -> None:
+        for overlay in self._overlays.values():
+            overlay.close()
