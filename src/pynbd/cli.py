@@ -5,6 +5,7 @@
     pynbd copy A B    copy between servers, files and pipes (nbdcopy)
     pynbd sh          a Python shell with a connected handle (nbdsh)
     pynbd dump URI    a hex dump of an export (nbddump)
+    pynbd ctl PATH …  commands to a server's control socket (serve --control=PATH)
 
 ``pynbd TOOL --help`` explains each.
 """
