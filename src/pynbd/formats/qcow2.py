@@ -32,7 +32,17 @@ and refcount blocks.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+import sys
+import threading
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import zstandard
+
+from ..backend.blocks import fill_zero
 
 MAGIC = b"QFI\xfb"
 DEFAULT_CLUSTER_SIZE = 1 << 16
@@ -195,3 +205,399 @@ def write_image(write: WriteFn, size: int,
                              refcount_clusters=table_clusters, backing_file=backing_file,
                              backing_format=backing_format))
     return total << bits
+
+
+# ---------------------------------------------------------------- reading
+
+ReadIntoFn = Callable[[memoryview, int], None]
+"""``pread(buf, offset)``: fill ``buf`` with the file's bytes at ``offset``."""
+
+# Incompatible feature bits
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTENDED_L2 = 1 << 4
+_KNOWN_INCOMPAT = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
+                   | INCOMPAT_EXTENDED_L2)
+_FEATURE_NAME = struct.Struct(">BB46s")
+_SNAPSHOT = struct.Struct(">QIHHIIQII")
+COMPRESSION_ZLIB = 0
+COMPRESSION_ZSTD = 1
+COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
+MAX_L1_BYTES = 32 << 20  # qemu's limit on the L1 table
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fields of a qcow2 header and its extensions."""
+
+    version: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible: int = 0
+    compatible: int = 0
+    autoclear: int = 0
+    refcount_order: int = REFCOUNT_ORDER
+    header_length: int = 72
+    compression_type: int = COMPRESSION_ZLIB
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An internal snapshot (from the snapshot table)."""
+
+    id: str
+    name: str
+    l1_offset: int
+    l1_size: int
+    date: int  # seconds since the epoch
+
+
+def _read(pread: ReadIntoFn, offset: int, count: int, file_size: int, what: str) -> bytes:
+    if offset < 0 or offset + count > file_size:
+        raise Qcow2Error(f"qcow2: {what} at offset {offset} (+{count}) lies past the end of "
+                         f"the file ({file_size} bytes): truncated or corrupt image")
+    buf = bytearray(count)
+    pread(memoryview(buf), offset)
+    return bytes(buf)
+
+
+def is_qcow2(first_bytes: bytes) -> bool:
+    """Whether a file starting with these bytes is qcow2 (the magic)."""
+    return first_bytes[:4] == MAGIC
+
+
+def read_header(pread: ReadIntoFn, file_size: int) -> Header:
+    """Parse the header and header extensions (Qcow2Error if they are not valid qcow2)."""
+    if file_size < HEADER_V2.size:
+        raise Qcow2Error(f"qcow2: file of {file_size} bytes is too short for a qcow2 header")
+    raw = _read(pread, 0, min(file_size, 4096), file_size, "header")
+    (magic, version, backing_offset, backing_size, bits, size, crypt, l1_size, l1_offset,
+     rc_offset, rc_clusters, nb_snapshots, snapshots_offset) = HEADER_V2.unpack_from(raw)
+    if magic != MAGIC:
+        raise Qcow2Error(f"qcow2: bad magic {magic!r}: not a qcow2 image")
+    if version not in (2, 3):
+        raise Qcow2Error(f"qcow2: version {version} is not supported (only 2 and 3)")
+    if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
+        raise Qcow2Error(f"qcow2: cluster_bits {bits} is out of range (9-21)")
+    incompatible = compatible = autoclear = 0
+    order, header_length, compression = REFCOUNT_ORDER, 72, COMPRESSION_ZLIB
+    if version == 3:
+        if len(raw) < 104:
+            raise Qcow2Error("qcow2: truncated version 3 header")
+        incompatible, compatible, autoclear, order, header_length = \
+            HEADER_V3_TAIL.unpack_from(raw, 72)
+        if header_length < 104 or header_length % 8 or header_length > len(raw):
+            raise Qcow2Error(f"qcow2: bad header_length {header_length}")
+        if header_length > 104:
+            compression = raw[104]
+    cluster_size = 1 << bits
+    backing_format = data_file = None
+    names: dict[tuple[int, int], str] = {}
+    area = _read(pread, 0, min(file_size, cluster_size), file_size, "header extensions")
+    pos = header_length
+    while pos + 8 <= len(area):
+        kind, length = _EXT.unpack_from(area, pos)
+        pos += 8
+        if kind == EXT_END:
+            break
+        data = area[pos:pos + length]
+        if len(data) < length:
+            raise Qcow2Error("qcow2: header extension runs past the first cluster")
+        if kind == EXT_BACKING_FORMAT:
+            backing_format = data.decode(errors="replace")
+        elif kind == EXT_DATA_FILE:
+            data_file = data.decode(errors="replace")
+        elif kind == EXT_FEATURE_NAMES:
+            for i in range(0, length - _FEATURE_NAME.size + 1, _FEATURE_NAME.size):
+                ftype, bit, name = _FEATURE_NAME.unpack_from(data, i)
+                names[(ftype, bit)] = name.rstrip(b"\0").decode(errors="replace")
+        pos += length + (-length % 8)
+    backing = None
+    if backing_offset:
+        if backing_size > 1023:
+            raise Qcow2Error(f"qcow2: backing file name of {backing_size} bytes (limit 1023)")
+        backing = _read(pread, backing_offset, backing_size, file_size,
+                        "backing file name").decode(errors="replace")
+    return Header(version, bits, size, crypt, l1_size, l1_offset, rc_offset, rc_clusters,
+                  nb_snapshots, snapshots_offset, incompatible, compatible, autoclear, order,
+                  header_length, compression, backing, backing_format, data_file, names)
+
+
+def read_snapshots(pread: ReadIntoFn, header: Header, file_size: int) -> list[Snapshot]:
+    """The internal snapshots listed in the snapshot table."""
+    snapshots = []
+    pos = header.snapshots_offset
+    for _ in range(header.nb_snapshots):
+        fixed = _read(pread, pos, _SNAPSHOT.size, file_size, "snapshot table")
+        l1_offset, l1_size, id_size, name_size, date, _nsec, _clock, _vm, extra = \
+            _SNAPSHOT.unpack(fixed)
+        strings_at = pos + _SNAPSHOT.size + extra
+        text = _read(pread, strings_at, id_size + name_size, file_size, "snapshot table")
+        snapshots.append(Snapshot(text[:id_size].decode(errors="replace"),
+                                  text[id_size:].decode(errors="replace"), l1_offset, l1_size,
+                                  date))
+        end = strings_at + id_size + name_size
+        pos = end + (-end % 8)
+    return snapshots
+
+
+def unsupported(header: Header, snapshots: Sequence[Snapshot] = ()) -> list[str]:
+    """Why a reader of the active image (without a backing file) cannot serve it; [] if it can."""
+    reasons = []
+    unknown = header.incompatible & ~_KNOWN_INCOMPAT
+    if unknown:
+        bits = [b for b in range(64) if unknown >> b & 1]
+        named = ", ".join(header.feature_names.get((0, b), f"bit {b}") for b in bits)
+        reasons.append(f"unknown incompatible features: {named}")
+    if header.crypt_method:
+        method = {1: "AES", 2: "LUKS"}.get(header.crypt_method, str(header.crypt_method))
+        reasons.append(f"the image is encrypted ({method})")
+    if header.incompatible & INCOMPAT_DATA_FILE:
+        name = f" {header.data_file!r}" if header.data_file else ""
+        reasons.append(f"the image keeps its data in an external data file{name}")
+    if header.incompatible & INCOMPAT_EXTENDED_L2:
+        reasons.append("extended L2 entries (subclusters) are not supported")
+    if header.compression_type not in COMPRESSION_NAMES:
+        reasons.append(f"unknown compression type {header.compression_type}")
+    if header.refcount_order > 6:
+        reasons.append(f"refcount_order {header.refcount_order} is out of range")
+    if snapshots:
+        listed = ", ".join(f"{s.id} {s.name!r}" for s in snapshots)
+        reasons.append(f"the image has internal snapshots ({listed})")
+    return reasons
+
+
+# Kinds of guest ranges (Qcow2Reader.map)
+RUN_DATA = 0  # stored in the file at ``host``
+RUN_ZERO = 1  # reads as zeroes (the v3 zero flag)
+RUN_UNALLOCATED = 2  # not in this image: the backing file's bytes, or zeroes
+RUN_COMPRESSED = 3  # one compressed cluster; ``host`` is its L2 descriptor
+
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+
+class LRU:
+    """A small thread-safe least-recently-used map (the reader's table and cluster caches)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.items: OrderedDict[int, array[int] | bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: int) -> array[int] | bytes | None:
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: int, value: array[int] | bytes) -> None:
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+
+
+class Qcow2Reader:
+    """Read the active image of a qcow2 file through ``pread(buf, offset)``.
+
+    ``backing(buf, guest_offset)``, if given, fills ranges the image does not
+    allocate (it must zero-fill what lies past the backing file's end);
+    without it an image that has a backing file is refused. Methods are
+    thread-safe: L2 tables and decompressed clusters sit in LRU caches of
+    ``l2_cache`` and ``cluster_cache`` entries.
+    """
+
+    def __init__(self, pread: ReadIntoFn, file_size: int, *,
+                 backing: ReadIntoFn | None = None, l2_cache: int = 256,
+                 cluster_cache: int = 64) -> None:
+        self.file_pread = pread
+        self.file_size = file_size
+        self.header = header = read_header(pread, file_size)
+        self.snapshots = read_snapshots(pread, header, file_size)
+        reasons = unsupported(header, self.snapshots)
+        if header.backing_file is not None and backing is None:
+            fmt = f" (format {header.backing_format})" if header.backing_format else ""
+            reasons.append(f"the image has a backing file {header.backing_file!r}{fmt}, "
+                           "which is not followed")
+        if reasons:
+            raise Qcow2Error("qcow2: " + "; ".join(reasons))
+        self.backing = backing
+        self.size = header.size
+        self.bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_entries = self.cluster_size // 8
+        self.zero_flag = ZERO_FLAG if header.version >= 3 else 0
+        compressed_bits = 62 - (self.bits - 8)
+        self.compressed_offset_mask = (1 << compressed_bits) - 1
+        self.compressed_shift = compressed_bits
+        self.compressed_sectors_mask = (1 << (62 - compressed_bits)) - 1
+        self.zstd = header.compression_type == COMPRESSION_ZSTD
+        need = -(-header.size // self.cluster_size)
+        if header.l1_size < -(-need // self.l2_entries):
+            raise Qcow2Error(f"qcow2: L1 table of {header.l1_size} entries is too small for a "
+                             f"{header.size}-byte disk: corrupt image")
+        if header.l1_size * 8 > MAX_L1_BYTES:
+            raise Qcow2Error(f"qcow2: L1 table of {header.l1_size} entries is too large")
+        if header.l1_offset % self.cluster_size:
+            raise Qcow2Error(f"qcow2: L1 table offset {header.l1_offset} is not cluster-aligned")
+        self.l1 = self._table(_read(pread, header.l1_offset, header.l1_size * 8, file_size,
+                                    "L1 table"))
+        for index, entry in enumerate(self.l1):
+            l2 = entry & OFFSET_MASK
+            if l2 and (l2 % self.cluster_size or l2 + self.cluster_size > file_size):
+                raise Qcow2Error(f"qcow2: L1 entry {index} points to an L2 table at offset "
+                                 f"{l2}, {self._where(l2)}: corrupt image")
+        self.l2_cache = LRU(l2_cache)
+        self.cluster_cache = LRU(cluster_cache)
+
+    def _where(self, offset: int) -> str:
+        if offset >= self.file_size:
+            return f"past the end of the file ({self.file_size} bytes)"
+        return "not aligned to a cluster"
+
+    @staticmethod
+    def _table(data: bytes) -> array[int]:
+        table = array("Q")
+        table.frombytes(data)
+        if not _BIG_ENDIAN_HOST:
+            table.byteswap()
+        return table
+
+    def _l2(self, offset: int) -> array[int]:
+        table = self.l2_cache.get(offset)
+        if isinstance(table, array):
+            return table
+        buf = bytearray(self.cluster_size)
+        self.file_pread(memoryview(buf), offset)
+        table = self._table(bytes(buf))
+        file_size = self.file_size
+        for index, entry in enumerate(table):
+            host = (entry & self.compressed_offset_mask if entry & COMPRESSED
+                    else entry & OFFSET_MASK)
+            if host >= file_size or (host % self.cluster_size and not entry & COMPRESSED):
+                raise Qcow2Error(f"qcow2: L2 table at offset {offset}, entry {index} points "
+                                 f"to offset {host}, {self._where(host)}: corrupt image")
+        self.l2_cache.put(offset, table)
+        return table
+
+    def entry(self, cluster: int) -> int:
+        """The L2 entry of guest cluster number ``cluster`` (0 if it has no L2 table)."""
+        index, slot = divmod(cluster, self.l2_entries)
+        l2 = self.l1[index] & OFFSET_MASK
+        return self._l2(l2)[slot] if l2 else 0
+
+    def map(self, offset: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+        """(kind, guest offset, length, host) for the ranges of [offset, offset+count).
+
+        Neighbouring ranges of one kind are merged (RUN_DATA only where the host
+        offsets are contiguous too); RUN_COMPRESSED ranges are one cluster each.
+        """
+        bits, mask = self.bits, self.cluster_size - 1
+        end = min(offset + count, self.size)
+        pos = offset
+        run_kind, run_start, run_host, run_end = -1, offset, 0, offset
+        while pos < end:
+            take = min(mask + 1 - (pos & mask), end - pos)
+            entry = self.entry(pos >> bits)
+            host = 0
+            if entry & COMPRESSED:
+                kind, host = RUN_COMPRESSED, entry & ~(COPIED | COMPRESSED)
+            elif entry & self.zero_flag:
+                kind = RUN_ZERO
+            elif entry & OFFSET_MASK:
+                kind, host = RUN_DATA, (entry & OFFSET_MASK) + (pos & mask)
+            else:
+                kind = RUN_UNALLOCATED
+            if kind == run_kind and kind != RUN_COMPRESSED and (
+                    kind != RUN_DATA or host == run_host + run_end - run_start):
+                run_end += take
+            else:
+                if run_kind >= 0:
+                    yield run_kind, run_start, run_end - run_start, run_host
+                run_kind, run_start, run_host, run_end = kind, pos, host, pos + take
+            pos += take
+        if run_kind >= 0:
+            yield run_kind, run_start, run_end - run_start, run_host
+
+    def decompressed(self, descriptor: int) -> bytes:
+        """The cluster that a compressed cluster descriptor names, decompressed."""
+        cached = self.cluster_cache.get(descriptor)
+        if isinstance(cached, bytes):
+            return cached
+        host = descriptor & self.compressed_offset_mask
+        sectors = (descriptor >> self.compressed_shift) & self.compressed_sectors_mask
+        length = min((sectors + 1) * 512 - (host & 511), self.file_size - host)
+        raw = _read(self.file_pread, host, length, self.file_size, "compressed cluster")
+        size = self.cluster_size
+        try:
+            if self.zstd:
+                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
+            else:
+                data = zlib.decompressobj(-15).decompress(raw, size)
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise Qcow2Error(f"qcow2: compressed cluster at offset {host} is corrupt: "
+                             f"{exc}") from None
+        if len(data) != size:
+            raise Qcow2Error(f"qcow2: compressed cluster at offset {host} decompressed to "
+                             f"{len(data)} bytes, not {size}: corrupt image")
+        self.cluster_cache.put(descriptor, data)
+        return data
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` with the guest's bytes at ``offset`` (zeroes past the virtual size)."""
+        mask = self.cluster_size - 1
+        filled = 0
+        for kind, guest, length, host in self.map(offset, len(buf)):
+            view = buf[guest - offset:guest - offset + length]
+            if kind == RUN_DATA:
+                inside = max(0, min(length, self.file_size - host))
+                if inside:
+                    self.file_pread(view[:inside], host)
+                if inside < length:  # a last cluster cut short by the end of the file
+                    fill_zero(view[inside:])
+            elif kind == RUN_COMPRESSED:
+                inner = guest & mask
+                view[:] = self.decompressed(host)[inner:inner + length]
+            elif kind == RUN_UNALLOCATED and self.backing is not None:
+                self.backing(view, guest)
+            else:
+                fill_zero(view)
+            filled = guest - offset + length
+        if filled < len(buf):
+            fill_zero(buf[filled:])
+
+    def extents(self, offset: int, count: int) -> Iterator[tuple[int, int, bool, bool]]:
+        """(offset, length, hole, zero) over [offset, offset+count), as qemu reports them.
+
+        Unallocated and zero clusters are holes that read as zeroes (with a
+        backing file, unallocated ranges are data: their bytes come from it);
+        stored and compressed clusters are data.
+        """
+        start, stop, hole = offset, offset, False
+        for kind, guest, length, _host in self.map(offset, count):
+            is_hole = kind == RUN_ZERO or (kind == RUN_UNALLOCATED and self.backing is None)
+            if stop > start and is_hole != hole:
+                yield start, stop - start, hole, hole
+                start = guest
+            stop, hole = guest + length, is_hole
+        if stop > start:
+            yield start, stop - start, hole, hole
