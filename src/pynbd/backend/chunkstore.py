@@ -319,6 +319,11 @@ class ChunkStore:
             items = sorted(self._map.items())
         return [(c, ChunkState.ZERO if s == ZERO else ChunkState.DATA) for c, s in items]
 
+    def table(self) -> list[tuple[int, int]]:
+        """(chunk, slot) for every chunk held, in order; the slot of a ZERO chunk is -1."""
+        with self._lock:
+            return sorted(self._map.items())
+
     def used_bytes(self) -> int:
         """The file's size: what ``limit`` bounds."""
         return self._slot_offset(self._slots)

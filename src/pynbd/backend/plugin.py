@@ -11,6 +11,7 @@ same way and opened with a function that opens the layer below it::
         list_exports(ctx)                      list_exports(next_list, ctx)
         default_export(ctx)                    default_export(next_default, ctx)
         open(ctx) -> Connection                open(next_open, ctx) -> Connection
+                                               connect_below(next_open)
         unload()                               unload()
 
 Parameters declared in ``params`` arrive as attributes (``size=1G`` becomes
@@ -113,6 +114,13 @@ class Filter(_Configurable):
     """
 
     connection: ClassVar[type[FilterConnection[Any]]] = FilterConnection
+
+    def connect_below(self, next_open: Callable[[OpenContext], Connection]) -> None:
+        """Called once when the stack is built, with the function that opens the
+        layer below. A filter that needs the layer below outside any client's
+        open (to read its size in ``get_ready``, or for a control command such
+        as a snapshot merge) keeps it; the connections it opens are its own to
+        close. Most filters ignore it."""
 
     def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
                      ctx: OpenContext) -> list[Export]:

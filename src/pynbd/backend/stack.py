@@ -35,6 +35,7 @@ class Stack:
         list_fn: Callable[[OpenContext], list[Export]] = plugin.list_exports
         default_fn: Callable[[OpenContext], str] = plugin.default_export
         for flt in reversed(self.filters):
+            flt.connect_below(open_fn)
             open_fn = _checked(functools.partial(flt.open, open_fn), flt.name)
             list_fn = functools.partial(flt.list_exports, list_fn)
             default_fn = functools.partial(flt.default_export, default_fn)
