@@ -1,0 +1,152 @@
+"""curl plugin: nginx over HTTP and HTTPS, compared with nbdkit's curl plugin, and servers that fail."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+from plugin_helpers import config_error, export_info
+from webserver import PASSWORD, USER, BadServer, nginx
+
+from filters.stack_helpers import BOTH, nbdsh_errno, nbdsh_outcomes
+from nbdtest import nbdsh, run, served, wait_for
+
+SIZE = (3 << 20) + 12345  # not a multiple of anything
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docroot")
+    (root / "disk.img").write_bytes(os.urandom(SIZE))
+    (root / "tiny").write_bytes(b"x")
+    with nginx(str(root)) as server:
+        server.root = root
+        yield server
+
+
+def digest_of(uri: str, tmp_path, name: str) -> str:
+    """sha256 of the whole export, copied by nbdcopy."""
+    out = tmp_path / name
+    run(["nbdcopy", uri, str(out)])
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def expected(web) -> str:
+    return hashlib.sha256((web.root / "disk.img").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("where", ["http", "https"])
+def test_bytes_and_size_match_nbdkit(web, tmp_path, where):
+    url = web.http("disk.img") if where == "http" else web.https("auth/disk.img")
+    args = [url] if where == "http" else [url, f"cainfo={web.ca}", f"user={USER}", f"password={PASSWORD}"]
+    results = []
+    for server in BOTH:
+        with served("curl", *args, server=server, options=["-r"]) as srv:
+            results.append((export_info(srv.uri)["export-size"], digest_of(srv.uri, tmp_path, server)))
+    assert results[0] == results[1] == (SIZE, expected(web))
+
+
+def test_reads_at_odd_offsets_match_the_file(web):
+    with served("curl", web.http("disk.img")) as srv:
+        out = nbdsh(srv.uri, "print(h.pread(1000, 4095).hex()); print(h.pread(7, h.get_size() - 7).hex())")
+    data = (web.root / "disk.img").read_bytes()
+    assert out.split() == [data[4095:5095].hex(), data[-7:].hex()]
+
+
+def test_one_byte_object(web):
+    with served("curl", web.http("tiny")) as srv:
+        assert nbdsh(srv.uri, "print(h.get_size(), bytes(h.pread(1, 0)))").split() == ["1", "b'x'"]
+
+
+@pytest.mark.parametrize("location, params", [
+    ("redirect/disk.img", []),
+    ("cookie/disk.img", ["cookie=session=ok"]),
+    ("header/disk.img", ["header=X-Token: ok"]),
+    ("header/disk.img", ["header-script=echo 'X-Token: ok'"]),
+    ("cookie/disk.img", ["cookie-script=echo session=ok"]),
+])
+def test_access_controls(web, tmp_path, location, params):
+    with served("curl", web.http(location), *params) as srv:
+        assert digest_of(srv.uri, tmp_path, "out") == expected(web)
+
+
+def test_password_from_a_file_and_https_options(web, tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text(PASSWORD + "\n")
+    with served("curl", web.https("auth/disk.img"), f"user={USER}", f"password=+{secret}",
+                "sslverify=false", "connections=2", "timeout=10") as srv:
+        assert digest_of(srv.uri, tmp_path, "out") == expected(web)
+
+
+def test_header_script_renewed(web, tmp_path):
+    runs = tmp_path / "runs"
+    script = f"echo $iteration >> {runs}; echo 'X-Token: ok'"
+    with served("curl", web.http("header/disk.img"), f"header-script={script}",
+                "header-script-renew=1") as srv:
+        def renewed() -> bool:
+            nbdsh(srv.uri, "h.pread(512, 0)")
+            return "1" in runs.read_text().split()
+        wait_for(renewed, message=lambda: f"script runs: {runs.read_text().split()}", interval=0.3)
+    assert runs.read_text().split()[:2] == ["0", "1"]
+
+
+@pytest.mark.parametrize("location, params, message", [
+    ("norange/disk.img", [], "does not serve byte ranges"),
+    ("missing", [], "HTTP 404"),
+    ("forbidden", [], "HTTP 403"),
+    ("auth/disk.img", [], "HTTP 401"),
+    ("redirect/disk.img", ["followlocation=false"], "HTTP 302"),
+    ("header/disk.img", ["header-script=echo nope >&2; exit 3"],
+     "header-script failed with exit status 3: nope"),
+])
+def test_refused_at_start(web, location, params, message):
+    line = config_error("curl", web.http(location), *params)
+    assert message in line and line.startswith("pynbd: error: curl:"), line
+
+
+def test_bad_certificate_and_bad_parameters(web):
+    assert "SSL certificate" in config_error("curl", web.https("disk.img"))
+    assert "header-script cannot be used with header" in config_error(
+        "curl", web.http("disk.img"), "header=a: b", "header-script=true")
+    assert "unknown protocol 'gopherx'" in config_error("curl", web.http("disk.img"),
+                                                        "protocols=http,gopherx")
+    assert "connect" in config_error("curl", "http://127.0.0.1:1/disk.img").lower()
+    assert "not a URL" in config_error("curl", "disk.img")
+    # protocols= also applies to the URL itself
+    assert "curl:" in config_error("curl", web.http("disk.img"), "protocols=https")
+
+
+@pytest.mark.parametrize("behaviour, message, gets", [
+    ("503", "HTTP 503 (after 3 attempts)", 3),
+    ("reset", "(after 3 attempts)", 3),
+    ("grow", "size changed from 65536 to 131072", 1),
+])
+def test_failing_reads_are_eio_and_logged(behaviour, message, gets):
+    with BadServer(65536, behaviour) as bad:
+        with served("curl", bad.url) as srv:
+            bad.gets = 0
+            assert nbdsh_errno(srv.uri, "h.pread(4096, 0)") == "EIO"
+            assert gets <= bad.gets <= 2 * gets  # libcurl may retry a dead kept-alive connection once
+            assert export_info(srv.uri)["export-size"] == 65536  # still serving
+        log = srv.stderr()
+    assert message in log and "Traceback" not in log, log
+
+
+def test_transient_errors_retried():
+    with BadServer(65536, "flaky") as bad:
+        with served("curl", bad.url) as srv:
+            bad.gets = 0
+            out = nbdsh(srv.uri, "print(h.pread(16, 256).hex())")
+        assert out.strip() == bad.data[256:272].hex() and bad.gets == 3
+    assert "HTTP 503; trying again" in srv.stderr()
+
+
+def test_timeout_bounds_a_hanging_server():
+    with BadServer(65536, "hang") as bad:
+        with served("curl", bad.url, "timeout=1") as srv:
+            start = time.monotonic()
+            assert nbdsh_outcomes(srv.uri, ["h.pread(4096, 0)"]) == ["EIO"]
+            assert time.monotonic() - start < 10
+        assert "timed out" in srv.stderr().lower()
