@@ -1,0 +1,271 @@
+"""gzip: serve the uncompressed contents of a gzip file, with random access.
+
+    pynbd serve --filter=gzip file disk.img.gz
+    pynbd serve --filter=gzip file disk.img.gz index=disk.img.gz.idx
+    pynbd serve --filter=gzip file image.gz              (writable: see below)
+    pynbd serve --filter=cache --filter=gzip file disk.img.gz cache-on-read=true
+
+Parameters
+    index=PATH   keep the random-access index in PATH: built and saved at the
+                 first open, reused by later servers when it belongs to this
+                 gzip file (same size, same first and last 64 KiB); an index
+                 of another file is rebuilt, not trusted
+
+At the first client's open the filter decodes the file once and keeps a
+restart point about every MiB of output (zlib's ``zran.c`` method, at deflate
+block boundaries, to the bit, with the 32 KiB of history each needs; see
+``pydoc pynbd.formats.gzip_index``). Nothing is written to disk (nbdkit's
+gzip filter writes the whole uncompressed image to a temporary file). A read
+then decodes at most one MiB from the nearest point; the last 32 decoded
+MiB are kept in memory and shared by all clients. For many small random reads
+of the same image, put ``--filter=cache ... cache-on-read=true`` in front.
+Multi-member files (``pigz``, concatenated ``.gz``) work; zero padding after
+the data is ignored. A damaged, truncated or non-gzip file refuses the open
+with one line saying why (every member's CRC-32 is checked while indexing).
+
+Modifiable images
+    A file made by ``pynbd gzip create IN OUT.gz --stored=START-END,...``
+    needs no index (its header lists where every part starts), opens at
+    once, and is writable when the plugin is: writes wholly inside the stored
+    ranges go into the file in place, then the trailer's CRC-32 is updated by
+    combining per-block CRCs (only the 32 KiB blocks written are read back).
+    A write that touches anything else fails with EPERM and a log line naming
+    the stored ranges. Zeroing is writing zeroes; trim is not supported.
+
+    If the server dies between a data write and its trailer update, the file
+    holds the new data and an old trailer. The next writable open finds that
+    the trailer does not match (it recomputes it from the stored ranges and
+    the CRC-32s the header records for the compressed parts — it reads the
+    stored ranges, never the compressed ones), logs a warning and rewrites
+    it; offline, ``pynbd gzip repair OUT.gz`` does the same. Either way
+    ``gzip -t`` passes again. Plain gzip files are read-only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..backend import (
+    CACHE_EMULATE,
+    FLAG_FUA,
+    Connection,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    io_error,
+)
+from ..formats.gzip_index import GzipError, GzipIndex, ReadFn, build_index, identity_of, read_span
+from ..formats.gzip_stored import StoredGzip, open_layout
+
+log = logging.getLogger("pynbd.filters.gzip")
+CACHED_SPANS = 32
+
+
+def reader_of(below: Connection, size: int) -> ReadFn:
+    """``read(offset, count) -> bytes`` over a layer of ``size`` bytes (short at the end)."""
+    def read(offset: int, count: int) -> bytes:
+        count = min(count, size - offset)
+        if count <= 0:
+            return b""
+        buf = bytearray(count)
+        below.pread(memoryview(buf), offset, 0)
+        return bytes(buf)
+    return read
+
+
+class SpanCache:
+    """The most recently decoded spans (point number -> bytes), shared by every client."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.spans: OrderedDict[int, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: int, make: Callable[[], bytes]) -> bytes:
+        with self.lock:
+            data = self.spans.get(key)
+            if data is not None:
+                self.spans.move_to_end(key)
+                return data
+        data = make()  # outside the lock: other spans decode in parallel (zlib drops the GIL)
+        with self.lock:
+            self.spans[key] = data
+            while len(self.spans) > self.capacity:
+                self.spans.popitem(last=False)
+        return data
+
+
+@dataclass
+class Image:
+    """What the filter knows about one gzip file, shared by its connections."""
+
+    file_size: int
+    index: GzipIndex
+    stored: StoredGzip | None
+    cache: SpanCache = field(default_factory=lambda: SpanCache(CACHED_SPANS))
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class GzipConnection(FilterConnection["GzipFilter"]):
+    def __init__(self, next: Connection, filter: GzipFilter, ctx: OpenContext) -> None:
+        super().__init__(next, filter, ctx)
+        self.image = filter.image_for(next, ctx)
+        self.read_file = reader_of(next, self.image.file_size)
+        self.is_stored = [False] * len(self.image.index.points)
+        if self.image.stored is not None:
+            self.is_stored = [s.stored for s in self.image.stored.segments]
+
+    def get_size(self) -> int:
+        return self.image.index.size
+
+    def block_size(self) -> tuple[int, int, int]:
+        return (0, 0, 0)
+
+    def can_write(self) -> bool:
+        return self.image.stored is not None and self.next.can_write()
+
+    def can_zero(self) -> bool:
+        return self.can_write()
+
+    def can_fast_zero(self) -> bool:
+        return False
+
+    def can_trim(self) -> bool:
+        return False
+
+    def can_extents(self) -> bool:
+        return False
+
+    def can_cache(self) -> int:
+        return CACHE_EMULATE
+
+    def can_multi_conn(self) -> bool:
+        return self.image.stored is None or self.next.can_multi_conn()
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        image = self.image
+        index = image.index
+        i = index.find(offset)
+        pos = 0
+        end = offset + len(buf)
+        while offset + pos < end:
+            start, stop = index.starts[i], index.span_end(i)
+            take = min(stop, end) - (offset + pos)
+            if self.is_stored[i]:
+                self._read_stored(buf[pos:pos + take], offset + pos)
+            else:
+                span = image.cache.get(i, self._span_maker(i))
+                inner = offset + pos - start
+                buf[pos:pos + take] = span[inner:inner + take]
+            pos += take
+            i += 1
+
+    def _span_maker(self, i: int) -> Callable[[], bytes]:
+        def make() -> bytes:
+            try:
+                return read_span(self.read_file, self.image.index, i, self.image.file_size)
+            except GzipError as exc:
+                log.error("gzip: %s", exc)
+                raise io_error(errno.EIO, f"gzip: {exc}") from None
+        return make
+
+    def _read_stored(self, buf: memoryview, offset: int) -> None:
+        stored = self.image.stored
+        assert stored is not None, "a stored span in a file without a layout"
+        pos = 0
+        for _leaf, _block, _length, file_offset, take in stored.write_blocks(offset, len(buf)) or ():
+            self.next.pread(buf[pos:pos + take], file_offset, 0)
+            pos += take
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        stored = self.image.stored
+        pieces = None if stored is None else stored.write_blocks(offset, len(buf))
+        if stored is None or pieces is None:
+            ranges = "none" if stored is None else stored.ranges()
+            log.error("gzip: write of %d bytes at offset %d refused: outside the stored ranges (%s)",
+                      len(buf), offset, ranges)
+            raise io_error(errno.EPERM, f"gzip: writes must fall inside the stored ranges ({ranges})")
+        fua = flags & FLAG_FUA
+        with self.image.write_lock:
+            pos = 0
+            for leaf, block_start, block_length, file_offset, take in pieces:
+                piece = buf[pos:pos + take]
+                self.next.pwrite(piece, file_offset, fua)
+                if take == block_length:
+                    crc = zlib.crc32(piece)
+                else:
+                    block = bytearray(block_length)
+                    self.next.pread(memoryview(block), file_offset - (offset + pos - block_start), 0)
+                    crc = zlib.crc32(block)
+                stored.tree.update(leaf, crc)
+                pos += take
+            self.next.pwrite(memoryview(stored.trailer()), stored.trailer_offset(), fua)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        Connection.zero(self, count, offset, flags)
+
+
+class GzipFilter(Filter):
+    name = "gzip"
+    params = (Param("index", "path", "file to keep the random-access index in (built once, reused)"),)
+    index: str | None
+    connection = GzipConnection
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        super().__init__(values)
+        self.images: dict[str, Image] = {}
+        self.images_lock = threading.Lock()
+
+    def image_for(self, below: Connection, ctx: OpenContext) -> Image:
+        """The image of this export, indexed at its first open (later opens wait for it)."""
+        with self.images_lock:
+            file_size = below.get_size()
+            image = self.images.get(ctx.export_name)
+            if image is None or image.file_size != file_size:
+                try:
+                    image = self._open_image(below, file_size)
+                except GzipError as exc:  # (the server logs the refused open)
+                    raise io_error(errno.EINVAL, f"gzip: {exc}") from None
+                self.images[ctx.export_name] = image
+            return image
+
+    def _open_image(self, below: Connection, file_size: int) -> Image:
+        read = reader_of(below, file_size)
+        layout = open_layout(read, file_size)
+        if layout is not None:
+            stored = StoredGzip(read, file_size, layout)
+            self._check_trailer(below, read, stored)
+            return Image(file_size, stored.index(), stored)
+        index = None
+        identity = b""
+        if self.index is not None:
+            identity = identity_of(read, file_size)
+            index = GzipIndex.load(self.index, identity)
+        if index is None:
+            index = build_index(read, file_size)
+            if self.index is not None:
+                index.save(self.index, identity)
+        return Image(file_size, index, None)
+
+    @staticmethod
+    def _check_trailer(below: Connection, read: ReadFn, stored: StoredGzip) -> None:
+        if stored.trailer_is_current(read):
+            return
+        if below.can_write():
+            below.pwrite(memoryview(stored.trailer()), stored.trailer_offset(), 0)
+            if below.can_flush():
+                below.flush(0)
+            log.warning("gzip: the trailer did not match the stored ranges (a write was interrupted); "
+                        "rewrote it")
+        else:
+            log.warning("gzip: the trailer does not match the stored ranges (a write was interrupted); "
+                        "serving the data anyway; 'pynbd gzip repair FILE' fixes it")
+
