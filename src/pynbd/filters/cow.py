@@ -36,9 +36,9 @@ other, and a write that covers part of a block holds that block's lock for
 its read-modify-write, so two partial writes to the same block never lose
 each other.
 
-Differences from nbdkit's cow filter: zeroed whole blocks are reported as
-holes (nbdkit reports them as data), a fast zero succeeds (nbdkit always
-refuses it: it never zeroes faster than it writes), and each export name
+Differences from nbdkit's cow filter: NBD_CMD_WRITE_ZEROES is offered, and
+fast zero too (nbdkit 1.32 offers neither over a plugin it opened
+read-only), zeroed whole blocks are holes in extents, and each export name
 has its own overlay (nbdkit's one overlay serves every export).
 """
 
