@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import remote  # noqa: E402
 import workloads as w  # noqa: E402
 from servers import ServerSpec, nbdkit, pynbd, qemu_nbd, running  # noqa: E402
 
@@ -129,8 +130,16 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
                 uri, "randread", "4k", 16, 1, rt), prefill)),
             Variant(bare.label, served_measure(bare, "unix", lambda uri: w.fio(
                 uri, "randread", "4k", 16, 1, rt), prefill))], 0.95))
+    # The cow filter over memory and over a file: writes go to an overlay in TMPDIR.
+    for base_name, base_args in (("memory", ("memory", "1G")), ("file", ("file", raw))):
+        cow = [pynbd(f"pynbd cow {base_name}", "--filter=cow", *base_args),
+               nbdkit(f"nbdkit cow {base_name}", "--filter=cow", *base_args)]
+        for rw in ("randread", "randwrite"):
+            out.append(server_workload(f"cow {base_name} fio {rw} 4k qd16 j1", "IOPS", cow, "unix",
+                                       (lambda r: lambda uri: w.fio(uri, r, "4k", 16, 1, rt))(rw), 1.0))
     out += copy_workloads(tmp, data1g)
     out += resource_workloads(data1g)
+    out += remote.remote_workloads(tmp, data256, rt, Workload, Variant)
     if args.only:
         out = [wl for wl in out if any(o in wl.name for o in args.only)]
     return out
