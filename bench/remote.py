@@ -1,0 +1,49 @@
+"""Workloads of the plugins whose disk is elsewhere: curl from nginx, the nbd proxy.
+
+``remote_workloads`` is called by ``run.py``'s ``build()``. nginx is the one
+the curl plugin's tests start (``tests/plugins/webserver.py``), here with two
+worker processes, started for each measurement and stopped after it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import workloads as w
+from servers import ServerSpec, nbdkit, pynbd, running
+
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", p)
+                for p in ("", "plugins")]
+from webserver import nginx  # noqa: E402
+
+
+def curl_measure(spec: ServerSpec, root: str, client: Callable[[str], float]) -> Callable[[], float]:
+    """Serve ``{url}`` in ``spec`` from a fresh nginx over ``root``, measure ``client``."""
+    def measure() -> float:
+        with nginx(root, workers=2) as web:
+            url = web.http("disk.img")
+            served = ServerSpec(spec.label, tuple(a.replace("{url}", url) for a in spec.argv), spec.kind)
+            with running(served, "unix") as srv:
+                return client(srv.uri)
+    return measure
+
+
+def remote_workloads(tmp: str, data256: str, runtime: float,
+                     workload: Callable[..., object], variant: Callable[..., object]) -> list[object]:
+    """curl: sequential 256 KiB reads and 4 KiB random reads at depth 16 against nbdkit's curl."""
+    root = os.path.join(tmp, "www")
+    os.makedirs(root, exist_ok=True)
+    disk = os.path.join(root, "disk.img")
+    if not os.path.exists(disk):
+        os.link(data256, disk)
+    specs = [pynbd("pynbd curl", "-r", "curl", "{url}"), nbdkit("nbdkit curl", "-r", "curl", "{url}")]
+    jobs = (("curl fio read 256k qd16 [nginx]", "MiB/s", "read", "256k"),
+            ("curl fio randread 4k qd16 [nginx]", "IOPS", "randread", "4k"))
+    out = []
+    for name, unit, rw, bs in jobs:
+        client = (lambda r, b: lambda uri: w.fio(uri, r, b, 16, 1, runtime))(rw, bs)
+        out.append(workload(name, unit, [variant(s.label, curl_measure(s, root, client))
+                                         for s in specs], 1.0))
+    return out
