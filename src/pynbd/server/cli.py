@@ -129,9 +129,9 @@ def _main(args: argparse.Namespace) -> int:
         config.ssl_context = server_context(args.tls_certificates, args.tls_verify_peer)
     if args.single:
         return _serve_single(config, stack, args.control)
+    stack.get_ready()  # before listening: a refusal leaves no socket behind
     listener = _make_listener(args)
     server = Server(config, listener)
-    stack.get_ready()
     _bind_control(server, args.control)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else ""  # before chdir("/")
     ready_fd = None
