@@ -50,7 +50,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..backend import (
     CACHE_EMULATE,
@@ -67,6 +67,7 @@ from ..formats.gzip_stored import StoredGzip, open_layout
 
 log = logging.getLogger("pynbd.filters.gzip")
 CACHED_SPANS = 32
+T = TypeVar("T")
 
 
 def reader_of(below: Connection, size: int) -> ReadFn:
@@ -81,26 +82,72 @@ def reader_of(below: Connection, size: int) -> ReadFn:
     return read
 
 
-class SpanCache:
-    """The most recently decoded spans (point number -> bytes), shared by every client."""
+class DecodedCache:
+    """The most recently decoded pieces (number -> bytes), shared by every client.
+
+    Least recently used pieces are dropped beyond ``capacity``. A piece is
+    decoded once even when several requests want it at the same time: the
+    first decodes (outside the lock, so other pieces decode in parallel —
+    zlib, liblzma and zstd release the GIL), the others wait for it. The xz
+    and zstd filters use it too.
+    """
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.spans: OrderedDict[int, bytes] = OrderedDict()
+        self.capacity = max(1, capacity)
+        self.pieces: OrderedDict[int, bytes] = OrderedDict()
+        self.decoding: dict[int, threading.Event] = {}
         self.lock = threading.Lock()
 
-    def get(self, key: int, make: Callable[[], bytes]) -> bytes:
-        with self.lock:
-            data = self.spans.get(key)
-            if data is not None:
-                self.spans.move_to_end(key)
-                return data
-        data = make()  # outside the lock: other spans decode in parallel (zlib drops the GIL)
-        with self.lock:
-            self.spans[key] = data
-            while len(self.spans) > self.capacity:
-                self.spans.popitem(last=False)
+    def get(self, key: int, decode: Callable[[], bytes]) -> bytes:
+        while True:
+            with self.lock:
+                data = self.pieces.get(key)
+                if data is not None:
+                    self.pieces.move_to_end(key)
+                    return data
+                busy = self.decoding.get(key)
+                if busy is None:
+                    self.decoding[key] = threading.Event()
+                    break
+            busy.wait()  # then look again (if that decode failed, try it here)
+        try:
+            data = decode()
+            with self.lock:
+                self.pieces[key] = data
+                while len(self.pieces) > self.capacity:
+                    self.pieces.popitem(last=False)
+        finally:
+            with self.lock:
+                self.decoding.pop(key).set()
         return data
+
+
+class Images(Generic[T]):
+    """What a filter learned about each export's file at its first open (an index),
+    shared by later opens, which wait for it; rebuilt if the file's size changed.
+
+    ``build(below, file_size)`` makes it; a ValueError it raises (a damaged
+    file) refuses the open with EINVAL and that one-line message, which the
+    server logs. The xz and zstd filters use it too.
+    """
+
+    def __init__(self, name: str, build: Callable[[Connection, int], T]) -> None:
+        self.name = name
+        self.build = build
+        self.table: dict[str, tuple[int, T]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, below: Connection, ctx: OpenContext) -> T:
+        with self.lock:
+            file_size = below.get_size()
+            entry = self.table.get(ctx.export_name)
+            if entry is None or entry[0] != file_size:
+                try:
+                    entry = (file_size, self.build(below, file_size))
+                except ValueError as exc:
+                    raise io_error(errno.EINVAL, f"{self.name}: {exc}") from None
+                self.table[ctx.export_name] = entry
+            return entry[1]
 
 
 @dataclass
@@ -110,14 +157,14 @@ class Image:
     file_size: int
     index: GzipIndex
     stored: StoredGzip | None
-    cache: SpanCache = field(default_factory=lambda: SpanCache(CACHED_SPANS))
+    cache: DecodedCache = field(default_factory=lambda: DecodedCache(CACHED_SPANS))
     write_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class GzipConnection(FilterConnection["GzipFilter"]):
     def __init__(self, next: Connection, filter: GzipFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
-        self.image = filter.image_for(next, ctx)
+        self.image = filter.images.get(next, ctx)
         self.read_file = reader_of(next, self.image.file_size)
         self.is_stored = [False] * len(self.image.index.points)
         if self.image.stored is not None:
@@ -221,23 +268,9 @@ class GzipFilter(Filter):
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         super().__init__(values)
-        self.images: dict[str, Image] = {}
-        self.images_lock = threading.Lock()
+        self.images = Images(self.name, self.open_image)
 
-    def image_for(self, below: Connection, ctx: OpenContext) -> Image:
-        """The image of this export, indexed at its first open (later opens wait for it)."""
-        with self.images_lock:
-            file_size = below.get_size()
-            image = self.images.get(ctx.export_name)
-            if image is None or image.file_size != file_size:
-                try:
-                    image = self._open_image(below, file_size)
-                except GzipError as exc:  # (the server logs the refused open)
-                    raise io_error(errno.EINVAL, f"gzip: {exc}") from None
-                self.images[ctx.export_name] = image
-            return image
-
-    def _open_image(self, below: Connection, file_size: int) -> Image:
+    def open_image(self, below: Connection, file_size: int) -> Image:
         read = reader_of(below, file_size)
         layout = open_layout(read, file_size)
         if layout is not None:
