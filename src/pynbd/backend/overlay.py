@@ -31,9 +31,8 @@ Two overlays share one interface, so a filter uses either:
     exits; ``sync`` does nothing. ``patch`` writes part of a DATA block in
     place, without reading the rest of it.
 ``StoreOverlay(store)``
-    A persistent ``ChunkStore`` (``cow-file=``; any object with its
-    ``Chunks`` methods): every put is crash-safe and ``sync`` makes all of
-    them durable. A block is always stored whole, so ``patch`` reads it,
+    A persistent ``ChunkStore`` (``cow-file=``): every put is crash-safe
+    and ``sync`` makes all of them durable. A block is always stored whole, so ``patch`` reads it,
     changes it and puts it back.
 
 The interface (block numbers are ``first``/``end``, half-open):
@@ -62,20 +61,21 @@ written, so a failed write leaves the map as it was.
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Protocol
 
 from . import linux
 from .blocks import block_runs
-from .connection import Buffer
+from .chunkstore import ChunkState, ChunkStore
+from .connection import Buffer, Connection
 from .errors import ConfigError
 from .params import parse_bool
 
-ABSENT, DATA, ZERO = 0, 1, 2  # the values of chunkstore.ChunkState
+ABSENT, DATA, ZERO = int(ChunkState.ABSENT), int(ChunkState.DATA), int(ChunkState.ZERO)
 STATES = (ABSENT, DATA, ZERO)
 STRIPES = 1024
 
@@ -118,6 +118,28 @@ def state_runs(states: bytes | bytearray, first: int = 0) -> Iterator[tuple[int,
             end = min(end, at)
         yield state, first + i, first + end
         i = end
+
+
+def fingerprint(conn: Connection, samples: int = 64, head: int = 1 << 20) -> str:
+    """An identity for a disk read through ``conn``: a hash of its size, its first
+    ``head`` bytes and ``samples`` 4 KiB pieces spread evenly over the rest.
+
+    A persistent overlay records it and refuses a base whose fingerprint
+    differs. Reading about 1.3 MiB, it catches a replaced or resized disk and
+    most rewritten ones, not a change that misses every sampled piece.
+    """
+    size = conn.get_size()
+    digest = hashlib.sha256(str(size).encode())
+    pieces = [(0, min(head, size))]
+    piece = 4096
+    if size > head + piece:
+        step = (size - head - piece) // samples
+        pieces += [(head + i * step, piece) for i in range(1, samples)] + [(size - piece, piece)]
+    buf = memoryview(bytearray(max(n for _, n in pieces)))
+    for offset, n in pieces:
+        conn.pread(buf[:n], offset, 0)
+        digest.update(buf[:n])
+    return f"sampled-sha256:{digest.hexdigest()[:32]}"
 
 
 def switch_rule(owner: str, text: str) -> Callable[[], bool]:
@@ -166,20 +188,6 @@ class BlockLocks:
         if end - first >= count:
             return _Held(self.stripes)
         return _Held([self.stripes[s] for s in sorted({b % count for b in range(first, end)})])
-
-
-class Chunks(Protocol):
-    """What ``StoreOverlay`` needs of a persistent store (``chunkstore.ChunkStore``)."""
-
-    chunk_size: int
-    size: int
-
-    def chunks(self) -> Iterable[tuple[int, int]]: ...
-    def read(self, chunk: int, buf: memoryview, offset: int = 0) -> None: ...
-    def put(self, chunk: int, data: Buffer) -> None: ...
-    def put_zero(self, chunk: int) -> None: ...
-    def sync(self) -> None: ...
-    def close(self) -> None: ...
 
 
 class Overlay(abc.ABC):
@@ -261,7 +269,7 @@ class TempOverlay(Overlay):
 class StoreOverlay(Overlay):
     """A persistent ``ChunkStore`` seen as an overlay (its map mirrored in memory)."""
 
-    def __init__(self, store: Chunks) -> None:
+    def __init__(self, store: ChunkStore) -> None:
         super().__init__(store.size, store.chunk_size)
         self.store = store
         for chunk, state in store.chunks():

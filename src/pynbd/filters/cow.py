@@ -4,6 +4,7 @@
     pynbd serve --filter=cow data "1 2 3 @4096 4 5 6" size=1M
     pynbd serve --filter=cow --filter=xz file disk.xz cow-on-read=true
     pynbd serve --filter=cow file base.img cow-block-size=4k cow-on-read=/run/cor
+    pynbd serve --filter=cow file base.img cow-file=changes.cow
 
 Parameters
     cow-block-size=SIZE   the overlay's block size: a power of 2 from 4k to
@@ -15,6 +16,8 @@ Parameters
     cow-on-read=/PATH     do so only while /PATH exists
     cow-on-cache=BOOL     NBD_CMD_CACHE copies blocks into the overlay
                           (default false: the request is passed below)
+    cow-file=PATH         keep the overlay in PATH, so that it survives
+                          restarts (created if missing; see below)
 
 The layer below is opened read-only and never modified, even when it is
 writable: writes, zeroes and trims go to the overlay, reads take each block
@@ -23,7 +26,22 @@ plugin works, read-only ones included (data, pattern, sparse-random, ...).
 The overlay is a sparse temporary file in ``$TMPDIR`` (or the system temp
 directory), unlinked as soon as it is created, plus a map of the blocks it
 holds in memory (one byte per block); everything written is thrown away when
-the server exits, and flush and FUA do nothing, as with nbdkit.
+the server exits, and flush and FUA do nothing, as with nbdkit — unless the
+overlay is persistent (cow-file=).
+
+Persistent overlay (cow-file=PATH)
+    The overlay and its block map live in PATH, a pynbd chunk store
+    (``pynbd.backend.chunkstore``): each changed block is written to a free
+    place in the file, then a checksummed journal record points the block at
+    it, so a crash at any moment leaves every block old or new, never torn.
+    FLUSH and FUA writes make everything written so far durable: what a
+    client was told is flushed survives SIGKILL or power loss. PATH records
+    the block size, the base's size and a fingerprint of its contents (a
+    hash of its first MiB and 64 pieces spread over the rest): the server
+    refuses to start, with one line and PATH untouched, when the base no
+    longer matches, and likewise when PATH is corrupt. ``pynbd cow commit``
+    writes the overlay into the base, ``pynbd cow export`` makes a qcow2
+    image of it. Only the default export has a persistent overlay.
 
 There is one overlay per export name, shared by every connection to that
 export, so clients see each other's writes (multi-conn is offered). Zeroing
@@ -66,7 +84,18 @@ from ..backend import (
     clip_extents,
     fill_zero,
 )
-from ..backend.overlay import ABSENT, DATA, ZERO, Overlay, TempOverlay, state_runs, switch_rule
+from ..backend.chunkstore import ChunkStore, StoreError
+from ..backend.overlay import (
+    ABSENT,
+    DATA,
+    ZERO,
+    Overlay,
+    StoreOverlay,
+    TempOverlay,
+    fingerprint,
+    state_runs,
+    switch_rule,
+)
 
 DEFAULT_BLOCK = 64 * 1024
 MAX_BLOCK = 1 << 31
@@ -311,10 +340,12 @@ class CowFilter(Filter):
               "the overlay", default="false"),
         Param("cow-on-cache", "bool", "copy blocks of cache requests into the overlay",
               default=False),
+        Param("cow-file", "path", "keep the overlay in this file, across restarts"),
     )
     cow_block_size: int
     cow_on_read: str
     cow_on_cache: bool
+    cow_file: str | None
     connection = CowConnection
 
     def config_complete(self) -> None:
@@ -325,6 +356,20 @@ class CowFilter(Filter):
         self._overlays: dict[str, Overlay] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._next_open: Callable[[OpenContext], Connection] | None = None
+
+    def connect_below(self, next_open: Callable[[OpenContext], Connection]) -> None:
+        self._next_open = next_open
+
+    def get_ready(self) -> None:
+        """With cow-file=, open the overlay now: a wrong base or a corrupt map stops the server."""
+        if self.cow_file is None or self._next_open is None:
+            return
+        below = self._next_open(OpenContext(readonly=True))
+        try:
+            self.overlay_for(below, "")
+        finally:
+            below.close()
 
     def open(self, next_open: Callable[[OpenContext], Connection],
              ctx: OpenContext) -> Connection:
@@ -337,11 +382,24 @@ class CowFilter(Filter):
         with self._lock:
             overlay = self._overlays.get(export)
             if overlay is None:
-                overlay = self._overlays[export] = TempOverlay(size, self.cow_block_size)
+                overlay = self._overlays[export] = self._new_overlay(below, export)
             elif overlay.size != size:
                 raise ConfigError(f"cow: the size of export {export!r} below changed from "
                                   f"{overlay.size} to {size} bytes")
             return overlay
+
+    def _new_overlay(self, below: Connection, export: str) -> Overlay:
+        if self.cow_file is None:
+            return TempOverlay(below.get_size(), self.cow_block_size)
+        if export != "":
+            raise ConfigError(f"cow: cow-file={self.cow_file} keeps the overlay of the default "
+                              f"export only; export {export!r} has none")
+        try:
+            store = ChunkStore.open(self.cow_file, chunk_size=self.cow_block_size,
+                                    size=below.get_size(), identity=fingerprint(below))
+        except StoreError as exc:
+            raise StoreError(f"cow: {exc}") from None
+        return StoreOverlay(store)
 
     def scratch(self, count: int) -> memoryview:
         """A buffer of ``count`` bytes (at most a block) owned by the calling thread."""
