@@ -29,8 +29,9 @@ The header is read and the passphrase tried when a client connects; the key
 is kept for later connections while the header stays the same. A wrong
 passphrase refuses the connection with one line naming the keyslots tried,
 and nothing is written. Unsupported ciphers, hashes, KDFs and keyslot types
-are named. Requests that do not cover whole sectors are read (and for
-writes, re-encrypted) a sector at a time around their edges. Zeroing writes
+are named. The minimum block size is the LUKS sector (as nbdkit's luks
+filter says); requests from clients that ignore it are still served, by
+reading (and for writes re-encrypting) whole sectors around their edges. Zeroing writes
 encrypted zeroes; trim is not offered (it would expose ciphertext as
 garbage) and extents report all data.
 """
@@ -110,8 +111,8 @@ class LuksConnection(FilterConnection["LuksFilter"]):
         return False
 
     def block_size(self) -> tuple[int, int, int]:
-        minimum, preferred, maximum = self.next.block_size()
-        return minimum, max(preferred, self.sector), maximum
+        minimum, preferred, maximum = self.next.block_size()  # 0: no preference
+        return max(minimum, self.sector), max(preferred, 4096, self.sector), maximum
 
     def _span(self, count: int, offset: int) -> tuple[int, int]:
         """The first sector and the byte length of the whole sectors covering the range."""
@@ -159,7 +160,7 @@ class LuksConnection(FilterConnection["LuksFilter"]):
         end = offset + count
         while offset < end:
             take = min(end - offset, len(zeroes))
-            self.pwrite(zeroes[:take], offset, flags if offset + take == end else flags & ~FLAG_FUA)
+            self.pwrite(zeroes[:take], offset, flags & FLAG_FUA if offset + take == end else 0)
             offset += take
 
     def cache(self, count: int, offset: int, flags: int) -> None:
