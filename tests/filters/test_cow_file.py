@@ -1,0 +1,188 @@
+"""cow filter, persistent overlay (cow-file=): restarts, a changed base, a corrupt store, and
+SIGKILL during a write storm losing nothing that was flushed or written with FUA."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from stack_helpers import file_bytes
+
+from nbdtest import PYNBD, nbdsh, run, served, wait_for
+
+KiB, MiB = 1 << 10, 1 << 20
+PIECE = 4096
+BLOCKS = 1024  # 4 MiB of 4 KiB pieces, inside 64 KiB overlay blocks: every write is partial
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> str:
+    path = tmp_path / "base.img"
+    path.write_bytes(os.urandom(BLOCKS * PIECE))
+    return str(path)
+
+
+def digest(path: str) -> str:
+    return hashlib.sha256(file_bytes(path)).hexdigest()
+
+
+def test_restart_serves_the_same_data(base, tmp_path):
+    overlay = str(tmp_path / "changes.cow")
+    edits = "h.pwrite(b'a' * 100, 70000); h.zero(3 * 65536, 4 * 65536); h.trim(65536, 0); " \
+            "h.pwrite(b'b' * 200000, 1000000); h.flush()"
+    with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+        nbdsh(srv.uri, edits)
+        run(["nbdcopy", srv.uri, str(tmp_path / "first")])
+        first_map = run(["nbdinfo", "--map", srv.uri]).stdout
+    with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+        run(["nbdcopy", srv.uri, str(tmp_path / "second")])
+        assert run(["nbdinfo", "--map", srv.uri]).stdout == first_map
+    assert digest(str(tmp_path / "first")) == digest(str(tmp_path / "second"))
+    data = file_bytes(str(tmp_path / "second"))
+    assert data[70000:70100] == b"a" * 100 and data[:65536] == bytes(65536)
+    assert data[1000000:1200000] == b"b" * 200000
+
+
+def refused(args: list[str]) -> str:
+    """Start a server that must refuse to start; its one line of error."""
+    result = run([*PYNBD, "serve", "-f", "-U", "/nonexistent/sock", *args], check=False)
+    err = result.stderr.decode().strip()
+    assert result.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_changed_base_is_refused_and_the_overlay_untouched(base, tmp_path):
+    overlay = str(tmp_path / "changes.cow")
+    with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+        nbdsh(srv.uri, "h.pwrite(b'a' * 100, 70000); h.flush()")
+    before = digest(overlay)
+    with open(base, "r+b") as f:  # rewritten at the start
+        f.write(os.urandom(4096))
+    assert "made for another disk" in refused(["--filter=cow", "file", base, f"cow-file={overlay}"])
+    assert digest(overlay) == before
+    other = tmp_path / "bigger.img"
+    other.write_bytes(file_bytes(base) + bytes(65536))  # resized
+    err = refused(["--filter=cow", "file", str(other), f"cow-file={overlay}"])
+    assert "size" in err and err.startswith("pynbd: error: cow:")
+    assert "cow-block-size" not in err
+    err = refused(["--filter=cow", "file", base, f"cow-file={overlay}", "cow-block-size=4k"])
+    assert "chunk size 65536" in err
+    assert digest(overlay) == before
+
+
+def test_a_corrupt_store_is_refused(base, tmp_path):
+    overlay = tmp_path / "changes.cow"
+    with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+        nbdsh(srv.uri, "h.pwrite(b'a' * 100, 70000); h.flush()")
+    with open(overlay, "r+b") as f:
+        f.write(os.urandom(8192))  # both copies of the header
+    assert "corrupt" in refused(["--filter=cow", "file", base, f"cow-file={overlay}"])
+    overlay.write_bytes(b"this is not a chunk store" * 1000)
+    assert "not a pynbd chunk store" in refused(["--filter=cow", "file", base, f"cow-file={overlay}"])
+
+
+def test_only_the_default_export_is_persistent(tmp_path):
+    with served("--filter=cow", "pattern", "4M", f"cow-file={tmp_path / 'c.cow'}") as srv:
+        result = run(["nbdinfo", f"nbd+unix:///other?socket={srv.socket}"], check=False)
+        assert result.returncode != 0 and b"for export: other" in result.stderr  # refused
+        assert nbdsh(srv.uri, "print(h.get_size())").strip() == str(BLOCKS * PIECE)
+
+
+def test_full_file_system_gives_enospc(base, small_tmpfs):
+    overlay = small_tmpfs / "changes.cow"
+    with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+        code = "\n".join([
+            "import errno",
+            "h.pwrite(b'k' * 4096, 0); h.flush()",
+            "try:",
+            "    for i in range(1, 64): h.pwrite(bytes([i]) * 65536, i * 65536)",
+            "    print('no error')",
+            "except nbd.Error as e:",
+            "    print(errno.errorcode.get(e.errno, e.errno))",
+            "h.flush()",
+            "print(h.pread(2, 0).hex())",
+        ])
+        assert nbdsh(srv.uri, code).split() == ["ENOSPC", "6b6b"]
+    # what was flushed is there after a restart
+    with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+        assert nbdsh(srv.uri, "print(h.pread(4096, 0) == b'k' * 4096)").strip() == "True"
+
+
+# ---------------------------------------------------------------- SIGKILL during a write storm
+
+STORM = """
+import os, random, struct
+log = os.open({log!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+rng = random.Random({seed})
+seq = {start}
+while True:
+    seq += 1
+    block = rng.randrange({blocks})
+    fua = seq % 13 == 0
+    h.pwrite(struct.pack('<QQ', seq, block) * 256, block * 4096, nbd.CMD_FLAG_FUA if fua else 0)
+    os.write(log, b'W %d %d %d\\n' % (seq, block, fua))
+    if seq % 40 == 0:
+        h.flush()
+        os.write(log, b'F %d\\n' % seq)
+"""
+
+
+def durable_floor(logs: list[Path]) -> dict[int, int]:
+    """For each piece, the newest write the client was told is durable (flushed or FUA)."""
+    floor: dict[int, int] = {}
+    for path in logs:
+        lines = path.read_text().splitlines()
+        flushed = max((int(x.split()[1]) for x in lines if x.startswith("F ")), default=0)
+        for line in lines:
+            if line.startswith("W "):
+                seq, block, fua = map(int, line.split()[1:])
+                if seq <= flushed or fua:
+                    floor[block] = max(floor.get(block, 0), seq)
+    return floor
+
+
+def test_sigkill_during_a_write_storm_loses_nothing_durable(base, tmp_path):
+    overlay = str(tmp_path / "changes.cow")
+    original = file_bytes(base)
+    rng = random.Random(1234)
+    logs: list[Path] = []
+    for round_ in range(3):
+        log = tmp_path / f"log{round_}"
+        logs.append(log)
+        with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+            storm = subprocess.Popen(["nbdsh", "-u", srv.uri, "-c", STORM.format(
+                log=str(log), seed=round_, start=round_ * 1_000_000, blocks=BLOCKS)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                flushes = 2 + rng.randrange(6)
+                wait_for(lambda log=log, n=flushes: log.exists() and log.read_text().count("F ") >= n)
+                os.kill(srv.proc.pid, signal.SIGKILL)
+                srv.proc.wait()
+            finally:
+                storm.kill()
+                storm.wait()
+        # restart and check every piece against what was acknowledged as durable
+        floor = durable_floor(logs)
+        written = {int(x.split()[1]) for p in logs for x in p.read_text().splitlines() if x[0] == "W"}
+        # the write each round had in flight when the server died
+        written |= {max(s for s in written if s // 1_000_000 == r) + 1 for r in range(round_ + 1)}
+        with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
+            run(["nbdcopy", srv.uri, str(tmp_path / "after")])
+        data = file_bytes(str(tmp_path / "after"))
+        for block in range(BLOCKS):
+            piece = data[block * PIECE:(block + 1) * PIECE]
+            if piece == original[block * PIECE:(block + 1) * PIECE]:
+                assert block not in floor, f"piece {block}: durable write {floor[block]} lost"
+                continue
+            seq, where = struct.unpack_from("<QQ", piece)
+            assert piece == struct.pack("<QQ", seq, where) * 256 and where == block, \
+                f"piece {block} is torn"
+            assert seq >= floor.get(block, 0), f"piece {block}: {seq} older than durable {floor[block]}"
+            assert seq in written, f"piece {block}: unknown write {seq}"
+    assert file_bytes(base) == original
