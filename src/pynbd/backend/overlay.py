@@ -49,9 +49,12 @@ The interface (block numbers are ``first``/``end``, half-open):
 An overlay is safe for concurrent calls on different blocks. A caller that
 changes a block holds that block's lock from a ``BlockLocks`` for the whole
 read-modify-write, so two partial writes to one block never lose each other;
-readers take no lock (a block's bytes are written before its state says
-DATA). ``state_runs`` splits a slice of states into runs of one state, in C
-(``bytearray.find``), not byte by byte.
+readers of a temporary overlay take no lock (a block's bytes are written
+before its state says DATA); a store overlay's ``read`` takes the block's
+lock itself (its stripes are reentrant), as a ``ChunkStore`` may reuse the
+place of a block's old bytes once a put has moved it. ``state_runs`` splits
+a slice of states into runs of one state, in C (``bytearray.find``), not
+byte by byte.
 
 Errors are ``OSError`` with the kernel's errno (ENOSPC when the overlay's
 file system is full); the state of a block changes only after its bytes were
@@ -67,6 +70,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Protocol
 
 from . import linux
 from .blocks import block_runs
@@ -153,10 +157,20 @@ def switch_rule(owner: str, text: str) -> Callable[[], bool]:
     return lambda: value
 
 
+class Lock(Protocol):
+    """What a stripe is: a ``threading.Lock`` or ``threading.RLock``."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
 class _Held:
     """The stripes of a range of blocks, taken in stripe order (no deadlock)."""
 
-    def __init__(self, locks: list[threading.Lock]) -> None:
+    def __init__(self, locks: list[Lock]) -> None:
         self.locks = locks
 
     def __enter__(self) -> None:
@@ -173,13 +187,15 @@ class BlockLocks:
     """Striped per-block locks: block b is guarded by stripe b % stripes.
 
     Requests on different blocks wait for each other only when their blocks
-    share a stripe, for as long as one block's update takes.
+    share a stripe, for as long as one block's update takes. ``reentrant``
+    stripes may be taken again by the thread that holds them.
     """
 
-    def __init__(self, stripes: int = STRIPES) -> None:
-        self.stripes = [threading.Lock() for _ in range(stripes)]
+    def __init__(self, stripes: int = STRIPES, reentrant: bool = False) -> None:
+        make: Callable[[], Lock] = threading.RLock if reentrant else threading.Lock
+        self.stripes = [make() for _ in range(stripes)]
 
-    def one(self, block: int) -> threading.Lock:
+    def one(self, block: int) -> Lock:
         return self.stripes[block % len(self.stripes)]
 
     def hold(self, first: int, end: int) -> _Held:
@@ -193,12 +209,12 @@ class BlockLocks:
 class Overlay(abc.ABC):
     """The states of a disk's blocks; the subclasses keep the bytes."""
 
-    def __init__(self, size: int, block_size: int) -> None:
+    def __init__(self, size: int, block_size: int, locks: BlockLocks | None = None) -> None:
         self.size = size
         self.block_size = block_size
         self.blocks = -(-size // block_size)
         self.map = bytearray(self.blocks)
-        self.locks = BlockLocks()
+        self.locks = locks or BlockLocks()
 
     def states(self, first: int, end: int) -> bytearray:
         return self.map[first:end]
@@ -270,14 +286,17 @@ class StoreOverlay(Overlay):
     """A persistent ``ChunkStore`` seen as an overlay (its map mirrored in memory)."""
 
     def __init__(self, store: ChunkStore) -> None:
-        super().__init__(store.size, store.chunk_size)
+        # Reentrant: a read takes its block's lock, also inside a writer's read-modify-write.
+        super().__init__(store.size, store.chunk_size, BlockLocks(reentrant=True))
         self.store = store
         for chunk, state in store.chunks():
             self.map[chunk] = state
 
     def read(self, buf: memoryview, offset: int) -> None:
+        """Under each block's lock: a put may free the slot a read was about to use."""
         for chunk, inner, take, pos in block_runs(offset, len(buf), self.block_size):
-            self.store.read(chunk, buf[pos:pos + take], inner)
+            with self.locks.one(chunk):
+                self.store.read(chunk, buf[pos:pos + take], inner)
 
     def write_blocks(self, first: int, data: memoryview) -> None:
         size = self.block_size
