@@ -4,8 +4,10 @@ SIGKILL during a write storm losing nothing that was flushed or written with FUA
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -186,3 +188,17 @@ def test_sigkill_during_a_write_storm_loses_nothing_durable(base, tmp_path):
             assert seq >= floor.get(block, 0), f"piece {block}: {seq} older than durable {floor[block]}"
             assert seq in written, f"piece {block}: unknown write {seq}"
     assert file_bytes(base) == original
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
+def test_fio_verify_on_a_persistent_overlay(tmp_path):
+    """Four connections at depth 32 with partial blocks, through the chunk store."""
+    with served("--filter=cow", "pattern", "8M", f"cow-file={tmp_path / 'c.cow'}") as srv:
+        job = ["fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
+               "--bsrange=512-24k", "--bs_unaligned=1", "--size=2000k", "--offset_increment=2000k",
+               "--numjobs=4", "--iodepth=32", "--verify=crc32c", "--do_verify=1", "--fsync=16",
+               "--verify_fatal=1", "--verify_state_save=0", "--group_reporting",
+               "--output-format=json"]
+        result = run(job, timeout=120)
+    report = json.loads(result.stdout[result.stdout.index(b"{"):])["jobs"][0]
+    assert report["error"] == 0 and report["read"]["io_bytes"] > 3 * 2000 * KiB
