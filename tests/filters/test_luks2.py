@@ -110,21 +110,33 @@ def test_both_header_copies_damaged_is_refused(tmp_path):
             "secondary: checksum mismatch)") in log
 
 
-def test_unsupported_keyslot_kdf_is_named(tmp_path):
-    image = cryptsetup_format(tmp_path, "disk.img", 18 * MiB, "--type", "luks2", *CHEAP_ARGON2)
-    with open(image, "r+b") as f:
+def rewrite_json(path: str, change) -> None:
+    """Change the JSON text of both header copies and give each a valid checksum again."""
+    with open(path, "r+b") as f:
         area = bytearray(f.read(32768))
-    for offset in (0, 16384):
-        text = bytes(area[offset + 4096:offset + 16384]).replace(b'"argon2id"', b'"scrypt"')
-        area[offset + 4096:offset + 16384] = text
-        header = area[offset:offset + 16384]
-        header[448:512] = bytes(64)
-        header[448:480] = hashlib.sha256(header).digest()
-        area[offset:offset + 16384] = header
-    with open(image, "r+b") as f:
+        for offset in (0, 16384):
+            header = area[offset:offset + 16384]
+            text = change(bytes(header[4096:]).rstrip(b"\0"))
+            header[4096:] = text.ljust(16384 - 4096, b"\0")
+            header[448:512] = bytes(64)
+            header[448:480] = hashlib.sha256(header).digest()
+            area[offset:offset + 16384] = header
+        f.seek(0)
         f.write(area)
-    log = refused_with(image)
-    assert "luks: no usable keyslot (keyslot 0: unsupported KDF 'scrypt')" in log
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda text: text.replace(b'"argon2id"', b'"scrypt"'),
+     "luks: no usable keyslot (keyslot 0: unsupported KDF 'scrypt')"),
+    (lambda text: text[:100],
+     "luks: both LUKS2 header copies are damaged (primary: malformed JSON metadata"),
+    (lambda text: text.replace(b'"aes-xts-plain64"', b'"serpent-xts-plain64"'),
+     "luks: unsupported cipher 'serpent-xts-plain64' (only aes is supported)"),
+])
+def test_bad_metadata_is_named(tmp_path, change, message):
+    image = cryptsetup_format(tmp_path, "disk.img", 18 * MiB, "--type", "luks2", *CHEAP_ARGON2)
+    rewrite_json(image, change)
+    assert message in refused_with(image)
 
 
 def test_argon2id_with_several_lanes(tmp_path):
