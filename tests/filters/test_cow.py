@@ -11,10 +11,11 @@ import threading
 import pytest
 from stack_helpers import BOTH, file_bytes, nbdsh_outcomes
 
-from nbdtest import PYNBD, nbdsh, run, served
-from pynbd.backend import OpenContext
+from nbdtest import PYNBD, WAIT, nbdsh, run, served
+from pynbd.backend import OpenContext, Plugin, ResidentDisk
 from pynbd.backend.overlay import ABSENT, DATA, ZERO, BlockLocks, state_runs
-from pynbd.backend.stack import Stack
+from pynbd.backend.stack import Stack, configure
+from pynbd.filters.cow import CowFilter
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 2 * MiB + 5000  # a partial last block
@@ -305,3 +306,53 @@ def test_overlay_is_an_unlinked_file_in_tmpdir(tmp_path):
         targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         assert any(t.startswith(str(tmp_path)) and t.endswith("(deleted)") for t in targets)
         assert os.listdir(tmp_path) == []
+
+
+class GatedDisk(ResidentDisk):
+    """Reads of the first 64 KiB wait until the gate opens."""
+
+    def __init__(self, plugin: GatedPlugin) -> None:
+        super().__init__(MiB)
+        self.plugin = plugin
+
+    def pread(self, buf, offset, flags):
+        if offset < 65536:
+            self.plugin.waiting.set()
+            assert self.plugin.gate.wait(WAIT)
+        buf[:] = bytes(len(buf))
+
+
+class GatedPlugin(Plugin):
+    name = "gated"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.waiting = threading.Event(), threading.Event()
+
+    def open(self, ctx):
+        return GatedDisk(self)
+
+
+def test_other_blocks_never_wait_for_a_read_modify_write():
+    plugin = GatedPlugin()
+    stack = Stack(plugin, [configure(CowFilter, [])])
+    a, b = stack.open(OpenContext()), stack.open(OpenContext())
+    try:
+        rmw = threading.Thread(target=a.pwrite, args=(memoryview(b"x" * 100), 10, 0))
+        rmw.start()
+        assert plugin.waiting.wait(WAIT)  # block 0's read-modify-write is reading below
+        b.pwrite(memoryview(b"y" * 65536), 65536, 0)  # block 1, whole
+        b.pwrite(memoryview(b"z" * 10), 200000, 0)  # block 3, partial
+        b.zero(65536, 5 * 65536, 0)
+        buf = bytearray(10)
+        b.pread(memoryview(buf), 200000, 0)
+        assert bytes(buf) == b"z" * 10 and rmw.is_alive()
+        plugin.gate.set()
+        rmw.join(WAIT)
+        b.pread(memoryview(buf), 8, 0)
+        assert bytes(buf) == bytes(2) + b"x" * 8
+    finally:
+        plugin.gate.set()
+        a.close()
+        b.close()
+        stack.unload()
