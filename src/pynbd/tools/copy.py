@@ -2,7 +2,7 @@
 
 Usage:
     pynbd copy [--allocated] [-C N|--connections=N]
-               [--destination-is-zero|--target-is-zero] [--flush]
+               [--destination-is-zero|--target-is-zero] [--dirty-bitmap=NAME] [--flush]
                [--no-extents] [-p|--progress|--progress=FD]
                [--queue-size=N] [--request-size=N] [-R N|--requests=N]
                [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]
@@ -47,6 +47,14 @@ Options:
                        no more than --threads. A captive server gets one.
     --destination-is-zero, --target-is-zero
                        trust that the destination reads as zeroes already
+    --dirty-bitmap=NAME  copy only what changed since checkpoint NAME: the
+                       ranges the source's ``qemu:dirty-bitmap:NAME`` meta
+                       context marks dirty (qemu-nbd ``-B NAME``, pynbd
+                       serve ``--filter=cbt``); changed data is written,
+                       changed ranges that read as zeroes are zeroed, and
+                       the rest of the destination is left as it is (a file
+                       is updated in place, not truncated). The source must
+                       be an NBD server offering that bitmap.
     --flush            flush the destination (NBD FLUSH, fsync) at the end
     --no-extents       ignore the source's extents and read everything
     -p, --progress     a progress bar on stderr

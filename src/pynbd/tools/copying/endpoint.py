@@ -17,6 +17,7 @@ instead, ``done`` is not called.
     write(conn, view, offset, done)
     zero(conn, count, offset, allocate, done)   make a range read as zeroes
     extents(conn, count, offset)      [(offset, length, zero)] or None (blocking)
+    changes(conn, count, offset)      [(offset, length, changed)] (``--dirty-bitmap``, blocking)
     finish(conn, length, flush)       after the last write (blocking)
     close()
 """
@@ -132,8 +133,13 @@ class Endpoint:
     def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
         return None
 
-    def prepare(self, length: int | None, source: Endpoint) -> None:
-        """Called on the destination before copying ``length`` bytes (None: unknown)."""
+    def changes(self, conn: int, count: int, offset: int) -> list[Extent]:
+        """Ranges from ``offset`` flagged where they changed since the checkpoint."""
+        raise CopyError(self.label, "has no changed-block map (--dirty-bitmap needs an NBD source)")
+
+    def prepare(self, length: int | None, source: Endpoint, keep: bool = False) -> None:
+        """Called on the destination before copying ``length`` bytes (None: unknown);
+        ``keep``: the copy updates what the destination holds (``--dirty-bitmap``)."""
 
     def write_zeroes(self, conn: int, count: int, offset: int, done: Done) -> None:
         """Zero a range by writing zero bytes, in requests the endpoint accepts."""

@@ -11,6 +11,7 @@ and a free slot and starts it, without waiting for it to finish:
 
 - a range that reads as zero on the source is skipped when the destination
   already reads as zero (and ``--allocated`` is not given), else zeroed;
+- a range unchanged since the ``--dirty-bitmap`` checkpoint is left alone;
 - data is read into the slot's buffer; when the read is done (in whichever
   thread finished it: the lane's for a file, the receiver of the source's
   NBD connection for a server) the buffer is split into runs of zero and
@@ -32,6 +33,7 @@ import time
 from dataclasses import dataclass, fields
 
 from ...proto.errors import ProtocolError
+from .dirty import CLEAN, ZERO
 from .endpoint import CopyError, Done, Endpoint, Fanout, start
 from .options import CopyOptions
 from .plan import SLICE, Plan, Slices
@@ -63,6 +65,7 @@ class Counters:
     written: int = 0
     zeroed: int = 0
     skipped: int = 0
+    unchanged: int = 0  # left alone: not in the --dirty-bitmap
 
     def add(self, other: Counters) -> None:
         for f in fields(self):
@@ -170,7 +173,7 @@ class Lane:
         layout = copier.layout
         self.src, self.dst = copier.src, copier.dst
         self.plan = Plan(self.src, copier.slices, layout.request_size, layout.zero_piece,
-                         copier.opts.extents)
+                         copier.opts.extents, dirty=copier.opts.dirty_bitmap is not None)
         self.scanner = ZeroScanner(layout.sparse, layout.request_size)
         self.counters = Counters()
         self.allocate = copier.opts.allocated
@@ -208,8 +211,11 @@ class Lane:
                 if self.copier.slices.aborted:
                     self.free.put(slot)
                     break
-                offset, length, zero = op
-                if zero:
+                offset, length, kind = op
+                if kind == CLEAN:
+                    self._count("unchanged", length)
+                    self._releaser(slot)(length, None)
+                elif kind == ZERO:
                     self._zero(offset, length, self._releaser(slot))
                 else:
                     self._read(slot, offset, length)

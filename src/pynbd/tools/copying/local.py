@@ -13,7 +13,8 @@
   copy; it is not left for the final fsync, which would no longer see it.
 - A regular-file destination is truncated and then extended to the source's
   size, as nbdcopy does, so it reads as zeroes and holes need no writing
-  (a file copied onto itself is left alone). Zeroing tries what nbdcopy
+  (a file copied onto itself is left alone; with ``--dirty-bitmap`` it is
+  updated in place, only extended if it is shorter). Zeroing tries what nbdcopy
   tries, in its order: a hole (``fallocate`` PUNCH_HOLE, not with
   ``--allocated``), ZERO_RANGE, then a hole allocated again (files) or the
   BLKZEROOUT ioctl (block devices, whole sectors). A way the file system
@@ -156,12 +157,17 @@ class FileEndpoint(LocalEndpoint):
                 return None
             raise CopyError(self.label, exc.strerror or exc) from None
 
-    def prepare(self, length: int | None, source: Endpoint) -> None:
+    def prepare(self, length: int | None, source: Endpoint, keep: bool = False) -> None:
         if self.block_device:
             return
         self._write_behind = {}
         if isinstance(source, FileEndpoint) and source.identity() == self.identity():
             return  # a file copied onto itself: truncating would destroy the source
+        if keep:
+            if length is not None and (self.size or 0) < length:
+                self._call(os.ftruncate, self.fd, length)  # grown, never cut: it is updated
+                self.size = length
+            return
         try:
             os.ftruncate(self.fd, 0)
             os.ftruncate(self.fd, length or 0)

@@ -7,8 +7,10 @@ buffers, and finishes each request from there. The first connection is
 opened by the main thread, the others by their lanes. More than one is
 opened only when the server advertises multi-conn and it is not captive (a
 captive server is started per connection, so it gets exactly one). Extents
-come from ``base:allocation``; zeroing uses WRITE_ZEROES (with NO_HOLE for
-``--allocated``) where the server offers it, else writes of zero bytes.
+come from ``base:allocation``, changed ranges (``--dirty-bitmap``, ``pynbd
+backup``) from ``qemu:dirty-bitmap:NAME`` (several bitmaps: their union);
+zeroing uses WRITE_ZEROES (with NO_HOLE for ``--allocated``) where the
+server offers it, else writes of zero bytes.
 Over TLS each connection has one request in flight at a time.
 """
 
@@ -29,6 +31,7 @@ from ...client.sync import NBD, Pipeline, connect
 from ...proto.client_transmission import Command
 from ...proto.constants import Cmd
 from ...proto.errors import ProtocolError
+from .dirty import STATE_DIRTY, bitmap_context, union
 from .endpoint import UNLIMITED, CopyError, Done, Endpoint, Extent, Facts
 from .options import MAX_REQUEST, Spec
 
@@ -39,9 +42,10 @@ ZERO_PROBES = 64  # block status requests spent deciding whether a destination r
 class NBDEndpoint(Endpoint):
     """An NBD export reached over one or more connections."""
 
-    def __init__(self, spec: Spec, writing: bool) -> None:
+    def __init__(self, spec: Spec, writing: bool, bitmaps: Sequence[str] = ()) -> None:
         super().__init__(spec.label)
         self.spec, self.writing = spec, writing
+        self.bitmaps = [bitmap_context(name) for name in bitmaps]
         self.pipes: dict[int, Pipeline] = {}  # lane -> its connection
 
     @property
@@ -50,7 +54,7 @@ class NBDEndpoint(Endpoint):
 
     def _connect(self) -> Pipeline:
         try:
-            h = connect(self._target, meta_contexts=[CONTEXT_BASE_ALLOCATION])
+            h = connect(self._target, meta_contexts=[CONTEXT_BASE_ALLOCATION, *self.bitmaps])
         except (NBDError, ProtocolError) as exc:
             raise CopyError(self.label, exc) from None
         return Pipeline(h)
@@ -65,6 +69,9 @@ class NBDEndpoint(Endpoint):
         self.pipes[0] = p
         if self.writing and h.is_read_only():
             raise CopyError(self.label, "the export is read-only")
+        for context in self.bitmaps:
+            if not h.can_meta_context(context):
+                raise CopyError(self.label, f"the server does not offer {context}")
         self.size = h.get_size()
         self.preferred_block = h.get_block_size(SIZE_PREFERRED) or self.preferred_block
         self.max_request = min(MAX_REQUEST, h.get_block_size(SIZE_MAXIMUM) or MAX_REQUEST)
@@ -102,12 +109,19 @@ class NBDEndpoint(Endpoint):
             self.write_zeroes(conn, count, offset, done)
 
     def extents(self, conn: int, count: int, offset: int) -> list[Extent] | None:
-        p = self.pipes[conn]
         if not self.handle.can_meta_context(CONTEXT_BASE_ALLOCATION):
             return None
-        command = p.call(Cmd.BLOCK_STATUS, offset, min(count, MAX_STATUS))
-        reply = extents_by_name(self.handle.negotiated.meta_contexts, command)
+        reply = self._block_status(conn, count, offset)
         return _as_extents(reply.get(CONTEXT_BASE_ALLOCATION, []), offset, offset + count)
+
+    def changes(self, conn: int, count: int, offset: int) -> list[Extent]:
+        reply = self._block_status(conn, count, offset)
+        return union([_as_extents(reply.get(context, []), offset, offset + count, STATE_DIRTY)
+                      for context in self.bitmaps])
+
+    def _block_status(self, conn: int, count: int, offset: int) -> dict[str, list[int]]:
+        command = self.pipes[conn].call(Cmd.BLOCK_STATUS, offset, min(count, MAX_STATUS))
+        return extents_by_name(self.handle.negotiated.meta_contexts, command)
 
     def probe_zero(self) -> bool:
         """True if base:allocation says the whole export reads as zeroes."""
@@ -139,8 +153,10 @@ def _counted(done: Done) -> Callable[[Command, BaseException | None], None]:
     return lambda command, error: done(command.count, error)
 
 
-def _as_extents(entries: Sequence[int], offset: int, end: int) -> list[Extent]:
-    """``[length, flags, ...]`` from ``offset`` as extents clipped to ``end``."""
+def _as_extents(entries: Sequence[int], offset: int, end: int,
+                flag: int = STATE_ZERO) -> list[Extent]:
+    """``[length, flags, ...]`` from ``offset`` as extents clipped to ``end``, flagged
+    where ``flag`` is set."""
     out: list[Extent] = []
     for i in range(0, len(entries) - 1, 2):
         if offset >= end:
@@ -148,6 +164,6 @@ def _as_extents(entries: Sequence[int], offset: int, end: int) -> list[Extent]:
         length = min(entries[i], end - offset)
         if length <= 0:
             break
-        out.append((offset, length, bool(entries[i + 1] & STATE_ZERO)))
+        out.append((offset, length, bool(entries[i + 1] & flag)))
         offset += length
     return out

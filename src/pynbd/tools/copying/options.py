@@ -46,6 +46,7 @@ class CopyOptions:
     allocated: bool = False
     connections: int = 4
     destination_is_zero: bool = False
+    dirty_bitmap: str | None = None
     flush: bool = False
     extents: bool = True
     progress: bool = False
@@ -186,6 +187,10 @@ class _Parser:
         attached = value if eq else None
         if name == "progress" and attached is not None:
             self.opts.progress, self.opts.progress_fd = True, _progress_fd(attached)
+        elif name == "dirty-bitmap":
+            self.opts.dirty_bitmap = self._value("--dirty-bitmap", attached)
+            if not self.opts.dirty_bitmap:
+                raise UsageError("--dirty-bitmap: expected a bitmap name")
         elif name in _VALUED:
             attr, parse = _VALUED[name]
             setattr(self.opts, attr, parse(self._value(f"--{name}", attached)))

@@ -5,8 +5,13 @@ connection asks next (``Slices``, shared by every thread). A connection's
 ``Plan`` asks the source for the extents of its slice once and turns them
 into operations for its workers:
 
-    (offset, length, False)   data: read it (at most one request's worth)
-    (offset, length, True)    a range that reads as zero on the source
+    (offset, length, DATA)    data: read it (at most one request's worth)
+    (offset, length, ZERO)    a range that reads as zero on the source
+    (offset, length, CLEAN)   unchanged since the checkpoint (``--dirty-bitmap``):
+                              left as it is on the destination
+
+With ``--dirty-bitmap`` the source's changed ranges are asked for too, and
+only changed ranges are data or zero (``dirty.classify``).
 
 Only the connection's lane thread asks for the next operation, so extents
 are fetched while the requests already started keep going. A source of unknown length (a stream) is
@@ -20,11 +25,12 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 
+from .dirty import CLEAN, classify, covered
 from .endpoint import CopyError, Endpoint, Extent
 
 SLICE = 128 * 1024 * 1024
 
-Op = tuple[int, int, bool]
+Op = tuple[int, int, int]  # offset, length, DATA | ZERO | CLEAN
 
 
 class Slices:
@@ -63,10 +69,11 @@ class Plan:
     """One connection's queue of operations, refilled a slice at a time."""
 
     def __init__(self, source: Endpoint, slices: Slices, request_size: int,
-                 zero_piece: int, use_extents: bool) -> None:
+                 zero_piece: int, use_extents: bool, dirty: bool = False) -> None:
         self.source, self.slices = source, slices
         self.request_size, self.zero_piece = request_size, zero_piece
         self.use_extents = use_extents and slices.end is not None
+        self.dirty = dirty
         self._ops: deque[Op] = deque()
         self.extents_failed: str | None = None
 
@@ -87,8 +94,25 @@ class Plan:
         return self._ops.popleft()
 
     def _fill(self, conn: int, start: int, stop: int) -> None:
-        for extent in self._extents(conn, start, stop):
-            self._ops.extend(self._split(*extent))
+        extents = self._extents(conn, start, stop)
+        for offset, length, kind in (classify(extents, self._changes(conn, start, stop))
+                                     if self.dirty else extents):
+            if kind == CLEAN:
+                self._ops.append((offset, length, CLEAN))
+            else:
+                self._ops.extend(self._split(offset, length, kind))
+
+    def _changes(self, conn: int, start: int, stop: int) -> list[Extent]:
+        """The source's changed ranges over ``[start, stop)``, all of it."""
+        found: list[Extent] = []
+        offset = start
+        while offset < stop:
+            got = self.source.changes(conn, stop - offset, offset)
+            if covered(got) <= offset:
+                raise CopyError(self.source.label, f"no changed-block map at offset {offset}")
+            found.extend(got)
+            offset = covered(got)
+        return found
 
     def _extents(self, conn: int, start: int, stop: int) -> list[Extent]:
         found: list[Extent] = []
@@ -112,10 +136,10 @@ class Plan:
             found.append((offset, stop - offset, False))
         return found
 
-    def _split(self, offset: int, length: int, zero: bool) -> Iterator[Op]:
-        piece = self.zero_piece if zero else self.request_size
+    def _split(self, offset: int, length: int, kind: int) -> Iterator[Op]:
+        piece = self.zero_piece if kind else self.request_size
         end = offset + length
         while offset < end:
             n = min(piece, end - offset)
-            yield (offset, n, zero)
+            yield (offset, n, kind)
             offset += n

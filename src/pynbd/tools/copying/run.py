@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
 from ...client.errors import NBDError
@@ -26,16 +27,19 @@ from .options import CopyOptions, Spec
 from .progress import Progress
 
 
-def open_endpoint(spec: Spec, writing: bool) -> Endpoint:
-    """The endpoint for ``spec``, connected or opened."""
+def open_endpoint(spec: Spec, writing: bool, bitmaps: Sequence[str] = ()) -> Endpoint:
+    """The endpoint for ``spec``, connected or opened; ``bitmaps`` (dirty bitmaps to
+    read changed ranges from) need an NBD server."""
     if spec.kind in ("nbd", "captive"):
-        endpoint = NBDEndpoint(spec, writing)
+        endpoint = NBDEndpoint(spec, writing, bitmaps)
         try:
             endpoint.open()
         except BaseException:
             endpoint.close()
             raise
         return endpoint
+    if bitmaps:
+        raise CopyError(spec.label, "--dirty-bitmap needs an NBD source")
     if spec.kind == "null":
         return NullEndpoint(spec.text)
     return open_local(spec, writing)
@@ -68,16 +72,24 @@ def _verbose(err: TextIO, opts: CopyOptions, src: Endpoint, dst: Endpoint, layou
           f"destination {'reads as zero' if dst.reads_as_zero else 'may hold data'}", file=err)
 
 
-def run_copy(opts: CopyOptions, err: TextIO = sys.stderr) -> int:
-    """Run the copy ``opts`` describes; return the bytes copied or raise CopyError."""
-    assert opts.source is not None and opts.destination is not None
+def run_copy(opts: CopyOptions, err: TextIO = sys.stderr, source: Endpoint | None = None) -> int:
+    """Run the copy ``opts`` describes; return the bytes copied or raise CopyError.
+
+    ``source``, if given, is an opened endpoint to copy from instead of
+    ``opts.source`` (``pynbd backup restore`` reads a qcow2 chain); it is closed too.
+    """
+    assert opts.destination is not None
     opened: list[Endpoint] = []
     try:
-        src = open_endpoint(opts.source, writing=False)
+        if source is None:
+            assert opts.source is not None
+            bitmaps = [opts.dirty_bitmap] if opts.dirty_bitmap is not None else []
+            source = open_endpoint(opts.source, writing=False, bitmaps=bitmaps)
+        src = source
         opened.append(src)
         dst = open_endpoint(opts.destination, writing=True)
         opened.append(dst)
-        dst.prepare(src.size, src)
+        dst.prepare(src.size, src, keep=opts.dirty_bitmap is not None)
         check_sizes(src, dst)
         dst.reads_as_zero = destination_is_zero(opts, dst)
         layout = plan_layout(opts, src, dst)
@@ -93,7 +105,7 @@ def run_copy(opts: CopyOptions, err: TextIO = sys.stderr) -> int:
         if opts.verbose:
             c = copier.counters
             print(f"pynbd copy: {length} bytes in {copier.elapsed:.3f}s: {c.written} written, "
-                  f"{c.zeroed} zeroed, {c.skipped} skipped", file=err)
+                  f"{c.zeroed} zeroed, {c.skipped} skipped, {c.unchanged} unchanged", file=err)
         return length
     finally:
         for endpoint in reversed(opened):
