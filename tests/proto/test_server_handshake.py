@@ -17,6 +17,7 @@ from pynbd.proto.server_handshake import (
     Closed,
     ExportInfo,
     ListExports,
+    ListMetaContexts,
     OpenExport,
     Ready,
     ServerHandshake,
@@ -35,13 +36,18 @@ HAS_FLAGS, READ_ONLY, SEND_DF = 1, 2, 1 << 7
 class Catalog:
     """Answers the handshake's questions, as the server's session does."""
 
-    def __init__(self) -> None:
+    def __init__(self, contexts: tuple[str, ...] = ("qemu:dirty-bitmap:b0", "qemu:allocation-depth")) -> None:
         self.opened: list[tuple[str, bool]] = []  # (name, kept open)
+        self.contexts = contexts  # what every export offers besides base:allocation
+        self.asked_contexts: list[str] = []  # the export names ListMetaContexts asked about
 
     def answer(self, hs: ServerHandshake, event) -> bool:
         """Answer ``event`` if it is a question; False if it is not one."""
         if isinstance(event, ListExports):
             hs.exports_listed([("", "the default"), ("second", "")])
+        elif isinstance(event, ListMetaContexts):
+            self.asked_contexts.append(event.name)
+            hs.meta_contexts_listed(list(self.contexts))
         elif isinstance(event, OpenExport):
             if event.name not in ("", "second"):
                 hs.export_refused(f"no export {event.name!r}")
@@ -179,7 +185,7 @@ def test_structured_replies_and_meta_contexts():
     assert replies(feed(hs, option(8)).data)[0][1] == ACK
     assert replies(feed(hs, option(8)).data)[0][1] == ERR_INVALID  # twice
     listed = replies(feed(hs, option(9, string("") + struct.pack(">I", 0))).data)
-    assert [r[1] for r in listed] == [META, ACK] and listed[0][2][4:] == b"base:allocation"
+    assert [r[1] for r in listed] == [META, META, META, ACK] and listed[0][2][4:] == b"base:allocation"
     query = string("") + struct.pack(">I", 2) + string("base:allocation") + string("qemu:nope")
     chosen = replies(feed(hs, option(10, query)).data)
     assert [r[1] for r in chosen] == [META, ACK]
@@ -279,3 +285,39 @@ def test_a_refused_open_is_an_error_reply_and_the_handshake_goes_on():
     ERR_PLATFORM = 2**31 + 4
     assert replies(event.data) == [(7, ERR_PLATFORM, b"disk: cannot open: Permission denied")]
     assert hs.next_event() == NeedData(16)
+
+
+def meta_query(name: str, *queries: str) -> bytes:
+    return string(name) + struct.pack(">I", len(queries)) + b"".join(string(q) for q in queries)
+
+
+def test_meta_contexts_come_from_the_driver_and_are_numbered_by_set():
+    hs, catalog = started(), Catalog()
+    feed(hs, option(8), catalog)
+    listed = replies(feed(hs, option(9, meta_query("second", "qemu:")), catalog).data)
+    assert [(r[1], r[2][4:]) for r in listed] == [(META, b"qemu:dirty-bitmap:b0"),
+                                                 (META, b"qemu:allocation-depth"), (ACK, b"")]
+    assert all(struct.unpack_from(">I", r[2])[0] == 0 for r in listed[:-1])  # LIST sends id 0
+    listed = replies(feed(hs, option(9, meta_query("", "qemu:dirty-bitmap:")), catalog).data)
+    assert [r[2][4:] for r in listed[:-1]] == [b"qemu:dirty-bitmap:b0"]
+    # SET: an unknown context (and a namespace query) is left out, the rest is chosen.
+    chosen = replies(feed(hs, option(10, meta_query("", "qemu:dirty-bitmap:nope", "qemu:dirty-bitmap:b0",
+                                                    "qemu:", "base:allocation")), catalog).data)
+    assert [(r[1], r[2][4:]) for r in chosen] == [(META, b"qemu:dirty-bitmap:b0"),
+                                                 (META, b"base:allocation"), (ACK, b"")]
+    ids = {r[2][4:].decode(): struct.unpack_from(">I", r[2])[0] for r in chosen[:-1]}
+    assert sorted(ids.values()) == [1, 2]
+    assert catalog.asked_contexts == ["second", "", ""]
+    ready = feed(hs, option(7, go_data()), catalog)
+    assert ready.meta_contexts == {i: name for name, i in ids.items()}
+
+
+def test_block_status_payload_flag_needs_extended_headers_and_contexts():
+    BLOCK_STAT_PAYLOAD = 1 << 12
+    for extended, contexts, expected in ((True, True, True), (True, False, False), (False, True, False)):
+        hs = started()
+        feed(hs, option(11 if extended else 8))
+        if contexts:
+            feed(hs, option(10, meta_query("", "base:allocation")))
+        ready = feed(hs, option(7, go_data()))
+        assert bool(ready.export.flags & BLOCK_STAT_PAYLOAD) is expected, (extended, contexts)

@@ -182,11 +182,27 @@ def test_extended_read_chunks_carry_the_request_offset():
 
 def test_block_status_32_and_64_bit():
     descriptors = [(4096, 3), (8192, 0)]
-    assert core().block_status(8, 0, descriptors) == struct.pack(
+    assert core().block_status(8, 0, [(1, descriptors)]) == struct.pack(
         ">IHHQI", STRUCTURED, DONE, T_BLOCK_STATUS, 8, 4 + 16) + struct.pack(">IIIII", 1, 4096, 3,
                                                                              8192, 0)
-    assert core(extended=True).block_status(8, 0, descriptors) == struct.pack(
+    assert core(extended=True).block_status(8, 0, [(1, descriptors)]) == struct.pack(
         ">IHHQQQ", EXTENDED, DONE, T_BLOCK_STATUS_EXT, 8, 0, 8 + 32) + struct.pack(
         ">IIQQQQ", 1, 2, 4096, 3, 8192, 0)
-    two = core(contexts={1: "base:allocation", 2: "qemu:dirty-bitmap:b"}).block_status(8, 0, [(1, 0)])
+    two = core(contexts={1: "base:allocation", 2: "qemu:dirty-bitmap:b"}).block_status(
+        8, 0, [(1, [(1, 0)]), (2, [(1, 1)])])
     assert [struct.unpack_from(">H", two, off)[0] for off in (4, 4 + 20 + 12)] == [0, DONE]
+    assert [struct.unpack_from(">I", two, off)[0] for off in (20, 20 + 12 + 20)] == [1, 2]
+
+
+def test_block_status_payload_selects_contexts():
+    contexts = {1: "base:allocation", 2: "qemu:dirty-bitmap:b", 3: "qemu:allocation-depth"}
+    tx = core(extended=True, contexts=contexts, flags=HAS_FLAGS | (1 << 12))
+    assert tx.block_status_selection(struct.pack(">QII", 4096, 3, 1)) == (4096, [3, 1])
+    assert tx.block_status_selection(struct.pack(">Q", 512)) == (512, [1, 2, 3])
+    for bad in (b"", struct.pack(">QH", 1, 1), struct.pack(">QI", 1, 9), struct.pack(">QII", 1, 2, 2)):
+        refusal = tx.block_status_selection(bad)
+        assert refusal.errno == errno.EINVAL, bad
+    # PAYLOAD_LEN is allowed on BLOCK_STATUS only where the export offered the payload form.
+    assert tx.check(PAYLOAD_LEN, BLOCK_STATUS, 0, 4096) is None
+    plain = core(extended=True, contexts=contexts)
+    assert plain.check(PAYLOAD_LEN, BLOCK_STATUS, 0, 4096).errno == errno.EINVAL

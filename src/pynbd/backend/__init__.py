@@ -21,6 +21,7 @@ from .connection import (
     ZERO_BUFFER,
     Buffer,
     Connection,
+    ContextExtent,
     Extent,
     FilterConnection,
     OpenContext,
@@ -35,7 +36,7 @@ from .plugin import Export, Filter, Plugin, ThreadModel
 __all__ = [
     "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "DATA_METHODS", "FLAG_FAST_ZERO", "FLAG_FUA",
     "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE", "ZERO_BUFFER", "Buffer",
-    "Command", "ConfigError", "Connection", "ControlError", "Export", "Extent", "Filter",
+    "Command", "ConfigError", "Connection", "ContextExtent", "ControlError", "Export", "Extent", "Filter",
     "FilterConnection", "Layer", "LayerCallError",
     "OpenContext", "Param", "Plugin", "RamDisk", "ResidentDisk", "ThreadModel", "block_runs",
     "extents_of_runs", "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",

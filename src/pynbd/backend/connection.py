@@ -57,6 +57,24 @@ class Extent(NamedTuple):
         return (1 if self.hole else 0) | (2 if self.zero else 0)
 
 
+class ContextExtent(NamedTuple):
+    """A run of bytes with the same status in a meta context other than
+    ``base:allocation`` (``flags`` as that context defines them: for
+    ``qemu:dirty-bitmap:NAME`` 1 means dirty; for ``qemu:allocation-depth``
+    the depth)."""
+
+    offset: int
+    length: int
+    flags: int = 0
+
+    @property
+    def state(self) -> int:
+        return self.flags
+
+
+E = TypeVar("E", Extent, ContextExtent)
+
+
 class Connection:
     """One client's view of a plugin. Subclass it and override what you serve.
 
@@ -153,12 +171,18 @@ class Connection:
         """Allocation state from ``offset``; default: all data."""
         return (Extent(offset, count),)
 
+    def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterable[ContextExtent]:
+        """Status from ``offset`` in meta context ``context``, one this layer's
+        ``list_meta_contexts`` offered (``base:allocation`` is ``extents``).
+        The default knows no context."""
+        raise io_error(errno.EINVAL, f"no meta context {context!r} here")
+
     def close(self) -> None:
         """Release what open() took."""
 
 
 DATA_METHODS = frozenset({"pread", "pread_buffers", "pwrite", "zero", "trim", "flush", "cache",
-                          "extents"})
+                          "extents", "block_status"})
 """The per-request calls a filter may pass through unchanged (see
 ``FilterConnection.passes_through``)."""
 
@@ -271,13 +295,17 @@ class FilterConnection(Connection, Generic[F]):
     def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
         return self.next.extents(count, offset, flags)
 
+    def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterable[ContextExtent]:
+        return self.next.block_status(context, count, offset, flags)
+
     def close(self) -> None:
         self.next.close()
 
 
-def clip_extents(extents: Iterable[Extent], offset: int, count: int,
-                 req_one: bool = False) -> Iterator[Extent]:
-    """Extents limited to [offset, offset+count), merged, gap-free from offset.
+def clip_extents(extents: Iterable[E], offset: int, count: int,
+                 req_one: bool = False) -> Iterator[E]:
+    """Extents (``Extent`` or ``ContextExtent``) limited to [offset, offset+count),
+    merged, gap-free from offset.
 
     Layers may return extents that start before ``offset`` or run past the
     end; this trims them, merges neighbours with the same state and stops
@@ -285,7 +313,7 @@ def clip_extents(extents: Iterable[Extent], offset: int, count: int,
     """
     end = offset + count
     pos = offset
-    pending: Extent | None = None
+    pending: E | None = None
     for ext in extents:
         ext_end = ext.offset + ext.length
         if ext_end <= pos or ext.length <= 0:
@@ -293,14 +321,14 @@ def clip_extents(extents: Iterable[Extent], offset: int, count: int,
         if ext.offset > pos:
             break
         stop = min(ext_end, end)
-        if pending is not None and (pending.hole, pending.zero) == (ext.hole, ext.zero):
-            pending = Extent(pending.offset, stop - pending.offset, ext.hole, ext.zero)
+        if pending is not None and pending.state == ext.state:
+            pending = pending._replace(length=stop - pending.offset)
         else:
             if pending is not None:
                 yield pending
                 if req_one:
                     return
-            pending = Extent(pos, stop - pos, ext.hole, ext.zero)
+            pending = ext._replace(offset=pos, length=stop - pos)
         pos = stop
         if pos >= end:
             break

@@ -46,6 +46,7 @@ from .connection import (
     FUA_NONE,
     Buffer,
     Connection,
+    ContextExtent,
     Extent,
     FilterConnection,
 )
@@ -128,6 +129,8 @@ class Layer(Connection):
         self._flush: Callable[[int], None] = owner("flush").flush
         self._cache: Callable[[int, int, int], None] = owner("cache").cache
         self._extents: Callable[[int, int, int], Iterable[Extent]] = owner("extents").extents
+        self._block_status: Callable[[str, int, int, int], Iterable[ContextExtent]] = \
+            owner("block_status").block_status
 
     # ---- cached answers
     def get_size(self) -> int:
@@ -242,6 +245,10 @@ class Layer(Connection):
             return (Extent(offset, count),)
         return self._extents(count, offset, flags)
 
+    def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterable[ContextExtent]:
+        self._check("block_status", count, offset, flags, FLAG_REQ_ONE)
+        return self._block_status(context, count, offset, flags)
+
     def close(self) -> None:
         self.conn.close()
 
@@ -287,6 +294,10 @@ class LoggedLayer(Layer):
     def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
         self._log("extents", f"count={count} offset={offset} flags={_hex(flags)}")
         return super().extents(count, offset, flags)
+
+    def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterable[ContextExtent]:
+        self._log("block_status", f"context={context} count={count} offset={offset} flags={_hex(flags)}")
+        return super().block_status(context, count, offset, flags)
 
     def close(self) -> None:
         self._log("close", "")

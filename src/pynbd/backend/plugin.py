@@ -9,6 +9,7 @@ same way and opened with a function that opens the layer below it::
         config_complete()                      config_complete()
         get_ready() / after_fork()             get_ready() / after_fork()
         list_exports(ctx)                      list_exports(next_list, ctx)
+        list_meta_contexts(ctx)                list_meta_contexts(next_list, ctx)
         default_export(ctx)                    default_export(next_default, ctx)
         open(ctx) -> Connection                open(next_open, ctx) -> Connection
                                                connect_below(next_open)
@@ -98,6 +99,11 @@ class Plugin(_Configurable, abc.ABC):
     def list_exports(self, ctx: OpenContext) -> list[Export]:
         return [Export(self.default_export(ctx))]
 
+    def list_meta_contexts(self, ctx: OpenContext) -> list[str]:
+        """The meta contexts export ``ctx.export_name`` answers besides
+        ``base:allocation`` (``Connection.block_status`` answers them)."""
+        return []
+
     def default_export(self, ctx: OpenContext) -> str:
         return ""
 
@@ -124,6 +130,11 @@ class Filter(_Configurable):
 
     def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
                      ctx: OpenContext) -> list[Export]:
+        return next_list(ctx)
+
+    def list_meta_contexts(self, next_list: Callable[[OpenContext], list[str]],
+                           ctx: OpenContext) -> list[str]:
+        """The meta contexts of the export: the layer below's, plus any this filter answers."""
         return next_list(ctx)
 
     def default_export(self, next_default: Callable[[OpenContext], str],

@@ -34,14 +34,17 @@ class Stack:
         open_fn: Callable[[OpenContext], Layer] = _checked(plugin.open, plugin.name)
         list_fn: Callable[[OpenContext], list[Export]] = plugin.list_exports
         default_fn: Callable[[OpenContext], str] = plugin.default_export
+        contexts_fn: Callable[[OpenContext], list[str]] = plugin.list_meta_contexts
         for flt in reversed(self.filters):
             flt.connect_below(open_fn)
             open_fn = _checked(functools.partial(flt.open, open_fn), flt.name)
             list_fn = functools.partial(flt.list_exports, list_fn)
             default_fn = functools.partial(flt.default_export, default_fn)
+            contexts_fn = functools.partial(flt.list_meta_contexts, contexts_fn)
         self._open = open_fn
         self._list = list_fn
         self._default = default_fn
+        self._contexts = contexts_fn
 
     @classmethod
     def from_args(cls, plugin_name: str, args: Sequence[str],
@@ -86,6 +89,10 @@ class Stack:
 
     def default_export(self, ctx: OpenContext) -> str:
         return self._default(ctx)
+
+    def list_meta_contexts(self, ctx: OpenContext) -> list[str]:
+        """The meta contexts the export answers besides base:allocation."""
+        return self._contexts(ctx)
 
     def get_ready(self) -> None:
         for layer in reversed(self.layers):

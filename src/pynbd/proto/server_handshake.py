@@ -91,6 +91,15 @@ class OpenExport:
 
 
 @dataclass(frozen=True)
+class ListMetaContexts:
+    """Answer with ``meta_contexts_listed``: the meta contexts export ``name``
+    ("" is the default) answers besides ``base:allocation`` (asked by
+    NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Ready:
     """The handshake is over; ``reply`` (maybe empty) still has to be sent."""
 
@@ -109,7 +118,7 @@ class Closed:
     reply: bytes = b""
 
 
-Event = NeedData | Send | StartTLS | ListExports | OpenExport | Ready | Closed
+Event = NeedData | Send | StartTLS | ListExports | OpenExport | ListMetaContexts | Ready | Closed
 
 
 class State(enum.Enum):
@@ -130,7 +139,6 @@ TRANSITIONS: dict[State, set[State]] = {
     State.ERROR: set(),
 }
 
-META_CONTEXT_IDS = {BASE_ALLOCATION: 1}
 
 class ServerHandshake(ByteMachine[State]):
     """Negotiates one client connection up to the transmission phase."""
@@ -147,11 +155,12 @@ class ServerHandshake(ByteMachine[State]):
         self.no_zeroes = False
         self.structured_replies = False
         self.extended_headers = False
-        self.meta_query: list[str] = []  # requested by SET_META_CONTEXT
+        self.meta_ids: dict[str, int] = {}  # chosen by SET_META_CONTEXT → the ids they were given
         self.meta_export: str | None = None
+        self._meta_queries: list[str] = []  # of the LIST/SET_META_CONTEXT being answered
         self._option = 0
         self._option_length = 0
-        self._asked: ListExports | OpenExport | None = None  # the question awaiting an answer
+        self._asked: ListExports | OpenExport | ListMetaContexts | None = None  # awaiting an answer
         self._resume: Callable[[], Event] | None = None  # set by the answer
         self._failure = ""
         self._requested_infos: list[int] = []  # NBD_INFO_* the client asked for with INFO/GO
@@ -166,7 +175,8 @@ class ServerHandshake(ByteMachine[State]):
         self.tls_active = True
         # Everything negotiated in clear text is forgotten (spec: STARTTLS).
         self.structured_replies = self.extended_headers = False
-        self.meta_query = []
+        self.meta_ids = {}
+        self.meta_export = None
 
     def receive_data(self, data: bytes) -> None:
         self._usable()
@@ -200,6 +210,14 @@ class ServerHandshake(ByteMachine[State]):
         keep = isinstance(self._asked, OpenExport) and self._asked.keep
         self._resume = lambda: self._opened(keep, self._for_client(info))
 
+    def meta_contexts_listed(self, names: list[str]) -> None:
+        """Answer ``ListMetaContexts``: the export's contexts besides base:allocation."""
+        self._answering(ListMetaContexts)
+        option, queries = self._option, self._meta_queries
+        export = self._asked.name if isinstance(self._asked, ListMetaContexts) else ""
+        self._resume = lambda: self._meta_contexts_reply(option, export, queries,
+                                                          [BASE_ALLOCATION, *names])
+
     def export_refused(self, message: str, unknown: bool = True) -> None:
         """Answer ``OpenExport``: no such export (``unknown``) or it failed to open."""
         self._answering(OpenExport)
@@ -219,13 +237,13 @@ class ServerHandshake(ByteMachine[State]):
         self._failure = f"{type(exc).__name__}: {exc}"
         self.state = State.ERROR
 
-    def _answering(self, kind: type[ListExports] | type[OpenExport]) -> None:
+    def _answering(self, kind: type[ListExports] | type[OpenExport] | type[ListMetaContexts]) -> None:
         self._usable()
         if self.state is not State.ANSWER or type(self._asked) is not kind or self._resume is not None:
             raise LocalProtocolError(f"{kind.__name__} was not asked (the handshake is "
                                      f"{self.state.value})")
 
-    def _ask(self, question: ListExports | OpenExport) -> Event:
+    def _ask(self, question: ListExports | OpenExport | ListMetaContexts) -> Event:
         self._asked = question
         self._resume = None
         self._goto(State.ANSWER)
@@ -347,15 +365,26 @@ class ServerHandshake(ByteMachine[State]):
         if not (self.structured_replies or self.extended_headers):
             return self._reply(option, Rep.ERR_INVALID,
                                b"negotiate structured replies first")
-        chosen = _match_contexts(queries, listing=option == Opt.LIST_META_CONTEXT)
-        replies = [wire.option_reply(option, Rep.META_CONTEXT,
-                                     wire.meta_context_reply_payload(META_CONTEXT_IDS[c], c))
-                   for c in chosen]
-        if option == Opt.SET_META_CONTEXT:
-            self.meta_query = chosen
+        self._meta_queries = queries
+        return self._ask(ListMetaContexts(name))
+
+    def _meta_contexts_reply(self, option: int, name: str, queries: list[str],
+                             offered: list[str]) -> Event:
+        """Reply to LIST/SET_META_CONTEXT with the offered contexts that match.
+
+        SET numbers the chosen contexts from 1; LIST sends id 0, as the
+        protocol asks. A query that matches nothing is left out, not refused.
+        """
+        listing = option == Opt.LIST_META_CONTEXT
+        chosen = _match_contexts(queries, listing, offered)
+        if not listing:
+            self.meta_ids = {c: i for i, c in enumerate(chosen, 1)}
             self.meta_export = name
+        replies = [wire.option_reply(option, Rep.META_CONTEXT,
+                                     wire.meta_context_reply_payload(0 if listing else self.meta_ids[c], c))
+                   for c in chosen]
         replies.append(wire.option_reply(option, Rep.ACK))
-        return Send(b"".join(replies))
+        return self._option_done(Send(b"".join(replies)))
 
     def _opt_info_or_go(self, option: int, data: bytes) -> Event:
         name, requested = wire.parse_info_request(data)
@@ -397,16 +426,20 @@ class ServerHandshake(ByteMachine[State]):
         return self._ready(b"".join(replies), info)
 
     def _for_client(self, info: ExportInfo) -> ExportInfo:
-        """The export as this client sees it: DF only with structured replies."""
-        if self.structured_replies or not info.flags & TransmissionFlag.SEND_DF:
-            return info
-        return replace(info, flags=info.flags & ~TransmissionFlag.SEND_DF)
+        """The export as this client sees it: DF only with structured replies, the
+        block-status payload form with extended headers and a meta context chosen."""
+        flags = info.flags
+        if not self.structured_replies:
+            flags &= ~TransmissionFlag.SEND_DF
+        if self.extended_headers and self.meta_ids:
+            flags |= TransmissionFlag.BLOCK_STAT_PAYLOAD
+        return info if flags == info.flags else replace(info, flags=flags)
 
     def _ready(self, reply: bytes, info: ExportInfo) -> Ready:
         self._goto(State.DONE)
         contexts = {}
         if self.meta_export is None or self.meta_export == info.name or self.meta_export == "":
-            contexts = {META_CONTEXT_IDS[c]: c for c in self.meta_query}
+            contexts = {i: c for c, i in self.meta_ids.items()}
         return Ready(reply, info, self.structured_replies, self.extended_headers, contexts)
 
     _HANDLERS: dict[int, Callable[[ServerHandshake, int, bytes], Event]] = {
@@ -423,9 +456,9 @@ class ServerHandshake(ByteMachine[State]):
     }
 
 
-def _match_contexts(queries: list[str], listing: bool) -> list[str]:
-    """The contexts this server offers that answer the client's queries."""
-    offered = list(META_CONTEXT_IDS)
+def _match_contexts(queries: list[str], listing: bool, offered: list[str]) -> list[str]:
+    """The ``offered`` contexts that answer the client's queries (a query ending in
+    ``:`` lists a whole namespace, such as ``qemu:`` or ``qemu:dirty-bitmap:``)."""
     if not queries:
         return offered if listing else []
     chosen: list[str] = []

@@ -139,6 +139,8 @@ class ServerTransmission:
         table = dict(COMMAND_FLAGS)
         if not self.extended:
             table[WRITE] &= ~F_PAYLOAD_LEN
+        if self.extended and self.terms.flags & TF.BLOCK_STAT_PAYLOAD:
+            table[BLOCK_STATUS] |= F_PAYLOAD_LEN  # the payload selects the contexts to answer
         if not self.terms.flags & TF.SEND_DF:
             table[READ] &= ~F_DF
         if not self.terms.flags & TF.SEND_FAST_ZERO:
@@ -250,10 +252,25 @@ class ServerTransmission:
                 parts.extend(data)
         return parts
 
+    def block_status_selection(self, payload: bytes | bytearray | memoryview
+                               ) -> tuple[int, list[int]] | Refusal:
+        """(effect length, context ids) of a BLOCK_STATUS sent with a payload
+        (extended headers, ``NBD_FLAG_BLOCK_STAT_PAYLOAD``): 64 bits of length,
+        then the 32-bit ids of the negotiated contexts to answer (none: all)."""
+        size = len(payload)
+        if size < 8 or (size - 8) % 4:
+            return Refusal(errno.EINVAL, f"a block status payload is 8 + 4n bytes, not {size}")
+        (length,) = wire.U64.unpack_from(payload)
+        ids = [wire.U32.unpack_from(payload, pos)[0] for pos in range(8, size, 4)]
+        if len(set(ids)) != len(ids) or any(i not in self.terms.contexts for i in ids):
+            return Refusal(errno.EINVAL, f"block status payload names unknown or repeated "
+                                         f"meta context ids {ids}")
+        return length, ids or list(self.terms.contexts)
+
     def block_status(self, cookie: int, offset: int,
-                     descriptors: Sequence[tuple[int, int]]) -> bytes:
-        """One BLOCK_STATUS chunk per negotiated context for (length, flags) pairs."""
-        ids = list(self.terms.contexts)
-        return b"".join(wire.block_status_chunk(cookie, context_id, descriptors,
-                                                index == len(ids) - 1, self.extended, offset)
-                        for index, context_id in enumerate(ids))
+                     answers: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> bytes:
+        """One BLOCK_STATUS chunk per (context id, (length, flags) pairs) answer."""
+        last = len(answers) - 1
+        return b"".join(wire.block_status_chunk(cookie, context_id, descriptors, index == last,
+                                                self.extended, offset)
+                        for index, (context_id, descriptors) in enumerate(answers))

@@ -9,6 +9,7 @@ and block sizes the client is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from ..backend import FUA_NONE, ConfigError, OpenContext
@@ -36,6 +37,16 @@ class StackCatalog:
 
     def list_exports(self) -> list[tuple[str, str]]:
         return [(e.name, e.description) for e in self.stack.list_exports(self.ctx)]
+
+    def list_meta_contexts(self, name: str) -> list[str]:
+        """The meta contexts export ``name`` answers besides base:allocation
+        (none for a name the stack refuses: the client learns that at GO)."""
+        ctx = dataclasses.replace(self.ctx, export_name=name or self.stack.default_export(self.ctx))
+        try:
+            return self.stack.list_meta_contexts(ctx)
+        except (LookupError, ConfigError, OSError) as exc:
+            log.debug("meta contexts of export %r: %s", name, exc)
+            return []
 
     def open_export(self, name: str) -> tuple[Layer, ExportInfo]:
         """Open the stack for ``name`` ("" is the default export).

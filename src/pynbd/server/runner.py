@@ -25,10 +25,22 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
+from typing import TypeVar
 
-from ..backend import FLAG_FAST_ZERO, FLAG_FUA, FLAG_MAY_TRIM, FLAG_REQ_ONE, ZERO_BUFFER, clip_extents
+from ..backend import (
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_MAY_TRIM,
+    FLAG_REQ_ONE,
+    ZERO_BUFFER,
+    ContextExtent,
+    Extent,
+    clip_extents,
+)
 from ..backend.layer import Layer
+from ..proto.constants import BASE_ALLOCATION
 from ..proto.server_transmission import (
     BLOCK_STATUS,
     CACHE,
@@ -43,6 +55,7 @@ from ..proto.server_transmission import (
     TRIM,
     WRITE,
     ZERO,
+    Refusal,
     ServerTransmission,
 )
 from .channel import Buffer, ClientGone
@@ -66,6 +79,13 @@ class RequestRunner:
             payload: memoryview | None, scratch: bytearray) -> None:
         """Check, run and answer one request. ``scratch`` is a reusable read buffer."""
         tx = self.tx
+        contexts = None
+        if cmd == BLOCK_STATUS and payload is not None:  # the payload chooses the contexts
+            selection = tx.block_status_selection(payload)
+            if isinstance(selection, Refusal):
+                self.send((tx.error(cookie, cmd, selection.errno, selection.message, offset),))
+                return
+            length, contexts = selection
         refusal = tx.check(flags, cmd, offset, length)
         if refusal is not None:
             log.debug("client %s: command %d at %d+%d refused: %s", self.address, cmd, offset,
@@ -91,7 +111,7 @@ class RequestRunner:
             elif cmd == CACHE:
                 top.cache(length, offset, 0)
             elif cmd == BLOCK_STATUS:
-                self._block_status(cookie, offset, length, flags)
+                self._block_status(cookie, offset, length, flags, contexts)
                 return
         except ClientGone:
             raise
@@ -116,17 +136,34 @@ class RequestRunner:
         self.top.pread(view, offset, 0)
         self.send((tx.read_header(cookie, offset, length), view))
 
-    def _block_status(self, cookie: int, offset: int, length: int, flags: int) -> None:
+    def _block_status(self, cookie: int, offset: int, length: int, flags: int,
+                      contexts: list[int] | None) -> None:
+        """Answer each negotiated context (or those ``contexts`` names) in one reply."""
         length = min(length, self.size - offset)
         if length <= 0:
             raise OSError(errno.EINVAL, "block status past the end of the export")
         req_one = bool(flags & F_REQ_ONE)
-        found = self.top.extents(length, offset, FLAG_REQ_ONE if req_one else 0)
-        descriptors = []
-        for ext in clip_extents(found, offset, length, req_one):
-            descriptors.append((ext.length, ext.state))
-            if len(descriptors) >= MAX_EXTENTS_PER_REPLY:
-                break
-        if not descriptors:
-            raise OSError(errno.EIO, "the plugin returned no extent at the requested offset")
-        self.send((self.tx.block_status(cookie, offset, descriptors),))
+        layer_flags = FLAG_REQ_ONE if req_one else 0
+        names = self.tx.terms.contexts
+        answers = []
+        for context_id in names if contexts is None else contexts:
+            name = names[context_id]
+            if name == BASE_ALLOCATION:
+                descriptors = _descriptors(clip_extents(self.top.extents(length, offset, layer_flags),
+                                                        offset, length, req_one))
+            else:
+                descriptors = _descriptors(clip_extents(self.top.block_status(name, length, offset,
+                                                                              layer_flags),
+                                                        offset, length, req_one))
+            if not descriptors:
+                raise OSError(errno.EIO, f"no {name} status at the requested offset")
+            answers.append((context_id, descriptors))
+        self.send((self.tx.block_status(cookie, offset, answers),))
+
+
+X = TypeVar("X", Extent, ContextExtent)
+
+
+def _descriptors(extents: Iterable[X]) -> list[tuple[int, int]]:
+    """(length, status) pairs for a reply, at most as many as one reply may carry."""
+    return [(ext.length, ext.state) for ext in islice(extents, MAX_EXTENTS_PER_REPLY)]

@@ -33,6 +33,7 @@ from ..proto.machine import NeedData, Send
 from ..proto.server_handshake import (
     Closed,
     ListExports,
+    ListMetaContexts,
     OpenExport,
     Ready,
     ServerHandshake,
@@ -117,6 +118,8 @@ class Session:
                 hs.exports_listed(catalog.list_exports())
             elif isinstance(event, OpenExport):
                 self._open(catalog, hs, event)
+            elif isinstance(event, ListMetaContexts):
+                hs.meta_contexts_listed(catalog.list_meta_contexts(event.name))
             elif isinstance(event, StartTLS):
                 channel.send([event.data])
                 assert cfg.ssl_context is not None, "STARTTLS accepted without a TLS context"
