@@ -2,7 +2,10 @@
 
 ``remote_workloads`` is called by ``run.py``'s ``build()``. nginx is the one
 the curl plugin's tests start (``tests/plugins/webserver.py``), here with two
-worker processes, started for each measurement and stopped after it.
+worker processes, started for each measurement and stopped after it. The
+proxy's upstream is nbdkit memory on a Unix socket, filled first; the proxy
+is measured against that server reached directly, and against nbdkit's own
+nbd plugin in front of it.
 """
 
 from __future__ import annotations
@@ -30,9 +33,25 @@ def curl_measure(spec: ServerSpec, root: str, client: Callable[[str], float]) ->
     return measure
 
 
+def proxy_measure(spec: ServerSpec | None, data256: str,
+                  client: Callable[[str], float]) -> Callable[[], float]:
+    """``client`` on ``spec`` (``{up}`` is the upstream's socket) or, if None, on the upstream."""
+    def measure() -> float:
+        with running(nbdkit("upstream", "memory", "1G"), "unix") as up:
+            w.fill(up.uri, data256)
+            if spec is None:
+                return client(up.uri)
+            sock = up.uri.partition("socket=")[2]
+            proxy = ServerSpec(spec.label, tuple(a.replace("{up}", sock) for a in spec.argv), spec.kind)
+            with running(proxy, "unix") as srv:
+                return client(srv.uri)
+    return measure
+
+
 def remote_workloads(tmp: str, data256: str, runtime: float,
                      workload: Callable[..., object], variant: Callable[..., object]) -> list[object]:
-    """curl: sequential 256 KiB reads and 4 KiB random reads at depth 16 against nbdkit's curl."""
+    """curl: sequential 256 KiB reads and 4 KiB random reads at depth 16 against nbdkit's curl;
+    the nbd proxy: 4 KiB random reads at depth 16 against no proxy, and nbdkit's."""
     root = os.path.join(tmp, "www")
     os.makedirs(root, exist_ok=True)
     disk = os.path.join(root, "disk.img")
@@ -46,4 +65,15 @@ def remote_workloads(tmp: str, data256: str, runtime: float,
         client = (lambda r, b: lambda uri: w.fio(uri, r, b, 16, 1, runtime))(rw, bs)
         out.append(workload(name, unit, [variant(s.label, curl_measure(s, root, client))
                                          for s in specs], 1.0))
+
+    def randread(uri: str) -> float:
+        return w.fio(uri, "randread", "4k", 16, 1, runtime)
+
+    mine = pynbd("pynbd nbd proxy", "nbd", "socket={up}")
+    out.append(workload("nbd proxy cost: fio randread 4k qd16 [over nbdkit memory]", "IOPS", [
+        variant(mine.label, proxy_measure(mine, data256, randread)),
+        variant("nbdkit memory direct", proxy_measure(None, data256, randread))], 0.8))
+    theirs = nbdkit("nbdkit nbd proxy", "nbd", "socket={up}")
+    out.append(workload("nbd proxy fio randread 4k qd16 [over nbdkit memory]", "IOPS", [
+        variant(s.label, proxy_measure(s, data256, randread)) for s in (mine, theirs)], 1.0))
     return out
