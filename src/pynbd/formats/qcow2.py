@@ -538,10 +538,14 @@ class Qcow2Reader:
         if run_kind >= 0:
             yield run_kind, run_start, run_end - run_start, run_host
 
-    def decompressed(self, descriptor: int) -> bytes:
-        """The cluster that a compressed cluster descriptor names, decompressed."""
+    def decompressed(self, descriptor: int, need: int) -> bytes:
+        """The first ``need`` bytes at least of the cluster a compressed descriptor names.
+
+        zlib clusters are inflated only as far as ``need`` (a 4 KiB read
+        inflates half a cluster on average); a whole cluster is cached.
+        """
         cached = self.cluster_cache.get(descriptor)
-        if isinstance(cached, bytes):
+        if isinstance(cached, bytes) and len(cached) >= need:
             return cached
         host = descriptor & self.compressed_offset_mask
         sectors = (descriptor >> self.compressed_shift) & self.compressed_sectors_mask
@@ -552,14 +556,15 @@ class Qcow2Reader:
             if self.zstd:
                 data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
             else:
-                data = zlib.decompressobj(-15).decompress(raw, size)
+                data = zlib.decompressobj(-15).decompress(raw, need)
         except (zlib.error, zstandard.ZstdError) as exc:
             raise Qcow2Error(f"qcow2: compressed cluster at offset {host} is corrupt: "
                              f"{exc}") from None
-        if len(data) != size:
+        if len(data) < need or (self.zstd and len(data) != size):
             raise Qcow2Error(f"qcow2: compressed cluster at offset {host} decompressed to "
                              f"{len(data)} bytes, not {size}: corrupt image")
-        self.cluster_cache.put(descriptor, data)
+        if len(data) == size:
+            self.cluster_cache.put(descriptor, data)
         return data
 
     def pread(self, buf: memoryview, offset: int) -> None:
@@ -576,7 +581,7 @@ class Qcow2Reader:
                     fill_zero(view[inside:])
             elif kind == RUN_COMPRESSED:
                 inner = guest & mask
-                view[:] = self.decompressed(host)[inner:inner + length]
+                view[:] = self.decompressed(host, inner + length)[inner:inner + length]
             elif kind == RUN_UNALLOCATED and self.backing is not None:
                 self.backing(view, guest)
             else:
