@@ -1,0 +1,354 @@
+"""Taking a backup: ask the server, plan the clusters, read them, write a qcow2 image.
+
+``full`` reads every allocated cluster (``base:allocation``); ``inc`` reads
+the clusters that changed since the previous backup's checkpoint (the
+union of ``qemu:dirty-bitmap:NAME`` for that checkpoint and any taken after
+it, so a checkpoint left by a failed backup loses nothing) and are allocated,
+and marks changed clusters that now read as zeroes with qcow2's zero flag.
+Unchanged clusters are left unallocated: they read from the backing file,
+the previous backup.
+
+Before anything is written: the directory must be new, empty or a backup of
+this export (name and size); for ``inc`` the previous checkpoint must be on
+the server and every bitmap to read consistent. Then the server takes the
+new checkpoint (``--control``: ``checkpoint create``), so writes that
+arrive while the backup runs belong to the next one.
+
+Reading: the changed ranges are planned first (block status over the whole
+disk, cut into 64 KiB clusters: a cluster is data if any of it is, zero if
+it changed and reads as zeroes), then read in requests of up to 1 MiB over
+as many connections as the server allows (multi-conn, ``-C``), several
+requests in flight on each, and handed to the qcow2 writer in order as they
+complete; a cluster that reads as zeroes is stored as a zero cluster (inc)
+or not at all (full).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ...client.errors import NBDError
+from ...control.protocol import ControlProtocolError
+from ...formats.qcow2 import Qcow2Error, write_image
+from ...proto.errors import ProtocolError
+from ..copying.dirty import CLEAN, DATA, ZERO
+from ..copying.endpoint import CopyError
+from ..copying.local import pwrite_full
+from ..copying.nbd import NBDEndpoint
+from ..copying.options import Spec
+from ..copying.plan import SLICE, Plan, Slices
+from ..copying.progress import Progress
+from ..copying.zeroes import ZeroScanner
+from ..ctl import call
+from .manifest import Backup, BackupError, Directory, Manifest, now
+
+CLUSTER_BITS = 16
+CLUSTER = 1 << CLUSTER_BITS  # qemu-img's default cluster size
+REQUEST = 1 << 20  # bytes per read
+REQUESTS_PER_LANE = 8
+CONTROL_TIMEOUT = 60.0
+_RANK = {CLEAN: 0, ZERO: 1, DATA: 2}  # a cluster is what the most demanding of its pieces is
+
+Cluster = tuple[int, "memoryview | None"]  # guest offset, data (None: reads as zeroes)
+
+
+@dataclass
+class TakeOptions:
+    uri: str
+    directory: str
+    incremental: bool
+    control: str | None = None
+    checkpoint: str | None = None
+    connections: int = 4
+    progress: bool = False
+
+
+# ------------------------------------------------------------------ the server's checkpoints
+
+def control(path: str, *words: str) -> object:
+    """One command on the server's control socket; its result or BackupError."""
+    try:
+        reply = call(path, words, timeout=CONTROL_TIMEOUT)
+    except OSError as exc:
+        raise BackupError(f"control socket {path}: {exc.strerror or exc}") from None
+    except ControlProtocolError as exc:
+        raise BackupError(f"control socket {path}: {exc}") from None
+    if not reply.ok:
+        raise BackupError(f"{' '.join(words)}: {reply.result}")
+    return reply.result
+
+
+def server_checkpoints(path: str) -> list[dict[str, object]]:
+    listed = control(path, "checkpoint", "list")
+    if not isinstance(listed, list) or not all(isinstance(c, dict) and "name" in c
+                                               for c in listed):
+        raise BackupError(f"control socket {path}: checkpoint list: unexpected answer {listed!r}")
+    return listed
+
+
+def bitmaps_since(opts: TakeOptions, manifest: Manifest | None) -> list[str]:
+    """The bitmaps an incremental backup reads (refusing what would miss a change)."""
+    if manifest is None or not manifest.backups:
+        raise BackupError(f"{opts.directory}: no backup to continue from; take a full backup")
+    last = manifest.backups[-1]
+    if last.checkpoint is None:
+        raise BackupError(f"the last backup ({last.file}) has no checkpoint to continue from; "
+                          "take a full backup with --control")
+    if opts.control is None:
+        if opts.checkpoint is None:
+            raise BackupError("backup inc needs --control=SOCKET (the server takes the checkpoint) "
+                              "or --checkpoint=NAME (a bitmap you started on the server)")
+        return [last.checkpoint]
+    listed = server_checkpoints(opts.control)
+    names = [str(c["name"]) for c in listed]
+    if last.checkpoint not in names:
+        raise BackupError(f"checkpoint {last.checkpoint} of {opts.directory} is not on this server "
+                          "(a backup of another export, or the checkpoint was deleted); "
+                          "take a full backup")
+    since = listed[names.index(last.checkpoint):]
+    for checkpoint in since:
+        if checkpoint.get("state") != "consistent":
+            raise BackupError(f"checkpoint {checkpoint['name']} is inconsistent (the server "
+                              "stopped uncleanly); take a full backup")
+    return [str(c["name"]) for c in since]
+
+
+# ------------------------------------------------------------------ planning
+
+def cluster_runs(ops: Iterable[tuple[int, int, int]], size: int) -> Iterator[tuple[int, int, int]]:
+    """``(offset, length, kind)`` rounded out to whole clusters (the last ends at ``size``).
+
+    A cluster takes the most demanding kind of the pieces in it: DATA over
+    ZERO over CLEAN. ``ops`` are contiguous and in order.
+    """
+    first = end = 0  # the pending run: clusters [first, end) of ``kind``
+    kind = -1
+    for offset, length, op_kind in ops:
+        lo, hi = offset >> CLUSTER_BITS, (offset + length - 1 >> CLUSTER_BITS) + 1
+        if kind >= 0 and lo < end:  # shares the pending run's last cluster
+            if _RANK[op_kind] > _RANK[kind]:
+                end -= 1
+            else:
+                lo += 1
+        if lo >= hi:
+            continue
+        if op_kind == kind and lo == end:
+            end = hi
+            continue
+        if kind >= 0 and end > first:
+            yield first << CLUSTER_BITS, min(size, end << CLUSTER_BITS) - (first << CLUSTER_BITS), kind
+        first, end, kind = lo, hi, op_kind
+    if kind >= 0 and end > first:
+        yield first << CLUSTER_BITS, min(size, end << CLUSTER_BITS) - (first << CLUSTER_BITS), kind
+
+
+def plan_backup(src: NBDEndpoint, incremental: bool) -> list[tuple[int, int, int]]:
+    """The runs to store: DATA to read, ZERO to mark (inc only); nothing else."""
+    assert src.size is not None
+    plan = Plan(src, Slices(src.size), SLICE, SLICE, use_extents=True, dirty=incremental)
+    ops = iter(lambda: plan.next(0), None)
+    keep = (DATA, ZERO) if incremental else (DATA,)
+    return [run for run in cluster_runs(ops, src.size) if run[2] in keep]
+
+
+# ------------------------------------------------------------------ reading
+
+class Job:
+    """One read request (or a run of zero clusters) on its way to the writer."""
+
+    __slots__ = ("offset", "length", "buf", "done", "error")
+
+    def __init__(self, offset: int, length: int, buf: bytearray | None) -> None:
+        self.offset, self.length, self.buf = offset, length, buf
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        if buf is None:
+            self.done.set()
+
+    def finished(self, n: int, error: BaseException | None) -> None:
+        self.error = error
+        self.done.set()
+
+
+class Reader:
+    """Reads planned runs over ``lanes`` connections, yields clusters in order."""
+
+    def __init__(self, src: NBDEndpoint, lanes: int, incremental: bool,
+                 progress: Progress) -> None:
+        self.src, self.lanes, self.incremental = src, lanes, incremental
+        self.progress = progress
+        self.window = lanes * REQUESTS_PER_LANE
+        self.free = [bytearray(REQUEST) for _ in range(self.window)]
+        self.scanner = ZeroScanner(CLUSTER, REQUEST)
+        self.data = self.zero = 0
+
+    def clusters(self, runs: Iterable[tuple[int, int, int]]) -> Iterator[Cluster]:
+        pending: deque[Job] = deque()
+        lane = 0
+        pieces = _pieces(runs)
+        more = True
+        while more or pending:
+            while more and len(pending) < self.window:
+                piece = next(pieces, None)
+                if piece is None:
+                    more = False
+                    break
+                offset, length, kind = piece
+                job = Job(offset, length, self.free.pop() if kind == DATA else None)
+                pending.append(job)
+                if job.buf is not None:
+                    self.src.read(lane, memoryview(job.buf)[:length], offset, job.finished)
+                    lane = (lane + 1) % self.lanes
+            job = pending.popleft()
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            yield from self._clusters_of(job)
+            if job.buf is not None:
+                self.free.append(job.buf)
+            self.progress.advance(job.length)
+
+    def _clusters_of(self, job: Job) -> Iterator[Cluster]:
+        if job.buf is None:
+            self.zero += job.length
+            for offset in range(job.offset, job.offset + job.length, CLUSTER):
+                yield offset, None
+            return
+        view = memoryview(job.buf)
+        for start, length, zero in self.scanner.runs(job.buf, job.length):
+            if zero:
+                self.zero += length
+            else:
+                self.data += length
+            if zero and not self.incremental:
+                continue  # a full backup's unallocated cluster reads as zeroes already
+            for at in range(start, start + length, CLUSTER):
+                yield job.offset + at, None if zero else view[at:min(at + CLUSTER, start + length)]
+
+
+def _pieces(runs: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
+    """Runs with DATA cut into requests."""
+    for offset, length, kind in runs:
+        piece = REQUEST if kind == DATA else length
+        for at in range(offset, offset + length, piece):
+            yield at, min(piece, offset + length - at), kind
+
+
+# ------------------------------------------------------------------ the whole backup
+
+def open_source(uri: str, bitmaps: list[str]) -> NBDEndpoint:
+    src = NBDEndpoint(Spec("nbd", uri), writing=False, bitmaps=bitmaps)
+    try:
+        src.open()
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def identity(src: NBDEndpoint) -> dict[str, object]:
+    return {"name": src.handle.get_export_name(), "size": src.size}
+
+
+def check_same_export(manifest: Manifest, export: dict[str, object], directory: str) -> None:
+    if manifest.export != export:
+        raise BackupError(f"{directory} holds backups of another export ({_describe(manifest.export)}),"
+                          f" not of this one ({_describe(export)}); use another directory")
+
+
+def _describe(export: dict[str, object]) -> str:
+    return f"export {export.get('name')!r}, size {export.get('size')}"
+
+
+def take_backup(opts: TakeOptions, err: TextIO) -> Backup:
+    """Take one backup as ``opts`` says; the new manifest entry, or BackupError."""
+    directory = Directory(opts.directory)
+    directory.check_usable()
+    manifest = directory.load() if directory.exists() else None
+    since = bitmaps_since(opts, manifest) if opts.incremental else []
+    # Without a control socket, --checkpoint names a bitmap the user started: it must exist.
+    verify = [opts.checkpoint] if opts.control is None and opts.checkpoint else []
+    try:
+        src = open_source(opts.uri, since + [b for b in verify if b not in since])
+    except CopyError as exc:
+        raise BackupError(_hint(str(exc), opts.incremental)) from None
+    try:
+        export = identity(src)
+        if manifest is not None:
+            check_same_export(manifest, export, opts.directory)
+        with directory.locked():
+            current = directory.load() if directory.exists() else None
+            if _count(current) != _count(manifest):
+                raise BackupError(f"{opts.directory} changed while the backup started; try again")
+            manifest = current or Manifest(uuid.uuid4().hex, export)
+            directory.remove_leftovers()
+            return _take(opts, directory, manifest, src, since, err)
+    finally:
+        src.close()
+
+
+def _count(manifest: Manifest | None) -> int:
+    return -1 if manifest is None else len(manifest.backups)
+
+
+def _hint(message: str, incremental: bool) -> str:
+    if incremental and "does not offer qemu:dirty-bitmap:" in message:
+        return message + "; take a full backup"
+    return message
+
+
+def _take(opts: TakeOptions, directory: Directory, manifest: Manifest, src: NBDEndpoint,
+          since: list[str], err: TextIO) -> Backup:
+    number, name = manifest.next_file()
+    checkpoint = opts.checkpoint
+    started = now()
+    if opts.control is not None:
+        checkpoint = checkpoint or f"backup-{manifest.id[:8]}-{number:04d}"
+        control(opts.control, "checkpoint", "create", checkpoint)
+    lanes = max(1, min(opts.connections, src.max_connections()))
+    runs = plan_backup(src, opts.incremental)
+    progress = Progress(sum(n for _, n, _ in runs), bar=opts.progress, stream=err)
+    backing = manifest.backups[-1].file if opts.incremental else None
+    part = directory.path / (name + ".part")
+    reader = Reader(src, lanes, opts.incremental, progress)
+    opened: list[int] = []
+    try:
+        for lane in range(1, lanes):
+            src.connect_lane(lane)
+            opened.append(lane)
+        progress.start()
+        file_size = _write(part, src.size or 0, reader.clusters(runs), backing)
+        progress.finish()
+        os.replace(part, directory.path / name)
+    except (CopyError, NBDError, ProtocolError, OSError, Qcow2Error) as exc:
+        part.unlink(missing_ok=True)
+        raise BackupError(str(exc)) from None
+    finally:
+        for lane in opened:
+            src.close_lane(lane)
+    backup = Backup(number, name, "inc" if opts.incremental else "full", checkpoint, since,
+                    started, now(), reader.data, reader.zero, file_size)
+    manifest.backups.append(backup)
+    directory.save(manifest)
+    return backup
+
+
+def _write(path: Path, size: int, clusters: Iterable[Cluster], backing: str | None) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        def write(offset: int, data: bytes | bytearray | memoryview) -> None:
+            pwrite_full(fd, memoryview(data), offset)
+
+        length = write_image(write, size, clusters, cluster_size=CLUSTER, version=3,
+                             backing_file=backing, backing_format="qcow2" if backing else None)
+        os.fsync(fd)
+        return length
+    finally:
+        os.close(fd)
