@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from .connection import Connection, FilterConnection, OpenContext
 from .control import Command
+from .errors import ConfigError
 from .params import Param, apply_params
 
 
@@ -123,10 +124,25 @@ class Filter(_Configurable):
 
     def connect_below(self, next_open: Callable[[OpenContext], Connection]) -> None:
         """Called once when the stack is built, with the function that opens the
-        layer below. A filter that needs the layer below outside any client's
-        open (to read its size in ``get_ready``, or for a control command such
-        as a snapshot merge) keeps it; the connections it opens are its own to
-        close. Most filters ignore it."""
+        layer below; ``open_below`` uses it."""
+        self._next_open = next_open
+
+    def open_below(self, ctx: OpenContext | None = None) -> Connection:
+        """Open the layer below outside any client's open (to learn its size in
+        ``get_ready``, or for a control command such as a snapshot merge).
+        The caller closes what it opened."""
+        next_open: Callable[[OpenContext], Connection] | None = getattr(self, "_next_open", None)
+        if next_open is None:
+            raise ConfigError(f"{self.name}: the filter is not part of a stack")
+        return next_open(ctx or OpenContext())
+
+    def size_below(self) -> int:
+        """The size of the layer below's default export."""
+        below = self.open_below()
+        try:
+            return below.get_size()
+        finally:
+            below.close()
 
     def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
                      ctx: OpenContext) -> list[Export]:

@@ -243,24 +243,11 @@ class SnapshotFilter(Filter):
         self.lock = threading.Lock()
         self.manifest_lock = threading.Lock()
         self.origin_size = -1
-        self.next_open: Callable[[OpenContext], Connection] | None = None
-
-    def connect_below(self, next_open: Callable[[OpenContext], Connection]) -> None:
-        self.next_open = next_open
-
-    def _below(self) -> Connection:
-        if self.next_open is None:
-            raise ConfigError("snapshot: the filter is not part of a stack")
-        return self.next_open(OpenContext())
 
     # -- start and stop ---------------------------------------------------------------------
 
     def get_ready(self) -> None:
-        below = self._below()
-        try:
-            self.origin_size = below.get_size()
-        finally:
-            below.close()
+        self.origin_size = self.size_below()
         try:
             os.makedirs(self.store, exist_ok=True)
             manifest = self._read_manifest()
@@ -459,7 +446,7 @@ class SnapshotFilter(Filter):
             snap = self._get(name)
             if not snap.valid:
                 raise ControlError(f"snapshot {name!r} is invalid ({snap.reason}); it cannot be merged")
-            origin = self._below()
+            origin = self.open_below()
             try:
                 with self.all_chunks():
                     merged = self._merge_into(origin, snap)

@@ -1,0 +1,395 @@
+"""cbt: changed-block tracking, served as qemu's dirty bitmaps.
+
+    pynbd serve --filter=cbt --control=/run/disk.ctl file disk.img bitmap-dir=/var/lib/cbt
+    pynbd ctl /run/disk.ctl checkpoint create monday
+    nbdinfo --map=qemu:dirty-bitmap:monday nbd://localhost    # what changed since monday
+    pynbd backup inc nbd://localhost /backups --control=/run/disk.ctl
+
+Parameters
+    bitmap-dir=DIR     where the checkpoints' bitmaps live (required;
+                       created if missing)
+    granularity=SIZE   the size a bit covers, a power of 2 from 512
+                       (default 64k); fixed once DIR holds checkpoints
+
+Every write, zero and trim marks its range dirty. A checkpoint ends one
+tracking period and starts the next: ``qemu:dirty-bitmap:NAME`` then reports
+(bit 0 set, value 1) every granule written since checkpoint NAME was
+created, in the meta context namespace backup tools already read from qemu
+(virtnbdbackup, oVirt imageio, libvirt's pull-mode backup): ``nbdinfo
+--map=qemu:dirty-bitmap:NAME``, libnbd's ``block_status``, ``qemu-img map``
+with ``--image-opts driver=nbd,...,x-dirty-bitmap=qemu:dirty-bitmap:NAME``.
+``NBD_OPT_LIST_META_CONTEXT`` with ``qemu:`` or ``qemu:dirty-bitmap:`` lists
+them.
+
+Control commands (``pynbd ctl SOCKET …``, ``--json`` for scripts)
+    checkpoint create NAME   end the current period as checkpoint NAME. A
+                             write in flight lands wholly before or wholly
+                             after it (creation waits for writes in flight
+                             and holds new ones back meanwhile)
+    checkpoint list          name, state, granularity, dirty bytes, created
+    checkpoint delete NAME   forget it (later checkpoints are unaffected)
+    checkpoint merge A B     B also reports what A reports (qemu's
+                             block-dirty-bitmap-merge of A into B)
+
+Persistence: DIR holds ``checkpoints.json`` and one compressed bitmap per
+checkpoint (``NAME.bitmap``), each replaced atomically; they are written when
+a checkpoint is created and when the server stops cleanly. While the server
+runs, DIR holds ``in-use``; finding it at start means the last stop was
+unclean (SIGKILL, power loss), so every bitmap may have missed writes: they
+are marked inconsistent, shown so by ``checkpoint list``, and no longer
+offered as meta contexts, because a backup tool must take a full backup
+rather than miss a change (qemu's "in-use" flag). Checkpoints created after
+the restart are consistent again.
+
+The filter tracks the plugin's default export; names: letters, digits,
+``.``, ``_``, ``-``, up to 64, not starting with ``.``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ..backend import (
+    Command,
+    ConfigError,
+    ContextExtent,
+    ControlError,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+)
+from ..backend.overlay import state_runs
+
+log = logging.getLogger("pynbd.filters.cbt")
+
+PREFIX = "qemu:dirty-bitmap:"
+MANIFEST = "checkpoints.json"
+IN_USE = "in-use"
+NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")
+DIRTY = b"\x01"
+
+
+class Checkpoint:
+    """A checkpoint's bitmap: one byte per granule, 1 where written since it was created."""
+
+    def __init__(self, name: str, granules: int, created: float, consistent: bool = True,
+                 bits: bytearray | None = None) -> None:
+        self.name = name
+        self.bits = bits if bits is not None else bytearray(granules)
+        self.created = created
+        self.consistent = consistent
+
+
+class WriteGate:
+    """Writes pass in parallel; ``closed()`` waits until none is in flight and holds
+    new ones back while a checkpoint is created."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.closing = False
+
+    def enter(self) -> None:
+        with self.cond:
+            while self.closing:
+                self.cond.wait()
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            while self.closing:
+                self.cond.wait()
+            self.closing = True
+            while self.in_flight:
+                self.cond.wait()
+
+    def open(self) -> None:
+        with self.cond:
+            self.closing = False
+            self.cond.notify_all()
+
+
+class CbtConnection(FilterConnection["CbtFilter"]):
+    def _tracked(self, count: int, offset: int, write: Callable[[], None]) -> None:
+        flt = self.filter
+        flt.gate.enter()
+        try:
+            flt.mark(offset, count)
+            write()
+        finally:
+            flt.gate.leave()
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._tracked(len(buf), offset, lambda: self.next.pwrite(buf, offset, flags))
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self._tracked(count, offset, lambda: self.next.zero(count, offset, flags))
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self._tracked(count, offset, lambda: self.next.trim(count, offset, flags))
+
+    def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterator[ContextExtent]:
+        checkpoint = self.filter.served(context)
+        if checkpoint is None:
+            yield from self.next.block_status(context, count, offset, flags)
+            return
+        g = self.filter.granularity
+        size = self.filter.size
+        first, end = offset // g, -(-(offset + count) // g)
+        for state, lo, hi in state_runs(checkpoint.bits[first:end], first):
+            yield ContextExtent(lo * g, min(hi * g, size) - lo * g, 1 if state else 0)
+
+
+class CbtFilter(Filter):
+    name = "cbt"
+    short_requests = True
+    params = (
+        Param("bitmap-dir", "str", "directory of the checkpoints' bitmaps", required=True),
+        Param("granularity", "size", "bytes per bit: a power of 2, at least 512", default=64 * 1024),
+    )
+    bitmap_dir: str
+    granularity: int
+    connection = CbtConnection
+
+    def config_complete(self) -> None:
+        g = self.granularity
+        if g < 512 or g & (g - 1):
+            raise ConfigError(f"cbt: granularity={g}: must be a power of 2, at least 512")
+        self.checkpoints: dict[str, Checkpoint] = {}
+        self.marking: list[bytearray] = []  # the consistent checkpoints' bitmaps, marked by writes
+        self.gate = WriteGate()
+        self.lock = threading.Lock()  # commands and the files in bitmap-dir
+        self.size = 0
+        self.granules = 0
+        self.ready = False  # get_ready ran: unload has bitmaps to save
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def get_ready(self) -> None:
+        self.size = self.size_below()
+        self.granules = -(-self.size // self.granularity)
+        try:
+            os.makedirs(self.bitmap_dir, exist_ok=True)
+            manifest = self._read_manifest()
+            unclean = os.path.exists(self._path(IN_USE))
+            self._load(manifest, unclean)
+            self._save_manifest()
+            self._touch_in_use()
+            self.ready = True
+        except OSError as exc:
+            raise ConfigError(f"cbt: bitmap-dir={self.bitmap_dir}: {exc.strerror or exc}") from None
+
+    def unload(self) -> None:
+        """A clean stop: every bitmap saved, then the in-use mark removed."""
+        if not self.ready:
+            return
+        with self.lock:
+            self.gate.close()
+            try:
+                for checkpoint in self.checkpoints.values():
+                    self._save_bitmap(checkpoint)
+                self._save_manifest()
+                os.unlink(self._path(IN_USE))
+            except OSError as exc:
+                log.error("cbt: saving the bitmaps failed, they will be inconsistent: %s", exc)
+            finally:
+                self.gate.open()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.bitmap_dir, name)
+
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self._path(MANIFEST)
+        try:
+            with open(path) as f:
+                manifest: dict[str, Any] = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cbt: {path}: not a checkpoint list ({exc})") from None
+        entries = manifest.get("checkpoints") if isinstance(manifest, dict) else None
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("name"), str) and NAME_RE.match(e["name"])
+                and isinstance(e.get("created"), (int, float)) and isinstance(e.get("consistent"), bool)
+                for e in entries):
+            raise ConfigError(f"cbt: {path}: not a checkpoint list")
+        return manifest
+
+    def _load(self, manifest: dict[str, Any], unclean: bool) -> None:
+        entries = manifest.get("checkpoints", [])
+        if entries:
+            for key, mine in (("granularity", self.granularity), ("size", self.size)):
+                if manifest.get(key) != mine:
+                    raise ConfigError(f"cbt: bitmap-dir={self.bitmap_dir} holds checkpoints with {key} "
+                                      f"{manifest.get(key)}, but this export has {mine}; refusing to "
+                                      f"use them")
+        for entry in entries:
+            name, consistent = entry["name"], entry["consistent"] and not unclean
+            bits = self._load_bitmap(name) if consistent else None
+            if consistent and bits is None:
+                log.warning("cbt: the bitmap of checkpoint %r is missing or damaged; it is inconsistent",
+                            name)
+                consistent = False
+            self.checkpoints[name] = Checkpoint(name, self.granules, entry["created"], consistent, bits)
+        if unclean and entries:
+            log.warning("cbt: the server stopped uncleanly; checkpoints %s may have missed writes and "
+                        "are now inconsistent (take a full backup)", ", ".join(e["name"] for e in entries))
+        self.marking = [c.bits for c in self.checkpoints.values() if c.consistent]
+
+    def _load_bitmap(self, name: str) -> bytearray | None:
+        try:
+            with open(self._path(f"{name}.bitmap"), "rb") as f:
+                bits = bytearray(zlib.decompress(f.read()))
+        except (OSError, zlib.error):
+            return None
+        return bits if len(bits) == self.granules else None
+
+    def _replace(self, name: str, data: bytes) -> None:
+        """Write a file in bitmap-dir atomically: write, fsync, rename, fsync the directory."""
+        path = self._path(name)
+        with open(path + ".new", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".new", path)
+        fd = os.open(self.bitmap_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _save_bitmap(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.consistent:
+            self._replace(f"{checkpoint.name}.bitmap", zlib.compress(bytes(checkpoint.bits), 1))
+
+    def _save_manifest(self) -> None:
+        manifest = {"version": 1, "granularity": self.granularity, "size": self.size,
+                    "checkpoints": [{"name": c.name, "created": c.created, "consistent": c.consistent}
+                                    for c in self.checkpoints.values()]}
+        self._replace(MANIFEST, json.dumps(manifest, indent=1).encode())
+
+    def _touch_in_use(self) -> None:
+        self._replace(IN_USE, f"{os.getpid()}\n".encode())
+
+    # -- the data path ----------------------------------------------------------------------
+
+    def mark(self, offset: int, count: int) -> None:
+        """Mark [offset, offset+count) dirty in every consistent checkpoint."""
+        if not count:
+            return
+        g = self.granularity
+        first, end = offset // g, -(-(offset + count) // g)
+        ones = DIRTY * (end - first)
+        for bits in self.marking:
+            bits[first:end] = ones
+
+    def served(self, context: str) -> Checkpoint | None:
+        """The checkpoint behind ``context``, if it is one of ours and consistent."""
+        if not context.startswith(PREFIX):
+            return None
+        checkpoint = self.checkpoints.get(context[len(PREFIX):])
+        return checkpoint if checkpoint is not None and checkpoint.consistent else None
+
+    def list_meta_contexts(self, next_list: Callable[[OpenContext], list[str]],
+                           ctx: OpenContext) -> list[str]:
+        return [*next_list(ctx), *(PREFIX + c.name for c in self.checkpoints.values() if c.consistent)]
+
+    # -- control commands -------------------------------------------------------------------
+
+    def control_commands(self) -> Sequence[Command]:
+        return (
+            Command(("checkpoint", "create"), ("NAME",), "end the tracking period as checkpoint NAME",
+                    self.create),
+            Command(("checkpoint", "list"), (), "list the checkpoints", self.list),
+            Command(("checkpoint", "delete"), ("NAME",), "delete a checkpoint", self.delete),
+            Command(("checkpoint", "merge"), ("A", "B"), "make B also report what A reports",
+                    self.merge),
+        )
+
+    def _get(self, name: str) -> Checkpoint:
+        checkpoint = self.checkpoints.get(name)
+        if checkpoint is None:
+            raise ControlError(f"no checkpoint named {name!r}")
+        return checkpoint
+
+    def _describe(self, c: Checkpoint) -> dict[str, object]:
+        return {"name": c.name, "state": "consistent" if c.consistent else "inconsistent",
+                "granularity": self.granularity,
+                "dirty_bytes": min(c.bits.count(DIRTY) * self.granularity, self.size) if c.consistent
+                else None,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.created))}
+
+    def create(self, name: str) -> object:
+        if not NAME_RE.match(name):
+            raise ControlError(f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' and '-' "
+                               f"(up to 64, not starting with '.')")
+        with self.lock:
+            if name in self.checkpoints:
+                raise ControlError(f"checkpoint {name!r} already exists")
+            checkpoint = Checkpoint(name, self.granules, time.time())
+            self.gate.close()  # no write in flight: each lands wholly before or after
+            try:
+                self.checkpoints[name] = checkpoint
+                self.marking = [*self.marking, checkpoint.bits]
+            finally:
+                self.gate.open()
+            try:
+                for c in self.checkpoints.values():
+                    self._save_bitmap(c)
+                self._save_manifest()
+            except OSError as exc:
+                log.error("cbt: saving checkpoint %r failed: %s", name, exc)
+                raise ControlError(f"checkpoint {name!r} was created but could not be saved: "
+                                   f"{exc.strerror or exc}") from None
+        log.info("cbt: checkpoint %r created", name)
+        return self._describe(checkpoint)
+
+    def list(self) -> object:
+        with self.lock:
+            return [self._describe(c) for c in self.checkpoints.values()]
+
+    def delete(self, name: str) -> object:
+        with self.lock:
+            checkpoint = self._get(name)
+            del self.checkpoints[name]
+            self.marking = [c.bits for c in self.checkpoints.values() if c.consistent]
+            self._save_manifest()
+            try:
+                os.unlink(self._path(f"{name}.bitmap"))
+            except FileNotFoundError:
+                log.debug("cbt: checkpoint %r had no bitmap file", checkpoint.name)
+        return {"deleted": name}
+
+    def merge(self, source: str, target: str) -> object:
+        with self.lock:
+            a, b = self._get(source), self._get(target)
+            if not (a.consistent and b.consistent):
+                bad = source if not a.consistent else target
+                raise ControlError(f"checkpoint {bad!r} is inconsistent; it cannot be merged")
+            self.gate.close()
+            try:
+                merged = (int.from_bytes(a.bits, "little") | int.from_bytes(b.bits, "little")).to_bytes(
+                    self.granules, "little")
+                b.bits[:] = merged
+            finally:
+                self.gate.open()
+            self._save_bitmap(b)
+        return self._describe(b)
+
+
+FILTER = CbtFilter
