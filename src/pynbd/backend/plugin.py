@@ -125,13 +125,13 @@ class Filter(_Configurable):
     def connect_below(self, next_open: Callable[[OpenContext], Connection]) -> None:
         """Called once when the stack is built, with the function that opens the
         layer below; ``open_below`` uses it."""
-        self._next_open = next_open
+        self._below_opener = next_open
 
     def open_below(self, ctx: OpenContext | None = None) -> Connection:
         """Open the layer below outside any client's open (to learn its size in
         ``get_ready``, or for a control command such as a snapshot merge).
         The caller closes what it opened."""
-        next_open: Callable[[OpenContext], Connection] | None = getattr(self, "_next_open", None)
+        next_open: Callable[[OpenContext], Connection] | None = getattr(self, "_below_opener", None)
         if next_open is None:
             raise ConfigError(f"{self.name}: the filter is not part of a stack")
         return next_open(ctx or OpenContext())
