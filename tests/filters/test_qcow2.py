@@ -4,6 +4,7 @@ for byte and mapped as qemu-nbd maps them; what it refuses, with one clear line 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 
 import pytest
@@ -208,3 +209,47 @@ def test_corrupt_l2_and_compressed_clusters_fail_reads_only(source, tmp_path):
     log = srv.stderr()
     assert "points to offset 35184372088832, past the end of the file" in log, log
     assert "compressed cluster at offset" in log and "Traceback" not in log, log
+
+
+# ---------------------------------------------------------------- backing chains
+
+def test_follows_a_backing_chain_like_qemu(source, tmp_path):
+    base = tmp_path / "base.raw"
+    shutil.copy(source, base)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+         str(tmp_path / "mid.qcow2")])
+    run(["qemu-io", "-c", "write -P 0x41 64k 200k", str(tmp_path / "mid.qcow2")])
+    # top names its backing file without a format, relative to its directory
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+         str(tmp_path / "top.qcow2"), "8M"])
+    run(["qemu-io", "-c", "write -z 100k 64k", "-c", "write -P 0x42 5M 10k",
+         str(tmp_path / "top.qcow2")])
+    expected = tmp_path / "expected.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(tmp_path / "top.qcow2"), str(expected)])
+    out = tmp_path / "out.raw"
+    with served("-r", "--filter=qcow2", "file", str(tmp_path / "top.qcow2"), "follow-backing=true",
+                f"backing-dir={tmp_path}") as srv:
+        run(["nbdcopy", srv.uri, str(out)])
+    assert out.read_bytes() == expected.read_bytes()
+    assert len(out.read_bytes()) == 8 * MiB  # larger than the 6 MiB base: zeroes past it
+
+
+def loop(tmp_path):
+    path = small(tmp_path)
+    run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "small.qcow2", "-F", "qcow2", path])
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: small(tmp, "-u", "-b", "gone.raw", "-F", "raw"), "cannot open backing file"),
+    (lambda tmp: small(tmp, "-u", "-b", "/dev/null", "-F", "vmdk"), "has format 'vmdk'"),
+    (loop, "backing chain deeper than 16"),
+], ids=["missing", "vmdk", "loop"])
+def test_backing_chain_refusals(tmp_path, make, message):
+    image = make(tmp_path)
+    with served("--filter=qcow2", "file", image, "follow-backing=true",
+                f"backing-dir={tmp_path}") as srv:
+        assert run(["nbdinfo", "--size", srv.uri], check=False).returncode != 0
+        assert srv.proc.poll() is None
+    log = srv.stderr()
+    assert message in log and "Traceback" not in log, log

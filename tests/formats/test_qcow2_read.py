@@ -73,7 +73,14 @@ def test_round_trip_with_a_backing_reader(tmp_path):
         piece = base[offset:offset + len(buf)]
         buf[:] = piece.ljust(len(buf), b"\0")
 
-    reader = open_reader(path, backing=backing)
+    opened = []
+
+    def open_backing(name, fmt):
+        opened.append((name, fmt))
+        return backing
+
+    reader = open_reader(path, open_backing=open_backing)
+    assert opened == [("base.raw", "raw")]
     out = bytearray(size)
     reader.pread(memoryview(out), 0)
     expected = bytearray(base.ljust(size, b"\0"))

@@ -419,28 +419,32 @@ class LRU:
 class Qcow2Reader:
     """Read the active image of a qcow2 file through ``pread(buf, offset)``.
 
-    ``backing(buf, guest_offset)``, if given, fills ranges the image does not
-    allocate (it must zero-fill what lies past the backing file's end);
-    without it an image that has a backing file is refused. Methods are
-    thread-safe: L2 tables and decompressed clusters sit in LRU caches of
-    ``l2_cache`` and ``cluster_cache`` entries.
+    ``open_backing(name, format)``, if given, is called when the image has a
+    backing file (``format`` is None when the header does not say) and
+    returns ``backing(buf, guest_offset)``, which fills the ranges the image
+    does not allocate (zeroes past the backing file's end); it raises
+    Qcow2Error to refuse. Without it an image with a backing file is refused.
+    Methods are thread-safe: L2 tables and decompressed clusters sit in LRU
+    caches of ``l2_cache`` and ``cluster_cache`` entries.
     """
 
     def __init__(self, pread: ReadIntoFn, file_size: int, *,
-                 backing: ReadIntoFn | None = None, l2_cache: int = 256,
-                 cluster_cache: int = 64) -> None:
+                 open_backing: Callable[[str, str | None], ReadIntoFn] | None = None,
+                 l2_cache: int = 256, cluster_cache: int = 64) -> None:
         self.file_pread = pread
         self.file_size = file_size
         self.header = header = read_header(pread, file_size)
         self.snapshots = read_snapshots(pread, header, file_size)
         reasons = unsupported(header, self.snapshots)
-        if header.backing_file is not None and backing is None:
+        if header.backing_file is not None and open_backing is None:
             fmt = f" (format {header.backing_format})" if header.backing_format else ""
             reasons.append(f"the image has a backing file {header.backing_file!r}{fmt}, "
                            "which is not followed")
         if reasons:
             raise Qcow2Error("qcow2: " + "; ".join(reasons))
-        self.backing = backing
+        self.backing: ReadIntoFn | None = None
+        if header.backing_file is not None and open_backing is not None:
+            self.backing = open_backing(header.backing_file, header.backing_format)
         self.size = header.size
         self.bits = header.cluster_bits
         self.cluster_size = header.cluster_size
