@@ -26,7 +26,30 @@ written out as a cluster of zeroes with one. Every cluster of the file is
 used exactly once, so refcounts are 1 throughout (16-bit refcounts) and
 ``qemu-img check`` finds no errors and no leaks. Layout: header cluster, L1
 table, then data clusters and L2 tables interleaved, then the refcount table
-and refcount blocks.
+and refcount blocks. qemu reads virtual sizes rounded down to 512 bytes.
+
+Reading::
+
+    from pynbd.formats.qcow2 import Qcow2Reader, read_header, is_qcow2
+
+    def pread(buf: memoryview, offset: int) -> None: ...   # fill buf from the file
+    image = Qcow2Reader(pread, file_size)          # Qcow2Error if refused or damaged
+    image.size                                     # the virtual disk size
+    image.pread(buf, offset)                       # the guest's bytes
+    image.extents(offset, count)                   # (offset, length, hole, zero)...
+    image.map(offset, count)                       # (RUN_*, guest, length, host)...
+
+``read_header`` parses the header and its extensions (backing file and
+format, feature names, data file) and ``read_snapshots`` the snapshot table;
+``unsupported(header, snapshots)`` lists what a reader of the active image
+cannot handle. ``Qcow2Reader`` understands versions 2 and 3, cluster sizes
+from 512 bytes to 2 MiB, the v3 zero flag and zlib and zstd compressed
+clusters; it refuses encryption, external data files, extended L2 entries,
+internal snapshots (listing them), unknown incompatible features, and a
+backing file unless ``open_backing`` is given. L1 entries are checked
+against the file size when the image is opened and each L2 table when it is
+first loaded, so a damaged table is a Qcow2Error, never a read of the wrong
+bytes.
 """
 
 from __future__ import annotations
