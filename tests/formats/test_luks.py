@@ -196,3 +196,21 @@ def test_luks1_unsupported_cipher_and_hash_are_named():
 def test_not_luks():
     with pytest.raises(luks.LuksError, match="not a LUKS image"):
         luks.read_volume(Image(8 << 20).read)
+
+
+@pytest.mark.parametrize("mode,key_bytes", [("xts-plain64", 64), ("xts-plain64", 32), ("xts-plain", 64),
+                                            ("cbc-essiv:sha256", 32), ("cbc-plain64", 24),
+                                            ("cbc-plain", 16)])
+@pytest.mark.parametrize("sector_size,tweak", [(512, 0), (4096, 8), (512, (1 << 32) - 3)])
+def test_evp_and_cryptography_paths_agree(mode, key_bytes, sector_size, tweak):
+    spec, key = luks.CipherSpec.parse("aes", mode), os.urandom(key_bytes)
+    fast = luks.SectorCipher(spec, key, sector_size, tweak)
+    slow = luks.SectorCipher(spec, key, sector_size, tweak, use_evp=False)
+    assert fast.evp is not None and slow.evp is None
+    plain = os.urandom(8 * sector_size)
+    one, other = bytearray(plain), bytearray(plain)
+    fast.encrypt(memoryview(one), 5)
+    slow.encrypt(memoryview(other), 5)
+    assert one == other != plain
+    fast.decrypt(memoryview(one)[sector_size:], 6)  # a run that starts later
+    assert one[sector_size:] == plain[sector_size:]

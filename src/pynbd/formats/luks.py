@@ -39,7 +39,10 @@ import hmac
 import json
 import os
 import struct
+import sys
+import threading
 import uuid
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +52,9 @@ from argon2.low_level import hash_secret_raw
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+from .evp import EvpSectors
+from .evp import load as evp_load
 
 Reader = Callable[[int, int], bytes]
 Writer = Callable[[int, bytes], None]
@@ -162,40 +168,55 @@ class SectorCipher:
     ``sector`` numbers passed in count ``sector_size`` units from the start
     of the encrypted area; the IV of a sector is its offset in 512-byte
     units plus ``iv_tweak``, whatever the sector size (cryptsetup does not
-    give LUKS2 dm-crypt's ``iv_large_sectors``).
+    give LUKS2 dm-crypt's ``iv_large_sectors``). The sectors go through
+    libcrypto's EVP interface (``formats.evp``: one context per thread, a new
+    IV per sector) where it loads, else through one ``cryptography`` Cipher
+    per sector; ``use_evp=False`` asks for the latter.
     """
 
     def __init__(self, spec: CipherSpec, key: bytes, sector_size: int = SECTOR,
-                 iv_tweak: int = 0) -> None:
+                 iv_tweak: int = 0, use_evp: bool = True) -> None:
         spec.check_key(len(key))
         self.spec = spec
         self.sector_size = sector_size
         self.iv_step = sector_size // SECTOR
         self.iv_tweak = iv_tweak
         self.algorithm = algorithms.AES(key)
-        self.essiv: CipherContext | None = None
-        if spec.iv == "essiv":
-            salt = hashlib.new(spec.essiv_hash, key).digest()
-            self.essiv = Cipher(algorithms.AES(salt), modes.ECB()).encryptor()
-        self.iv_mask = 0xFFFFFFFF if spec.iv == "plain" else 0xFFFFFFFFFFFFFFFF
         self.mode = modes.XTS if spec.mode == "xts" else modes.CBC
+        self.essiv_key = hashlib.new(spec.essiv_hash, key).digest() if spec.iv == "essiv" else b""
+        self.local = threading.local()  # ESSIV's ECB context, one per thread
+        self.evp = EvpSectors(spec.mode, key) if use_evp and evp_load() is not None else None
 
-    def _iv(self, number: int) -> bytes:
-        iv = (number & self.iv_mask).to_bytes(16, "little")
-        return iv if self.essiv is None else self.essiv.update(iv)
+    def ivs(self, sector: int, count: int) -> bytes:
+        """The 16-byte IVs of ``count`` sectors from ``sector``, end to end."""
+        first = self.iv_tweak + sector * self.iv_step
+        numbers = range(first, first + count * self.iv_step, self.iv_step)
+        words = array("Q", bytes(16 * count))
+        words[0::2] = array("Q", numbers if self.spec.iv != "plain"
+                            else [n & 0xFFFFFFFF for n in numbers])
+        if sys.byteorder == "big":
+            words.byteswap()
+        if not self.essiv_key:
+            return words.tobytes()
+        essiv: CipherContext | None = getattr(self.local, "essiv", None)
+        if essiv is None:
+            essiv = self.local.essiv = Cipher(algorithms.AES(self.essiv_key), modes.ECB()).encryptor()
+        return essiv.update(words.tobytes())
 
     def _run(self, buf: memoryview, sector: int, encrypt: bool) -> None:
         size = self.sector_size
         if len(buf) % size:
             raise ValueError(f"{len(buf)} bytes is not a whole number of {size}-byte sectors")
-        algorithm, mode, iv_of, step = self.algorithm, self.mode, self._iv, self.iv_step
-        number = self.iv_tweak + sector * step
-        for pos in range(0, len(buf), size):
-            cipher = Cipher(algorithm, mode(iv_of(number)))
+        ivs = self.ivs(sector, len(buf) // size)
+        if self.evp is not None:
+            self.evp.run(buf, size, ivs, encrypt)
+            return
+        algorithm, mode = self.algorithm, self.mode
+        for index, pos in enumerate(range(0, len(buf), size)):
+            cipher = Cipher(algorithm, mode(ivs[16 * index:16 * index + 16]))
             ctx = cipher.encryptor() if encrypt else cipher.decryptor()
             piece = buf[pos:pos + size]
             piece[:] = ctx.update(piece)
-            number += step
 
     def decrypt(self, buf: memoryview, sector: int) -> None:
         """Decrypt whole sectors in place; ``sector`` is the number of the first."""
