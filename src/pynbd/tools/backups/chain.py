@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ...formats.qcow2 import RUN_UNALLOCATED, RUN_ZERO, Qcow2Error, Qcow2Reader
+from ...formats.qcow2 import RUN_UNALLOCATED, RUN_ZERO, Qcow2Error, Qcow2Reader, ReadIntoFn
 from ..copying.dirty import merged
 from ..copying.endpoint import CopyError, Done, Endpoint, Extent, Facts
 from ..copying.local import pread_full
@@ -28,6 +28,7 @@ class ChainEndpoint(Endpoint):
         super().__init__(label)
         self.fds: list[int] = []
         self.readers: list[Qcow2Reader] = []
+        self.paths: list[Path] = []
         try:
             for path in paths:
                 self._open(path)
@@ -49,14 +50,23 @@ class ChainEndpoint(Endpoint):
                 raise CopyError(str(path), f"truncated: {n} of {len(buf)} bytes at {offset}")
 
         below = self.readers[-1].pread if self.readers else None
+        expected = self.paths[-1].name if self.paths else None
+
+        def open_backing(name: str, fmt: str | None) -> ReadIntoFn:
+            if below is None or name != expected or fmt not in (None, "qcow2"):
+                raise Qcow2Error(f"qcow2: backing file {name!r} ({fmt}), not the previous "
+                                 f"backup {expected!r}: the chain is damaged")
+            return below
+
         try:
-            reader = Qcow2Reader(pread, os.fstat(fd).st_size, backing=below)
+            reader = Qcow2Reader(pread, os.fstat(fd).st_size, open_backing=open_backing)
         except Qcow2Error as exc:
             raise CopyError(str(path), exc) from None
         if self.readers and reader.size != self.readers[-1].size:
             raise CopyError(str(path), f"size {reader.size} differs from the image below "
                                        f"({self.readers[-1].size})")
         self.readers.append(reader)
+        self.paths.append(path)
 
     def facts(self) -> Facts:
         return Facts(f"qcow2 chain of {len(self.readers)}")

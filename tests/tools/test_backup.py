@@ -1,0 +1,155 @@
+"""pynbd backup against pynbd serve --filter=cbt (checkpoints through the control socket).
+
+Rounds of: write (data, zeroes, trims) through an NBD client, keep a copy of
+the disk, back up (full, then incrementals that take the next checkpoint).
+Every point restores byte for byte, with pynbd and with qemu-img alone. A
+server killed with SIGKILL comes back with its checkpoints inconsistent:
+``backup inc`` refuses, a full backup starts a new chain that continues.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from nbdtest import PYNBD, Served, run, served
+from pynbd.client.sync import connect
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing")
+
+MiB = 1024 * 1024
+SIZE = 64 * MiB
+
+
+def pynbd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([*PYNBD, *args], check=check)
+
+
+@contextmanager
+def cbt_server(tmp_path: Path) -> Iterator[tuple[Served, str]]:
+    control = str(tmp_path / "ctl")
+    with served("--filter=cbt", "file", str(tmp_path / "disk.img"),
+                f"bitmap-dir={tmp_path / 'bitmaps'}", options=(f"--control={control}",)) as srv:
+        yield srv, control
+
+
+def scribble(uri: str, rng: random.Random, rounds: int = 20) -> int:
+    """Random writes, zeroes and trims; the bytes they touched."""
+    touched = 0
+    with connect(uri) as h:
+        for _ in range(rounds):
+            length = rng.choice([512, 4096, 65536, 200 * 1024, MiB])
+            offset = rng.randrange(0, SIZE - length) // 512 * 512
+            kind = rng.random()
+            if kind < 0.7:
+                h.pwrite(rng.randbytes(length), offset)
+            elif kind < 0.85:
+                h.zero(length, offset)
+            else:
+                h.trim(length, offset)
+            touched += length
+        h.flush()
+    return touched
+
+
+def keep(uri: str, path: Path) -> Path:
+    pynbd("copy", uri, str(path))
+    return path
+
+
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def manifest(backups: Path) -> dict:
+    return json.loads(pynbd("backup", "list", "--json", str(backups)).stdout)
+
+
+def test_checkpoints_and_restores(tmp_path):
+    rng = random.Random(5)
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(0)
+        f.write(rng.randbytes(6 * MiB))
+        f.seek(50 * MiB)
+        f.write(rng.randbytes(2 * MiB))
+    backups = tmp_path / "backups"
+    states: list[Path] = []
+    with cbt_server(tmp_path) as (srv, control):
+        pynbd("backup", "full", srv.uri, str(backups), f"--control={control}")
+        states.append(keep(srv.uri, tmp_path / "s0.raw"))
+        for i in range(1, 4):
+            touched = scribble(srv.uri, rng)
+            states.append(keep(srv.uri, tmp_path / f"s{i}.raw"))
+            pynbd("backup", "inc", "-p", srv.uri, str(backups), f"--control={control}")
+            assert manifest(backups)["backups"][-1]["data"] <= touched + 40 * 65536
+        listed = json.loads(pynbd("ctl", "--json", control, "checkpoint", "list").stdout)
+        rows = manifest(backups)["backups"]
+        assert [r["checkpoint"] for r in rows] == [c["name"] for c in listed]
+        assert [r["since"] for r in rows[1:]] == [[c["name"]] for c in listed[:3]]
+        # a checkpoint name that exists: refused, nothing written
+        before = sorted(p.name for p in backups.iterdir())
+        one_line_error(pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}",
+                             f"--checkpoint={listed[0]['name']}", check=False), listed[0]["name"])
+        assert sorted(p.name for p in backups.iterdir()) == before
+        assert len(manifest(backups)["backups"]) == 4
+
+    for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+        restored = tmp_path / f"r{i}.raw"
+        pynbd("backup", "restore", str(backups), str(restored), f"--at={row['checkpoint']}")
+        assert restored.read_bytes() == state.read_bytes(), f"restore at {row['checkpoint']}"
+        qcow2 = backups / row["file"]
+        run(["qemu-img", "check", str(qcow2)])
+        converted = tmp_path / f"q{i}.raw"
+        run(["qemu-img", "convert", "-O", "raw", str(qcow2), str(converted)])
+        assert converted.read_bytes() == state.read_bytes(), f"qemu-img at {row['checkpoint']}"
+
+    # restore into an NBD export
+    target = tmp_path / "target.img"
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    with served("file", str(target)) as dst:
+        pynbd("backup", "restore", str(backups), dst.uri, "--at", "2")
+    assert target.read_bytes() == states[2].read_bytes()
+
+
+def test_unclean_stop_needs_a_full_backup(tmp_path):
+    rng = random.Random(7)
+    with open(tmp_path / "disk.img", "wb") as f:
+        f.truncate(SIZE)
+    backups = tmp_path / "backups"
+    with cbt_server(tmp_path) as (srv, control):
+        scribble(srv.uri, rng, 5)
+        pynbd("backup", "full", srv.uri, str(backups), f"--control={control}")
+        scribble(srv.uri, rng, 5)
+        srv.proc.kill()
+        srv.proc.wait()
+    first = manifest(backups)["backups"][0]["checkpoint"]
+    with cbt_server(tmp_path) as (srv, control):
+        before = sorted(p.name for p in backups.iterdir())
+        one_line_error(pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}",
+                             check=False),
+                       f"checkpoint {first} is inconsistent (the server stopped uncleanly); "
+                       "take a full backup")
+        assert sorted(p.name for p in backups.iterdir()) == before
+        scribble(srv.uri, rng, 5)  # the server still serves
+        pynbd("backup", "full", srv.uri, str(backups), f"--control={control}")
+        scribble(srv.uri, rng, 5)
+        pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}")
+        state = keep(srv.uri, tmp_path / "now.raw")
+    assert [r["kind"] for r in manifest(backups)["backups"]] == ["full", "full", "inc"]
+    restored = tmp_path / "restored.raw"
+    pynbd("backup", "restore", str(backups), str(restored))
+    assert restored.read_bytes() == state.read_bytes()
