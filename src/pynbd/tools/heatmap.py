@@ -1,0 +1,176 @@
+"""pynbd heatmap — draw which parts of a disk were read and written, and when.
+
+Usage:
+    pynbd heatmap [--time=clock|requests] [--width=W] [--height=H] LOG OUT.png
+    pynbd heatmap --gif [--frames=N] [--time=clock|requests] LOG OUT.gif
+
+LOG is the file of the log filter (``pynbd serve --filter=log … logfile=LOG``,
+or nbdkit's log filter: the format is the same). Needs Pillow
+(``pip install 'pynbd[pictures]'``).
+
+The picture (W × H cells, default 800 × 400, plus axes and a legend) has
+time from left to right and the disk's offset from top (0) to bottom (the
+export's size, from the log's ``Connect`` lines). A cell is coloured where
+a request touched that part of the disk at that time: reads blue, writes
+vermilion (Write, Zero and Trim all change the disk), both purple; the
+stronger the colour, the more requests (on a logarithmic scale, so a
+single request still shows). Untouched cells stay white. ``--time=requests``
+spaces the requests evenly instead of by their timestamps, so bursts
+separated by idle minutes each get room.
+
+``--gif`` animates it instead: each of N frames (default 48) is the disk as
+``pynbd info --map --png`` lays it out (a square along a Hilbert curve,
+offset 0 top left), showing the requests of that slice of time in full
+colour and what earlier slices touched in pale tints.
+
+Example: what mkfs.ext4 and then a file copy touch on an empty disk::
+
+    pynbd serve -U /tmp/sock --filter=log memory 1G logfile=/tmp/disk.log
+    sudo nbd-client -unix /tmp/sock /dev/nbd0
+    sudo mkfs.ext4 /dev/nbd0 && sudo mount /dev/nbd0 /mnt && sudo cp -r /usr/share/doc /mnt
+    sudo umount /mnt && sudo nbd-client -d /dev/nbd0
+    pynbd heatmap /tmp/disk.log mkfs.png
+
+Lines that are not requests (Connect, Extents, Flush, the "...Read" result
+lines, other text) are skipped. A log with no read or write, or that cannot
+be read, is an error (one line, exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+PROG = "pynbd heatmap"
+KINDS = {"Read": 0, "Write": 1, "Zero": 2, "Trim": 2}  # picture.ACCESS_READ, _WRITE, _ZERO
+
+_REQUEST = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (?:connection=\d+ )?"
+                      r"(Read|Write|Zero|Trim) id=\d+ offset=0x([0-9a-fA-F]+) count=0x([0-9a-fA-F]+) ")
+_SIZE = re.compile(r" Connect .*?\bsize=0x([0-9a-fA-F]+)")
+
+
+class HeatmapError(Exception):
+    """A log that cannot be drawn; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Access:
+    time: float  # seconds since the log's first request
+    kind: int  # picture.ACCESS_READ, _WRITE or _ZERO (a Zero or a Trim)
+    offset: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Log:
+    accesses: list[Access]
+    size: int  # of the export: the largest Connect size, else the end of the furthest request
+
+    @property
+    def duration(self) -> float:
+        return self.accesses[-1].time
+
+
+def parse_log(lines: Iterable[str]) -> Log:
+    """The requests of a log filter's file (pynbd's or nbdkit's), in the order logged."""
+    accesses: list[Access] = []
+    size = 0
+    start: datetime | None = None
+    for line in lines:
+        found = _REQUEST.match(line)
+        if found is None:
+            connect = _SIZE.search(line)
+            if connect is not None:
+                size = max(size, int(connect.group(1), 16))
+            continue
+        stamp, action, offset, count = found.groups()
+        when = datetime.fromisoformat(stamp)
+        if start is None:
+            start = when
+        accesses.append(Access((when - start).total_seconds(), KINDS[action], int(offset, 16),
+                               int(count, 16)))
+    if not accesses:
+        raise HeatmapError("no reads or writes in the log")
+    size = max(size, max(a.offset + a.count for a in accesses))
+    return Log(accesses, size)
+
+
+def read_log(path: str) -> Log:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return parse_log(f)
+    except OSError as exc:
+        raise HeatmapError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except HeatmapError as exc:
+        raise HeatmapError(f"{path}: {exc}") from None
+
+
+def touches(log: Log, by_requests: bool) -> list[tuple[float, int, int, int]]:
+    """(place on the time axis from 0 to 1, kind, offset, count) for each access."""
+    if by_requests:
+        last = max(len(log.accesses) - 1, 1)
+        return [(i / last, a.kind, a.offset, a.count) for i, a in enumerate(log.accesses)]
+    span = log.duration or 1.0
+    return [(a.time / span, a.kind, a.offset, a.count) for a in log.accesses]
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return value
+    return check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Draw where and when a disk was read and "
+                                "written, from a log filter's file.",
+                                usage="%(prog)s [OPTIONS] LOG OUT")
+    a = p.add_argument
+    a("--gif", action="store_true", help="an animated GIF of the disk, slice of time by slice")
+    a("--frames", type=_at_least(1), default=48, help="with --gif: how many frames (default 48)")
+    a("--time", choices=("clock", "requests"), default="clock",
+      help="space requests by their timestamps (clock, the default) or evenly (requests)")
+    a("--width", type=_at_least(16), default=400, help="time cells across (default 400)")
+    a("--height", type=_at_least(16), default=256, help="offset cells down (default 256)")
+    a("--scale", type=_at_least(1), default=2, help="pixels per cell, each way (default 2)")
+    a("log", help="the log filter's file")
+    a("out", help="the picture to write")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if importlib.util.find_spec("PIL") is None:
+        print(f"{PROG}: needs Pillow: pip install 'pynbd[pictures]'", file=sys.stderr)
+        return 1
+    from .picture import HeatAnimation, HeatMap  # Pillow is optional: imported only to draw
+
+    try:
+        log = read_log(args.log)
+    except HeatmapError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    by_requests = args.time == "requests"
+    points = touches(log, by_requests)
+    duration = None if by_requests else log.duration
+    title = args.log.rsplit("/", 1)[-1]
+    try:
+        if args.gif:
+            HeatAnimation(points, log.size, duration, title, frames=args.frames).save(args.out)
+        else:
+            HeatMap(points, log.size, duration, title, args.width, args.height, args.scale).image.save(
+                args.out, format="PNG")
+    except OSError as exc:
+        print(f"{PROG}: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
