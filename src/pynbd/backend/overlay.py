@@ -97,10 +97,11 @@ def pread_all(fd: int, view: memoryview, offset: int) -> None:
 
 def pwrite_all(fd: int, view: Buffer, offset: int) -> None:
     """Write all of ``view`` at ``offset``; a full file system raises ENOSPC."""
-    data = memoryview(view)
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+    done = os.pwrite(fd, view, offset)
+    if done < len(view):
+        data = memoryview(view)
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
 
 
 def state_runs(states: bytes | bytearray, first: int = 0) -> Iterator[tuple[int, int, int]]:

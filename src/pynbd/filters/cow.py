@@ -158,9 +158,14 @@ class CowConnection(FilterConnection["CowFilter"]):
 
     def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
         """Zero-copy reads of the layer below where the overlay holds none of the range."""
-        first, end = self._block_span(count, offset)
-        states = self.map[first:end]
-        if states.count(ABSENT) == len(states) and not self.on_read():
+        bs = self.bs
+        first, last = offset // bs, (offset + count - 1) // bs
+        if first == last:
+            absent = self.map[first] == ABSENT
+        else:
+            states = self.map[first:last + 1]
+            absent = states.count(ABSENT) == len(states)
+        if absent and not self.on_read():
             return self.next.pread_buffers(count, offset, flags)
         return None
 
