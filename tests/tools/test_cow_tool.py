@@ -67,6 +67,8 @@ def test_export_is_a_qcow2_image_backed_by_the_base(edited, tmp_path):
     # byte for byte through qemu-nbd, against the served export after a restart
     with served("--filter=cow", "file", str(base), f"cow-file={overlay}") as srv:
         run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", srv.uri, str(out)])
+    run(["nbdcopy", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(out), "]", str(tmp_path / "q.raw")])
+    assert (tmp_path / "q.raw").read_bytes() == served_copy.read_bytes()
     original = base.read_bytes()
     run(["qemu-img", "commit", str(out)])
     assert base.read_bytes() == served_copy.read_bytes() != original
