@@ -75,7 +75,6 @@ from dataclasses import asdict
 
 from ..client.errors import NBDError
 from ..proto.errors import ProtocolError
-from .backups.chain import ChainEndpoint
 from .backups.manifest import BackupError, Directory, Manifest
 from .backups.take import TakeOptions, take_backup
 from .copying.endpoint import CopyError
@@ -152,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def restore(directory: str, target: str, at: str | None, connections: int, progress: bool) -> None:
+    from .backups.chain import ChainEndpoint  # the qcow2 reader: only restore needs it
+
     where = Directory(directory)
     manifest = where.load()
     top = manifest.find(at)
