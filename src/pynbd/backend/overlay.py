@@ -24,7 +24,7 @@ them). The values are those of ``pynbd.backend.chunkstore.ChunkState``.
 
 Two overlays share one interface, so a filter uses either:
 
-``TempOverlay(size, block_size, directory=None)``
+``TempOverlay(size, block_size)``
     A sparse temporary file in ``$TMPDIR`` (or the system temp directory),
     unlinked as soon as it is created, each block at its own offset. Blocks
     that become ZERO are punched out of it. It is gone when the process
@@ -32,13 +32,12 @@ Two overlays share one interface, so a filter uses either:
     place, without reading the rest of it.
 ``StoreOverlay(store)``
     A persistent ``ChunkStore`` (``cow-file=``): every put is crash-safe
-    and ``sync`` makes all of them durable. A block is always stored whole, so ``patch`` reads it,
-    changes it and puts it back.
+    and ``sync`` makes all of them durable. A block is always stored whole,
+    so ``patch`` reads it, changes it and puts it back.
 
 The interface (block numbers are ``first``/``end``, half-open):
 
     map                        the states, a bytearray indexed by block
-    states(first, end)         a copy of map[first:end]
     read(buf, offset)          fill buf from DATA blocks
     write_blocks(first, data)  store whole blocks from ``first`` (the disk's
                                last block may be short); they become DATA
@@ -217,9 +216,6 @@ class Overlay(abc.ABC):
         self.map = bytearray(self.blocks)
         self.locks = locks or BlockLocks()
 
-    def states(self, first: int, end: int) -> bytearray:
-        return self.map[first:end]
-
     @abc.abstractmethod
     def read(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with the bytes at ``offset``, all in DATA blocks."""
@@ -251,9 +247,9 @@ class Overlay(abc.ABC):
 class TempOverlay(Overlay):
     """A sparse temporary file, unlinked at once, with the block map in memory."""
 
-    def __init__(self, size: int, block_size: int, directory: str | None = None) -> None:
+    def __init__(self, size: int, block_size: int) -> None:
         super().__init__(size, block_size)
-        self.file = tempfile.TemporaryFile(prefix="pynbd-cow-", dir=directory)
+        self.file = tempfile.TemporaryFile(prefix="pynbd-cow-")
         self.fd = self.file.fileno()
         os.ftruncate(self.fd, self.blocks * block_size)
 
@@ -272,9 +268,9 @@ class TempOverlay(Overlay):
         pwrite_all(self.fd, buf, offset)
 
     def zero_blocks(self, first: int, end: int) -> None:
-        self.map[first:end] = bytes((ZERO,)) * (end - first)
         # Only to give the space back: ZERO blocks are never read from the file.
         linux.try_punch_hole(self.fd, first * self.block_size, (end - first) * self.block_size)
+        self.map[first:end] = bytes((ZERO,)) * (end - first)
 
     def sync(self) -> None:
         """Nothing to make durable: the overlay is thrown away when the process exits."""
