@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--frames", type=_at_least(1), default=48, help="with --gif: how many frames (default 48)")
     a("--time", choices=("clock", "requests"), default="clock",
       help="space requests by their timestamps (clock, the default) or evenly (requests)")
-    a("--width", type=_at_least(16), default=400, help="time cells across (default 400)")
-    a("--height", type=_at_least(16), default=256, help="offset cells down (default 256)")
+    a("--width", type=_at_least(2), default=400, help="time cells across (default 400)")
+    a("--height", type=_at_least(2), default=256, help="offset cells down (default 256)")
     a("--scale", type=_at_least(1), default=2, help="pixels per cell, each way (default 2)")
     a("log", help="the log filter's file")
     a("out", help="the picture to write")

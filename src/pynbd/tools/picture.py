@@ -48,6 +48,7 @@ FONT_SIZE = 13
 LINE = 18
 STRIP_HEIGHT = 24
 SWATCH = 12
+LEGEND_WIDTH = 480
 
 # Colours people can tell apart (Okabe & Ito's palette, and greys for "nothing here").
 DATA: RGB = (0, 114, 178)
@@ -274,7 +275,7 @@ def log_scale(count: int, most: int) -> float:
     """0 for nothing, then 0.25 to 1 logarithmically up to ``most`` (one access stays visible)."""
     if count <= 0:
         return 0.0
-    return 0.25 + 0.75 * math.log1p(count) / math.log1p(max(most, 1))
+    return min(1.0, 0.25 + 0.75 * math.log1p(count) / math.log1p(max(most, 1)))
 
 
 def heat_colour(counts: Sequence[int], most: int) -> RGB:
@@ -326,7 +327,8 @@ class HeatMap:
         plot = Image.frombytes("RGB", (width, height), bytes(pixels))
         x0, y0 = self.origin
         width, height = width * scale, height * scale
-        canvas = Canvas(x0 + width + 2 * MARGIN, y0 + height + 4 * LINE + MARGIN)
+        room = max(width, LEGEND_WIDTH)  # a narrow plot still has room for its legend
+        canvas = Canvas(x0 + room + 2 * MARGIN, y0 + height + 4 * LINE + MARGIN)
         canvas.text(MARGIN, MARGIN, f"{title}{': ' if title else ''}a disk of {approx_size(size)}, "
                                     f"{len(touches)} requests" + ("" if duration is None else
                                                                  f" over {duration:.3g} s"))
@@ -341,7 +343,7 @@ class HeatMap:
             canvas.text(x, y0 + height + 6, time_label(tick / 4, duration, len(touches)),
                         anchor="ra" if tick == 4 else "ma")
         for n, (colour, label) in enumerate(legend(touches)):
-            canvas.swatch(x0 + (n % 2) * width // 2, y0 + height + LINE + 10 + (n // 2) * LINE, colour, label)
+            canvas.swatch(x0 + (n % 2) * room // 2, y0 + height + LINE + 10 + (n // 2) * LINE, colour, label)
         self.image = canvas.image
 
     def point(self, place: float, offset: int) -> tuple[int, int]:
