@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import backup  # noqa: E402
 import compressed  # noqa: E402
+import controlplane  # noqa: E402
 import images  # noqa: E402
 import luks  # noqa: E402
 import remote  # noqa: E402
@@ -146,6 +147,7 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
     out += resource_workloads(data1g)
     out += remote.remote_workloads(tmp, data256, rt, Workload, Variant)
     out += snapshot.snapshot_workloads(tmp, raw, rt, Workload, Variant)
+    out += controlplane.control_workloads(tmp, data256, rt, Workload, Variant)
     out += backup.backup_workloads(tmp, Workload, Variant)
     out += luks.luks_workloads(tmp, data1g, rt, Workload, Variant)
     out += images.image_workloads(tmp, data256, rt, Workload, Variant)
