@@ -381,6 +381,34 @@ def read_snapshots(pread: ReadIntoFn, header: Header, file_size: int) -> list[Sn
     return snapshots
 
 
+def describe(first_bytes: bytes, file_size: int) -> str | None:
+    """One line about a qcow2 image from its first bytes (``pynbd info``), None if not qcow2."""
+    if not is_qcow2(first_bytes):
+        return None
+
+    def pread(buf: memoryview, offset: int) -> None:
+        piece = first_bytes[offset:offset + len(buf)]
+        buf[:len(piece)] = piece
+        fill_zero(buf[len(piece):])
+
+    try:
+        header = read_header(pread, file_size)
+    except Qcow2Error as exc:
+        return f"QEMU QCOW2 image, damaged ({exc})"
+    words = [f"QEMU QCOW2 image (v{header.version}), virtual size {header.size} bytes",
+             f"cluster size {header.cluster_size}"]
+    if header.compression_type != COMPRESSION_ZLIB:
+        words.append(f"{COMPRESSION_NAMES.get(header.compression_type, '?')} compression")
+    if header.crypt_method:
+        words.append("encrypted")
+    if header.backing_file is not None:
+        fmt = f" ({header.backing_format})" if header.backing_format else ""
+        words.append(f"backing file {header.backing_file!r}{fmt}")
+    if header.nb_snapshots:
+        words.append(f"{header.nb_snapshots} internal snapshot(s)")
+    return ", ".join(words)
+
+
 def unsupported(header: Header, snapshots: Sequence[Snapshot] = ()) -> list[str]:
     """Why a reader of the active image (without a backing file) cannot serve it; [] if it can."""
     reasons = []

@@ -66,6 +66,7 @@ from ..client.target import (
     usage_error,
 )
 from ..client.uri import format_uri, parse_uri
+from ..formats import qcow2
 from ..proto.constants import BASE_ALLOCATION
 
 PROG = "pynbd info"
@@ -252,6 +253,9 @@ def _probe_content(h: NBD) -> str | None:
     if count == 0:
         return None
     data = h.pread(count, 0)
+    described = qcow2.describe(data, h.get_size())  # file(1) misreads qcow2 v3 headers
+    if described:
+        return described
     try:
         result = subprocess.run(["file", "-b", "-"], input=data, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
