@@ -93,7 +93,7 @@ class LuksConnection(FilterConnection["LuksFilter"]):
         self.sector = unlocked.volume.sector_size
         self.start = unlocked.volume.data_offset
         self.size = unlocked.volume.payload_size(below)
-        self.edge_lock = threading.Lock()
+        self.edge_lock = filter.edge_lock
 
     def get_size(self) -> int:
         return self.size
@@ -149,7 +149,8 @@ class LuksConnection(FilterConnection["LuksFilter"]):
         first, length = self._span(len(buf), offset)
         inner = offset - first * sector
         scratch = memoryview(bytearray(length))
-        # Read-modify-write of the partial sectors at the edges: one at a time.
+        # Read-modify-write of the partial sectors at the edges: one at a time, over all
+        # connections (they share the disk below).
         with self.edge_lock:
             self._read_sectors(scratch, first)
             scratch[inner:inner + len(buf)] = buf
@@ -202,6 +203,7 @@ class LuksFilter(Filter):
             raise ConfigError(f"luks: the passphrase from {where} is empty")
         self.secret = secret.encode("utf-8")
         self._lock = threading.Lock()
+        self.edge_lock = threading.Lock()
         self._cache: tuple[tuple[tuple[int, bytes], ...], Unlocked] | None = None
 
     def unlock(self, next: Connection, size: int) -> Unlocked:
