@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from nbdtest import run
-from pynbd.formats.qcow2 import Qcow2Error, Qcow2Reader, is_qcow2, write_image
+from nbdtest import PYNBD, run, served
+from pynbd.formats.qcow2 import Qcow2Error, Qcow2Reader, describe, is_qcow2, write_image
 
 MiB = 1 << 20
 
@@ -91,3 +91,17 @@ def test_round_trip_with_a_backing_reader(tmp_path):
     assert list(reader.extents(0, 3 * cs)) == [(0, cs, False, False), (cs, cs, True, True),
                                               (2 * cs, cs, False, False)]
     assert is_qcow2(open(path, "rb").read(4)) and not is_qcow2(b"\0" * 4)
+
+
+def test_describe_for_pynbd_info(tmp_path):
+    path = tmp_path / "d.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd,cluster_size=4096",
+         "-u", "-b", "base.raw", "-F", "raw", str(path), "3M"])
+    text = describe(path.read_bytes()[:8192], path.stat().st_size)
+    assert text == ("QEMU QCOW2 image (v3), virtual size 3145728 bytes, cluster size 4096, "
+                    "zstd compression, backing file 'base.raw' (raw)")
+    assert describe(b"\0" * 512, 512) is None
+    assert "damaged" in describe(b"QFI\xfb" + bytes(100), 104)
+    with served("-r", "file", str(path)) as srv:
+        out = run([*PYNBD, "info", srv.uri]).stdout.decode()
+    assert f"content: {text}" in out
