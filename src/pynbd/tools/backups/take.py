@@ -53,6 +53,7 @@ CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS  # qemu-img's default cluster size
 REQUEST = 1 << 20  # bytes per read
 REQUESTS_PER_LANE = 8
+PLAN_SLICE = 8 * SLICE  # block status asked for 1 GiB at a time
 CONTROL_TIMEOUT = 60.0
 _RANK = {CLEAN: 0, ZERO: 1, DATA: 2}  # a cluster is what the most demanding of its pieces is
 
@@ -152,7 +153,8 @@ def cluster_runs(ops: Iterable[tuple[int, int, int]], size: int) -> Iterator[tup
 def plan_backup(src: NBDEndpoint, incremental: bool) -> list[tuple[int, int, int]]:
     """The runs to store: DATA to read, ZERO to mark (inc only); nothing else."""
     assert src.size is not None
-    plan = Plan(src, Slices(src.size), SLICE, SLICE, use_extents=True, dirty=incremental)
+    plan = Plan(src, Slices(src.size, PLAN_SLICE), PLAN_SLICE, PLAN_SLICE, use_extents=True,
+                dirty=incremental)
     ops = iter(lambda: plan.next(0), None)
     keep = (DATA, ZERO) if incremental else (DATA,)
     return [run for run in cluster_runs(ops, src.size) if run[2] in keep]
@@ -185,7 +187,7 @@ class Reader:
         self.src, self.lanes, self.incremental = src, lanes, incremental
         self.progress = progress
         self.window = lanes * REQUESTS_PER_LANE
-        self.free = [bytearray(REQUEST) for _ in range(self.window)]
+        self.free: list[bytearray] = []  # allocated as needed, as large as needed
         self.scanner = ZeroScanner(CLUSTER, REQUEST)
         self.data = self.zero = 0
 
@@ -201,7 +203,7 @@ class Reader:
                     more = False
                     break
                 offset, length, kind = piece
-                job = Job(offset, length, self.free.pop() if kind == DATA else None)
+                job = Job(offset, length, self._buffer(length) if kind == DATA else None)
                 pending.append(job)
                 if job.buf is not None:
                     self.src.read(lane, memoryview(job.buf)[:length], offset, job.finished)
@@ -214,6 +216,10 @@ class Reader:
             if job.buf is not None:
                 self.free.append(job.buf)
             self.progress.advance(job.length)
+
+    def _buffer(self, length: int) -> bytearray:
+        buf = self.free.pop() if self.free else None
+        return buf if buf is not None and len(buf) >= length else bytearray(length)
 
     def _clusters_of(self, job: Job) -> Iterator[Cluster]:
         if job.buf is None:

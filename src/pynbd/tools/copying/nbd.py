@@ -47,6 +47,9 @@ class NBDEndpoint(Endpoint):
         self.spec, self.writing = spec, writing
         self.bitmaps = [bitmap_context(name) for name in bitmaps]
         self.pipes: dict[int, Pipeline] = {}  # lane -> its connection
+        # lane -> (offset, count, reply) of its last block status: one request answers every
+        # context, so extents() and changes() over the same range share it
+        self._status: dict[int, tuple[int, int, dict[str, list[int]]]] = {}
 
     @property
     def _target(self) -> str | list[str]:
@@ -120,8 +123,14 @@ class NBDEndpoint(Endpoint):
                       for context in self.bitmaps])
 
     def _block_status(self, conn: int, count: int, offset: int) -> dict[str, list[int]]:
+        last = self._status.pop(conn, None)
+        if last is not None and last[:2] == (offset, count):
+            return last[2]
         command = self.pipes[conn].call(Cmd.BLOCK_STATUS, offset, min(count, MAX_STATUS))
-        return extents_by_name(self.handle.negotiated.meta_contexts, command)
+        reply = extents_by_name(self.handle.negotiated.meta_contexts, command)
+        if self.bitmaps:
+            self._status[conn] = (offset, count, reply)
+        return reply
 
     def probe_zero(self) -> bool:
         """True if base:allocation says the whole export reads as zeroes."""
