@@ -236,7 +236,7 @@ class SnapshotFilter(Filter):
     def config_complete(self) -> None:
         if self.chunk_size < 4096 or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"snapshot: chunk-size={self.chunk_size}: must be a power of 2, at least 4096")
-        self.locks = BlockLocks()
+        self.locks = BlockLocks(reentrant=True)  # a snapshot read takes them, and so does its store
         self.snapshots: dict[str, Snapshot] = {}
         # Lock order: ``lock`` (create, delete, merge), then the chunk locks, then
         # ``manifest_lock`` (an origin write that invalidates a snapshot holds chunk locks).
