@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import backup  # noqa: E402
+import cbt  # noqa: E402
 import compressed  # noqa: E402
 import controlplane  # noqa: E402
 import images  # noqa: E402
@@ -147,6 +148,7 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
     out += resource_workloads(data1g)
     out += remote.remote_workloads(tmp, data256, rt, Workload, Variant)
     out += snapshot.snapshot_workloads(tmp, raw, rt, Workload, Variant)
+    out += cbt.cbt_workloads(tmp, rt, Workload, Variant)
     out += controlplane.control_workloads(tmp, data256, rt, Workload, Variant)
     out += backup.backup_workloads(tmp, Workload, Variant)
     out += luks.luks_workloads(tmp, data1g, rt, Workload, Variant)
