@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import tarfile
 
 import pytest
 from stack_helpers import BOTH, nbdsh_outcomes
@@ -94,6 +95,27 @@ def test_stacked_on_gzip_like_nbdkit(tree, tmp_path):
     results = [served_bytes("-r", "file", gz, "--filter=tar", "--filter=gzip",
                             f"tar-entry={LONG}", server=server) for server in BOTH]
     assert results[0] == results[1] and results[0][1] == DISK[::-1]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_entry_over_8_gib_like_nbdkit(tmp_path, fmt):
+    # A sparse archive file: the header, then 9 GiB (+3) of data that costs no disk space.
+    info = tarfile.TarInfo("huge.img")
+    info.size = (9 << 30) + 3
+    header = info.tobuf(fmt)
+    path = tmp_path / "huge.tar"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.seek(len(header) + info.size - 5)
+        f.write(b"LAST!")
+        f.truncate(len(header) + info.size + 509 + 1024)
+    script = "import sys; sys.stdout.write(str(h.get_size()) + ' ' + h.pread(5, h.get_size() - 5).hex())"
+    outputs = []
+    for server in BOTH:
+        with served("-r", "file", str(path), "--filter=tar", "tar-entry=huge.img",
+                    server=server) as srv:
+            outputs.append(nbdsh(srv.uri, script))
+    assert outputs[0] == outputs[1] == f"{info.size} {b'LAST!'.hex()}"
 
 
 def test_qcow2_inside_a_tar(tree, tmp_path):
