@@ -92,13 +92,17 @@ def test_checkpoints_and_restores(tmp_path):
         states.append(keep(srv.uri, tmp_path / "s0.raw"))
         for i in range(1, 4):
             touched = scribble(srv.uri, rng)
+            if i == 2:  # a checkpoint nobody backed up (a failed backup leaves one): read it too
+                pynbd("ctl", control, "checkpoint", "create", "stray")
+                touched += scribble(srv.uri, rng, 5)
             states.append(keep(srv.uri, tmp_path / f"s{i}.raw"))
             pynbd("backup", "inc", "-p", srv.uri, str(backups), f"--control={control}")
             assert manifest(backups)["backups"][-1]["data"] <= touched + 40 * 65536
         listed = json.loads(pynbd("ctl", "--json", control, "checkpoint", "list").stdout)
         rows = manifest(backups)["backups"]
-        assert [r["checkpoint"] for r in rows] == [c["name"] for c in listed]
-        assert [r["since"] for r in rows[1:]] == [[c["name"]] for c in listed[:3]]
+        names = [r["checkpoint"] for r in rows]
+        assert [c["name"] for c in listed] == names[:2] + ["stray"] + names[2:]
+        assert [r["since"] for r in rows[1:]] == [names[:1], [names[1], "stray"], names[2:3]]
         # a checkpoint name that exists: refused, nothing written
         before = sorted(p.name for p in backups.iterdir())
         one_line_error(pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}",
