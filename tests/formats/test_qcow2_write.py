@@ -92,11 +92,15 @@ def test_absent_clusters_fall_through_to_the_backing_file(tmp_path, version):
 
 
 def test_many_l2_tables_and_refcount_blocks(tmp_path):
-    # 512-byte clusters: 64 entries per L2 table, 256 refcounts per block: many of each.
+    # 512-byte clusters: 64 entries per L2 table, 256 refcounts per block, 64 blocks per
+    # refcount table cluster: many of each, and a refcount table of several clusters.
     cs, size = 512, 64 * MiB
-    clusters = [(g, bytes([g // cs % 200 + 1]) * cs) for g in range(0, 4 * MiB, 3 * cs)]
+    clusters = [(g, bytes([g // cs % 200 + 1]) * cs) for g in range(0, 20 * MiB, cs)
+                if g // cs % 7 != 3]
     path = tmp_path / "many.qcow2"
     write_file(path, size, clusters, cluster_size=cs)
+    with open(path, "rb") as f:
+        assert int.from_bytes(f.read(60)[56:60], "big") > 1  # refcount_table_clusters
     report = check(path)
     assert report["allocated-clusters"] == len(clusters)
     assert as_raw(tmp_path, path) == expected_image(size, clusters, cs)
