@@ -11,7 +11,7 @@ from plugin_helpers import config_error, export_info
 from webserver import PASSWORD, USER, BadServer, nginx
 
 from filters.stack_helpers import BOTH, nbdsh_errno, nbdsh_outcomes
-from nbdtest import nbdsh, run, served, wait_for
+from nbdtest import SERVE, nbdsh, run, served, wait_for
 
 SIZE = (3 << 20) + 12345  # not a multiple of anything
 
@@ -150,3 +150,16 @@ def test_timeout_bounds_a_hanging_server():
             assert nbdsh_outcomes(srv.uri, ["h.pread(4096, 0)"]) == ["EIO"]
             assert time.monotonic() - start < 10
         assert "timed out" in srv.stderr().lower()
+
+
+def test_xz_image_over_http_with_run(web, tmp_path):
+    """The seed pipeline: pynbd serve curl URL --filter=xz --run 'nbdinfo $uri'."""
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"".join(i.to_bytes(8, "big") for i in range(300000)))
+    run(["xz", "-k", "-T1", "--block-size=1MiB", str(plain)])
+    (web.root / "image.xz").write_bytes((tmp_path / "plain.img.xz").read_bytes())
+    out = tmp_path / "out.img"
+    result = run([*SERVE, "-U", "-", "curl", web.http("image.xz"), "--filter=xz",
+                  "--run", f"nbdinfo --size $uri && nbdcopy $uri {out}"])
+    assert result.stdout.decode().strip() == str(plain.stat().st_size)
+    assert out.read_bytes() == plain.read_bytes()
