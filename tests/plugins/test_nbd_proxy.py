@@ -105,6 +105,15 @@ def test_qemu_nbd_qcow2_under_filters(tmp_path):
             assert rows.splitlines()[0].split()[:3] == ["0", "65536", "0"]
 
 
+def test_cow_over_a_read_only_qemu_nbd(tmp_path):
+    image = make_qcow2(tmp_path)
+    before = image.read_bytes()
+    with qemu_nbd(image, "-r") as up, served("--filter=cow", "nbd", up) as srv:
+        nbdsh(srv.uri, "h.pwrite(b'cow!' * 128, 0)")
+        assert nbdsh(srv.uri, "print(bytes(h.pread(4, 0)), h.pread(1, 600)[0])").split() == ["b'cow!'", "1"]
+    assert image.read_bytes() == before
+
+
 def test_captive_qemu_nbd(tmp_path):
     image = make_qcow2(tmp_path)
     with served("nbd", "command=qemu-nbd", "arg=-f", "arg=qcow2", f"arg={image}") as srv:
