@@ -87,14 +87,21 @@ def test_writes_in_place_like_nbdkit(tree, tmp_path):
     assert run(["tar", "-xOf", "-", "readme.txt"], input=tars[0]).stdout == b"read me\n"
 
 
-def test_stacked_on_gzip_like_nbdkit(tree, tmp_path):
+@pytest.mark.parametrize("compressor", ["gzip", "xz"])
+def test_stacked_on_a_decompressing_filter_like_nbdkit(tree, tmp_path, compressor):
     tar = archive(tree, tmp_path, "pax")
-    gz = str(tmp_path / "a.tar.gz")
-    with open(tar, "rb") as src, gzip.open(gz, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    results = [served_bytes("-r", "file", gz, "--filter=tar", "--filter=gzip",
-                            f"tar-entry={LONG}", server=server) for server in BOTH]
-    assert results[0] == results[1] and results[0][1] == DISK[::-1]
+    if compressor == "gzip":
+        with open(tar, "rb") as src, gzip.open(tar + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        run(["xz", "-k", "--block-size=65536", tar])
+    packed = f"{tar}.{'gz' if compressor == 'gzip' else 'xz'}"
+    results = [served_bytes("-r", "file", packed, "--filter=tar", f"--filter={compressor}",
+                            "tar-entry=disk.img", server=server) for server in BOTH]
+    assert results[0] == results[1] and results[0][1] == DISK
+    size, data = served_bytes("-r", "file", packed, "--filter=tar", f"--filter={compressor}",
+                              f"tar-entry={LONG}", server="pynbd")
+    assert data == DISK[::-1]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
