@@ -3,6 +3,7 @@
     pynbd serve --filter=tar file disk.tar tar-entry=disk.img
     pynbd serve -r --filter=tar file vm.ova tar-entry=vm-disk1.vmdk
     pynbd serve --filter=tar --filter=gzip file images.tar.gz tar-entry=disk.img
+    pynbd serve --filter=tar --filter=xz file images.tar.xz tar-entry=disk.img
     pynbd serve --filter=qcow2 --filter=tar file vm.tar tar-entry=disk.qcow2
 
 Parameters
