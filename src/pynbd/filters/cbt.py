@@ -23,9 +23,9 @@ them.
 
 Control commands (``pynbd ctl SOCKET …``, ``--json`` for scripts)
     checkpoint create NAME   end the current period as checkpoint NAME. A
-                             write in flight lands wholly before or wholly
-                             after it (creation waits for writes in flight
-                             and holds new ones back meanwhile)
+                             write in flight at that moment counts as
+                             after it: it is dirty in NAME's bitmap (and in
+                             the older ones), so it is never missed
     checkpoint list          name, state, granularity, dirty bytes, created
     checkpoint delete NAME   forget it (later checkpoints are unaffected)
     checkpoint merge A B     B also reports what A reports (qemu's
@@ -89,59 +89,24 @@ class Checkpoint:
         self.consistent = consistent
 
 
-class WriteGate:
-    """Writes pass in parallel; ``closed()`` waits until none is in flight and holds
-    new ones back while a checkpoint is created."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.in_flight = 0
-        self.closing = False
-
-    def enter(self) -> None:
-        with self.cond:
-            while self.closing:
-                self.cond.wait()
-            self.in_flight += 1
-
-    def leave(self) -> None:
-        with self.cond:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            while self.closing:
-                self.cond.wait()
-            self.closing = True
-            while self.in_flight:
-                self.cond.wait()
-
-    def open(self) -> None:
-        with self.cond:
-            self.closing = False
-            self.cond.notify_all()
-
-
 class CbtConnection(FilterConnection["CbtFilter"]):
-    def _tracked(self, count: int, offset: int, write: Callable[[], None]) -> None:
-        flt = self.filter
-        flt.gate.enter()
-        try:
-            flt.mark(offset, count)
-            write()
-        finally:
-            flt.gate.leave()
+    """Marks before each change, and again after it if a checkpoint was created meanwhile,
+    so a change in flight at a checkpoint is never missed by the new period."""
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        self._tracked(len(buf), offset, lambda: self.next.pwrite(buf, offset, flags))
+        epoch = self.filter.mark(offset, len(buf))
+        self.next.pwrite(buf, offset, flags)
+        self.filter.mark_again(epoch, offset, len(buf))
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        self._tracked(count, offset, lambda: self.next.zero(count, offset, flags))
+        epoch = self.filter.mark(offset, count)
+        self.next.zero(count, offset, flags)
+        self.filter.mark_again(epoch, offset, count)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        self._tracked(count, offset, lambda: self.next.trim(count, offset, flags))
+        epoch = self.filter.mark(offset, count)
+        self.next.trim(count, offset, flags)
+        self.filter.mark_again(epoch, offset, count)
 
     def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterator[ContextExtent]:
         checkpoint = self.filter.served(context)
@@ -172,7 +137,7 @@ class CbtFilter(Filter):
             raise ConfigError(f"cbt: granularity={g}: must be a power of 2, at least 512")
         self.checkpoints: dict[str, Checkpoint] = {}
         self.marking: list[bytearray] = []  # the consistent checkpoints' bitmaps, marked by writes
-        self.gate = WriteGate()
+        self.epoch = 0  # checkpoints created since start: a write in flight compares it
         self.lock = threading.Lock()  # commands and the files in bitmap-dir
         self.size = 0
         self.granules = 0
@@ -199,7 +164,6 @@ class CbtFilter(Filter):
         if not self.ready:
             return
         with self.lock:
-            self.gate.close()
             try:
                 for checkpoint in self.checkpoints.values():
                     self._save_bitmap(checkpoint)
@@ -207,8 +171,6 @@ class CbtFilter(Filter):
                 os.unlink(self._path(IN_USE))
             except OSError as exc:
                 log.error("cbt: saving the bitmaps failed, they will be inconsistent: %s", exc)
-            finally:
-                self.gate.open()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.bitmap_dir, name)
@@ -288,15 +250,22 @@ class CbtFilter(Filter):
 
     # -- the data path ----------------------------------------------------------------------
 
-    def mark(self, offset: int, count: int) -> None:
-        """Mark [offset, offset+count) dirty in every consistent checkpoint."""
-        if not count:
-            return
-        g = self.granularity
-        first, end = offset // g, -(-(offset + count) // g)
-        ones = DIRTY * (end - first)
-        for bits in self.marking:
-            bits[first:end] = ones
+    def mark(self, offset: int, count: int) -> int:
+        """Mark [offset, offset+count) dirty in every consistent checkpoint; the epoch
+        (how many checkpoints were created so far) for ``mark_again``."""
+        epoch = self.epoch
+        if count:
+            g = self.granularity
+            first, end = offset // g, -(-(offset + count) // g)
+            ones = DIRTY * (end - first)
+            for bits in self.marking:
+                bits[first:end] = ones
+        return epoch
+
+    def mark_again(self, epoch: int, offset: int, count: int) -> None:
+        """After the change: mark it in checkpoints created while it was in flight."""
+        if self.epoch != epoch:
+            self.mark(offset, count)
 
     def served(self, context: str) -> Checkpoint | None:
         """The checkpoint behind ``context``, if it is one of ours and consistent."""
@@ -342,12 +311,9 @@ class CbtFilter(Filter):
             if name in self.checkpoints:
                 raise ControlError(f"checkpoint {name!r} already exists")
             checkpoint = Checkpoint(name, self.granules, time.time())
-            self.gate.close()  # no write in flight: each lands wholly before or after
-            try:
-                self.checkpoints[name] = checkpoint
-                self.marking = [*self.marking, checkpoint.bits]
-            finally:
-                self.gate.open()
+            self.checkpoints[name] = checkpoint
+            self.marking = [*self.marking, checkpoint.bits]
+            self.epoch += 1  # writes in flight now mark the new bitmap too when they finish
             try:
                 for c in self.checkpoints.values():
                     self._save_bitmap(c)
@@ -381,13 +347,9 @@ class CbtFilter(Filter):
             if not (a.consistent and b.consistent):
                 bad = source if not a.consistent else target
                 raise ControlError(f"checkpoint {bad!r} is inconsistent; it cannot be merged")
-            self.gate.close()
-            try:
-                merged = (int.from_bytes(a.bits, "little") | int.from_bytes(b.bits, "little")).to_bytes(
-                    self.granules, "little")
-                b.bits[:] = merged
-            finally:
-                self.gate.open()
+            for state, lo, hi in state_runs(a.bits):  # only ever sets bits: no write's mark is lost
+                if state:
+                    b.bits[lo:hi] = DIRTY * (hi - lo)
             self._save_bitmap(b)
         return self._describe(b)
 
