@@ -276,3 +276,18 @@ def test_control_in_a_daemon_and_with_run(tmp_path):
     finally:
         os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not path.exists(), message="control socket left after the daemon exited")
+
+
+def test_control_with_single(tmp_path):
+    """-s serves one client on stdin; the control socket lives as long as that client."""
+    path = tmp_path / "ctl"
+    serve = [*SERVE, "-s", "--control", str(path), "memory", "1M"]
+    code = f"""
+import json, subprocess
+h.connect_command({serve!r})
+status = json.loads(subprocess.run({[*CTL, str(path), "--json", "status"]!r},
+                                   capture_output=True, check=True).stdout)
+print(status["connections"], status["layers"])
+"""
+    assert run(["nbdsh", "-c", code]).stdout == b"1 ['memory']\n"
+    wait_for(lambda: not path.exists(), message="control socket left after -s ended")
