@@ -269,3 +269,16 @@ def test_sigkill_during_a_write_storm_keeps_every_synced_write(tmp_path, seed):
                 assert found in allowed, f"chunk {chunk} holds {found}, expected one of {allowed}"
                 model[chunk] = found  # what the next run starts from (an unsynced write may have landed)
         start = synced + 1000  # the next run's versions are all newer
+
+
+def test_a_damaged_record_in_the_middle_of_the_journal_is_corruption(tmp_path):
+    with make(tmp_path / "s") as store:
+        for i in range(5):
+            store.put(i, chunk_bytes(i, 1))
+            store.sync()
+    base = max(2 * chunkstore.SUPERBLOCK_SIZE, CHUNK)
+    with open(tmp_path / "s", "r+b") as f:
+        f.seek(base + chunkstore.RECORD_SIZE + 8)  # inside the second record
+        f.write(b"\xee" * 8)
+    with pytest.raises(StoreError, match="journal record 2 is damaged but later ones are intact"):
+        make(tmp_path / "s")

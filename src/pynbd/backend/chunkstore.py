@@ -240,8 +240,9 @@ class ChunkStore:
             raw = os.pread(self._fd, self.chunk_size, self._slot_offset(slot))
             pos = 0
             next_slot = None
-            for rseq, chunk, target, data_crc, valid in _records(raw):
+            for index, (rseq, chunk, target, data_crc, valid) in enumerate(_records(raw)):
                 if not valid or rseq != seq:
+                    self._check_tail(raw, index, seq)
                     break
                 seq += 1
                 pos += 1
@@ -282,6 +283,15 @@ class ChunkStore:
                 self._data_crc[chunk] = data_crc
         used = {s for s in self._map.values() if s >= 0} | set(self._journal_slots)
         self._free = sorted((s for s in range(self._slots) if s not in used), reverse=True)
+
+    def _check_tail(self, raw: bytes, index: int, seq: int) -> None:
+        """Where replay stopped at record ``index`` of a journal slot (expecting ``seq``):
+        a torn tail has no valid later record of this journal after it; a damaged
+        record in the middle does, and that is corruption, not a crash."""
+        for later, (rseq, _, _, _, valid) in enumerate(_records(raw)):
+            if later > index and valid and seq < rseq < seq + self._per_journal_slot:
+                raise StoreError(f"{self.path}: corrupt chunk store: journal record {seq} is damaged "
+                                 f"but later ones are intact")
 
     def _rewind_journal_to(self, seq: int) -> None:
         """Set the append position to the record numbered ``seq`` (which is dropped)."""

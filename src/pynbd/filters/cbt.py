@@ -257,9 +257,13 @@ class CbtFilter(Filter):
         if count:
             g = self.granularity
             first, end = offset // g, -(-(offset + count) // g)
-            ones = DIRTY * (end - first)
-            for bits in self.marking:
-                bits[first:end] = ones
+            if end - first == 1:  # the common case, without building a slice
+                for bits in self.marking:
+                    bits[first] = 1
+            else:
+                ones = DIRTY * (end - first)
+                for bits in self.marking:
+                    bits[first:end] = ones
         return epoch
 
     def mark_again(self, epoch: int, offset: int, count: int) -> None:
