@@ -158,6 +158,7 @@ def test_wrong_passphrase_refused_nothing_written(tmp_path):
     (["passphrase=+/nonexistent/key"], "luks: passphrase: cannot read /nonexistent/key: No such file"),
     (["passphrase=+EMPTY"], "luks: the passphrase from file"),
     (["passphrase="], "luks: the passphrase from passphrase= is empty"),
+    (["passphrase=-"], "luks: the passphrase from standard input is empty"),
     (["passphrase-env=PYNBD_TEST_UNSET"], "environment variable 'PYNBD_TEST_UNSET' is not set"),
     ([], "luks: give one of passphrase="),
     (["passphrase=a", "passphrase-env=HOME"], "luks: give one of passphrase="),

@@ -84,6 +84,17 @@ def _reader(next: Connection, size: int, seen: list[tuple[int, bytes]]) -> Calla
     return read
 
 
+def _source(value: str) -> str:
+    """Where a passphrase=VALUE comes from, for messages."""
+    if value.startswith("+"):
+        return f"file {value[1:]!r}"
+    if value == "-":
+        return "standard input"
+    if value.startswith("-") and value[1:].isdigit():
+        return f"file descriptor {value[1:]}"
+    return "passphrase="
+
+
 class LuksConnection(FilterConnection["LuksFilter"]):
     def __init__(self, next: Connection, filter: LuksFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
@@ -197,8 +208,7 @@ class LuksFilter(Filter):
                 name = exc.filename or self.passphrase
                 raise ConfigError(f"luks: passphrase: cannot read {name}: "
                                   f"{exc.strerror or exc}") from None
-            where = (f"file {self.passphrase[1:]!r}" if self.passphrase.startswith("+")
-                     else "passphrase=")
+            where = _source(self.passphrase)
         if not secret:
             raise ConfigError(f"luks: the passphrase from {where} is empty")
         self.secret = secret.encode("utf-8")
