@@ -285,11 +285,18 @@ class ChunkStore:
         self._free = sorted((s for s in range(self._slots) if s not in used), reverse=True)
 
     def _check_tail(self, raw: bytes, index: int, seq: int) -> None:
-        """Where replay stopped at record ``index`` of a journal slot (expecting ``seq``):
-        a torn tail has no valid later record of this journal after it; a damaged
-        record in the middle does, and that is corruption, not a crash."""
-        for later, (rseq, _, _, _, valid) in enumerate(_records(raw)):
-            if later > index and valid and seq < rseq < seq + self._per_journal_slot:
+        """Where replay stopped at record ``index`` of a journal slot (expecting ``seq``),
+        tell a torn tail from damage. A crash can lose the records written since the
+        last sync, in any order; but a record written after a later SYNC record was
+        written after that sync returned, so if one is intact, the damaged record had
+        been durable: the store is corrupt."""
+        synced = False
+        for later, (rseq, _, target, _, valid) in enumerate(_records(raw)):
+            if later <= index or not valid or not seq < rseq < seq + self._per_journal_slot:
+                continue
+            if target == SYNC:
+                synced = True
+            elif synced:
                 raise StoreError(f"{self.path}: corrupt chunk store: journal record {seq} is damaged "
                                  f"but later ones are intact")
 
