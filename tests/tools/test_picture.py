@@ -121,14 +121,23 @@ def test_allocated_zeroes_from_qemu_nbd(tmp_path):
     assert img.getpixel(where.point(9 * MiB)) == ZERO
 
 
-def test_a_dirty_bitmap(tmp_path):
-    disk = tmp_path / "d.qcow2"
-    qcow2(disk)
-    run(["qemu-img", "bitmap", "--add", str(disk), "b0"])
-    run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 64k", "-c", "write -z 4M 1M", str(disk)])
+@pytest.mark.parametrize("server", ["qemu-nbd", "pynbd cbt"])
+def test_a_dirty_bitmap(tmp_path, server):
     context = "qemu:dirty-bitmap:b0"
-    img = draw(["--", "[", "qemu-nbd", "-r", "-B", "b0", "-f", "qcow2", str(disk), "]"],
-               tmp_path / "d.png", f"--map={context}")
+    if server == "qemu-nbd":
+        disk = tmp_path / "d.qcow2"
+        qcow2(disk)
+        run(["qemu-img", "bitmap", "--add", str(disk), "b0"])
+        run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 64k", "-c", "write -z 4M 1M", str(disk)])
+        img = draw(["--", "[", "qemu-nbd", "-r", "-B", "b0", "-f", "qcow2", str(disk), "]"],
+                   tmp_path / "d.png", f"--map={context}")
+    else:
+        ctl = tmp_path / "ctl"
+        with served("--filter=cbt", "memory", "10M", f"bitmap-dir={tmp_path / 'bitmaps'}",
+                    options=("--control", str(ctl))) as srv:
+            run([*PYNBD, "ctl", str(ctl), "checkpoint", "create", "b0"])
+            nbdsh(srv.uri, "h.pwrite(b'x' * 65536, 1 << 20); h.zero(1 << 20, 4 << 20)")
+            img = draw([srv.uri], tmp_path / "d.png", f"--map={context}")
     where = geometry(10 * MiB, context)
     for offset in (MiB, 4 * MiB + 512 * KiB):
         assert img.getpixel(where.point(offset)) == DIRTY
