@@ -6,6 +6,7 @@
     pynbd sh          a Python shell with a connected handle (nbdsh)
     pynbd dump URI    a hex dump of an export (nbddump)
     pynbd ctl PATH …  commands to a server's control socket (serve --control=PATH)
+    pynbd heatmap LOG OUT   reads and writes over time, from the log filter's file
     pynbd backup …    full and incremental backups on dirty bitmaps, restore, list
     pynbd cow …       commit a persistent cow overlay, or export it as qcow2
 
