@@ -86,12 +86,12 @@ def percent(part: int, whole: int) -> str:
 
 def approx_size(n: float) -> str:
     """A size for people: ``3.2 MiB``, ``1 TiB``, ``512 B``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            text = f"{n:.1f}".removesuffix(".0") if unit != "B" else f"{n:.0f}"
-            return f"{text} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable: the loop returns at PiB")
+    unit = "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024:
+            break
+        n, unit = n / 1024, bigger
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f}".removesuffix(".0") + f" {unit}"
 
 
 # ----------------------------------------------------------------- the curve
@@ -133,10 +133,10 @@ def cell_range(offset: int, length: int, size: int, cells: int) -> tuple[int, in
     return first, max(end, first + 1) if length > 0 else first
 
 
-def paint(runs: Iterable[Run], size: int, cells: int, rank: dict[int, int], index: dict[int, int],
-          fill: int = 0) -> bytearray:
-    """One byte per cell: ``index[kind]`` of the highest-``rank`` kind touching it."""
-    out = bytearray([fill]) * cells
+def paint(runs: Iterable[Run], size: int, cells: int, rank: dict[int, int],
+          index: dict[int, int]) -> bytearray:
+    """One byte per cell: ``index[kind]`` of the highest-``rank`` kind touching it (0: none)."""
+    out = bytearray(cells)
     for offset, length, kind in sorted(runs, key=lambda run: rank[run[2]]):
         first, end = cell_range(offset, length, size, cells)
         out[first:end] = bytes([index[kind]]) * (end - first)
@@ -161,8 +161,8 @@ def strip(cells: bytes | bytearray, width: int, height: int, palette: Sequence[R
 # ---------------------------------------------------------------- drawing
 
 @functools.cache
-def font(size: int = FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=FONT_SIZE)
 
 
 class Canvas:
@@ -172,8 +172,8 @@ class Canvas:
         self.image = Image.new("RGB", (width, height), BACKGROUND)
         self.draw = ImageDraw.Draw(self.image)
 
-    def text(self, x: int, y: int, text: str, fill: RGB = INK, anchor: str = "la") -> None:
-        self.draw.text((x, y), text, fill=fill, font=font(), anchor=anchor)
+    def text(self, x: int, y: int, text: str, anchor: str = "la") -> None:
+        self.draw.text((x, y), text, fill=INK, font=font(), anchor=anchor)
 
     def swatch(self, x: int, y: int, colour: RGB, label: str) -> None:
         self.draw.rectangle((x, y + 2, x + SWATCH, y + 2 + SWATCH), fill=colour, outline=FRAME)
