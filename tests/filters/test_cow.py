@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import threading
+from contextlib import contextmanager
 
 import pytest
 from stack_helpers import BOTH, file_bytes, nbdsh_outcomes
 
-from nbdtest import PYNBD, WAIT, nbdsh, run, served
+from nbdtest import PYNBD, WAIT, nbdsh, run, served, wait_for_socket
 from pynbd.backend import OpenContext, Plugin, ResidentDisk
 from pynbd.backend.overlay import ABSENT, DATA, ZERO, BlockLocks, state_runs
 from pynbd.backend.stack import Stack, configure
@@ -356,3 +358,40 @@ def test_other_blocks_never_wait_for_a_read_modify_write():
         a.close()
         b.close()
         stack.unload()
+
+
+def test_allocation_depth_matches_qemu_nbd_over_a_qcow2_with_a_raw_backing_file(tmp_path):
+    """The same writes through --filter=cow and into a qcow2 overlay; qemu-nbd -A is the oracle."""
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(1 << 20)
+        f.write(b"x" * 65536)
+    top = tmp_path / "top.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top)])
+    writes = ["-c", "write -P 1 2M 4k", "-c", "write -z 3M 64k", "-c", "write -P 2 100k 1k"]
+    run(["qemu-io", "-f", "qcow2", *writes, str(top)])
+    maps = []
+    with served("--filter=cow", "file", str(base)) as srv:
+        run(["qemu-io", "-f", "raw", *writes, srv.uri])
+        maps.append(run(["nbdinfo", "--map=qemu:allocation-depth", srv.uri]).stdout.decode())
+        contexts = json.loads(run(["nbdinfo", "--json", srv.uri]).stdout)["exports"][0]["contexts"]
+        assert "qemu:allocation-depth" in contexts
+    sock = tmp_path / "q.sock"
+    with served_qemu(str(sock), str(top)):
+        maps.append(run(["nbdinfo", "--map=qemu:allocation-depth", f"nbd+unix:///?socket={sock}"]).stdout.decode())
+    assert maps[0] == maps[1]
+    assert "local" in maps[0] and "backing depth 2" in maps[0]
+
+
+@contextmanager
+def served_qemu(sock: str, image: str):
+    """qemu-nbd serving ``image`` read-only with qemu:allocation-depth (-A)."""
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-A", "-f", "qcow2", "-k", sock, image],
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait()

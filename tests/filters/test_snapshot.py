@@ -77,6 +77,10 @@ def test_writes_to_a_snapshot_stay_in_it(tmp_path):
             assert f.read(100) != b"S" * 100
         chunks = [(e["chunk"], e["state"]) for e in ctl_json(srv.control, "snapshot", "exceptions", "s1")]
         assert chunks == [(1, "data"), (5, "zero")]
+        depth = json.loads(run(["nbdinfo", "--json", "--map=qemu:allocation-depth",
+                                export_uri(srv, "s1")]).stdout)
+        assert [(e["offset"], e["type"]) for e in depth] == [(0, 2), (CHUNK, 1), (2 * CHUNK, 2),
+                                                             (5 * CHUNK, 1), (6 * CHUNK, 2)]
 
 
 def test_merge_rolls_the_origin_back_and_keeps_other_snapshots(tmp_path):

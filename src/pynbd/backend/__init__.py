@@ -7,6 +7,7 @@ Import from here in a plugin or filter::
 
 from .blocks import RamDisk, ResidentDisk, block_runs, extents_of_runs, fill_zero, is_zero
 from .connection import (
+    ALLOCATION_DEPTH,
     CACHE_EMULATE,
     CACHE_NATIVE,
     CACHE_NONE,
@@ -34,11 +35,10 @@ from .params import Param, parse_bool, parse_duration, parse_size
 from .plugin import Export, Filter, Plugin, ThreadModel
 
 __all__ = [
-    "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "DATA_METHODS", "FLAG_FAST_ZERO", "FLAG_FUA",
-    "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE", "ZERO_BUFFER", "Buffer",
-    "Command", "ConfigError", "Connection", "ContextExtent", "ControlError", "Export", "Extent", "Filter",
-    "FilterConnection", "Layer", "LayerCallError",
-    "OpenContext", "Param", "Plugin", "RamDisk", "ResidentDisk", "ThreadModel", "block_runs",
-    "extents_of_runs", "clip_extents", "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool",
-    "parse_duration", "parse_size",
+    "ALLOCATION_DEPTH", "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "DATA_METHODS", "FLAG_FAST_ZERO",
+    "FLAG_FUA", "FLAG_MAY_TRIM", "FLAG_REQ_ONE", "FUA_EMULATE", "FUA_NATIVE", "FUA_NONE", "ZERO_BUFFER",
+    "Buffer", "Command", "ConfigError", "Connection", "ContextExtent", "ControlError", "Export",
+    "Extent", "Filter", "FilterConnection", "Layer", "LayerCallError", "OpenContext", "Param", "Plugin",
+    "RamDisk", "ResidentDisk", "ThreadModel", "block_runs", "extents_of_runs", "clip_extents",
+    "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool", "parse_duration", "parse_size",
 ]

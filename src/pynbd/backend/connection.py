@@ -74,6 +74,9 @@ class ContextExtent(NamedTuple):
 
 E = TypeVar("E", Extent, ContextExtent)
 
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+"""The meta context of overlays: 0 unallocated, 1 in this layer, 2+ in the layers below."""
+
 
 class Connection:
     """One client's view of a plugin. Subclass it and override what you serve.

@@ -64,9 +64,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 from ..backend import (
+    ALLOCATION_DEPTH,
     CACHE_NATIVE,
     CACHE_NONE,
     FLAG_FUA,
@@ -76,6 +78,7 @@ from ..backend import (
     Buffer,
     ConfigError,
     Connection,
+    ContextExtent,
     Extent,
     Filter,
     FilterConnection,
@@ -97,6 +100,7 @@ from ..backend.overlay import (
     switch_rule,
 )
 
+E = TypeVar("E", Extent, ContextExtent)
 DEFAULT_BLOCK = 64 * 1024
 MAX_BLOCK = 1 << 31
 _ZEROES = memoryview(ZERO_BUFFER)
@@ -320,19 +324,53 @@ class CowConnection(FilterConnection["CowFilter"]):
                 return
 
     def _extents_below(self, start: int, finish: int, flags: int) -> Iterator[Extent]:
-        """Extents of the layer below covering [start, finish), asking again after a short answer."""
-        pos = start
-        while pos < finish:
-            asked = pos
-            for ext in clip_extents(self.next.extents(finish - pos, pos, flags & FLAG_REQ_ONE),
-                                    pos, finish - pos):
-                yield ext
-                pos = ext.offset + ext.length
+        """Extents of the layer below covering [start, finish)."""
+        return covering(self.next.extents, start, finish, flags, lambda pos, n: Extent(pos, n))
+
+    def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterator[ContextExtent]:
+        if context != ALLOCATION_DEPTH:
+            yield from self.next.block_status(context, count, offset, flags)
+            return
+        first, end = self._block_span(count, offset)
+        stop = offset + count
+        for state, lo, hi in state_runs(self.map[first:end], first):
+            start, finish = max(offset, lo * self.bs), min(stop, hi * self.bs)
+            if state != ABSENT:
+                yield ContextExtent(start, finish - start, 1)
+            else:
+                yield from self._depth_below(start, finish, flags)
             if flags & FLAG_REQ_ONE:
                 return
-            if pos == asked:  # no answer from there: call the rest data
-                yield Extent(pos, finish - pos)
-                return
+
+    def _depth_below(self, start: int, finish: int, flags: int) -> Iterator[ContextExtent]:
+        """The layer below's allocation depth plus one where it answers the context;
+        else 2 for everything (it holds all it serves, as qemu reports a raw backing file)."""
+        if not self.filter.depth_below.get(self.ctx.export_name, False):
+            yield ContextExtent(start, finish - start, 2)
+            return
+
+        def ask(count: int, offset: int, flags: int) -> Iterable[ContextExtent]:
+            return self.next.block_status(ALLOCATION_DEPTH, count, offset, flags)
+
+        for ext in covering(ask, start, finish, flags, lambda pos, n: ContextExtent(pos, n, 0)):
+            yield ext._replace(flags=ext.flags + 1 if ext.flags else 0)
+
+
+def covering(ask: Callable[[int, int, int], Iterable[E]], start: int, finish: int, flags: int,
+             rest: Callable[[int, int], E]) -> Iterator[E]:
+    """What ``ask(count, offset, flags)`` says about [start, finish), asking again after a
+    short answer; ``rest(offset, count)`` stands for a range it says nothing about."""
+    pos = start
+    while pos < finish:
+        asked = pos
+        for ext in clip_extents(ask(finish - pos, pos, flags & FLAG_REQ_ONE), pos, finish - pos):
+            yield ext
+            pos = ext.offset + ext.length
+        if flags & FLAG_REQ_ONE:
+            return
+        if pos == asked:
+            yield rest(pos, finish - pos)
+            return
 
 
 class CowFilter(Filter):
@@ -361,20 +399,24 @@ class CowFilter(Filter):
         self._overlays: dict[str, Overlay] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._next_open: Callable[[OpenContext], Connection] | None = None
-
-    def connect_below(self, next_open: Callable[[OpenContext], Connection]) -> None:
-        self._next_open = next_open
+        self.depth_below: dict[str, bool] = {}  # export → the layer below answers allocation depth
 
     def get_ready(self) -> None:
         """With cow-file=, open the overlay now: a wrong base or a corrupt map stops the server."""
-        if self.cow_file is None or self._next_open is None:
+        if self.cow_file is None:
             return
-        below = self._next_open(OpenContext(readonly=True))
+        below = self.open_below(OpenContext(readonly=True))
         try:
             self.overlay_for(below, "")
         finally:
             below.close()
+
+    def list_meta_contexts(self, next_list: Callable[[OpenContext], list[str]],
+                           ctx: OpenContext) -> list[str]:
+        """The layer below's contexts, and qemu:allocation-depth (the overlay is depth 1)."""
+        below = next_list(ctx)
+        self.depth_below[ctx.export_name] = ALLOCATION_DEPTH in below
+        return below if ALLOCATION_DEPTH in below else [*below, ALLOCATION_DEPTH]
 
     def open(self, next_open: Callable[[OpenContext], Connection],
              ctx: OpenContext) -> Connection:

@@ -69,6 +69,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ..backend import (
+    ALLOCATION_DEPTH,
     FLAG_FUA,
     Command,
     ConfigError,
@@ -361,6 +362,14 @@ class SnapshotFilter(Filter):
     def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
                      ctx: OpenContext) -> list[Export]:
         return [*next_list(ctx), *(Export(name, "snapshot") for name in self.snapshots)]
+
+    def list_meta_contexts(self, next_list: Callable[[OpenContext], list[str]],
+                           ctx: OpenContext) -> list[str]:
+        """A snapshot export also answers qemu:allocation-depth (1: in its store, 2: the origin's)."""
+        below = next_list(ctx)
+        if ctx.export_name in self.snapshots and ALLOCATION_DEPTH not in below:
+            return [*below, ALLOCATION_DEPTH]
+        return below
 
     def open(self, next_open: Callable[[OpenContext], Connection],
              ctx: OpenContext) -> Connection:
