@@ -143,9 +143,10 @@ class SnapshotView(CowConnection):
     origin, and the origin's writer copies it out under the same lock first.
     """
 
-    def __init__(self, next: Connection, snapshot: Snapshot, ctx: OpenContext) -> None:
+    def __init__(self, next: Connection, snapshot: Snapshot, ctx: OpenContext, owner: SnapshotFilter) -> None:
         super().__init__(next, snapshot.cow, ctx)
         self.snapshot = snapshot
+        self.owner = owner
         self.told = False
 
     def _check(self) -> None:
@@ -172,10 +173,9 @@ class SnapshotView(CowConnection):
         try:
             super()._write(buf, count, offset)
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            self.snapshot.valid = False
-            self.snapshot.reason = f"its store is full ({exc.strerror})"
+            self.owner.invalidate(self.snapshot, f"its store is full ({exc.strerror})")
             self._check()
 
     def flush(self, flags: int) -> None:
@@ -194,26 +194,37 @@ class OriginConnection(FilterConnection["SnapshotFilter"]):
         super().__init__(next, filter, ctx)
         self.chunk = filter.chunk_size
 
-    def _guarded(self, count: int, offset: int, flags: int, write: Callable[[], None]) -> None:
-        if not count:
-            write()
-            return
+    def _span(self, count: int, offset: int) -> tuple[int, int, AbstractContextManager[object]]:
+        """The chunks a change touches and their locks (one lock for one chunk: the common case)."""
         first, end = offset // self.chunk, (offset + count - 1) // self.chunk + 1
-        with self.filter.locks.hold(first, end):
-            copied = self.filter.copy_out(self.next, first, end)
-            if copied and flags & FLAG_FUA:
-                for snap in copied:
+        locks = self.filter.locks
+        return first, end, locks.one(first) if end - first == 1 else locks.hold(first, end)
+
+    def _copy_out(self, first: int, end: int, flags: int) -> None:
+        """Before a change (its chunks' locks held): the old contents to every live snapshot,
+        durable first when the change is FUA."""
+        if self.filter.live:
+            for snap in self.filter.copy_out(self.next, first, end):
+                if flags & FLAG_FUA:
                     snap.store.sync()
-            write()
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        self._guarded(len(buf), offset, flags, lambda: self.next.pwrite(buf, offset, flags))
+        first, end, held = self._span(len(buf), offset)
+        with held:
+            self._copy_out(first, end, flags)
+            self.next.pwrite(buf, offset, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        self._guarded(count, offset, flags, lambda: self.next.zero(count, offset, flags))
+        first, end, held = self._span(count, offset)
+        with held:
+            self._copy_out(first, end, flags)
+            self.next.zero(count, offset, flags)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        self._guarded(count, offset, flags, lambda: self.next.trim(count, offset, flags))
+        first, end, held = self._span(count, offset)
+        with held:
+            self._copy_out(first, end, flags)
+            self.next.trim(count, offset, flags)
 
     def flush(self, flags: int) -> None:
         self.filter.sync_stores()
@@ -244,6 +255,7 @@ class SnapshotFilter(Filter):
         self.lock = threading.Lock()
         self.manifest_lock = threading.Lock()
         self.origin_size = -1
+        self.live: tuple[Snapshot, ...] = ()
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -267,6 +279,7 @@ class SnapshotFilter(Filter):
                 raise ConfigError(f"snapshot: {exc}") from None
             self.snapshots[entry["name"]] = Snapshot(entry["name"], store, self.locks, entry["created"],
                                                      entry["valid"], entry.get("reason", ""))
+        self._refresh()
 
     def unload(self) -> None:
         for snap in self.snapshots.values():
@@ -321,14 +334,17 @@ class SnapshotFilter(Filter):
 
     # -- the data path ----------------------------------------------------------------------
 
-    def live(self) -> list[Snapshot]:
-        return [s for s in self.snapshots.values() if s.valid]
+    def _refresh(self) -> None:
+        """After the list or a snapshot's state changed: the snapshots origin writes copy to."""
+        self.live = tuple(s for s in self.snapshots.values() if s.valid)
 
     def copy_out(self, origin: Connection, first: int, end: int) -> list[Snapshot]:
         """Copy chunks [first, end) of the origin into every live snapshot that lacks them
         (the chunks' locks held). Returns the snapshots that received copies."""
         receivers: list[Snapshot] = []
-        for snap in self.live():
+        for snap in self.live:
+            if end - first == 1 and snap.overlay.map[first] != ABSENT:
+                continue  # copied before: the common case, without a slice
             states = snap.overlay.map[first:end]
             if states.count(ABSENT) == 0:
                 continue
@@ -344,17 +360,19 @@ class SnapshotFilter(Filter):
                 except OSError as exc:
                     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                         raise
-                    self._invalidate(snap, f"its store is full ({exc.strerror})")
+                    self.invalidate(snap, f"its store is full ({exc.strerror})")
                     break
         return receivers
 
-    def _invalidate(self, snap: Snapshot, reason: str) -> None:
+    def invalidate(self, snap: Snapshot, reason: str) -> None:
+        """A snapshot whose store is full: no more copies to it, its I/O fails, the list says why."""
         snap.valid, snap.reason = False, reason
+        self._refresh()
         log.error("snapshot: %r is now invalid: %s; the origin is unaffected", snap.name, reason)
         self._write_manifest()
 
     def sync_stores(self) -> None:
-        for snap in self.live():
+        for snap in self.live:
             snap.store.sync()
 
     # -- exports ----------------------------------------------------------------------------
@@ -379,7 +397,7 @@ class SnapshotFilter(Filter):
         snap.check()
         below = next_open(dataclasses.replace(ctx, export_name="", readonly=True))
         try:
-            return SnapshotView(below, snap, ctx)
+            return SnapshotView(below, snap, ctx, self)
         except BaseException:
             below.close()
             raise
@@ -424,10 +442,12 @@ class SnapshotFilter(Filter):
             with self.all_chunks():
                 snap = Snapshot(name, store, self.locks, time.time())
                 self.snapshots[name] = snap
+                self._refresh()
                 try:
                     self._write_manifest()
                 except OSError as exc:
                     del self.snapshots[name]
+                    self._refresh()
                     store.close()
                     os.unlink(self._store_path(name))
                     raise ControlError(f"cannot create snapshot {name!r}: {exc.strerror}") from None
@@ -443,6 +463,7 @@ class SnapshotFilter(Filter):
             snap = self._get(name)
             with self.all_chunks():
                 del self.snapshots[name]
+                self._refresh()
                 snap.deleted = True
             self._write_manifest()
             snap.store.close()
@@ -461,6 +482,7 @@ class SnapshotFilter(Filter):
                     merged = self._merge_into(origin, snap)
                     origin.flush(0)
                     del self.snapshots[name]
+                    self._refresh()
                     snap.deleted = True
                 self._write_manifest()
             finally:
