@@ -132,6 +132,8 @@ def _main(args: argparse.Namespace) -> int:
     stack.get_ready()  # before listening: a refusal leaves no socket behind
     listener = _make_listener(args)
     server = Server(config, listener)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # from now on a signal cleans up
+        signal.signal(sig, lambda *_: server.shutdown())
     _bind_control(server, args.control)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else ""  # before chdir("/")
     ready_fd = None
@@ -145,8 +147,6 @@ def _main(args: argparse.Namespace) -> int:
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: server.shutdown())
     status = [0]
     if args.run:
         uri = listener.uri(args.exportname or "", tls=args.tls == "require")
