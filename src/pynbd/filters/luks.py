@@ -170,9 +170,10 @@ class LuksConnection(FilterConnection["LuksFilter"]):
     def zero(self, count: int, offset: int, flags: int) -> None:
         zeroes = memoryview(bytes(min(count, _ZERO_CHUNK)))
         end = offset + count
+        flags &= FLAG_FUA  # (MAY_TRIM means nothing here: zeroes are written encrypted)
         while offset < end:
             take = min(end - offset, len(zeroes))
-            self.pwrite(zeroes[:take], offset, flags & FLAG_FUA if offset + take == end else 0)
+            self.pwrite(zeroes[:take], offset, flags)
             offset += take
 
     def cache(self, count: int, offset: int, flags: int) -> None:
