@@ -16,8 +16,9 @@ restart point about every MiB of output (zlib's ``zran.c`` method, at deflate
 block boundaries, to the bit, with the 32 KiB of history each needs; see
 ``pydoc pynbd.formats.gzip_index``). Nothing is written to disk (nbdkit's
 gzip filter writes the whole uncompressed image to a temporary file). A read
-then decodes at most one MiB from the nearest point; the last 32 decoded
-MiB are kept in memory and shared by all clients. For many small random reads
+then decodes from the nearest point only as far as it needs (at most about
+a MiB), and a later read further on continues where that decoding stopped;
+the 32 most recently used spans are kept in memory, shared by all clients. For many small random reads
 of the same image, put ``--filter=cache ... cache-on-read=true`` in front.
 Multi-member files (``pigz``, concatenated ``.gz``) work; zero padding after
 the data is ignored. A damaged, truncated or non-gzip file refuses the open
@@ -62,11 +63,12 @@ from ..backend import (
     Param,
     io_error,
 )
-from ..formats.gzip_index import GzipError, GzipIndex, ReadFn, build_index, identity_of, read_span
+from ..formats.gzip_index import GzipIndex, ReadFn, SpanDecoder, build_index, identity_of
 from ..formats.gzip_stored import StoredGzip, open_layout
 
 log = logging.getLogger("pynbd.filters.gzip")
 CACHED_SPANS = 32
+DECODE_STEP = 64 * 1024  # decode this much per call (liblzma is slower asked for a MiB at once)
 T = TypeVar("T")
 
 
@@ -82,44 +84,79 @@ def reader_of(below: Connection, size: int) -> ReadFn:
     return read
 
 
-class DecodedCache:
-    """The most recently decoded pieces (number -> bytes), shared by every client.
+Step = Callable[[memoryview], int]
 
-    Least recently used pieces are dropped beyond ``capacity``. A piece is
-    decoded once even when several requests want it at the same time: the
-    first decodes (outside the lock, so other pieces decode in parallel —
-    zlib, liblzma and zstd release the GIL), the others wait for it. The xz
-    and zstd filters use it too.
+
+class Progressive:
+    """One decoded piece (a gzip span, an xz block, a zstd frame), decoded only as far
+    as reads have needed so far.
+
+    ``start()`` makes the decoder at the first read; its ``step(view)`` fills the
+    start of ``view`` and returns how many bytes it wrote. A random 4 KiB read
+    decodes half a piece on average instead of all of it, and a later read
+    further in continues where the decoder stopped. Bytes below ``filled``
+    never change, so they are copied out without the lock.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self.pieces: OrderedDict[int, bytes] = OrderedDict()
-        self.decoding: dict[int, threading.Event] = {}
+    def __init__(self, size: int, start: Callable[[], Step], whole: bool = False) -> None:
+        self.whole = whole
+        self.data = memoryview(bytearray(size))
+        self.filled = 0
+        self.start = start
+        self.step: Step | None = None
         self.lock = threading.Lock()
 
-    def get(self, key: int, decode: Callable[[], bytes]) -> bytes:
-        while True:
+    def copy(self, buf: memoryview, inner: int) -> None:
+        end = inner + len(buf)
+        if self.filled < end:
+            decode_to = len(self.data) if self.whole else end
             with self.lock:
-                data = self.pieces.get(key)
-                if data is not None:
-                    self.pieces.move_to_end(key)
-                    return data
-                busy = self.decoding.get(key)
-                if busy is None:
-                    self.decoding[key] = threading.Event()
-                    break
-            busy.wait()  # then look again (if that decode failed, try it here)
-        try:
-            data = decode()
-            with self.lock:
-                self.pieces[key] = data
+                if self.step is None:
+                    self.step = self.start()
+                while self.filled < decode_to:
+                    target = min(len(self.data), self.filled + DECODE_STEP)
+                    made = self.step(self.data[self.filled:target])
+                    if made <= 0:
+                        raise ValueError(f"the compressed data ends {len(self.data) - self.filled} "
+                                         "bytes early")
+                    self.filled += made
+        buf[:] = self.data[inner:end]
+
+
+class DecodedCache:
+    """The most recently used pieces (number -> Progressive), shared by every client.
+
+    Least recently used pieces are dropped beyond ``capacity``; a piece whose
+    decoding failed is dropped at once. Decoding happens outside the cache's
+    lock, one piece at a time per piece, so different pieces decode in parallel
+    (zlib, liblzma and zstd release the GIL). The xz and zstd filters use it too.
+    """
+
+    def __init__(self, name: str, capacity: int, whole: bool = False) -> None:
+        self.name = name
+        self.whole = whole
+        self.capacity = max(1, capacity)
+        self.pieces: OrderedDict[int, Progressive] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def copy(self, key: int, size: int, start: Callable[[], Step], buf: memoryview, inner: int) -> None:
+        """Fill ``buf`` from byte ``inner`` of piece ``key`` (``size`` bytes, decoded by ``start()``)."""
+        with self.lock:
+            piece = self.pieces.get(key)
+            if piece is None:
+                piece = self.pieces[key] = Progressive(size, start, self.whole)
                 while len(self.pieces) > self.capacity:
                     self.pieces.popitem(last=False)
-        finally:
+            else:
+                self.pieces.move_to_end(key)
+        try:
+            piece.copy(buf, inner)
+        except ValueError as exc:  # GzipError, XzError, ZstdError: a damaged piece
             with self.lock:
-                self.decoding.pop(key).set()
-        return data
+                if self.pieces.get(key) is piece:
+                    del self.pieces[key]
+            log.error("%s: %s", self.name, exc)
+            raise io_error(errno.EIO, f"{self.name}: {exc}") from None
 
 
 class Images(Generic[T]):
@@ -157,7 +194,7 @@ class Image:
     file_size: int
     index: GzipIndex
     stored: StoredGzip | None
-    cache: DecodedCache = field(default_factory=lambda: DecodedCache(CACHED_SPANS))
+    cache: DecodedCache = field(default_factory=lambda: DecodedCache("gzip", CACHED_SPANS))
     write_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -209,20 +246,15 @@ class GzipConnection(FilterConnection["GzipFilter"]):
             if self.is_stored[i]:
                 self._read_stored(buf[pos:pos + take], offset + pos)
             else:
-                span = image.cache.get(i, self._span_maker(i))
-                inner = offset + pos - start
-                buf[pos:pos + take] = span[inner:inner + take]
+                image.cache.copy(i, stop - start, self._span_decoder(i), buf[pos:pos + take],
+                                 offset + pos - start)
             pos += take
             i += 1
 
-    def _span_maker(self, i: int) -> Callable[[], bytes]:
-        def make() -> bytes:
-            try:
-                return read_span(self.read_file, self.image.index, i, self.image.file_size)
-            except GzipError as exc:
-                log.error("gzip: %s", exc)
-                raise io_error(errno.EIO, f"gzip: {exc}") from None
-        return make
+    def _span_decoder(self, i: int) -> Callable[[], Step]:
+        def start() -> Step:
+            return SpanDecoder(self.read_file, self.image.index, i, self.image.file_size).step
+        return start
 
     def _read_stored(self, buf: memoryview, offset: int) -> None:
         stored = self.image.stored

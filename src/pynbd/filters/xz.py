@@ -18,7 +18,10 @@ access (the size penalty is small):
     xz --block-size=16MiB disk.img          (or -T0: threads cut blocks too)
     xz --list disk.img.xz                    (the Blocks column)
 
-A read decodes the block(s) it falls in, unless they are cached. A file with
+A read decodes the block(s) it falls in, unless they are cached: the
+whole block, its check verified, before any of it is served (so a damaged
+file never serves wrong bytes); blocks decode in parallel on the server's
+threads (nbdkit's xz filter serializes a connection's requests). A file with
 one block works, with a warning: every read outside the cached block decodes
 from the start. Several streams (``cat a.xz b.xz``) and stream padding work.
 The filter is read-only. At open it reads the stream footer and index from
@@ -30,7 +33,6 @@ checks each block's CRC-32/CRC-64/SHA-256) and is logged.
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections.abc import Callable
 
@@ -42,10 +44,9 @@ from ..backend import (
     FilterConnection,
     OpenContext,
     Param,
-    io_error,
 )
-from ..formats.xz import XzError, XzIndex, decode_block, read_index
-from .gzip import DecodedCache, Images, reader_of
+from ..formats.xz import Block, BlockDecoder, XzError, XzIndex, read_index
+from .gzip import DecodedCache, Images, Step, reader_of
 
 log = logging.getLogger("pynbd.filters.xz")
 
@@ -53,7 +54,7 @@ log = logging.getLogger("pynbd.filters.xz")
 class XzImage:
     def __init__(self, index: XzIndex, depth: int) -> None:
         self.index = index
-        self.cache = DecodedCache(depth)
+        self.cache = DecodedCache("xz", depth, whole=True)
 
 
 class XzConnection(FilterConnection["XzFilter"]):
@@ -86,21 +87,16 @@ class XzConnection(FilterConnection["XzFilter"]):
         pos = 0
         while pos < len(buf):
             block = index.blocks[i]
-            data = self.image.cache.get(i, self._decoder(i))
             inner = offset + pos - block.out
             take = min(len(buf) - pos, block.size - inner)
-            buf[pos:pos + take] = data[inner:inner + take]
+            self.image.cache.copy(i, block.size, self._decoder(block), buf[pos:pos + take], inner)
             pos += take
             i += 1
 
-    def _decoder(self, i: int) -> Callable[[], bytes]:
-        def decode() -> bytes:
-            try:
-                return decode_block(self.read_file, self.image.index.blocks[i])
-            except XzError as exc:
-                log.error("xz: %s", exc)
-                raise io_error(errno.EIO, f"xz: {exc}") from None
-        return decode
+    def _decoder(self, block: Block) -> Callable[[], Step]:
+        def start() -> Step:
+            return BlockDecoder(self.read_file, block).step
+        return start
 
 
 class XzFilter(Filter):

@@ -32,7 +32,7 @@ import collections
 import errno
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..backend import (
     CACHE_EMULATE,
@@ -44,8 +44,8 @@ from ..backend import (
     Param,
     io_error,
 )
-from ..formats.zstd_seekable import Frame, FrameReader, Frames, ReadFn, ZstdError, read_frames
-from .gzip import DecodedCache, Images, reader_of
+from ..formats.zstd_seekable import Frame, FrameDecoder, Frames, ReadFn, ZstdError, read_frames
+from .gzip import DecodedCache, Images, Step, reader_of
 
 log = logging.getLogger("pynbd.filters.zstd")
 WHOLE_FRAME = 32 << 20
@@ -79,7 +79,7 @@ class SequentialFrame:
 
     def _advance(self, read: ReadFn, at: int) -> None:
         if self.decoder is None or at < self.next_out - sum(len(d) for _, d in self.pieces):
-            self.decoder = FrameReader(read, self.frame).pieces()
+            self.decoder = FrameDecoder(read, self.frame).pieces()
             self.next_out = self.frame.out
             self.pieces.clear()
         data = next(self.decoder, b"")
@@ -93,7 +93,7 @@ class SequentialFrame:
 class ZstdImage:
     def __init__(self, frames: Frames, depth: int) -> None:
         self.frames = frames
-        self.cache = DecodedCache(depth)
+        self.cache = DecodedCache("zstd", depth, whole=True)
         self.sequential = {i: SequentialFrame(f) for i, f in enumerate(frames.frames) if f.size > WHOLE_FRAME}
 
 
@@ -143,9 +143,12 @@ class ZstdConnection(FilterConnection["ZstdFilter"]):
             sequential.copy(self.read_file, buf, offset)
             return
         frame = self.image.frames.frames[i]
-        data = self.image.cache.get(i, FrameReader(self.read_file, frame).whole)
-        inner = offset - frame.out
-        buf[:] = data[inner:inner + len(buf)]
+        self.image.cache.copy(i, frame.size, self._decoder(frame), buf, offset - frame.out)
+
+    def _decoder(self, frame: Frame) -> Callable[[], Step]:
+        def start() -> Step:
+            return FrameDecoder(self.read_file, frame).step
+        return start
 
 
 class ZstdFilter(Filter):

@@ -6,6 +6,7 @@
     index.size                                  # uncompressed size (all members)
     i = index.find(offset)                      # the point at or before offset
     data = read_span(read, index, i)            # the bytes from point i to point i+1
+    d = SpanDecoder(read, index, i, size); d.step(view)   # or as far as needed, piece by piece
     index.save(path, identity); GzipIndex.load(path, identity)
 
 ``read(offset, count) -> bytes`` reads the compressed file. The index keeps a
@@ -258,30 +259,42 @@ def build_index(read: ReadFn, file_size: int, span: int = SPAN) -> GzipIndex:
     return GzipIndex(points, out_total)
 
 
+class SpanDecoder:
+    """Decodes the span from point ``i`` forwards, as far as asked: ``step(view)``
+    fills the start of ``view`` and returns how many bytes it wrote (> 0)."""
+
+    def __init__(self, read: ReadFn, index: GzipIndex, i: int, file_size: int) -> None:
+        point = index.points[i]
+        self.left = index.span_end(i) - point.out
+        bit_value = read(point.file - 1, 1)[0] >> (8 - point.bits) if point.bits else 0
+        self.z = Inflater(point.window[-WINDOW:], point.bits, bit_value)
+        self.src = _Input(read, point.file, file_size)
+
+    def step(self, view: memoryview) -> int:
+        view = view[:self.left]
+        try:
+            while True:
+                if not self.src.refill():
+                    raise GzipError("truncated gzip file (the compressed data ends early)")
+                used, made, ended = self.z.inflate(self.src.data, self.src.used, view)
+                self.src.used += used
+                self.left -= made
+                if ended and self.left:
+                    raise GzipError("gzip member ended before the index said it would (file changed?)")
+                if made or not view:
+                    if not self.left:
+                        self.z.close()
+                    return made
+        except DeflateError as exc:
+            raise GzipError(str(exc)) from None
+
+
 def read_span(read: ReadFn, index: GzipIndex, i: int, file_size: int) -> bytes:
     """The uncompressed bytes from point ``i`` up to the next point (or the end)."""
-    point = index.points[i]
-    want = index.span_end(i) - point.out
-    buf = bytearray(want)
+    decoder = SpanDecoder(read, index, i, file_size)
+    buf = bytearray(decoder.left)
     view = memoryview(buf)
-    pos = point.file
-    bit_value = 0
-    if point.bits:
-        bit_value = read(pos - 1, 1)[0] >> (8 - point.bits)
-    z = Inflater(point.window[-WINDOW:], point.bits, bit_value)
-    src = _Input(read, pos, file_size)
     done = 0
-    try:
-        while done < want:
-            if not src.refill():
-                raise GzipError("truncated gzip file (the compressed data ends early)")
-            used, made, ended = z.inflate(src.data, src.used, view[done:])
-            src.used += used
-            done += made
-            if ended and done < want:
-                raise GzipError("gzip member ended before the index said it would (file changed?)")
-    except DeflateError as exc:
-        raise GzipError(str(exc)) from None
-    finally:
-        z.close()
+    while done < len(buf):
+        done += decoder.step(view[done:])
     return bytes(buf)

@@ -153,15 +153,40 @@ def read_index(read: ReadFn, file_size: int) -> XzIndex:
     return XzIndex(blocks, out, len(streams))
 
 
+class BlockDecoder:
+    """Decodes one block forwards, as far as asked: ``step(view)`` fills the start
+    of ``view`` and returns how many bytes it wrote (> 0). The block's check is
+    verified when its last byte is decoded."""
+
+    def __init__(self, read: ReadFn, block: Block) -> None:
+        self.block = block
+        self.left = block.size
+        header = HEADER_MAGIC + block.flags + struct.pack("<I", zlib.crc32(block.flags))
+        self.input = header + read(block.file, -(-block.unpadded // 4) * 4)
+        self.decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+
+    def step(self, view: memoryview) -> int:
+        data, self.input = self.input, b""
+        try:
+            out = self.decoder.decompress(data, max_length=min(len(view), self.left))
+            if len(out) == self.left:
+                self.decoder.decompress(b"")  # the block's end: its check
+        except lzma.LZMAError as exc:
+            raise XzError(f"damaged xz block at offset {self.block.file}: {exc}") from None
+        if not out and self.left:
+            raise XzError(f"damaged xz block at offset {self.block.file}: it ends "
+                          f"{self.left} bytes early")
+        view[:len(out)] = out
+        self.left -= len(out)
+        return len(out)
+
+
 def decode_block(read: ReadFn, block: Block) -> bytes:
     """The uncompressed bytes of one block, its check verified by liblzma."""
-    header = HEADER_MAGIC + block.flags + struct.pack("<I", zlib.crc32(block.flags))
-    decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ)
-    try:
-        data = decoder.decompress(header + read(block.file, -(-block.unpadded // 4) * 4))
-    except lzma.LZMAError as exc:
-        raise XzError(f"damaged xz block at offset {block.file}: {exc}") from None
-    if len(data) != block.size:
-        raise XzError(f"damaged xz block at offset {block.file}: {len(data)} bytes decoded, "
-                      f"the index says {block.size}")
-    return data
+    decoder = BlockDecoder(read, block)
+    buf = bytearray(block.size)
+    view = memoryview(buf)
+    done = 0
+    while done < len(buf):
+        done += decoder.step(view[done:done + 65536])  # (liblzma is slower asked for more at once)
+    return bytes(buf)

@@ -1,11 +1,11 @@
 """zstd files as frames: the seekable format's seek table, or the frames walked one by one.
 
-    from pynbd.formats.zstd_seekable import read_frames, write_seekable, FrameReader
+    from pynbd.formats.zstd_seekable import read_frames, write_seekable, FrameDecoder
 
     write_seekable(read_in, size, write_out, frame_size=1 << 20)   # a seekable .zst
     frames = read_frames(read, file_size)     # Frames: list of Frame(out, size, file, length)
     frames.seekable                           # True if it came from a seek table
-    FrameReader(read, frame).read(offset, count)   # decode forward through one frame
+    FrameDecoder(read, frame).step(view)      # decode forwards through one frame
 
 zstd frames decode independently, so a file of many small frames can be
 read anywhere. The *seekable format* (facebook/zstd ``contrib/seekable_format``)
@@ -173,7 +173,7 @@ def _walk(read: ReadFn, file_size: int) -> list[Frame]:
             raise ZstdError(what)
         length, content = _walk_frame(src, pos)
         if content is None:  # not recorded: decode once to learn it
-            content = sum(len(piece) for piece in FrameReader(read, Frame(out, -1, pos, length)).pieces())
+            content = sum(map(len, FrameDecoder(read, Frame(out, -1, pos, length)).pieces()))
         frames.append(Frame(out, content, pos, length))
         out += content
         pos += length
@@ -192,29 +192,26 @@ def read_frames(read: ReadFn, file_size: int) -> Frames:
     return Frames(_walk(read, file_size), False)
 
 
-class FrameReader:
-    """Decodes one frame from its start, forwards, a piece at a time."""
+class FrameDecoder:
+    """Decodes one frame forwards, as far as asked: ``step(view)`` fills the start
+    of ``view`` and returns how many bytes it wrote (0 at the frame's end)."""
 
     def __init__(self, read: ReadFn, frame: Frame) -> None:
-        self.read = read
         self.frame = frame
+        source = cast(IO[bytes], _FrameFile(read, frame))  # read(size) is all it uses
+        self.reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=False)
 
-    def pieces(self, size: int = _CHUNK) -> Iterator[bytes]:
-        """The frame's uncompressed bytes, ``size`` at a time (ZstdError if it is damaged)."""
-        source = cast(IO[bytes], _FrameFile(self.read, self.frame))  # read(size) is all it uses
+    def step(self, view: memoryview) -> int:
         try:
-            with zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=False) as z:
-                while piece := z.read(size):
-                    yield piece
+            return int(self.reader.readinto(view))
         except zstandard.ZstdError as exc:
             raise ZstdError(f"damaged zstd frame at offset {self.frame.file}: {exc}") from None
 
-    def whole(self) -> bytes:
-        data = b"".join(self.pieces())
-        if len(data) != self.frame.size:
-            raise ZstdError(f"damaged zstd frame at offset {self.frame.file}: {len(data)} bytes decoded, "
-                            f"{self.frame.size} expected")
-        return data
+    def pieces(self, size: int = _CHUNK) -> Iterator[bytes]:
+        """The rest of the frame's bytes, ``size`` at a time."""
+        buf = bytearray(size)
+        while made := self.step(memoryview(buf)):
+            yield bytes(buf[:made])
 
 
 class _FrameFile:
