@@ -109,6 +109,11 @@ def test_checkpoints_and_restores(tmp_path):
                              f"--checkpoint={listed[0]['name']}", check=False), listed[0]["name"])
         assert sorted(p.name for p in backups.iterdir()) == before
         assert len(manifest(backups)["backups"]) == 4
+        # no server behind the control socket: refused before the directory is made
+        elsewhere = tmp_path / "elsewhere"
+        one_line_error(pynbd("backup", "full", srv.uri, str(elsewhere),
+                             f"--control={tmp_path / 'nobody.ctl'}", check=False), "control socket")
+        assert not elsewhere.exists()
 
     for i, (row, state) in enumerate(zip(rows, states, strict=True)):
         restored = tmp_path / f"r{i}.raw"

@@ -114,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-C", "--connections", type=_positive, default=4)
+    p.add_argument("-C", "--connections", type=connections, default=4)
     p.add_argument("-p", "--progress", action="store_true")
 
 
-def _positive(text: str) -> int:
+def connections(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(text)

@@ -25,6 +25,7 @@ or not at all (full).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -94,20 +95,21 @@ def server_checkpoints(path: str) -> list[dict[str, object]]:
     return listed
 
 
-def bitmaps_since(opts: TakeOptions, manifest: Manifest | None) -> list[str]:
-    """The bitmaps an incremental backup reads (refusing what would miss a change)."""
+def bitmaps_since(opts: TakeOptions, manifest: Manifest | None,
+                  listed: list[dict[str, object]] | None) -> list[str]:
+    """The bitmaps an incremental backup reads (refusing what would miss a change);
+    ``listed``: the server's checkpoints (None without a control socket)."""
     if manifest is None or not manifest.backups:
         raise BackupError(f"{opts.directory}: no backup to continue from; take a full backup")
     last = manifest.backups[-1]
     if last.checkpoint is None:
         raise BackupError(f"the last backup ({last.file}) has no checkpoint to continue from; "
                           "take a full backup with --control")
-    if opts.control is None:
+    if listed is None:
         if opts.checkpoint is None:
             raise BackupError("backup inc needs --control=SOCKET (the server takes the checkpoint) "
                               "or --checkpoint=NAME (a bitmap you started on the server)")
         return [last.checkpoint]
-    listed = server_checkpoints(opts.control)
     names = [str(c["name"]) for c in listed]
     if last.checkpoint not in names:
         raise BackupError(f"checkpoint {last.checkpoint} of {opts.directory} is not on this server "
@@ -278,7 +280,10 @@ def take_backup(opts: TakeOptions, err: TextIO) -> Backup:
     directory = Directory(opts.directory)
     directory.check_usable()
     manifest = directory.load() if directory.exists() else None
-    since = bitmaps_since(opts, manifest) if opts.incremental else []
+    listed = server_checkpoints(opts.control) if opts.control is not None else None
+    if listed is not None and opts.checkpoint in [c["name"] for c in listed]:
+        raise BackupError(f"checkpoint {opts.checkpoint} exists on the server; choose another name")
+    since = bitmaps_since(opts, manifest, listed) if opts.incremental else []
     # Without a control socket, --checkpoint names a bitmap the user started: it must exist.
     verify = [opts.checkpoint] if opts.control is None and opts.checkpoint else []
     try:
@@ -289,13 +294,21 @@ def take_backup(opts: TakeOptions, err: TextIO) -> Backup:
         export = identity(src)
         if manifest is not None:
             check_same_export(manifest, export, opts.directory)
-        with directory.locked():
-            current = directory.load() if directory.exists() else None
-            if _count(current) != _count(manifest):
-                raise BackupError(f"{opts.directory} changed while the backup started; try again")
-            manifest = current or Manifest(uuid.uuid4().hex, export)
-            directory.remove_leftovers()
-            return _take(opts, directory, manifest, src, since, err)
+        new = not directory.path.exists()
+        try:
+            with directory.locked():
+                current = directory.load() if directory.exists() else None
+                if _count(current) != _count(manifest):
+                    raise BackupError(f"{opts.directory} changed while the backup started; "
+                                      "try again")
+                manifest = current or Manifest(uuid.uuid4().hex, export)
+                directory.remove_leftovers()
+                return _take(opts, directory, manifest, src, since, err)
+        except BaseException:
+            if new:
+                with contextlib.suppress(OSError):
+                    directory.path.rmdir()  # created for this backup, still empty
+            raise
     finally:
         src.close()
 
