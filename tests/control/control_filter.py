@@ -15,15 +15,26 @@ It counts the reads and writes that pass through it, and registers:
     fail block             waits until "fail release" (a slow command)
     fail release           lets "fail block" return
 
-``clash=true`` also registers ``status``, which the server already has.
+``clash=true`` also registers ``status``, which the server already has;
+``unlistable=true`` makes listing the exports fail (EHOSTUNREACH).
 """
 
 from __future__ import annotations
 
+import errno
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from pynbd.backend import Command, ControlError, Filter, FilterConnection, Param
+from pynbd.backend import (
+    Command,
+    ControlError,
+    Export,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+    io_error,
+)
 
 
 class CountingConnection(FilterConnection["CountingFilter"]):
@@ -38,9 +49,17 @@ class CountingConnection(FilterConnection["CountingFilter"]):
 
 class CountingFilter(Filter):
     name = "counting"
-    params = (Param("clash", "bool", "also register 'status'", default=False),)
+    params = (Param("clash", "bool", "also register 'status'", default=False),
+              Param("unlistable", "bool", "listing exports fails", default=False))
     connection = CountingConnection
     clash: bool
+    unlistable: bool
+
+    def list_exports(self, next_list: Callable[[OpenContext], list[Export]],
+                     ctx: OpenContext) -> list[Export]:
+        if self.unlistable:
+            raise io_error(errno.EHOSTUNREACH, "listing exports")
+        return next_list(ctx)
 
     def get_ready(self) -> None:
         self.lock = threading.Lock()

@@ -25,7 +25,7 @@ CTL = [*PYNBD, "ctl"]
 
 
 def serve_with_control(ctl: Path, *args: str):
-    return served("--filter", FILTER, *args, "memory", "32M", options=("--control", str(ctl)))
+    return served("--filter", FILTER, "memory", "32M", *args, options=("--control", str(ctl)))
 
 
 def ctl(path: Path, *words: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -121,6 +121,24 @@ def test_a_refused_command_is_one_line_on_stderr_and_exit_1(tmp_path, words, mes
         assert f"control command '{' '.join(words)}' raised" in log and "Traceback" in log
 
 
+def test_ctl_timeout(tmp_path):
+    path = tmp_path / "ctl"
+    with serve_with_control(path):
+        result = run([*CTL, "--timeout=0.3", str(path), "fail", "block"], check=False)
+        assert result.returncode == 1
+        assert result.stderr.decode() == f"pynbd ctl: no reply from {path} within 0.3 s\n"
+        assert ctl_json(path, "fail", "release") is None
+        assert ctl_json(path, "echo", "after") == ["after"]
+
+
+def test_status_when_the_exports_cannot_be_listed(tmp_path):
+    path = tmp_path / "ctl"
+    with serve_with_control(path, "unlistable=true"):
+        status = ctl_json(path, "status")
+    assert status["exports"] == "cannot list them: [Errno 113] listing exports: No route to host"
+    assert status["layers"] == ["counting", "memory"]
+
+
 def test_ctl_without_a_server(tmp_path):
     result = ctl(tmp_path / "nothing", "status", check=False)
     assert result.returncode == 1
@@ -212,6 +230,7 @@ def test_the_socket_is_private_and_removed_on_exit(tmp_path):
     path = tmp_path / "ctl"
     with serve_with_control(path) as srv:
         assert oct(path.stat().st_mode & 0o777) == "0o600"
+        assert ctl_json(path, "echo", "up") == ["up"]
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(30)
     assert not path.exists()

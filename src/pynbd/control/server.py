@@ -53,10 +53,13 @@ class CommandTable:
         started = time.monotonic()
 
         def status() -> object:
-            exports = stack.list_exports(OpenContext())
+            try:
+                exports: object = [{"name": e.name, "description": e.description}
+                                   for e in stack.list_exports(OpenContext())]
+            except (OSError, LookupError, ConfigError) as exc:  # e.g. a remote server is down
+                exports = f"cannot list them: {exc}"
             return {"pid": os.getpid(), "uptime": round(time.monotonic() - started, 3),
-                    "connections": connections(),
-                    "exports": [{"name": e.name, "description": e.description} for e in exports],
+                    "connections": connections(), "exports": exports,
                     "layers": [layer.name for layer in stack.layers]}
 
         table = cls([Command(("status",), (), "the server's pid, uptime, connections and exports",
