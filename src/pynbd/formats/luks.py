@@ -27,7 +27,9 @@ What is understood
     sha384, sha512 (PBKDF2 and the anti-forensic splitter).
 
 The cryptography is OpenSSL's through the ``cryptography`` package (AES,
-PBKDF2) and libargon2's through ``argon2-cffi``; nothing here is a cipher.
+PBKDF2), with the data path's sector runs through libcrypto's EVP interface
+(``formats.evp``, one context reused per thread), and libargon2's through
+``argon2-cffi``; nothing here is a cipher.
 """
 
 from __future__ import annotations
