@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -12,6 +13,7 @@ from webserver import PASSWORD, USER, BadServer, nginx
 
 from filters.stack_helpers import BOTH, nbdsh_errno, nbdsh_outcomes
 from nbdtest import SERVE, nbdsh, run, served, wait_for
+from pynbd.client import NBD, NBDError
 
 SIZE = (3 << 20) + 12345  # not a multiple of anything
 
@@ -163,3 +165,20 @@ def test_xz_image_over_http_with_run(web, tmp_path):
                   "--run", f"nbdinfo --size $uri && nbdcopy $uri {out}"])
     assert result.stdout.decode().strip() == str(plain.stat().st_size)
     assert out.read_bytes() == plain.read_bytes()
+
+
+def test_object_replaced_while_served(web):
+    """nginx gives a strong ETag: reads carry If-Match, and a changed object fails them (412)."""
+    path = web.root / "changing.img"
+    path.write_bytes(bytes(65536))
+    with served("curl", web.http("changing.img")) as srv, NBD() as before:
+        before.connect_uri(srv.uri)
+        assert before.pread(4, 0) == bytes(4)
+        path.write_bytes(b"\1" * 65536)
+        os.utime(path, (1, 1))
+        with pytest.raises(NBDError) as failed:
+            before.pread(4, 0)
+        assert failed.value.errno == errno.EIO
+        assert nbdsh(srv.uri, "print(h.pread(4, 0).hex())").strip() == "01010101"  # a new client
+    log = srv.stderr()
+    assert "the object changed while it was served (HTTP 412" in log and "Traceback" not in log, log
