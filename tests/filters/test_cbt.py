@@ -201,4 +201,4 @@ def test_bad_input(tmp_path):
         assert result.returncode == 1 and "must be a power of 2, at least 512" in result.stderr.decode()
     result = run([*PYNBD, "serve", "-f", "-U", str(tmp_path / "s"), "--filter=cbt", "memory", "128M",
                   f"bitmap-dir={tmp_path / 'bitmaps'}"], check=False)
-    assert result.returncode == 1 and "holds checkpoints with size 67108864" in result.stderr.decode()
+    assert result.returncode == 1 and "holds checkpoints made with size 67108864" in result.stderr.decode()

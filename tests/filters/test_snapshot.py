@@ -207,9 +207,9 @@ def test_refuses_a_store_made_for_another_origin(tmp_path):
     result = run([*PYNBD, "serve", "-f", "-U", str(tmp_path / "s2"), "--filter=snapshot", "file", str(bigger),
                   f"store={tmp_path / 'store'}"], check=False)
     assert result.returncode == 1
-    assert "holds snapshots taken with origin size 4194304, but this origin has 8388608" in \
+    assert "holds snapshots made with origin size 4194304, but this disk has 8388608" in \
         result.stderr.decode()
     (tmp_path / "store" / "snapshots.json").write_text("{not json")
     result = run([*PYNBD, "serve", "-f", "-U", str(tmp_path / "s2"), "--filter=snapshot", "file",
                   str(tmp_path / "disk.img"), f"store={tmp_path / 'store'}"], check=False)
-    assert result.returncode == 1 and "not a snapshot list" in result.stderr.decode()
+    assert result.returncode == 1 and "not a list of snapshots" in result.stderr.decode()

@@ -47,10 +47,8 @@ The filter tracks the plugin's default export; names: letters, digits,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import threading
 import time
 import zlib
@@ -67,6 +65,7 @@ from ..backend import (
     OpenContext,
     Param,
 )
+from ..backend.manifest import check_facts, check_name, read_manifest, replace_file, write_manifest
 from ..backend.overlay import state_runs
 
 log = logging.getLogger("pynbd.filters.cbt")
@@ -74,7 +73,6 @@ log = logging.getLogger("pynbd.filters.cbt")
 PREFIX = "qemu:dirty-bitmap:"
 MANIFEST = "checkpoints.json"
 IN_USE = "in-use"
-NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")
 DIRTY = b"\x01"
 
 
@@ -175,31 +173,16 @@ class CbtFilter(Filter):
     def _path(self, name: str) -> str:
         return os.path.join(self.bitmap_dir, name)
 
+    def _facts(self) -> dict[str, object]:
+        """What every checkpoint's bitmap depends on."""
+        return {"granularity": self.granularity, "size": self.size}
+
     def _read_manifest(self) -> dict[str, Any]:
-        path = self._path(MANIFEST)
-        try:
-            with open(path) as f:
-                manifest: dict[str, Any] = json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cbt: {path}: not a checkpoint list ({exc})") from None
-        entries = manifest.get("checkpoints") if isinstance(manifest, dict) else None
-        if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("name"), str) and NAME_RE.match(e["name"])
-                and isinstance(e.get("created"), (int, float)) and isinstance(e.get("consistent"), bool)
-                for e in entries):
-            raise ConfigError(f"cbt: {path}: not a checkpoint list")
-        return manifest
+        return read_manifest(self._path(MANIFEST), "checkpoints", "consistent", "cbt")
 
     def _load(self, manifest: dict[str, Any], unclean: bool) -> None:
         entries = manifest.get("checkpoints", [])
-        if entries:
-            for key, mine in (("granularity", self.granularity), ("size", self.size)):
-                if manifest.get(key) != mine:
-                    raise ConfigError(f"cbt: bitmap-dir={self.bitmap_dir} holds checkpoints with {key} "
-                                      f"{manifest.get(key)}, but this export has {mine}; refusing to "
-                                      f"use them")
+        check_facts(manifest, self._facts(), "checkpoints", f"bitmap-dir={self.bitmap_dir}", "cbt")
         for entry in entries:
             name, consistent = entry["name"], entry["consistent"] and not unclean
             bits = self._load_bitmap(name) if consistent else None
@@ -221,32 +204,17 @@ class CbtFilter(Filter):
             return None
         return bits if len(bits) == self.granules else None
 
-    def _replace(self, name: str, data: bytes) -> None:
-        """Write a file in bitmap-dir atomically: write, fsync, rename, fsync the directory."""
-        path = self._path(name)
-        with open(path + ".new", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(path + ".new", path)
-        fd = os.open(self.bitmap_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _save_bitmap(self, checkpoint: Checkpoint) -> None:
         if checkpoint.consistent:
-            self._replace(f"{checkpoint.name}.bitmap", zlib.compress(bytes(checkpoint.bits), 1))
+            replace_file(self._path(f"{checkpoint.name}.bitmap"), zlib.compress(bytes(checkpoint.bits), 1))
 
     def _save_manifest(self) -> None:
-        manifest = {"version": 1, "granularity": self.granularity, "size": self.size,
-                    "checkpoints": [{"name": c.name, "created": c.created, "consistent": c.consistent}
-                                    for c in self.checkpoints.values()]}
-        self._replace(MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_manifest(self._path(MANIFEST), self._facts(), "checkpoints",
+                       [{"name": c.name, "created": c.created, "consistent": c.consistent}
+                        for c in self.checkpoints.values()])
 
     def _touch_in_use(self) -> None:
-        self._replace(IN_USE, f"{os.getpid()}\n".encode())
+        replace_file(self._path(IN_USE), f"{os.getpid()}\n".encode())
 
     # -- the data path ----------------------------------------------------------------------
 
@@ -308,9 +276,7 @@ class CbtFilter(Filter):
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.created))}
 
     def create(self, name: str) -> object:
-        if not NAME_RE.match(name):
-            raise ControlError(f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' and '-' "
-                               f"(up to 64, not starting with '.')")
+        check_name("checkpoint", name)
         with self.lock:
             if name in self.checkpoints:
                 raise ControlError(f"checkpoint {name!r} already exists")

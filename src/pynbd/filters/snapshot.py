@@ -58,10 +58,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -84,13 +82,13 @@ from ..backend import (
     io_error,
 )
 from ..backend.chunkstore import ChunkStore, StoreError
+from ..backend.manifest import check_facts, check_name, read_manifest, write_manifest
 from ..backend.overlay import ABSENT, DATA, BlockLocks, StoreOverlay, state_runs
 from .cow import CowConnection, CowFilter
 
 log = logging.getLogger("pynbd.filters.snapshot")
 
 MANIFEST = "snapshots.json"
-NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")
 
 
 class Snapshot:
@@ -266,12 +264,7 @@ class SnapshotFilter(Filter):
             manifest = self._read_manifest()
         except OSError as exc:
             raise ConfigError(f"snapshot: store={self.store}: {exc.strerror}") from None
-        if manifest.get("snapshots"):
-            for key, mine in (("chunk_size", self.chunk_size), ("origin_size", self.origin_size)):
-                if manifest.get(key) != mine:
-                    raise ConfigError(
-                        f"snapshot: store={self.store} holds snapshots taken with {key.replace('_', ' ')} "
-                        f"{manifest.get(key)}, but this origin has {mine}; refusing to use them")
+        check_facts(manifest, self._facts(), "snapshots", f"store={self.store}", "snapshot")
         for entry in manifest.get("snapshots", []):
             try:
                 store = self._open_store(entry["name"], create=False)
@@ -293,44 +286,19 @@ class SnapshotFilter(Filter):
                                identity=f"snapshot {name} of a {self.origin_size}-byte origin",
                                create=create, limit=self.store_size)
 
+    def _facts(self) -> dict[str, object]:
+        """What every snapshot in the store depends on."""
+        return {"chunk_size": self.chunk_size, "origin_size": self.origin_size}
+
     def _read_manifest(self) -> dict[str, Any]:
-        path = os.path.join(self.store, MANIFEST)
-        try:
-            with open(path) as f:
-                manifest: dict[str, Any] = json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"snapshot: {path}: not a snapshot list ({exc})") from None
-        entries = manifest.get("snapshots", []) if isinstance(manifest, dict) else None
-        if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("name"), str) and NAME_RE.match(e["name"])
-                and isinstance(e.get("created"), (int, float)) and isinstance(e.get("valid"), bool)
-                for e in entries):
-            raise ConfigError(f"snapshot: {path}: not a snapshot list")
-        return manifest
+        return read_manifest(os.path.join(self.store, MANIFEST), "snapshots", "valid", "snapshot")
 
     def _write_manifest(self) -> None:
-        """Replace the list atomically: write, fsync, rename, fsync the directory."""
+        """Replace the list atomically (one writer at a time)."""
         with self.manifest_lock:
-            self._replace_manifest()
-
-    def _replace_manifest(self) -> None:
-        manifest = {"version": 1, "chunk_size": self.chunk_size, "origin_size": self.origin_size,
-                    "snapshots": [{"name": s.name, "created": s.created, "valid": s.valid,
-                                   "reason": s.reason} for s in self.snapshots.values()]}
-        path = os.path.join(self.store, MANIFEST)
-        tmp = path + ".new"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        dir_fd = os.open(self.store, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            write_manifest(os.path.join(self.store, MANIFEST), self._facts(), "snapshots",
+                           [{"name": s.name, "created": s.created, "valid": s.valid, "reason": s.reason}
+                            for s in self.snapshots.values()])
 
     # -- the data path ----------------------------------------------------------------------
 
@@ -426,9 +394,7 @@ class SnapshotFilter(Filter):
         return snap
 
     def create(self, name: str) -> object:
-        if not NAME_RE.match(name):
-            raise ControlError(f"invalid snapshot name {name!r}: use letters, digits, '.', '_' and '-' "
-                               f"(up to 64, not starting with '.')")
+        check_name("snapshot", name)
         with self.lock:
             if name in self.snapshots:
                 raise ControlError(f"snapshot {name!r} already exists")
