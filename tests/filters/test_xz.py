@@ -57,8 +57,13 @@ def test_max_block_and_depth(tmp_path):
     assert result.returncode == 1 and "xz-max-depth=0: must be at least 1" in result.stderr.decode()
 
 
-def bad_files(tmp_path) -> list[tuple[str, str]]:
-    good = open(compress(tmp_path, DATA, "xz-blocks"), "rb").read()
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> bytes:
+    """DATA in 1 MiB blocks, compressed once for the bad-file tests."""
+    return open(compress(tmp_path_factory.mktemp("xz"), DATA, "xz-blocks"), "rb").read()
+
+
+def bad_files(tmp_path, good: bytes) -> list[tuple[str, str]]:
     index_flip = bytearray(good)
     index_flip[-20] ^= 0x55  # inside the index
     return [
@@ -71,8 +76,8 @@ def bad_files(tmp_path) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("case", range(5))
-def test_bad_files_refused_clearly(tmp_path, case):
-    path, words = bad_files(tmp_path)[case]
+def test_bad_files_refused_clearly(tmp_path, good, case):
+    path, words = bad_files(tmp_path, good)[case]
     with served("--filter=xz", "file", path) as srv:
         for _ in range(2):
             assert run(["nbdinfo", srv.uri], check=False).returncode != 0
@@ -81,10 +86,10 @@ def test_bad_files_refused_clearly(tmp_path, case):
     assert words in log and "Traceback" not in log
 
 
-def test_damaged_block_fails_its_reads_only(tmp_path):
-    good = bytearray(open(compress(tmp_path, DATA, "xz-blocks"), "rb").read())
-    good[len(good) // 2] ^= 0xFF  # inside some block's compressed data
-    path = tmpfile(tmp_path, "block.xz", bytes(good))
+def test_damaged_block_fails_its_reads_only(tmp_path, good):
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF  # inside some block's compressed data
+    path = tmpfile(tmp_path, "block.xz", bytes(damaged))
     with served("--filter=xz", "file", path) as srv:
         outcomes = nbdsh_outcomes(srv.uri, [f"h.pread(4096, {n * MiB})" for n in range(5)])
         assert "EIO" in outcomes and "ok" in outcomes
