@@ -70,8 +70,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -214,8 +213,11 @@ class Transfer:
         the response's headers are not looked at; without, they are.
         """
         curl = self.curl
-        self.plugin.refresh_headers(self, validator)
-        curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)) if timeout else 0)
+        plugin = self.plugin
+        if plugin.scripts or self.validator != validator:
+            plugin.refresh_headers(self, validator)
+        if timeout:
+            curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
         self.pos = 0
         self.content_range = b""
         try:
@@ -308,23 +310,22 @@ class TransferPool:
         self.all: list[Transfer] = []
         self.slots = threading.BoundedSemaphore(size)
 
-    @contextmanager
-    def transfer(self, deadline: float | None) -> Iterator[Transfer]:
+    def take(self, deadline: float | None) -> Transfer:
+        """A free handle (made if none is free), waiting for one at most until ``deadline``."""
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.slots.acquire(timeout=wait):
             raise RequestFailed("no connection to the server became free in time", False)
         try:
-            try:
-                handle = self.free.pop()
-            except IndexError:
-                handle = self.make()
-                self.all.append(handle)
-            try:
-                yield handle
-            finally:
-                self.free.append(handle)
-        finally:
-            self.slots.release()
+            return self.free.pop()
+        except IndexError:
+            handle = self.make()
+            self.all.append(handle)
+            return handle
+
+    def give(self, handle: Transfer) -> None:
+        """Put back a handle ``take`` gave."""
+        self.free.append(handle)
+        self.slots.release()
 
     def close(self) -> None:
         for handle in self.all:
@@ -496,8 +497,11 @@ class CurlPlugin(Plugin):
             try:
                 if deadline is not None and remaining <= 0:
                     raise RequestFailed(f"timed out after {self.timeout:g} s", False)
-                with self.pool.transfer(deadline) as transfer:
+                transfer = self.pool.take(deadline)
+                try:
                     attempt(transfer, remaining)
+                finally:
+                    self.pool.give(transfer)
                 return
             except RequestFailed as exc:
                 pause = _BACKOFF * 2 ** (number - 1)
