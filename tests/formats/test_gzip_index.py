@@ -101,8 +101,8 @@ def test_stored_layout_segments_decode_on_their_own():
             assert seg.file_length == seg.length + 5 * -(-seg.length // BLOCK)
     g = StoredGzip(read, len(out), layout)
     assert g.trailer_is_current(read) and g.ranges() == "1048576-2097152, 3145728-3670016"
-    assert g.write_blocks(MiB - 512, 1024) is None and g.write_blocks(0, 1) is None
-    pieces = list(g.write_blocks(MiB + BLOCK - 100, 300))
+    assert g.stored_pieces(MiB - 512, 1024) is None and g.stored_pieces(0, 1) is None
+    pieces = list(g.stored_pieces(MiB + BLOCK - 100, 300))
     assert [(p[1], p[4]) for p in pieces] == [(MiB, 100), (MiB + BLOCK, 200)]
 
 

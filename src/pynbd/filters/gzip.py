@@ -260,13 +260,13 @@ class GzipConnection(FilterConnection["GzipFilter"]):
         stored = self.image.stored
         assert stored is not None, "a stored span in a file without a layout"
         pos = 0
-        for _leaf, _block, _length, file_offset, take in stored.write_blocks(offset, len(buf)) or ():
+        for _leaf, _block, _length, file_offset, take in stored.stored_pieces(offset, len(buf)) or ():
             self.next.pread(buf[pos:pos + take], file_offset, 0)
             pos += take
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         stored = self.image.stored
-        pieces = None if stored is None else stored.write_blocks(offset, len(buf))
+        pieces = None if stored is None else stored.stored_pieces(offset, len(buf))
         if stored is None or pieces is None:
             ranges = "none" if stored is None else stored.ranges()
             log.error("gzip: write of %d bytes at offset %d refused: outside the stored ranges (%s)",

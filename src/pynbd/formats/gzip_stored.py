@@ -5,7 +5,7 @@
     ranges = parse_ranges("1M-65M,100M-101M", input_size)
     create(read_in, input_size, write_out, ranges)        # a standard gzip file
     g = StoredGzip(read, file_size, open_layout(read, file_size))
-    g.write_blocks(offset, count)    # where a write lands in the file (None: not stored)
+    g.stored_pieces(offset, count)   # where a range lives in the file (None: not all stored)
     g.tree.update(leaf, crc); g.trailer()                 # the new CRC-32, by combining
     g.trailer_is_current(read)       # False after a crash between data and trailer writes
 
@@ -246,9 +246,9 @@ class StoredGzip:
         """The stored ranges, for messages: ``1048576-2097152, …``."""
         return ", ".join(f"{s.out}-{s.out + s.length}" for s in self.segments if s.stored) or "none"
 
-    def write_blocks(self, offset: int, count: int) -> Iterator[tuple[int, int, int, int, int]] | None:
-        """For a write wholly inside stored segments: (leaf, block start, block length,
-        file offset, length) of each stored block piece it covers; None if it is not."""
+    def stored_pieces(self, offset: int, count: int) -> Iterator[tuple[int, int, int, int, int]] | None:
+        """For a range wholly inside stored segments: (leaf, block start, block length,
+        file offset, length) of each piece of a stored block it covers; None if it is not."""
         end = offset + count
         i = bisect.bisect_right(self.starts, offset) - 1
         j = i
