@@ -21,6 +21,8 @@ import pytest
 
 from nbdtest import PYNBD, Served, run, served
 from pynbd.client.sync import connect
+from pynbd.tools.backups.take import cluster_runs
+from pynbd.tools.copying.dirty import CLEAN, DATA, ZERO
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing")
 
@@ -160,6 +162,38 @@ def test_unclean_stop_needs_a_full_backup(tmp_path):
         pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}")
         state = keep(tmp_path / "disk.img", tmp_path / "now.raw")
     assert [r["kind"] for r in manifest(backups)["backups"]] == ["full", "full", "inc"]
+    restored = tmp_path / "restored.raw"
+    pynbd("backup", "restore", str(backups), str(restored))
+    assert restored.read_bytes() == state.read_bytes()
+
+
+def test_a_cluster_mixing_kinds_is_read_whole():
+    k = 65536
+    runs = list(cluster_runs([(0, 2 * k, ZERO), (2 * k, 100, CLEAN), (2 * k + 100, 100, ZERO),
+                              (2 * k + 200, 8 * k - 200, CLEAN), (10 * k, 100, DATA),
+                              (10 * k + 100, 2 * k - 100, CLEAN)], 12 * k - 512))
+    assert runs == [(0, 2 * k, ZERO), (2 * k, k, DATA), (3 * k, 7 * k, CLEAN),
+                    (10 * k, k, DATA), (11 * k, k - 512, CLEAN)]
+
+
+def test_fine_granularity_trims_inside_data_clusters(tmp_path):
+    """4 KiB granules: a trimmed granule inside a cluster of unchanged data keeps the data."""
+    rng = random.Random(3)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(rng.randbytes(4 * MiB))
+    backups = tmp_path / "backups"
+    control = str(tmp_path / "ctl")
+    with served("--filter=cbt", "file", str(disk), f"bitmap-dir={tmp_path / 'bitmaps'}",
+                "granularity=4K", options=(f"--control={control}",)) as srv:
+        pynbd("backup", "full", srv.uri, str(backups), f"--control={control}")
+        with connect(srv.uri) as h:
+            h.trim(4096, 65536 + 8192)
+            h.zero(4096, 3 * 65536)
+            h.pwrite(b"\x01" * 4096, 5 * 65536 + 4096)
+            h.flush()
+        state = keep(disk, tmp_path / "now.raw")
+        pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}")
+    assert manifest(backups)["backups"][1]["data"] <= 3 * 65536
     restored = tmp_path / "restored.raw"
     pynbd("backup", "restore", str(backups), str(restored))
     assert restored.read_bytes() == state.read_bytes()

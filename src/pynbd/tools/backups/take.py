@@ -39,7 +39,7 @@ from ...client.errors import NBDError
 from ...control.protocol import ControlProtocolError
 from ...formats.qcow2 import Qcow2Error, write_image
 from ...proto.errors import ProtocolError
-from ..copying.dirty import CLEAN, DATA, ZERO
+from ..copying.dirty import DATA, ZERO
 from ..copying.endpoint import CopyError
 from ..copying.local import pwrite_full
 from ..copying.nbd import NBDEndpoint
@@ -56,7 +56,6 @@ REQUEST = 1 << 20  # bytes per read
 REQUESTS_PER_LANE = 8
 PLAN_SLICE = 8 * SLICE  # block status asked for 1 GiB at a time
 CONTROL_TIMEOUT = 60.0
-_RANK = {CLEAN: 0, ZERO: 1, DATA: 2}  # a cluster is what the most demanding of its pieces is
 
 Cluster = tuple[int, "memoryview | None"]  # guest offset, data (None: reads as zeroes)
 
@@ -128,28 +127,36 @@ def bitmaps_since(opts: TakeOptions, manifest: Manifest | None,
 def cluster_runs(ops: Iterable[tuple[int, int, int]], size: int) -> Iterator[tuple[int, int, int]]:
     """``(offset, length, kind)`` rounded out to whole clusters (the last ends at ``size``).
 
-    A cluster takes the most demanding kind of the pieces in it: DATA over
-    ZERO over CLEAN. ``ops`` are contiguous and in order.
+    A cluster whose pieces are all of one kind is of that kind; a cluster
+    that mixes kinds is DATA: read whole, since its unchanged part must
+    be stored again with its changed part (a zero cluster would lose it).
+    ``ops`` are contiguous and in order.
     """
     first = end = 0  # the pending run: clusters [first, end) of ``kind``
     kind = -1
     for offset, length, op_kind in ops:
-        lo, hi = offset >> CLUSTER_BITS, (offset + length - 1 >> CLUSTER_BITS) + 1
-        if kind >= 0 and lo < end:  # shares the pending run's last cluster
-            if _RANK[op_kind] > _RANK[kind]:
-                end -= 1
-            else:
-                lo += 1
+        lo, hi = offset >> CLUSTER_BITS, ((offset + length - 1) >> CLUSTER_BITS) + 1
+        if kind >= 0 and lo < end:  # the cluster both touch
+            if op_kind != kind and kind != DATA:
+                if end - 1 > first:
+                    yield _run(first, end - 1, kind, size)
+                first, kind = end - 1, DATA
+            lo = end
         if lo >= hi:
             continue
         if op_kind == kind and lo == end:
             end = hi
             continue
-        if kind >= 0 and end > first:
-            yield first << CLUSTER_BITS, min(size, end << CLUSTER_BITS) - (first << CLUSTER_BITS), kind
+        if kind >= 0:
+            yield _run(first, end, kind, size)
         first, end, kind = lo, hi, op_kind
-    if kind >= 0 and end > first:
-        yield first << CLUSTER_BITS, min(size, end << CLUSTER_BITS) - (first << CLUSTER_BITS), kind
+    if kind >= 0:
+        yield _run(first, end, kind, size)
+
+
+def _run(first: int, end: int, kind: int, size: int) -> tuple[int, int, int]:
+    start = first << CLUSTER_BITS
+    return start, min(size, end << CLUSTER_BITS) - start, kind
 
 
 def plan_backup(src: NBDEndpoint, incremental: bool) -> list[tuple[int, int, int]]:
