@@ -3,7 +3,8 @@
 Lookup order for a name: a path to a ``.py`` file (it must define exactly
 one ``Plugin`` / ``Filter`` subclass, or name it in ``PLUGIN`` / ``FILTER``;
 a plugin file with nbdkit-style module-level functions instead is served
-through the ``python`` plugin); a module of pynbd itself (``pynbd.plugins.NAME``,
+through the ``python`` plugin; a ``.so`` is an nbdkit plugin, served through
+the ``cc`` plugin); a module of pynbd itself (``pynbd.plugins.NAME``,
 ``pynbd.filters.NAME``, with ``-`` read as ``_``); an entry point in the
 ``pynbd.plugins`` / ``pynbd.filters`` group of any installed package.
 Each module defines one class and names it in ``PLUGIN`` / ``FILTER``, or
@@ -42,10 +43,11 @@ class PluginFileHost(Protocol):
 
 def find_plugin(name: str) -> type[Plugin]:
     """The Plugin class for ``name`` (a name or a path to a .py file)."""
-    if is_script_path(name):  # native or nbdkit-style: the python plugin tells them apart
-        host = _find("python", Plugin)
+    if is_script_path(name):  # .so: an nbdkit plugin (cc); .py: native or nbdkit-style (python)
+        host_name = "cc" if name.endswith(".so") else "python"
+        host = _find(host_name, Plugin)
         if not isinstance(host, PluginFileHost):
-            raise ConfigError(f"the python plugin cannot serve plugin files such as {name!r}")
+            raise ConfigError(f"the {host_name} plugin cannot serve plugin files such as {name!r}")
         return host.for_path(name)
     return _find(name, Plugin)
 
