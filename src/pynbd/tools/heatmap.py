@@ -31,9 +31,11 @@ Example: what mkfs.ext4 and then a file copy touch on an empty disk::
     sudo umount /mnt && sudo nbd-client -d /dev/nbd0
     pynbd heatmap /tmp/disk.log mkfs.png
 
-Lines that are not requests (Connect, Extents, Flush, the "...Read" result
-lines, other text) are skipped. A log with no read or write, or that cannot
-be read, is an error (one line, exit status 1).
+Only Read, Write, Zero and Trim are drawn, as they started (a failed request
+counts: the client asked for it); Cache, Extents and Flush touch no data and
+are skipped, as are the "...Read" result lines, Connect (which gives the
+size) and any other text. A log with no read or write, or that cannot be
+read, is an error (one line, exit status 1).
 """
 
 from __future__ import annotations
