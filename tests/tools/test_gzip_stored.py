@@ -40,6 +40,8 @@ def test_create_makes_a_standard_gzip_file_nbdkit_reads(tmp_path):
     for server in BOTH:
         with served("-r", "--filter=gzip", "file", path, server=server) as srv:
             assert run(["nbdcopy", srv.uri, "-"]).stdout == DATA, server
+    shown = run([*PYNBD, "gzip", "show", path]).stdout.decode()
+    assert "stored ranges: 1048576-2097152, 2097152-2621440, 4194304-6291456" in shown
     # the stored ranges are in the file as they are
     raw = open(path, "rb").read()
     assert DATA[MiB:MiB + 32768] in raw and DATA[4 * MiB + 5000:4 * MiB + 30000] in raw
