@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdtest import PYNBD, Served, run, served
+from nbdtest import PYNBD, Served, run, served, wait_for
 from pynbd.client.sync import connect
 from pynbd.tools.backups.take import cluster_runs
 from pynbd.tools.copying.dirty import CLEAN, DATA, ZERO
@@ -197,3 +197,28 @@ def test_fine_granularity_trims_inside_data_clusters(tmp_path):
     restored = tmp_path / "restored.raw"
     pynbd("backup", "restore", str(backups), str(restored))
     assert restored.read_bytes() == state.read_bytes()
+
+
+def test_a_killed_backup_leaves_the_directory_as_it_was(tmp_path):
+    rng = random.Random(4)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(rng.randbytes(16 * MiB))
+    backups = tmp_path / "backups"
+    control = str(tmp_path / "ctl")
+    with served("--filter=cbt", "--filter=delay", "file", str(disk), "rdelay=100ms",
+                f"bitmap-dir={tmp_path / 'bitmaps'}", options=(f"--control={control}",)) as srv:
+        command = [*PYNBD, "backup", "full", srv.uri, str(backups), f"--control={control}", "-C1"]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            part = backups / "0000.qcow2.part"
+            wait_for(lambda: part.exists() and part.stat().st_size > 0,
+                     message="the backup never started writing")
+        finally:
+            proc.kill()
+            proc.wait()
+        assert not (backups / "manifest.json").exists()
+        pynbd(*command[len(PYNBD):])
+    assert sorted(p.name for p in backups.iterdir()) == ["0000.qcow2", "manifest.json"]
+    restored = tmp_path / "restored.raw"
+    pynbd("backup", "restore", str(backups), str(restored))
+    assert restored.read_bytes() == disk.read_bytes()

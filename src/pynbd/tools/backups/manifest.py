@@ -148,7 +148,8 @@ class Directory:
         """A new chain may start here: DIR is missing, empty, or a backup directory."""
         if self.path.exists() and not self.path.is_dir():
             raise BackupError(f"{self.path}: not a directory")
-        if self.path.is_dir() and not self.exists() and any(self.path.iterdir()):
+        if self.path.is_dir() and not self.exists() and any(
+                not _leftover(entry.name) for entry in self.path.iterdir()):
             raise BackupError(f"{self.path}: not empty and not a backup directory "
                               f"(no {MANIFEST}); use an empty or new directory")
 
@@ -188,6 +189,12 @@ class Directory:
             os.close(fd)
 
     def remove_leftovers(self) -> None:
-        """``.part`` files of backups that did not finish."""
-        for part in self.path.glob("*.qcow2.part"):
-            part.unlink(missing_ok=True)
+        """What backups that did not finish left behind."""
+        for entry in self.path.iterdir():
+            if _leftover(entry.name):
+                entry.unlink(missing_ok=True)
+
+
+def _leftover(name: str) -> bool:
+    """A file a backup writes before it renames it into place."""
+    return name.endswith(".qcow2.part") or name == MANIFEST + ".tmp"
