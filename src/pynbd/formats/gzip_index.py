@@ -10,10 +10,11 @@
     index.save(path, identity); GzipIndex.load(path, identity)
 
 ``read(offset, count) -> bytes`` reads the compressed file. The index keeps a
-point about every ``span`` bytes of output (1 MiB by default) at a deflate
-block boundary: where the block starts in the file, down to the bit, and the
-32 KiB of output before it, which the next blocks may refer back to. Reading
-from a point decodes at most one span. Every gzip member starts with a point
+point about every ``span`` bytes of output (1 MiB by default, more for files
+over 2 GiB) at a deflate block boundary: where the block starts in the file,
+down to the bit, and the 32 KiB of output before it (kept compressed), which
+the next blocks may refer back to. Reading from a point decodes at most one
+span. Every gzip member starts with a point
 of its own (no history), so multi-member files (``pigz``, ``cat a.gz b.gz``)
 work; zero padding after the last member is ignored, other trailing bytes are
 an error. Each member's CRC-32 and length are checked while the index is built,
@@ -97,7 +98,10 @@ class Point:
     out: int
     file: int
     bits: int
-    window: bytes
+    packed_window: bytes  # zlib-compressed (b"": no history)
+
+    def window(self) -> bytes:
+        return zlib.decompress(self.packed_window) if self.packed_window else b""
 
 
 class GzipIndex:
@@ -120,8 +124,7 @@ class GzipIndex:
         parts = [_INDEX_MAGIC, struct.pack("<I", len(identity)), identity,
                  struct.pack("<QI", self.size, len(self.points))]
         for p in self.points:
-            window = zlib.compress(p.window, 1) if p.window else b""
-            parts += [_POINT.pack(p.out, p.file, p.bits, len(window)), window]
+            parts += [_POINT.pack(p.out, p.file, p.bits, len(p.packed_window)), p.packed_window]
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(b"".join(parts))
@@ -148,9 +151,8 @@ class GzipIndex:
             for _ in range(count):
                 out, file, bits, wlen = _POINT.unpack_from(data, pos)
                 pos += _POINT.size
-                window = zlib.decompress(data[pos:pos + wlen]) if wlen else b""
+                points.append(Point(out, file, bits, data[pos:pos + wlen]))
                 pos += wlen
-                points.append(Point(out, file, bits, window))
         except (OSError, struct.error, zlib.error):
             return None
         return cls(points, size)
@@ -218,8 +220,15 @@ def _next_member(read: ReadFn, pos: int, file_size: int) -> Header | None:
     return None
 
 
-def build_index(read: ReadFn, file_size: int, span: int = SPAN) -> GzipIndex:
-    """Decode the whole file once, keeping a point about every ``span`` output bytes."""
+def build_index(read: ReadFn, file_size: int, span: int | None = None) -> GzipIndex:
+    """Decode the whole file once, keeping a point about every ``span`` output bytes.
+
+    The default span is a MiB, or more for files over 2 GiB compressed, so that
+    there are at most about 8192 points (at most 256 MiB of windows, kept
+    compressed: a few dozen MiB for most images).
+    """
+    if span is None:
+        span = max(SPAN, file_size // 2048)
     header = parse_header(read, 0, file_size)
     points: list[Point] = []
     out_total = 0
@@ -244,7 +253,7 @@ def build_index(read: ReadFn, file_size: int, span: int = SPAN) -> GzipIndex:
                     break
                 if z.at_block_boundary and out_total - last > span:
                     bits = z.bits_pending
-                    points.append(Point(out_total, src.pos, bits, z.dictionary()))
+                    points.append(Point(out_total, src.pos, bits, zlib.compress(z.dictionary(), 1)))
                     last = out_total
             _member_trailer(read, src.pos, file_size, crc, member_out)
             following = _next_member(read, src.pos + 8, file_size)
@@ -267,7 +276,7 @@ class SpanDecoder:
         point = index.points[i]
         self.left = index.span_end(i) - point.out
         bit_value = read(point.file - 1, 1)[0] >> (8 - point.bits) if point.bits else 0
-        self.z = Inflater(point.window[-WINDOW:], point.bits, bit_value)
+        self.z = Inflater(point.window()[-WINDOW:], point.bits, bit_value)
         self.src = _Input(read, point.file, file_size)
 
     def step(self, view: memoryview) -> int:
