@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 
 import pytest
 
@@ -72,3 +74,20 @@ def test_close_leaves_a_socket_file_that_another_server_put_there(tmp_path):
         other.bind(ctl.path)  # a newer server's socket at the same path
         ctl.close()
         assert os.path.exists(ctl.path)
+
+
+def test_close_waits_for_a_running_command(tmp_path):
+    started, finished = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.3)
+        finished.set()
+
+    ctl = ControlSocket.bind(str(tmp_path / "ctl"), CommandTable([Command(("slow",), (), "", slow)]))
+    ctl.start()
+    with connect(ctl.path) as client:
+        client.sendall(b'{"command": ["slow"]}\n')
+        assert started.wait(30)
+        ctl.close()
+        assert finished.is_set()  # the layers may now be unloaded

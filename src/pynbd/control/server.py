@@ -36,6 +36,7 @@ log = logging.getLogger("pynbd.control")
 
 MAX_CLIENTS = 256  # beyond this a new control client is told so and disconnected
 RECV_SIZE = 64 * 1024
+CLOSE_WAIT = 10.0  # seconds close() waits for each running command
 
 
 class CommandTable:
@@ -116,7 +117,7 @@ class ControlSocket:
         self.path = path
         self.table = table
         self.inode = os.stat(path).st_ino
-        self._clients: set[socket.socket] = set()
+        self._clients: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -140,16 +141,22 @@ class ControlSocket:
         threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
 
     def close(self) -> None:
-        """Stop accepting, disconnect the clients, remove the socket file (if still ours)."""
+        """Stop accepting, disconnect the clients, remove the socket file (if still ours).
+
+        A command still running is waited for (up to CLOSE_WAIT seconds), so
+        that the layers are not unloaded under it.
+        """
         with self._lock:
             self._closed = True
-            clients = list(self._clients)
+            clients = dict(self._clients)
         with contextlib.suppress(OSError):  # not connected: already closed
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         for client in clients:
             with contextlib.suppress(OSError):  # the client hung up meanwhile
                 client.shutdown(socket.SHUT_RDWR)
+        for thread in clients.values():
+            thread.join(CLOSE_WAIT)
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
@@ -165,17 +172,18 @@ class ControlSocket:
                     log.warning("control socket: accept failed: %s", exc)
                     time.sleep(0.1)
                 continue
+            thread = threading.Thread(target=self._serve_client, args=(client,), name="control-client",
+                                      daemon=True)
             with self._lock:
                 refused = self._closed or len(self._clients) >= MAX_CLIENTS
                 if not refused:
-                    self._clients.add(client)
+                    self._clients[client] = thread
             if refused:
                 with contextlib.suppress(OSError):  # the client left already
                     client.sendall(error_line(f"too many control clients (at most {MAX_CLIENTS})"))
                 client.close()
                 continue
-            threading.Thread(target=self._serve_client, args=(client,), name="control-client",
-                             daemon=True).start()
+            thread.start()
 
     def _serve_client(self, client: socket.socket) -> None:
         table = self.table
@@ -199,7 +207,7 @@ class ControlSocket:
             log.debug("control client went away: %s", exc)
         finally:
             with self._lock:
-                self._clients.discard(client)
+                self._clients.pop(client, None)
             client.close()
 
 
