@@ -36,7 +36,7 @@ log = logging.getLogger("pynbd.control")
 
 MAX_CLIENTS = 256  # beyond this a new control client is told so and disconnected
 RECV_SIZE = 64 * 1024
-CLOSE_WAIT = 10.0  # seconds close() waits for each running command
+CLOSE_WAIT = 10.0  # seconds close() waits for running commands
 
 
 class CommandTable:
@@ -143,8 +143,8 @@ class ControlSocket:
     def close(self) -> None:
         """Stop accepting, disconnect the clients, remove the socket file (if still ours).
 
-        A command still running is waited for (up to CLOSE_WAIT seconds), so
-        that the layers are not unloaded under it.
+        Commands still running are waited for (up to CLOSE_WAIT seconds in
+        all), so that the layers are not unloaded under them.
         """
         with self._lock:
             self._closed = True
@@ -155,8 +155,9 @@ class ControlSocket:
         for client in clients:
             with contextlib.suppress(OSError):  # the client hung up meanwhile
                 client.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + CLOSE_WAIT
         for thread in clients.values():
-            thread.join(CLOSE_WAIT)
+            thread.join(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
