@@ -230,32 +230,47 @@ class SectorCipher:
 
 
 # ------------------------------------------------------- anti-forensic splitter
-def _diffuse(data: bytes, hash_name: str) -> bytes:
-    size = hashlib.new(hash_name).digest_size
-    return b"".join(hashlib.new(hash_name, struct.pack(">I", i) + data[pos:pos + size]).digest()
-                    [:len(data[pos:pos + size])]
-                    for i, pos in enumerate(range(0, len(data), size)))
+class _Diffuser:
+    """LUKS's diffusion of one stripe: each hash-sized piece replaced by
+    H(piece number, big-endian 32 bits || piece), the last piece truncated."""
+
+    def __init__(self, hash_name: str, length: int) -> None:
+        self.empty = hashlib.new(_hash_name(hash_name))
+        size = self.empty.digest_size
+        # (prefix, start, end) of each piece: computed once for the thousands of stripes.
+        self.pieces = [(struct.pack(">I", i), pos, min(pos + size, length))
+                       for i, pos in enumerate(range(0, length, size))]
+
+    def __call__(self, data: bytes) -> bytes:
+        out = []
+        for prefix, start, end in self.pieces:
+            h = self.empty.copy()
+            h.update(prefix)
+            h.update(data[start:end])
+            out.append(h.digest()[:end - start])
+        return b"".join(out)
 
 
 def af_merge(material: bytes, key_bytes: int, stripes: int, hash_name: str) -> bytes:
     """The key that the anti-forensic split ``material`` holds."""
-    hash_name = _hash_name(hash_name)
-    digest = bytes(key_bytes)
+    diffuse = _Diffuser(hash_name, key_bytes)
+    digest = 0
     for pos in range(0, (stripes - 1) * key_bytes, key_bytes):
-        digest = _diffuse(_xor(digest, material[pos:pos + key_bytes]), hash_name)
+        mixed = digest ^ int.from_bytes(material[pos:pos + key_bytes], "little")
+        digest = int.from_bytes(diffuse(mixed.to_bytes(key_bytes, "little")), "little")
     last = (stripes - 1) * key_bytes
-    return _xor(digest, material[last:last + key_bytes])
+    return _xor(digest.to_bytes(key_bytes, "little"), material[last:last + key_bytes])
 
 
 def af_split(key: bytes, stripes: int, hash_name: str) -> bytes:
     """Spread ``key`` over ``stripes`` random-looking stripes (the inverse of af_merge)."""
-    hash_name = _hash_name(hash_name)
     size = len(key)
-    material = bytearray(os.urandom(size * (stripes - 1)))
+    diffuse = _Diffuser(hash_name, size)
+    material = os.urandom(size * (stripes - 1))
     digest = bytes(size)
     for pos in range(0, len(material), size):
-        digest = _diffuse(_xor(digest, bytes(material[pos:pos + size])), hash_name)
-    return bytes(material) + _xor(digest, key)
+        digest = diffuse(_xor(digest, material[pos:pos + size]))
+    return material + _xor(digest, key)
 
 
 def af_sectors(key_bytes: int, stripes: int) -> int:
