@@ -128,7 +128,8 @@ def test_upstream_killed_then_back(tmp_path):
     with served("nbd", uri_of(sock), "retry=2") as srv, NBD() as h:
         h.connect_uri(srv.uri)
         assert h.pread(8, 8) == (8).to_bytes(8, "big")
-        stop_process(proc)
+        proc.kill()  # killed, as a crash would (nbdkit's SIGTERM waits for its clients)
+        proc.wait()
         with pytest.raises(NBDError) as failed:
             h.pread(8, 8)
         assert failed.value.errno == errno.EIO
@@ -140,7 +141,8 @@ def test_upstream_killed_then_back(tmp_path):
         try:
             assert h.pread(8, 16) == (16).to_bytes(8, "big")  # reconnected
         finally:
-            stop_process(proc)
+            proc.kill()
+            proc.wait()
     log = srv.stderr()
     assert "lost the connection" in log and "reconnected" in log and "Traceback" not in log
 
