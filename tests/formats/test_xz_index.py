@@ -7,9 +7,18 @@ import pytest
 from filters.compressed_images import compress, mixed_image
 from filters.stack_helpers import tmpfile
 from nbdtest import run
-from pynbd.formats.xz import XzError, decode_block, read_index
+from pynbd.formats.xz import BlockDecoder, XzError, read_index
 
 DATA = mixed_image(3 << 20, seed=4)
+
+
+def decode_block(read, block) -> bytes:
+    decoder = BlockDecoder(read, block)
+    out = bytearray(block.size)
+    done = 0
+    while done < len(out):
+        done += decoder.step(memoryview(out)[done:done + 65536])
+    return bytes(out)
 
 
 def reader(path: str):
@@ -27,6 +36,17 @@ def test_blocks_match_xz_list(tmp_path, how):
     assert [(b.file, b.out, b.size) for b in index.blocks] == \
         [(int(f[4]), int(f[5]), int(f[7])) for f in blocks]
     assert b"".join(decode_block(read, b) for b in index.blocks) == DATA
+
+
+def test_damaged_check_is_an_error(tmp_path):
+    data = bytearray(open(compress(tmp_path, DATA, "xz-blocks"), "rb").read())
+
+    def read(offset: int, count: int) -> bytes:
+        return bytes(data[offset:offset + count])
+    block = read_index(read, len(data)).blocks[1]
+    data[block.file + block.unpadded - 3] ^= 1  # inside the block's CRC-64
+    with pytest.raises(XzError, match="damaged xz block"):
+        decode_block(read, block)
 
 
 def test_truncated_anywhere_is_an_error(tmp_path):

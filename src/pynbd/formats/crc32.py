@@ -103,9 +103,6 @@ class CrcTree:
             self._join(node)
             node //= 2
 
-    def piece(self, index: int) -> int:
-        return self.crc_of[self.leaves + index]
-
     @property
     def crc(self) -> int:
         return self.crc_of[1]

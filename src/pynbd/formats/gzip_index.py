@@ -1,12 +1,12 @@
 """Random access into gzip files: an index of restart points (zlib's zran.c).
 
-    from pynbd.formats.gzip_index import build_index, GzipIndex, read_span
+    from pynbd.formats.gzip_index import build_index, GzipIndex, SpanDecoder
 
     index = build_index(read, file_size)       # one pass of decompression
     index.size                                  # uncompressed size (all members)
     i = index.find(offset)                      # the point at or before offset
-    data = read_span(read, index, i)            # the bytes from point i to point i+1
-    d = SpanDecoder(read, index, i, size); d.step(view)   # or as far as needed, piece by piece
+    d = SpanDecoder(read, index, i, size)       # decodes from point i towards point i+1
+    d.step(view)                                # as far as asked: bytes written into view
     index.save(path, identity); GzipIndex.load(path, identity)
 
 ``read(offset, count) -> bytes`` reads the compressed file. The index keeps a
@@ -40,7 +40,7 @@ ReadFn = Callable[[int, int], bytes]
 SPAN = 1 << 20
 CHUNK = 256 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
-FTEXT, FHCRC, FEXTRA, FNAME, FCOMMENT = 1, 2, 4, 8, 16
+FHCRC, FEXTRA, FNAME, FCOMMENT = 2, 4, 8, 16
 _INDEX_MAGIC = b"PYNBD-GZIP-INDEX-1\n"
 _POINT = struct.Struct("<QQBI")  # uncompressed offset, file offset, bits, window bytes (compressed)
 _IDENTITY_SAMPLE = 65536
@@ -296,14 +296,3 @@ class SpanDecoder:
                     return made
         except DeflateError as exc:
             raise GzipError(str(exc)) from None
-
-
-def read_span(read: ReadFn, index: GzipIndex, i: int, file_size: int) -> bytes:
-    """The uncompressed bytes from point ``i`` up to the next point (or the end)."""
-    decoder = SpanDecoder(read, index, i, file_size)
-    buf = bytearray(decoder.left)
-    view = memoryview(buf)
-    done = 0
-    while done < len(buf):
-        done += decoder.step(view[done:])
-    return bytes(buf)

@@ -1,10 +1,10 @@
 """The xz container: streams, their indexes, and decoding one block at a time.
 
-    from pynbd.formats.xz import read_index, decode_block, XzError
+    from pynbd.formats.xz import read_index, BlockDecoder, XzError
 
     index = read_index(read, file_size)   # XzIndex: blocks, size, streams
     b = index.blocks[index.find(offset)]  # Block(out, size, file, unpadded, stream_flags)
-    data = decode_block(read, b)          # its uncompressed bytes (check verified)
+    BlockDecoder(read, b).step(view)      # decodes it forwards (check verified at its end)
 
 ``read(offset, count) -> bytes`` reads the .xz file. The index is read from
 the end, as ``xz --list`` does: stream padding (zero bytes in units of four),
@@ -179,14 +179,3 @@ class BlockDecoder:
         view[:len(out)] = out
         self.left -= len(out)
         return len(out)
-
-
-def decode_block(read: ReadFn, block: Block) -> bytes:
-    """The uncompressed bytes of one block, its check verified by liblzma."""
-    decoder = BlockDecoder(read, block)
-    buf = bytearray(block.size)
-    view = memoryview(buf)
-    done = 0
-    while done < len(buf):
-        done += decoder.step(view[done:done + 65536])  # (liblzma is slower asked for more at once)
-    return bytes(buf)
