@@ -171,6 +171,20 @@ def test_gif_frames_show_each_slice(logs, tmp_path):
     assert near(frames[2].getpixel(point(64 * MiB - 64 * 1024)), READ_COLOUR)  # request 20
 
 
+def test_apng_is_the_same_animation_in_full_colour(logs, tmp_path):
+    out = tmp_path / "heat.png"
+    run([*HEATMAP, "--apng", "--frames=2", "--time=requests", str(logs["pynbd"]), str(out)])
+    log = read_log(str(logs["pynbd"]))
+    anim = HeatAnimation(touches(log, True), log.size, None, "disk.log", frames=2)
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.n_frames == 2
+        for n in range(2):
+            png.seek(n)
+            assert png.convert("RGB").tobytes() == anim.frames[n].tobytes()
+    result = run([*HEATMAP, "--apng", "--gif", str(logs["pynbd"]), str(out)], check=False)
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr.decode()
+
+
 def test_bad_input_is_one_line(tmp_path):
     missing = tmp_path / "missing.log"
     result = run([*HEATMAP, str(missing), str(tmp_path / "x.png")], check=False)

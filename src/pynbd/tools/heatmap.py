@@ -1,35 +1,38 @@
 """pynbd heatmap — draw which parts of a disk were read and written, and when.
 
 Usage:
-    pynbd heatmap [--time=clock|requests] [--width=W] [--height=H] LOG OUT.png
-    pynbd heatmap --gif [--frames=N] [--time=clock|requests] LOG OUT.gif
+    pynbd heatmap [--time=clock|requests] [--width=W] [--height=H] [--scale=S] LOG OUT.png
+    pynbd heatmap --gif | --apng [--frames=N] [--time=clock|requests] LOG OUT
 
 LOG is the file of the log filter (``pynbd serve --filter=log … logfile=LOG``,
 or nbdkit's log filter: the format is the same). Needs Pillow
 (``pip install 'pynbd[pictures]'``).
 
-The picture (W × H cells, default 800 × 400, plus axes and a legend) has
-time from left to right and the disk's offset from top (0) to bottom (the
-export's size, from the log's ``Connect`` lines). A cell is coloured where
-a request touched that part of the disk at that time: reads blue, writes
-vermilion (Write, Zero and Trim all change the disk), both purple; the
-stronger the colour, the more requests (on a logarithmic scale, so a
-single request still shows). Untouched cells stay white. ``--time=requests``
-spaces the requests evenly instead of by their timestamps, so bursts
-separated by idle minutes each get room.
+The picture has time from left to right and the disk's offset from top (0)
+to bottom (the export's size, from the log's ``Connect`` lines), in W × H
+cells (default 400 × 256) of S × S pixels (default 2), with axes and a
+legend. A cell is coloured where a request touched that part of the disk at
+that time: reads blue, writes vermilion, zeroes and trims green, read and
+written purple; the stronger the colour, the more requests (on a
+logarithmic scale, so a single request still shows). Untouched cells stay
+white. ``--time=requests`` spaces the requests evenly instead of by their
+timestamps, so bursts separated by idle minutes each get room.
 
-``--gif`` animates it instead: each of N frames (default 48) is the disk as
-``pynbd info --map --png`` lays it out (a square along a Hilbert curve,
-offset 0 top left), showing the requests of that slice of time in full
-colour and what earlier slices touched in pale tints.
+``--gif`` (or ``--apng``, an animated PNG in full colour) animates it
+instead: each of N frames (default 48) is the disk as ``pynbd info --map
+--png`` lays it out (a square along a Hilbert curve, offset 0 top left),
+showing the requests of that slice of time in full colour and, pale, the
+last access of every place touched before.
 
 Example: what mkfs.ext4 and then a file copy touch on an empty disk::
 
-    pynbd serve -U /tmp/sock --filter=log memory 1G logfile=/tmp/disk.log
-    sudo nbd-client -unix /tmp/sock /dev/nbd0
-    sudo mkfs.ext4 /dev/nbd0 && sudo mount /dev/nbd0 /mnt && sudo cp -r /usr/share/doc /mnt
-    sudo umount /mnt && sudo nbd-client -d /dev/nbd0
-    pynbd heatmap /tmp/disk.log mkfs.png
+    pynbd serve -U /tmp/sock --filter=log memory 256M logfile=/tmp/disk.log
+    touch disk.raw; nbdfuse disk.raw 'nbd+unix:///?socket=/tmp/sock' &
+    mkfs.ext4 disk.raw && sudo mount -o loop disk.raw /mnt && sudo cp -r /usr/share/doc /mnt
+    sudo umount /mnt; umount disk.raw
+    pynbd heatmap --time=requests /tmp/disk.log mkfs.png
+
+(``docs/make-pictures.sh`` does this for the README's picture.)
 
 Only Read, Write, Zero and Trim are drawn, as they started (a failed request
 counts: the client asked for it); Cache, Extents and Flush touch no data and
@@ -138,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "written, from a log filter's file.",
                                 usage="%(prog)s [OPTIONS] LOG OUT")
     a = p.add_argument
-    a("--gif", action="store_true", help="an animated GIF of the disk, slice of time by slice")
-    a("--frames", type=_at_least(1), default=48, help="with --gif: how many frames (default 48)")
+    animate = p.add_mutually_exclusive_group()
+    animate.add_argument("--gif", dest="animate", action="store_const", const="GIF",
+                         help="an animated GIF of the disk, slice of time by slice")
+    animate.add_argument("--apng", dest="animate", action="store_const", const="PNG",
+                         help="the same as an animated PNG (full colour)")
+    a("--frames", type=_at_least(1), default=48, help="with --gif or --apng: how many frames (default 48)")
     a("--time", choices=("clock", "requests"), default="clock",
       help="space requests by their timestamps (clock, the default) or evenly (requests)")
     a("--width", type=_at_least(2), default=400, help="time cells across (default 400)")
@@ -167,8 +174,8 @@ def main(argv: list[str]) -> int:
     duration = None if by_requests else log.duration
     title = args.log.rsplit("/", 1)[-1]
     try:
-        if args.gif:
-            HeatAnimation(points, log.size, duration, title, frames=args.frames).save(args.out)
+        if args.animate:
+            HeatAnimation(points, log.size, duration, title, frames=args.frames).save(args.out, args.animate)
         else:
             HeatMap(points, log.size, duration, title, args.width, args.height, args.scale).image.save(
                 args.out, format="PNG")

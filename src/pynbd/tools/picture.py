@@ -420,7 +420,7 @@ class HeatAnimation:
             canvas.text(MARGIN, legend_y + 2 * LINE, "pale: the last access in an earlier frame")
             self.frames.append(canvas.image)
 
-    def save(self, path: str, frame_ms: int = 120) -> None:
-        """An animated GIF that loops."""
-        self.frames[0].save(path, format="GIF", save_all=True, append_images=self.frames[1:],
+    def save(self, path: str, image_format: str = "GIF", frame_ms: int = 120) -> None:
+        """An animation that loops: ``image_format`` "GIF", or "PNG" for an animated PNG."""
+        self.frames[0].save(path, format=image_format, save_all=True, append_images=self.frames[1:],
                             duration=frame_ms, loop=0)
