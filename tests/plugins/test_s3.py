@@ -11,7 +11,6 @@ from s3server import moto_s3
 
 from filters.stack_helpers import BOTH, nbdsh_outcomes
 from nbdtest import nbdsh, run, served
-from pynbd.process import stop_process
 
 OBJECT = os.urandom((1 << 20) + 333)
 BLOCK = 65536
@@ -130,7 +129,8 @@ def test_service_gone_while_serving_is_eio():
         s3.client.create_bucket(Bucket="disks")
         with served(*s3_args(s3, "key=g", "size=1M", f"object-size={BLOCK}"), env=s3.env) as srv:
             nbdsh(srv.uri, "h.pwrite(b'z' * 512, 0)")
-            stop_process(s3.proc)
+            s3.proc.kill()
+            s3.proc.wait()
             assert nbdsh_outcomes(srv.uri, ["h.pread(512, 0)", "h.pwrite(b'y', 0)"]) == ["EIO", "EIO"]
         log = srv.stderr()
     assert "S3: GET g/0000000000000000" in log and "Traceback" not in log, log
