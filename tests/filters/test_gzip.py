@@ -59,6 +59,9 @@ def test_index_is_saved_and_reused(tmp_path):
     with served("-r", "--filter=gzip", "file", path, f"index={index}") as srv:
         assert whole(srv.uri) == DATA
     assert os.stat(index).st_mtime_ns == saved.st_mtime_ns  # reused, not rebuilt
+    with served("-r", "--filter=gzip", "file", path, "index=/proc/nowhere/idx") as srv:
+        assert whole(srv.uri) == DATA  # an index that cannot be saved: served anyway, with a warning
+    assert "cannot save the index in /proc/nowhere/idx" in srv.stderr()
     other = compress(tmp_path, DATA[::-1], "gzip", "other")  # another file: the index is rebuilt
     with served("-r", "--filter=gzip", "file", other, f"index={index}") as srv:
         assert whole(srv.uri) == DATA[::-1]

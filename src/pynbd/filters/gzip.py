@@ -49,9 +49,9 @@ import logging
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from ..backend import (
     CACHE_EMULATE,
@@ -296,10 +296,10 @@ class GzipFilter(Filter):
     name = "gzip"
     params = (Param("index", "path", "file to keep the random-access index in (built once, reused)"),)
     index: str | None
+    images: Images[Image]
     connection = GzipConnection
 
-    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
-        super().__init__(values)
+    def config_complete(self) -> None:
         self.images = Images(self.name, self.open_image)
 
     def open_image(self, below: Connection, file_size: int) -> Image:
@@ -317,7 +317,10 @@ class GzipFilter(Filter):
         if index is None:
             index = build_index(read, file_size)
             if self.index is not None:
-                index.save(self.index, identity)
+                try:
+                    index.save(self.index, identity)
+                except OSError as exc:
+                    log.warning("gzip: cannot save the index in %s: %s", self.index, exc.strerror or exc)
         return Image(file_size, index, None)
 
     @staticmethod
