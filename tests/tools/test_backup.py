@@ -160,8 +160,11 @@ def test_unclean_stop_needs_a_full_backup(tmp_path):
         pynbd("backup", "full", srv.uri, str(backups), f"--control={control}")
         scribble(srv.uri, rng, 5)
         pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}")
+        pynbd("backup", "inc", srv.uri, str(backups), f"--control={control}")  # nothing changed
         state = keep(tmp_path / "disk.img", tmp_path / "now.raw")
-    assert [r["kind"] for r in manifest(backups)["backups"]] == ["full", "full", "inc"]
+    rows = manifest(backups)["backups"]
+    assert [r["kind"] for r in rows] == ["full", "full", "inc", "inc"]
+    assert rows[-1]["data"] == rows[-1]["zero"] == 0
     restored = tmp_path / "restored.raw"
     pynbd("backup", "restore", str(backups), str(restored))
     assert restored.read_bytes() == state.read_bytes()

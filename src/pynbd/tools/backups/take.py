@@ -217,6 +217,8 @@ class Reader:
                 if job.buf is not None:
                     self.src.read(lane, memoryview(job.buf)[:length], offset, job.finished)
                     lane = (lane + 1) % self.lanes
+            if not pending:
+                break  # nothing (more) to read
             job = pending.popleft()
             job.done.wait()
             if job.error is not None:
