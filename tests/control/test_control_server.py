@@ -74,8 +74,11 @@ def test_ctl_prints_results_readably_and_as_json(tmp_path):
         assert "note add TEXT" in help_lines[5] and help_lines[5].index("remember") \
             == help_lines[0].index("HELP")  # aligned
         usages = [c["command"] for c in ctl_json(path, "help")]
-        assert usages[:4] == ["status", "help", "counter show", "counter reset"]
-        assert "echo [WORDS...]" in usages
+        assert usages[:4] == ["status", "help [WORDS...]", "counter show", "counter reset"]
+        assert "echo [WORDS...]" in usages and "help [WORDS...]" in usages
+        assert [c["command"] for c in ctl_json(path, "help", "note")] == ["note add TEXT", "note list"]
+        assert ctl(path, "help", "nothing", check=False).stderr == \
+            b"pynbd ctl: no command starts with 'nothing'\n"
         assert ctl(path, "note", "add", "first one").stdout == b"1\n"
         assert ctl(path, "note", "add", "second").stdout == b"2\n"
         assert ctl(path, "note", "list").stdout.decode().splitlines() == [

@@ -65,8 +65,8 @@ class CommandTable:
 
         table = cls([Command(("status",), (), "the server's pid, uptime, connections and exports",
                              status)])
-        table.add(Command(("help",), (), "list the commands, their arguments and what they do",
-                          table.help))
+        table.add(Command(("help",), ("*WORDS",), "the commands (those starting with WORDS), "
+                          "their arguments and what they do", table.help))
         for layer in stack.layers:
             for command in layer.control_commands():
                 table.add(command)
@@ -78,8 +78,12 @@ class CommandTable:
         self.commands[command.words] = command
         self.longest = max(self.longest, len(command.words))
 
-    def help(self) -> list[dict[str, str]]:
-        return [{"command": c.usage, "help": c.help} for c in self.commands.values()]
+    def help(self, *words: str) -> list[dict[str, str]]:
+        """Each command's usage and help, or those of the commands whose words start with ``words``."""
+        chosen = [c for c in self.commands.values() if c.words[:len(words)] == words]
+        if not chosen:
+            raise ControlError(f"no command starts with {' '.join(words)!r}")
+        return [{"command": c.usage, "help": c.help} for c in chosen]
 
     def lookup(self, words: tuple[str, ...]) -> tuple[Command, tuple[str, ...]]:
         """The command ``words`` start with, and the arguments after its words."""

@@ -16,9 +16,9 @@ NAME``, ``snapshot list``, …); ``pynbd ctl PATH help`` lists them all.
     exports: [{"name":"","description":""}]
     layers: ["memory"]
     $ pynbd ctl /tmp/ctl help
-    COMMAND  HELP
-    status   the server's pid, uptime, connections and exports
-    help     list the commands, their arguments and what they do
+    COMMAND          HELP
+    status           the server's pid, uptime, connections and exports
+    help [WORDS...]  the commands (those starting with WORDS), their arguments and what they do
 
 The result is printed readably: a list of objects as an aligned table with
 a header, an object as ``key: value`` lines, a list one item per line, a
@@ -29,7 +29,8 @@ sent as they are, even if they start with ``-``.
 
 Built-in commands (every server has them):
 
-    help       a list of {"command": USAGE, "help": TEXT}, one per command
+    help [WORDS...]   a list of {"command": USAGE, "help": TEXT}, one per
+               command (``help snapshot``: those starting with "snapshot")
     status     {"pid", "uptime" (seconds), "connections" (clients now),
                 "exports" (list of {"name", "description"}), "layers"
                 (filter and plugin names, outermost first)}
