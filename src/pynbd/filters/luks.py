@@ -30,10 +30,11 @@ is kept for later connections while the header stays the same. A wrong
 passphrase refuses the connection with one line naming the keyslots tried,
 and nothing is written. Unsupported ciphers, hashes, KDFs and keyslot types
 are named. The minimum block size is the LUKS sector (as nbdkit's luks
-filter says); requests from clients that ignore it are still served, by
-reading (and for writes re-encrypting) whole sectors around their edges. Zeroing writes
-encrypted zeroes; trim is not offered (it would expose ciphertext as
-garbage) and extents report all data.
+filter says); requests that still do not cover whole sectors (from a filter
+above, such as offset) are served by reading, and for writes re-encrypting,
+whole sectors around their edges. Zeroing writes encrypted zeroes; trim is
+not offered (it would expose ciphertext as garbage) and extents report all
+data.
 """
 
 from __future__ import annotations
