@@ -29,11 +29,11 @@ sent as they are, even if they start with ``-``.
 
 Built-in commands (every server has them):
 
-    help [WORDS...]   a list of {"command": USAGE, "help": TEXT}, one per
-               command (``help snapshot``: those starting with "snapshot")
-    status     {"pid", "uptime" (seconds), "connections" (clients now),
-                "exports" (list of {"name", "description"}), "layers"
-                (filter and plugin names, outermost first)}
+    help [WORDS...]  a list of {"command": USAGE, "help": TEXT}, one per
+                     command (``help snapshot``: those starting with snapshot)
+    status           {"pid", "uptime" (seconds), "connections" (clients now),
+                     "exports" (a list of {"name", "description"}), "layers"
+                     (filter and plugin names, outermost first)}
 
 The protocol (for scripts in any language)
 ------------------------------------------
@@ -80,9 +80,9 @@ PROG = "pynbd ctl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Send a command to a server's control socket "
-                                "(pynbd serve --control=PATH).",
-                                usage="%(prog)s [--json] PATH COMMAND [ARG ...]")
+    p = argparse.ArgumentParser(prog=PROG, usage="%(prog)s [--json] PATH COMMAND [ARG ...]",
+                                description=__doc__.split("\n\n", 1)[1],  # the manual, after its title
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="give up waiting for the reply after this long (default: wait)")
