@@ -115,6 +115,13 @@ def test_half_a_line_then_eof_is_dropped():
         reader.receive_data(b"more")
 
 
+def test_a_lone_surrogate_still_gets_a_reply():
+    [event] = events(b'{"command": ["echo", "\\ud800"]}\n')
+    assert event == Request(("echo", "\ud800"))
+    assert error_line("unknown command '\ud800'") == b'{"error":"unknown command \'\\ud800\'"}\n'
+    assert ok_line(["\ud800", "\u00e9"]) == b'{"ok":["\\ud800","\\u00e9"]}\n'
+
+
 def test_replies_and_the_client_half():
     assert ok_line({"a": [1, "é"]}) == '{"ok":{"a":[1,"é"]}}\n'.encode()
     assert ok_line(None, 3, True) == b'{"ok":null,"id":3}\n'

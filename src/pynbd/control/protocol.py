@@ -154,7 +154,10 @@ def _salvage_id(line: bytes) -> tuple[object, bool]:
 def _line(reply: dict[str, object], request_id: object, has_id: bool) -> bytes:
     if has_id:
         reply["id"] = request_id
-    return json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    try:
+        return json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800" decodes to one): escape it
+        return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
 
 
 def ok_line(result: object, request_id: object = None, has_id: bool = False) -> bytes:
