@@ -13,7 +13,11 @@ The issue asks for 10 GiB; this is 4 GiB with sparse-random's data at 25%
 (1 GiB to read for the full backup, 41 MiB changed) so that a run takes
 seconds on a shared two-core machine. The ratio is bounded by the bytes
 read (25% against 1%) less what both pay alike (starting Python, the
-server's block status over the whole disk).
+server's block status over the whole disk). Measured there (2026-11-30,
+noisy): 4.2-4.8x at 4 GiB, 4.4x at 10 GiB; the full backup reads 1 MiB
+requests at ~350 MiB/s, the incremental 64 KiB ones scattered over the disk
+at ~100 MiB/s (per-request cost in client and server), plus ~0.3 s of
+start-up that the full backup hides.
 """
 
 from __future__ import annotations
