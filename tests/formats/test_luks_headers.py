@@ -214,3 +214,28 @@ def test_evp_and_cryptography_paths_agree(mode, key_bytes, sector_size, tweak):
     assert one == other != plain
     fast.decrypt(memoryview(one)[sector_size:], 6)  # a run that starts later
     assert one[sector_size:] == plain[sector_size:]
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(digests=[]),
+    lambda m: m["config"].update(requirements="yes"),
+    lambda m: m.update(segments={"0": {"type": "crypt", "offset": "x"}}),
+    lambda m: m["segments"]["0"].update(size=[1]),
+    lambda m: m["digests"]["0"].update(keyslots=[None]),
+    lambda m: m["digests"]["0"].update(salt="***"),
+    lambda m: m["keyslots"]["0"].update(af=7),
+    lambda m: m["keyslots"]["0"]["kdf"].update(time=0),
+    lambda m: m["keyslots"]["0"]["kdf"].update(memory=1),
+    lambda m: m["keyslots"]["0"]["area"].update(offset=str(1 << 40)),
+    lambda m: m.update(keyslots={"x": {}}),
+])
+def test_malformed_fields_are_refused_with_one_line(change):
+    image = luks2_image()
+    meta = _metadata(image, 0)
+    change(meta)
+    for offset in (0, 16384):
+        _rewrite_json(image, offset, json.dumps(meta).encode())
+    with pytest.raises(luks.LuksError) as caught:
+        volume = luks.read_volume(image.read)
+        luks.unlock(volume, image.read, b"secret")
+    assert "\n" not in str(caught.value)

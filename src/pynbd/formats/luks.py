@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from argon2.exceptions import Argon2Error
 from argon2.low_level import Type as Argon2Type
 from argon2.low_level import hash_secret_raw
 from cryptography.hazmat.primitives import hashes
@@ -320,7 +321,10 @@ class Keyslot:
 
     def open(self, read: Reader, passphrase: bytes) -> bytes:
         """The candidate volume key this passphrase unlocks (not yet checked)."""
-        derived = self.kdf.derive(passphrase, self.area_key_bytes)
+        try:
+            derived = self.kdf.derive(passphrase, self.area_key_bytes)
+        except (Argon2Error, ValueError) as exc:  # costs the KDF refuses (0 iterations, ...)
+            raise LuksError(f"keyslot {self.index}: {self.kdf.describe()}: {exc}") from None
         length = af_sectors(self.key_bytes, self.stripes) * SECTOR
         material = bytearray(read(self.area_offset, length))
         if len(material) != length:
@@ -575,7 +579,10 @@ def _read_luks2(read: Reader) -> Volume:
         raise LuksError("both LUKS2 header copies are damaged ("
                         + "; ".join(f"{which}: {why}" for which, why in bad) + ")")
     seqid, which, metadata = max(good, key=lambda c: c[0])
-    volume = _luks2_volume(metadata)
+    try:
+        volume = _luks2_volume(metadata)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:  # a field of the wrong shape
+        raise LuksError(f"malformed LUKS2 metadata ({type(exc).__name__}: {exc})") from None
     for other, why in bad:
         volume.notes.append(f"LUKS2 {other} header is damaged ({why}): using the {which} copy")
     if len(good) == 2 and good[0][0] != good[1][0]:
