@@ -24,8 +24,10 @@ blocks that now read as zeroes are recorded as zeroes):
 server take a checkpoint (``checkpoint create``), from which the next
 ``inc`` continues. ``inc`` checks that the previous backup's checkpoint is
 on the server and consistent, has the server take the next checkpoint,
-then copies what changed since the previous one, over up to ``-C``
-connections (4 by default) when the server allows several (multi-conn).
+then copies what changed since the previous one (the union of its bitmap
+and those of any checkpoint taken since, say by a backup that failed), over
+up to ``-C`` connections (4 by default) when the server allows several
+(multi-conn). A backup that fails or is killed leaves DIR as it was.
 Checkpoints are named ``backup-ID-NNNN`` unless ``--checkpoint`` says
 otherwise. Without a control socket (qemu-nbd), you start the bitmaps
 yourself (``qemu-img bitmap --add disk.qcow2 NAME``) and name with
