@@ -60,6 +60,11 @@ def test_parse_the_manual_example():
     assert [t[0] for t in touches(log, by_requests=True)] == [0, 1 / 3, 2 / 3, 1]
     # no Connect line: the size is where the furthest request ends
     assert parse_log(NBDKIT_LOG.splitlines()[3:]).size == 0x310000
+    # parallel requests logged slightly out of time order: times count from the earliest
+    swapped = parse_log(["2020-08-06 02:07:24.5 Write id=2 offset=0x0 count=0x200 ...",
+                         "2020-08-06 02:07:24 Read id=1 offset=0x200 count=0x200 ..."])
+    assert [a.time for a in swapped.accesses] == [0.5, 0.0] and swapped.duration == 0.5
+    assert [t[0] for t in touches(swapped, by_requests=False)] == [1.0, 0.0]
 
 
 # One client, run against each server: requests 0-4 are a write at 0, a read at

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -65,7 +66,7 @@ class HeatmapError(Exception):
 
 @dataclass(frozen=True)
 class Access:
-    time: float  # seconds since the log's first request
+    time: float  # seconds since the log's earliest request
     kind: int  # picture.ACCESS_READ, _WRITE or _ZERO (a Zero or a Trim)
     offset: int
     count: int
@@ -78,31 +79,32 @@ class Log:
 
     @property
     def duration(self) -> float:
-        return self.accesses[-1].time
+        return max(a.time for a in self.accesses)
 
 
 def parse_log(lines: Iterable[str]) -> Log:
-    """The requests of a log filter's file (pynbd's or nbdkit's), in the order logged."""
-    accesses: list[Access] = []
+    """The requests of a log filter's file (pynbd's or nbdkit's), in the order logged.
+
+    Requests running in parallel may be logged a little out of time order:
+    times count from the earliest.
+    """
+    found: list[tuple[datetime, int, int, int]] = []
     size = 0
-    start: datetime | None = None
     for line in lines:
-        found = _REQUEST.match(line)
-        if found is None:
+        request = _REQUEST.match(line)
+        if request is None:
             connect = _SIZE.search(line)
             if connect is not None:
                 size = max(size, int(connect.group(1), 16))
             continue
-        stamp, action, offset, count = found.groups()
-        when = datetime.fromisoformat(stamp)
-        if start is None:
-            start = when
-        accesses.append(Access((when - start).total_seconds(), KINDS[action], int(offset, 16),
-                               int(count, 16)))
-    if not accesses:
+        stamp, action, offset, count = request.groups()
+        found.append((datetime.fromisoformat(stamp), KINDS[action], int(offset, 16), int(count, 16)))
+    if not found:
         raise HeatmapError("no reads or writes in the log")
-    size = max(size, max(a.offset + a.count for a in accesses))
-    return Log(accesses, size)
+    start = min(when for when, *_ in found)
+    accesses = [Access((when - start).total_seconds(), kind, offset, count)
+                for when, kind, offset, count in found]
+    return Log(accesses, max(size, max(a.offset + a.count for a in accesses)))
 
 
 def read_log(path: str) -> Log:
@@ -172,7 +174,7 @@ def main(argv: list[str]) -> int:
     by_requests = args.time == "requests"
     points = touches(log, by_requests)
     duration = None if by_requests else log.duration
-    title = args.log.rsplit("/", 1)[-1]
+    title = os.path.basename(args.log)
     try:
         if args.animate:
             HeatAnimation(points, log.size, duration, title, frames=args.frames).save(args.out, args.animate)
