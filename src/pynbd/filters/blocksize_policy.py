@@ -31,6 +31,7 @@ import errno
 from collections.abc import Iterable
 
 from ..backend import ConfigError, Extent, Filter, FilterConnection, Param, io_error
+from ..backend.shutdown import disconnect_client
 
 _DEFAULTS = (1, 4096, 0xFFFFFFFF)
 
@@ -86,9 +87,7 @@ class BlocksizePolicyConnection(FilterConnection["BlocksizePolicyFilter"]):
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         limit = self.filter.blocksize_write_disconnect
         if limit and len(buf) > limit:
-            disconnect = self.ctx.extra.get("disconnect")
-            if disconnect is not None:
-                disconnect()
+            disconnect_client(self.ctx)
             raise io_error(errno.EINVAL, "blocksize-policy: disconnecting client due to oversize "
                                          "write request")
         self._check("pwrite", len(buf), offset, True)

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 from ..backend import ConfigError, Connection, Filter, FilterConnection, OpenContext, Param, io_error
+from ..backend.shutdown import disconnect_client
 
 
 class LimitConnection(FilterConnection["LimitFilter"]):
@@ -46,9 +47,7 @@ class LimitFilter(Filter):
     def open(self, next_open: Callable[[OpenContext], Connection], ctx: OpenContext) -> Connection:
         with self.lock:
             if self.limit and self.connections >= self.limit:
-                disconnect = ctx.extra.get("disconnect")
-                if disconnect is not None:
-                    disconnect()  # as nbdkit's preconnect refusal: the client is dropped
+                disconnect_client(ctx)  # as nbdkit's preconnect refusal: the client is dropped
                 raise io_error(errno.EBUSY, "limit: too many clients connected, connection rejected")
             self.connections += 1
         try:
