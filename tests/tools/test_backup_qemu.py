@@ -48,14 +48,14 @@ def to_raw(image: Path, raw: Path) -> None:
 
 
 @contextmanager
-def qemu_nbd(image: Path, *bitmaps: str) -> Iterator[str]:
+def qemu_nbd(image: Path, *bitmaps: str, export: str = "") -> Iterator[str]:
     sock = image.parent / "nbd.sock"
-    options = [a for b in bitmaps for a in ("-B", b)]
+    options = [a for b in bitmaps for a in ("-B", b)] + (["-x", export] if export else [])
     proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "-f", "qcow2", *options,
                              "-k", str(sock), str(image)], stderr=subprocess.PIPE)
     try:
         wait_for_socket(str(sock), proc)
-        yield f"nbd+unix:///?socket={sock}"
+        yield f"nbd+unix:///{export}?socket={sock}"
     finally:
         stop_process(proc)
 
@@ -205,6 +205,10 @@ def test_refusals(image, tmp_path):
     with qemu_nbd(image) as uri:  # b0 is not exported
         one_line_error(pynbd("inc", uri, str(backups), "--checkpoint=b1", check=False),
                        "qemu:dirty-bitmap:b0", "take a full backup")
+        assert snapshot(backups) == before
+    with qemu_nbd(image, "b0", export="another") as uri:  # same size, another export name
+        one_line_error(pynbd("full", uri, str(backups), check=False),
+                       "holds backups of another export", "'another'")
         assert snapshot(backups) == before
 
     other = tmp_path / "small.qcow2"
