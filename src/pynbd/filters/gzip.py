@@ -87,6 +87,13 @@ def reader_of(below: Connection, size: int) -> ReadFn:
 Step = Callable[[memoryview], int]
 
 
+def refuse_write(name: str, count: int, offset: int, ranges: str) -> OSError:
+    """Log a write outside the stored ranges of a modifiable image; the EPERM to raise."""
+    log.error("%s: write of %d bytes at offset %d refused: outside the stored ranges (%s)",
+              name, count, offset, ranges)
+    return io_error(errno.EPERM, f"{name}: writes must fall inside the stored ranges ({ranges})")
+
+
 class Progressive:
     """One decoded piece (a gzip span, an xz block, a zstd frame), decoded only as far
     as reads have needed so far.
@@ -268,10 +275,7 @@ class GzipConnection(FilterConnection["GzipFilter"]):
         stored = self.image.stored
         pieces = None if stored is None else stored.stored_pieces(offset, len(buf))
         if stored is None or pieces is None:
-            ranges = "none" if stored is None else stored.ranges()
-            log.error("gzip: write of %d bytes at offset %d refused: outside the stored ranges (%s)",
-                      len(buf), offset, ranges)
-            raise io_error(errno.EPERM, f"gzip: writes must fall inside the stored ranges ({ranges})")
+            raise refuse_write("gzip", len(buf), offset, "none" if stored is None else stored.ranges())
         fua = flags & FLAG_FUA
         with self.image.write_lock:
             pos = 0

@@ -24,7 +24,19 @@ file never serves wrong bytes); blocks decode in parallel on the server's
 threads (nbdkit's xz filter serializes a connection's requests). A file with
 one block works, with a warning: every read outside the cached block decodes
 from the start. Several streams (``cat a.xz b.xz``) and stream padding work.
-The filter is read-only. At open it reads the stream footer and index from
+The filter is read-only, except for modifiable images made by ``pynbd xz
+create IN OUT.xz --stored=START-END,...`` (standard xz files whose stored
+ranges are uncompressed LZMA2 chunks, 64 KiB per block, CRC-32 checks; see
+``pydoc pynbd.formats.xz_stored``): when the plugin is writable, writes
+wholly inside those ranges go into the file in place and each block's check
+is rewritten (the index holds only sizes and does not change); other writes
+fail with EPERM and a log line naming the stored ranges. If the server dies
+between a data write and its check update, the next writable open finds
+the stale checks (it reads the stored ranges) and rewrites them, with a
+warning; ``pynbd xz repair OUT.xz`` does the same offline. Either way ``xz
+-t`` passes again.
+
+At open the filter reads the stream footer and index from
 the end of the file (see ``pydoc pynbd.formats.xz``); a file that is not xz,
 is truncated or has a damaged index refuses the open with one line saying
 why, and a damaged block fails the reads of that block with EIO (liblzma
@@ -34,10 +46,12 @@ checks each block's CRC-32/CRC-64/SHA-256) and is logged.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from ..backend import (
     CACHE_EMULATE,
+    FLAG_FUA,
     ConfigError,
     Connection,
     Filter,
@@ -45,16 +59,20 @@ from ..backend import (
     OpenContext,
     Param,
 )
-from ..formats.xz import Block, BlockDecoder, XzError, XzIndex, read_index
-from .gzip import DecodedCache, Images, Step, reader_of
+from ..formats.xz import Block, BlockDecoder, ReadFn, XzError, XzIndex, read_index
+from ..formats.xz_stored import StoredXz, check_of, check_offset, data_offset, stale_blocks
+from .gzip import DecodedCache, Images, Step, reader_of, refuse_write
 
 log = logging.getLogger("pynbd.filters.xz")
 
 
 class XzImage:
-    def __init__(self, index: XzIndex, depth: int) -> None:
+    def __init__(self, index: XzIndex, depth: int, stored: StoredXz | None) -> None:
         self.index = index
         self.cache = DecodedCache("xz", depth, whole=True)
+        self.stored = stored
+        self.is_stored = set(stored.blocks if stored else ())
+        self.write_lock = threading.Lock()
 
 
 class XzConnection(FilterConnection["XzFilter"]):
@@ -70,6 +88,15 @@ class XzConnection(FilterConnection["XzFilter"]):
         return (0, 0, 0)
 
     def can_write(self) -> bool:
+        return self.image.stored is not None and self.next.can_write()
+
+    def can_zero(self) -> bool:
+        return self.can_write()
+
+    def can_fast_zero(self) -> bool:
+        return False
+
+    def can_trim(self) -> bool:
         return False
 
     def can_extents(self) -> bool:
@@ -79,7 +106,7 @@ class XzConnection(FilterConnection["XzFilter"]):
         return CACHE_EMULATE
 
     def can_multi_conn(self) -> bool:
-        return True
+        return self.image.stored is None or self.next.can_multi_conn()
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         index = self.image.index
@@ -89,7 +116,10 @@ class XzConnection(FilterConnection["XzFilter"]):
             block = index.blocks[i]
             inner = offset + pos - block.out
             take = min(len(buf) - pos, block.size - inner)
-            self.image.cache.copy(i, block.size, self._decoder(block), buf[pos:pos + take], inner)
+            if i in self.image.is_stored:  # the bytes are in the file as they are
+                self.next.pread(buf[pos:pos + take], data_offset(block) + inner, 0)
+            else:
+                self.image.cache.copy(i, block.size, self._decoder(block), buf[pos:pos + take], inner)
             pos += take
             i += 1
 
@@ -97,6 +127,29 @@ class XzConnection(FilterConnection["XzFilter"]):
         def start() -> Step:
             return BlockDecoder(self.read_file, block).step
         return start
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        stored = self.image.stored
+        pieces = None if stored is None else stored.pieces(offset, len(buf))
+        if stored is None or pieces is None:
+            raise refuse_write("xz", len(buf), offset, "none" if stored is None else stored.ranges())
+        fua = flags & FLAG_FUA
+        with self.image.write_lock:
+            pos = 0
+            for block, file_offset, take in pieces:
+                piece = buf[pos:pos + take]
+                self.next.pwrite(piece, file_offset, fua)
+                if take == block.size:
+                    check = check_of(piece)
+                else:
+                    data = bytearray(block.size)
+                    self.next.pread(memoryview(data), data_offset(block), 0)
+                    check = check_of(data)
+                self.next.pwrite(memoryview(check), check_offset(block), fua)
+                pos += take
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        Connection.zero(self, count, offset, flags)
 
 
 class XzFilter(Filter):
@@ -116,7 +169,8 @@ class XzFilter(Filter):
         self.images = Images(self.name, self.open_image)
 
     def open_image(self, below: Connection, file_size: int) -> XzImage:
-        index = read_index(reader_of(below, file_size), file_size)
+        read = reader_of(below, file_size)
+        index = read_index(read, file_size)
         largest = index.largest_block
         if largest > self.xz_max_block:
             raise XzError(f"the file has a block of {largest} bytes, larger than xz-max-block="
@@ -124,4 +178,25 @@ class XzFilter(Filter):
         if len(index.blocks) == 1:
             log.warning("xz: the file has only one block: random access will be slow "
                         "(recompress it with xz --block-size=16MiB)")
-        return XzImage(index, self.xz_max_depth)
+        stored = StoredXz(read, index)
+        if stored.blocks:
+            repair_checks(below, read, stored)
+        return XzImage(index, self.xz_max_depth, stored if stored.blocks else None)
+
+
+def repair_checks(below: Connection, read: ReadFn, stored: StoredXz) -> None:
+    """Rewrite the checks of stored blocks that do not match their data (a write was
+    interrupted before its check was updated), or warn if the file is read-only."""
+    stale = stale_blocks(read, stored)
+    if not stale:
+        return
+    if not below.can_write():
+        log.warning("xz: %d stored block check(s) do not match their data (a write was interrupted); "
+                    "serving the data anyway; 'pynbd xz repair FILE' fixes them", len(stale))
+        return
+    for block in stale:
+        below.pwrite(memoryview(check_of(read(data_offset(block), block.size))), check_offset(block), 0)
+    if below.can_flush():
+        below.flush(0)
+    log.warning("xz: %d stored block check(s) did not match their data (a write was interrupted); "
+                "rewrote them", len(stale))

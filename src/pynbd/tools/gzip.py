@@ -31,11 +31,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..formats.gzip_index import GzipError, ReadFn
-from ..formats.gzip_stored import RangeError, StoredGzip, create, open_layout, parse_ranges
+from ..formats.gzip_stored import RangeError, StoredGzip, WriteFn, create, open_layout, parse_ranges
 
 PROG = "pynbd gzip"
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,21 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _reader(fd: int) -> ReadFn:
+def file_reader(fd: int) -> ReadFn:
     def read(offset: int, count: int) -> bytes:
         return os.pread(fd, count, offset)
     return read
 
 
-def _open_stored(fd: int, path: str) -> StoredGzip:
-    size = os.fstat(fd).st_size
-    layout = open_layout(_reader(fd), size)
-    if layout is None:
-        raise GzipError(f"{path} is a gzip file without stored ranges (not made by 'pynbd gzip create')")
-    return StoredGzip(_reader(fd), size, layout)
-
-
-def _create(args: argparse.Namespace) -> int:
+def compress_file(args: argparse.Namespace, make: Callable[[ReadFn, int, WriteFn, list[tuple[int, int]]], T]
+                  ) -> T:
+    """Run ``make(read, size, write, ranges)`` from ``args.input`` into a new ``args.output``
+    (fsynced), the ranges parsed from ``args.stored``. The xz tool uses it too."""
     fd_in = os.open(args.input, os.O_RDONLY)
     try:
         size = os.fstat(fd_in).st_size
@@ -76,12 +74,39 @@ def _create(args: argparse.Namespace) -> int:
         try:
             def write(offset: int, data: bytes) -> None:
                 os.pwrite(fd_out, data, offset)
-            segments = create(_reader(fd_in), size, write, ranges, args.level)
+            result = make(file_reader(fd_in), size, write, ranges)
             os.fsync(fd_out)
         finally:
             os.close(fd_out)
     finally:
         os.close(fd_in)
+    return result
+
+
+def run_command(prog: str, commands: dict[str, Callable[[argparse.Namespace], int]],
+                args: argparse.Namespace, errors: tuple[type[Exception], ...]) -> int:
+    """Run the chosen subcommand; an OSError or one of ``errors`` (the user's
+    mistakes, damaged files) is one line on stderr and status 1."""
+    caught: tuple[type[Exception], ...] = (OSError, RangeError, *errors)
+    try:
+        return commands[args.command](args)
+    except caught as exc:
+        text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        print(f"{prog}: {text}", file=sys.stderr)
+        return 1
+
+
+def _open_stored(fd: int, path: str) -> StoredGzip:
+    size = os.fstat(fd).st_size
+    layout = open_layout(file_reader(fd), size)
+    if layout is None:
+        raise GzipError(f"{path} is a gzip file without stored ranges (not made by 'pynbd gzip create')")
+    return StoredGzip(file_reader(fd), size, layout)
+
+
+def _create(args: argparse.Namespace) -> int:
+    segments = compress_file(args, lambda read, size, write, ranges: create(read, size, write, ranges,
+                                                                            args.level))
     stored = sum(s.length for s in segments if s.stored)
     print(f"{args.output}: {len(segments)} segments, {stored} bytes stored in "
           f"{sum(1 for s in segments if s.stored)} ranges")
@@ -92,7 +117,7 @@ def _repair(args: argparse.Namespace) -> int:
     fd = os.open(args.file, os.O_RDWR)
     try:
         g = _open_stored(fd, args.file)
-        if g.trailer_is_current(_reader(fd)):
+        if g.trailer_is_current(file_reader(fd)):
             print(f"{args.file}: trailer is correct")
             return 0
         os.pwrite(fd, g.trailer(), g.trailer_offset())
@@ -117,11 +142,5 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    commands = {"create": _create, "repair": _repair, "show": _show}
-    try:
-        return commands[args.command](args)
-    except (OSError, GzipError, RangeError) as exc:
-        text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
-        print(f"{PROG}: {text}", file=sys.stderr)
-        return 1
+    return run_command(PROG, {"create": _create, "repair": _repair, "show": _show},
+                       build_parser().parse_args(argv), (GzipError,))
