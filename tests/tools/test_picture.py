@@ -22,6 +22,7 @@ from pynbd.tools.picture import (
     MARGIN,
     ZERO,
     AllocationPicture,
+    approx_size,
     cell_range,
     hilbert_order,
     hilbert_point,
@@ -54,6 +55,8 @@ def test_cells_and_ranks():
     runs = [(0, 5, 3), (5, 1, 0), (6, 94, 3)]
     assert paint(runs, 100, 10, {3: 0, 0: 3}, {3: 1, 0: 2}) == bytes([2] + [1] * 9)
     assert percent(4 * MiB, TiB) == "0.0004%" and percent(1, 8) == "12.5%" and percent(0, 3) == "0.0%"
+    assert [approx_size(n) for n in (0, 512, 100001 / 65536, 1536, TiB, 5 << 60)] == [
+        "0 B", "512 B", "1.5 B", "1.5 KiB", "1 TiB", "5120 PiB"]
 
 
 def draw(uri_or_captive: list[str], out, *options: str) -> Image.Image:

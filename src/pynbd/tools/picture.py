@@ -91,7 +91,7 @@ def approx_size(n: float) -> str:
         if abs(n) < 1024:
             break
         n, unit = n / 1024, bigger
-    return f"{n:.0f} B" if unit == "B" else f"{n:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n:.1f}".removesuffix(".0") + f" {unit}"
 
 
 # ----------------------------------------------------------------- the curve
