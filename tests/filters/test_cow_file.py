@@ -6,17 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
-import signal
-import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from stack_helpers import file_bytes
 
-from nbdtest import PYNBD, nbdsh, run, served, wait_for
+from crashtest import kill_during_storm
+from nbdtest import PYNBD, nbdsh, run, served
 
 KiB, MiB = 1 << 10, 1 << 20
 PIECE = 4096
@@ -118,75 +115,11 @@ def test_full_file_system_gives_enospc(base, small_tmpfs):
 
 # ---------------------------------------------------------------- SIGKILL during a write storm
 
-STORM = """
-import os, random, struct
-log = os.open({log!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-rng = random.Random({seed})
-seq = {start}
-while True:
-    seq += 1
-    block = rng.randrange({blocks})
-    fua = seq % 13 == 0
-    h.pwrite(struct.pack('<QQ', seq, block) * 256, block * 4096, nbd.CMD_FLAG_FUA if fua else 0)
-    os.write(log, b'W %d %d %d\\n' % (seq, block, fua))
-    if seq % 40 == 0:
-        h.flush()
-        os.write(log, b'F %d\\n' % seq)
-"""
-
-
-def durable_floor(logs: list[Path]) -> dict[int, int]:
-    """For each piece, the newest write the client was told is durable (flushed or FUA)."""
-    floor: dict[int, int] = {}
-    for path in logs:
-        lines = path.read_text().splitlines()
-        flushed = max((int(x.split()[1]) for x in lines if x.startswith("F ")), default=0)
-        for line in lines:
-            if line.startswith("W "):
-                seq, block, fua = map(int, line.split()[1:])
-                if seq <= flushed or fua:
-                    floor[block] = max(floor.get(block, 0), seq)
-    return floor
-
-
 def test_sigkill_during_a_write_storm_loses_nothing_durable(base, tmp_path):
     overlay = str(tmp_path / "changes.cow")
     original = file_bytes(base)
-    rng = random.Random(1234)
-    logs: list[Path] = []
-    for round_ in range(3):
-        log = tmp_path / f"log{round_}"
-        logs.append(log)
-        with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
-            storm = subprocess.Popen(["nbdsh", "-u", srv.uri, "-c", STORM.format(
-                log=str(log), seed=round_, start=round_ * 1_000_000, blocks=BLOCKS)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                flushes = 2 + rng.randrange(6)
-                wait_for(lambda log=log, n=flushes: log.exists() and log.read_text().count("F ") >= n)
-                os.kill(srv.proc.pid, signal.SIGKILL)
-                srv.proc.wait()
-            finally:
-                storm.kill()
-                storm.wait()
-        # restart and check every piece against what was acknowledged as durable
-        floor = durable_floor(logs)
-        written = {int(x.split()[1]) for p in logs for x in p.read_text().splitlines() if x[0] == "W"}
-        # the write each round had in flight when the server died
-        written |= {max(s for s in written if s // 1_000_000 == r) + 1 for r in range(round_ + 1)}
-        with served("--filter=cow", "file", base, f"cow-file={overlay}") as srv:
-            run(["nbdcopy", srv.uri, str(tmp_path / "after")])
-        data = file_bytes(str(tmp_path / "after"))
-        for block in range(BLOCKS):
-            piece = data[block * PIECE:(block + 1) * PIECE]
-            if piece == original[block * PIECE:(block + 1) * PIECE]:
-                assert block not in floor, f"piece {block}: durable write {floor[block]} lost"
-                continue
-            seq, where = struct.unpack_from("<QQ", piece)
-            assert piece == struct.pack("<QQ", seq, where) * 256 and where == block, \
-                f"piece {block} is torn"
-            assert seq >= floor.get(block, 0), f"piece {block}: {seq} older than durable {floor[block]}"
-            assert seq in written, f"piece {block}: unknown write {seq}"
+    kill_during_storm(tmp_path, lambda: served("--filter=cow", "file", base, f"cow-file={overlay}"),
+                      lambda srv: srv.uri, original, rounds=3, seed=1234)
     assert file_bytes(base) == original
 
 

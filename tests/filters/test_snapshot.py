@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from crashtest import kill_during_storm
 from nbdtest import PYNBD, nbdsh, run, served
 from pynbd.client import connect
 from pynbd.client.sync import connect as sync_connect
@@ -213,3 +214,25 @@ def test_refuses_a_store_made_for_another_origin(tmp_path):
     result = run([*PYNBD, "serve", "-f", "-U", str(tmp_path / "s2"), "--filter=snapshot", "file",
                   str(tmp_path / "disk.img"), f"store={tmp_path / 'store'}"], check=False)
     assert result.returncode == 1 and "not a list of snapshots" in result.stderr.decode()
+
+
+def test_sigkill_during_write_storms_on_the_origin_and_on_a_snapshot(tmp_path):
+    """The crash harness twice: writes to the origin must leave the snapshot intact (its copies
+    were made durable with the origin's flushes), and writes to the snapshot itself survive."""
+    image = tmp_path / "disk.img"
+    original = os.urandom(2 * MiB)
+    image.write_bytes(original)
+    with origin(tmp_path, image=image) as srv:
+        ctl(srv.control, "snapshot", "create", "s1")
+    kill_during_storm(tmp_path, lambda: origin(tmp_path, image=image), lambda srv: srv.uri, original,
+                      rounds=2, seed=5)
+    with origin(tmp_path, image=image) as srv:
+        run(["nbdcopy", export_uri(srv, "s1"), str(tmp_path / "s1.raw")])
+        assert (tmp_path / "s1.raw").read_bytes() == original  # the snapshot never moved
+        ctl(srv.control, "snapshot", "create", "s2")
+    storm_dir = tmp_path / "s2-storm"
+    storm_dir.mkdir()
+    before_s2 = image.read_bytes()
+    kill_during_storm(storm_dir, lambda: origin(tmp_path, image=image), lambda srv: export_uri(srv, "s2"),
+                      before_s2, rounds=2, seed=6)
+    assert image.read_bytes() == before_s2  # writes to a snapshot never touch the origin
