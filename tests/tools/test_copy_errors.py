@@ -140,7 +140,7 @@ def test_reads_failing_mid_copy(tmp_path):
 
 
 def test_synchronous_copy_stops_at_first_failure(image):
-    with served("--filter=error", "memory", "16M", "error=ENOSPC", "error-pwrite-rate=0.5",
+    with served("--filter=error", "memory", "16M", "error=ENOSPC", "error-pwrite-rate=1",
                 server="nbdkit") as srv:
         assert "ENOSPC" in fails("--synchronous", str(image), srv.uri)
 
