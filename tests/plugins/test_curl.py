@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 import time
 
 import pytest
@@ -182,3 +183,26 @@ def test_object_replaced_while_served(web):
         assert nbdsh(srv.uri, "print(h.pread(4, 0).hex())").strip() == "01010101"  # a new client
     log = srv.stderr()
     assert "the object changed while it was served (HTTP 412" in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_parallel_requests_up_to_connections(connections):
+    """Reads of several clients run at once on the shared pool, at most connections= of them."""
+    with BadServer(65536, "gate") as bad:
+        with served("curl", bad.url, f"connections={connections}") as srv:
+            handles = [NBD() for _ in range(6)]
+            try:
+                for h in handles:
+                    h.connect_uri(srv.uri)
+                readers = [threading.Thread(target=h.pread, args=(512, 0)) for h in handles]
+                for reader in readers:
+                    reader.start()
+                wait_for(lambda: bad.active == connections, message=lambda: f"{bad.active} GETs at once")
+                bad.release.set()
+                for reader in readers:
+                    reader.join(30)
+                assert not any(reader.is_alive() for reader in readers)
+            finally:
+                for h in handles:
+                    h.close()
+        assert bad.most == connections and bad.gets == 6

@@ -54,15 +54,17 @@ def test_each_client_its_own_disk_deleted_on_disconnect(tmpdir_env):
     with served("tmpdisk", str(SIZE), env=env) as srv:
         pid = srv.proc.pid
 
-        def open_disks() -> list[str]:
-            out = []
+        def open_disks() -> dict[str, str]:
+            """/proc/PID/fd/N → what it is, for the server's files under TMPDIR."""
+            out = {}
             for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = f"/proc/{pid}/fd/{fd}"
                 try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    target = os.readlink(link)
                 except FileNotFoundError:
                     continue
                 if target.startswith(str(disks)):
-                    out.append(target)
+                    out[link] = target
             return out
 
         with NBD() as a, NBD() as b:
@@ -75,8 +77,9 @@ def test_each_client_its_own_disk_deleted_on_disconnect(tmpdir_env):
             assert a.pread(4096, 1024) == b"A" * 4096 and b.pread(4096, 1024) == b"B" * 4096
             assert os.listdir(disks) == []  # unlinked as soon as open
             held = open_disks()
-            assert len(held) == 2 and all(t.endswith("(deleted)") for t in held)
-        wait_for(lambda: open_disks() == [], message=lambda: f"still open: {open_disks()}")
+            assert len(held) == 2 and all(t.endswith("(deleted)") for t in held.values())
+            assert all(os.stat(link).st_blocks * 512 < SIZE // 4 for link in held)  # sparse
+        wait_for(lambda: open_disks() == {}, message=lambda: f"still open: {open_disks()}")
         with NBD() as c:
             c.connect_uri(srv.uri)
             assert c.pread(4096, 1024)[:44] == pristine[:44]  # a new file system (44: s_mtime)

@@ -23,7 +23,9 @@ with openssl, and these locations under the document root:
 ``BadServer`` is a small Python HTTP server whose HEAD gives a size and whose
 GETs misbehave as asked: "hang" (never answer), "reset" (close the
 connection), "503" (always), "flaky" (503 twice, then the right bytes),
-"grow" (a Content-Range with another total size), "ok".
+"grow" (a Content-Range with another total size), "gate" (answer rightly,
+but only once ``release`` is set; ``active`` and ``most`` count the GETs
+waiting at once), "ok".
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ class BadServer:
         self.size = size
         self.on_get = on_get
         self.gets = 0
+        self.active = self.most = 0
+        self.counting = threading.Lock()
         self.data = bytes(range(256)) * (size // 256 + 1)
         self.release = threading.Event()
         server = self
@@ -206,6 +210,13 @@ class BadServer:
             def do_GET(self) -> None:
                 server.gets += 1
                 behaviour = server.on_get
+                if behaviour == "gate":
+                    with server.counting:
+                        server.active += 1
+                        server.most = max(server.most, server.active)
+                    server.release.wait(60)
+                    with server.counting:
+                        server.active -= 1
                 if behaviour == "hang":
                     server.release.wait(60)
                     self.close_connection = True
