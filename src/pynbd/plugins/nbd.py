@@ -60,7 +60,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..backend import (
     CACHE_NATIVE,
@@ -100,6 +101,8 @@ from ..client import (
 )
 
 log = logging.getLogger("pynbd.plugins.nbd")
+
+T = TypeVar("T")
 
 NBD_PORT = 10809
 _TLS_MODES = {"off": TLS_DISABLE, "on": TLS_ALLOW, "require": TLS_REQUIRE}
@@ -244,60 +247,43 @@ class NbdConnection(Connection):
         return (sizes[0], sizes[1], sizes[2]) if all(sizes) else (0, 0, 0)
 
     # ------------------------------------------------------------ requests
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+    def call(self, command: Callable[[NBD], T]) -> T:
+        """Run ``command`` on the next upstream handle; a failure as Upstream.failed says."""
         index, h = self.upstream.handle()
         try:
-            h.pread_into(buf, offset)
+            return command(h)
         except (OSError, ProtocolError) as exc:
             raise self.upstream.failed(index, h, exc) from None
 
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.call(lambda h: h.pread_into(buf, offset))
+
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        index, h = self.upstream.handle()
-        try:
-            h.pwrite(buf, offset, command_flags(flags))
-        except (OSError, ProtocolError) as exc:
-            raise self.upstream.failed(index, h, exc) from None
+        self.call(lambda h: h.pwrite(buf, offset, command_flags(flags)))
 
     def zero(self, count: int, offset: int, flags: int) -> None:
         wire = command_flags(flags) | (0 if flags & FLAG_MAY_TRIM else CMD_FLAG_NO_HOLE)
-        index, h = self.upstream.handle()
-        try:
-            h.zero(count, offset, wire)
-        except (OSError, ProtocolError) as exc:
-            raise self.upstream.failed(index, h, exc) from None
+        self.call(lambda h: h.zero(count, offset, wire))
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        index, h = self.upstream.handle()
-        try:
-            h.trim(count, offset, command_flags(flags))
-        except (OSError, ProtocolError) as exc:
-            raise self.upstream.failed(index, h, exc) from None
+        self.call(lambda h: h.trim(count, offset, command_flags(flags)))
 
     def flush(self, flags: int) -> None:
-        index, h = self.upstream.handle()
-        try:
-            h.flush()
-        except (OSError, ProtocolError) as exc:
-            raise self.upstream.failed(index, h, exc) from None
+        self.call(lambda h: h.flush())
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        index, h = self.upstream.handle()
-        try:
-            h.cache(count, offset)
-        except (OSError, ProtocolError) as exc:
-            raise self.upstream.failed(index, h, exc) from None
+        self.call(lambda h: h.cache(count, offset))
 
-    def extents(self, count: int, offset: int, flags: int) -> Iterator[Extent]:
-        index, h = self.upstream.handle()
-        try:
-            answer = h.block_status(min(count, _MAX_STATUS), offset, flags=command_flags(flags))
-        except (OSError, ProtocolError) as exc:
-            raise self.upstream.failed(index, h, exc) from None
+    def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
+        answer = self.call(lambda h: h.block_status(min(count, _MAX_STATUS), offset,
+                                                     flags=command_flags(flags)))
         entries = answer.get(CONTEXT_BASE_ALLOCATION, [])
+        extents = []
         pos = offset
         for length, state in zip(entries[0::2], entries[1::2], strict=True):
-            yield Extent(pos, length, bool(state & STATE_HOLE), bool(state & STATE_ZERO))
+            extents.append(Extent(pos, length, bool(state & STATE_HOLE), bool(state & STATE_ZERO)))
             pos += length
+        return extents
 
     def close(self) -> None:
         if self.owned:
