@@ -134,6 +134,7 @@ def test_read_only_clients_get_a_formatted_disk(tmpdir_env):
     (["1M", "foo=bar"], "unknown parameter 'foo'"),
     (["1M", "disk=x", "command=true"], "disk: not a parameter"),
     (["1M", "bad-name=x", "command=true"], "bad-name: not a parameter"),
+    (["1M", "open=x", "command=true"], "open: a name the plugin uses itself"),
     ([], "missing required parameter 'size'"),
 ])
 def test_bad_parameters(args, message):

@@ -106,6 +106,9 @@ class TmpDiskPlugin(Plugin):
             if not key.isidentifier() or key in ("disk", "size"):
                 raise ConfigError(f"tmpdisk: {key}: not a parameter, and not a name a shell "
                                   "variable may have")
+            if hasattr(TmpDiskPlugin, key):
+                raise ConfigError(f"tmpdisk: {key}: a name the plugin uses itself; choose another "
+                                  "variable name")
         if self.variables and self.command is None:
             raise ConfigError(f"tmpdisk: unknown parameter {next(iter(self.variables))!r} (extra "
                               "KEY=VALUE parameters are variables for command=)")
