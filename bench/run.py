@@ -35,6 +35,7 @@ import compressed  # noqa: E402
 import controlplane  # noqa: E402
 import images  # noqa: E402
 import luks  # noqa: E402
+import nbdkit_filters  # noqa: E402
 import remote  # noqa: E402
 import snapshot  # noqa: E402
 import workloads as w  # noqa: E402
@@ -154,6 +155,7 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
     out += luks.luks_workloads(tmp, data1g, rt, Workload, Variant)
     out += images.image_workloads(tmp, data256, rt, Workload, Variant)
     out += compressed.compressed_workloads(tmp, rt, Workload, Variant)
+    out += nbdkit_filters.nbdkit_filter_workloads(tmp, data256, rt, Workload, Variant)
     if args.only:
         out = [wl for wl in out if any(o in wl.name for o in args.only)]
     return out
