@@ -55,7 +55,6 @@ class Header:
     """A gzip member header: where the deflate data starts, and the extra field."""
 
     data_offset: int
-    flags: int
     extra: bytes
 
 
@@ -88,7 +87,7 @@ def parse_header(read: ReadFn, offset: int, file_size: int) -> Header:
         pos += 2
     if pos >= file_size:
         raise GzipError("truncated gzip header")
-    return Header(pos, flags, extra)
+    return Header(pos, extra)
 
 
 @dataclass(frozen=True)
