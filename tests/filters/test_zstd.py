@@ -98,3 +98,18 @@ def test_damaged_frame_fails_its_reads_only(tmp_path):
 def test_max_depth_must_be_positive(tmp_path):
     result = run([*PYNBD, "serve", "--filter=zstd", "memory", "1M", "zstd-max-depth=0"], check=False)
     assert result.returncode == 1 and "zstd-max-depth=0: must be at least 1" in result.stderr.decode()
+
+
+def test_pynbd_zstd_create(tmp_path):
+    src = tmpfile(tmp_path, "disk.img", DATA)
+    out = str(tmp_path / "disk.zst")
+    run([*PYNBD, "zstd", "create", src, out, "--frame-size=256K", "--level=5"])
+    assert run(["zstd", "-dc", out]).stdout == DATA
+    with served("--filter=zstd", "file", out) as srv:
+        small_reads(srv.uri, DATA, [(len(DATA) - 300000, 300000), (262144 - 1, 2)])
+    assert "not in the seekable format" not in srv.stderr()
+    for args, words in [(["--frame-size=0"], "must be between"), ([], "No such file")]:
+        source = src if args else str(tmp_path / "missing")
+        result = run([*PYNBD, "zstd", "create", source, out, *args], check=False)
+        err = result.stderr.decode()
+        assert result.returncode == 1 and words in err and len(err.splitlines()) == 1

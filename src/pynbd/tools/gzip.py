@@ -62,19 +62,18 @@ def file_reader(fd: int) -> ReadFn:
     return read
 
 
-def compress_file(args: argparse.Namespace, make: Callable[[ReadFn, int, WriteFn, list[tuple[int, int]]], T]
-                  ) -> T:
-    """Run ``make(read, size, write, ranges)`` from ``args.input`` into a new ``args.output``
-    (fsynced), the ranges parsed from ``args.stored``. The xz tool uses it too."""
-    fd_in = os.open(args.input, os.O_RDONLY)
+def compress_file(source: str, target: str, make: Callable[[ReadFn, int, WriteFn], T]) -> T:
+    """Run ``make(read, size, write)`` from file ``source`` into a new file ``target``
+    (fsynced before returning). The xz and zstd tools use it too."""
+    fd_in = os.open(source, os.O_RDONLY)
     try:
         size = os.fstat(fd_in).st_size
-        ranges = parse_ranges(args.stored, size)
-        fd_out = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        read = file_reader(fd_in)
+        fd_out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             def write(offset: int, data: bytes) -> None:
                 os.pwrite(fd_out, data, offset)
-            result = make(file_reader(fd_in), size, write, ranges)
+            result = make(read, size, write)
             os.fsync(fd_out)
         finally:
             os.close(fd_out)
@@ -105,8 +104,8 @@ def _open_stored(fd: int, path: str) -> StoredGzip:
 
 
 def _create(args: argparse.Namespace) -> int:
-    segments = compress_file(args, lambda read, size, write, ranges: create(read, size, write, ranges,
-                                                                            args.level))
+    segments = compress_file(args.input, args.output, lambda read, size, write: create(
+        read, size, write, parse_ranges(args.stored, size), args.level))
     stored = sum(s.length for s in segments if s.stored)
     print(f"{args.output}: {len(segments)} segments, {stored} bytes stored in "
           f"{sum(1 for s in segments if s.stored)} ranges")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..formats.gzip_stored import parse_ranges
 from ..formats.xz import XzError, read_index
 from ..formats.xz_stored import StoredXz, check_of, check_offset, create, data_offset, stale_blocks
 from .gzip import compress_file, file_reader, run_command
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _create(args: argparse.Namespace) -> int:
-    size = compress_file(args, lambda read, size, write, ranges: create(read, size, write, ranges,
-                                                                        args.preset))
+    size = compress_file(args.input, args.output, lambda read, size, write: create(
+        read, size, write, parse_ranges(args.stored, size), args.preset))
     print(f"{args.output}: {size} bytes")
     return 0
 
