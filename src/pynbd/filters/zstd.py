@@ -10,8 +10,8 @@ Parameters
 zstd frames decode independently. A file in zstd's *seekable format*
 (facebook/zstd ``contrib/seekable_format``: frames of a MiB or so and a
 seek table at the end) is read anywhere: a read decodes only the frames it
-falls in. ``pynbd.formats.zstd_seekable.write_seekable`` writes such files;
-so do ``t2sz`` and facebook's ``seekable_format`` examples.
+falls in. ``pynbd zstd create IN OUT.zst [--frame-size=1M]`` writes such
+files (so do ``t2sz`` and facebook's ``seekable_format`` examples).
 
 An ordinary ``.zst`` (what ``zstd`` writes: usually a single frame) works
 too, with a warning: without a seek table its frames are found by walking
