@@ -2,7 +2,7 @@
 
 ``nbdkit_filter_workloads`` is called by ``run.py``'s ``build()``: 4 KiB
 random reads (queue depth 16, one job) over a prefilled 1G memory disk
-through swab, count, multi-conn and blocksize-policy, each served by pynbd
+through swab, nocache, multi-conn and blocksize-policy, each served by pynbd
 and by nbdkit with the same arguments (no target: the ratios are reported).
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import workloads as w
 from servers import ServerSpec, nbdkit, pynbd, running
 
-FILTERS = (("swab", ()), ("count", ()), ("multi-conn", ("multi-conn-mode=emulate",)),
+FILTERS = (("swab", ()), ("nocache", ()), ("multi-conn", ("multi-conn-mode=emulate",)),
            ("blocksize-policy", ("blocksize-minimum=4K", "blocksize-error-policy=error")))
 
 
