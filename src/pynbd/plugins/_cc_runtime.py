@@ -271,6 +271,8 @@ class LoadedPlugin:
         if not fail.called:
             log.error("%s: %s failed without calling nbdkit_error (%s)", self.name, name,
                       os.strerror(fail.err))
+        else:  # as nbdkit does, the plugin's message goes to the log
+            log.error("%s: %s: error: %s", self.name, name, fail.message)
         return io_error(fail.err, f"{self.name}: {name}: {fail.message}" if fail.message
                         else f"{self.name}: {name}")
 

@@ -317,6 +317,7 @@ class CcPlugin(Plugin):
             cflags += shlex.split(values.get("EXTRA_CFLAGS") or "")
             self.plugin = build(str(script), values.get("CC") or DEFAULT_CC, cflags)
         self._thread_model = ThreadModel(min(max(self.plugin.declared_thread_model, 0), 3))
+        self._config_strings: list[tuple[Any, Any]] = []
         if self.plugin.has("load"):
             self.plugin.configure("load")
         for key, value in pairs:
@@ -331,7 +332,10 @@ class CcPlugin(Plugin):
         if not self.plugin.has("config"):
             raise ConfigError(f"{self.plugin.name}: this plugin takes no parameters "
                               f"(it has no config callback), got {key}={value}")
-        self.plugin.configure("config", s1=key.encode(), s2=value.encode())
+        # nbdkit's parameters live as long as the server: plugins keep the pointers.
+        strings = (ffi.new("char[]", key.encode()), ffi.new("char[]", value.encode()))
+        self._config_strings.append(strings)
+        self.plugin.configure("config", s1=strings[0], s2=strings[1])
 
     @classmethod
     def for_path(cls, path: str) -> type[Plugin]:
@@ -344,6 +348,7 @@ class CcPlugin(Plugin):
                  loaded.string(CONFIG_HELP)]
         return type(f"CcPlugin_{loaded.name}", (cls,), {
             "name": loaded.name, "params": (), "magic_param": None, "loaded": loaded,
+            "__module__": f"pynbd_cc_{loaded.name}",  # no such module: --help prints __doc__
             "__doc__": "\n\n".join(text for text in about if text)})
 
     # ------------------------------------------------------------ life cycle
