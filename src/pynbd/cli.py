@@ -5,6 +5,7 @@
     pynbd copy A B    copy between servers, files and pipes (nbdcopy)
     pynbd sh          a Python shell with a connected handle (nbdsh)
     pynbd dump URI    a hex dump of an export (nbddump)
+    pynbd fuse FILE URI   an export as a file, mounted with FUSE (nbdfuse)
     pynbd ctl PATH …  commands to a server's control socket (serve --control=PATH)
     pynbd heatmap LOG OUT   reads and writes over time, from the log filter's file
     pynbd backup …    full and incremental backups on dirty bitmaps, restore, list

@@ -1,0 +1,1 @@
+"""The pieces of ``pynbd fuse``: the exports as files (``files``) and the FUSE glue (``mount``)."""

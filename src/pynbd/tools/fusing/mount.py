@@ -1,0 +1,168 @@
+"""The FUSE side of ``pynbd fuse``: libfuse 3's high-level API through mfusepy (ctypes).
+
+``mount(files, mountpoint, ...)`` runs libfuse's loop until the file system
+is unmounted (``fusermount3 -u``) or the process gets SIGTERM, SIGINT or
+SIGHUP (libfuse's own handlers unmount and end the loop), then returns.
+
+Why mfusepy and not pyfuse3: pyfuse3 has no ``fallocate`` operation, so
+punching holes and zeroing ranges (what a loop device's discard becomes)
+could not reach the server. mfusepy is a maintained binding of the whole
+high-level API, pure Python, and lets FUSE's threads call in directly: with
+libfuse's multi-threaded loop every request runs on its own FUSE thread and
+waits on the server without holding the interpreter lock. Reads and writes
+use the buffer libfuse hands over, without a copy in Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .files import ExportFile
+
+ROOT = "/"
+# libfuse's own default, given explicitly: libfuse 3.14's fuse_main_real warns
+# about an "invalid max threads value" when the option is left out.
+DEFAULT_THREADS = "10"
+# fuse_main_real's status when its loop ended with an error, which is also how a
+# SIGTERM/SIGINT/SIGHUP (libfuse's handlers unmount) ends it: a clean end once mounted.
+LOOP_ENDED_BY_SIGNAL = 8
+
+
+class MountError(Exception):
+    """libfuse is missing or the mount failed (one line for the user)."""
+
+
+def _load() -> Any:
+    """Import mfusepy on libfuse 3 (it prefers libfuse 2 where both are installed)."""
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    try:
+        import mfusepy  # type: ignore[import-untyped]
+    except ImportError:
+        raise MountError("needs mfusepy: pip install 'pynbd[fuse]'") from None
+    except OSError as exc:  # mfusepy raises this when libfuse cannot be found
+        raise MountError(f"{exc} (install Debian's fuse3)") from None
+    return mfusepy
+
+
+def _no_entry() -> OSError:
+    return OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+class Tree:
+    """What the mount shows: the mountpoint itself as one file (``naked``), or a
+    directory holding one file per export."""
+
+    use_ns = True  # mfusepy: times in nanoseconds
+
+    def __init__(self, files: list[ExportFile], naked: bool, on_ready: Callable[[], None]) -> None:
+        self.files = {f.name: f for f in files}
+        self.naked = naked
+        self.on_ready = on_ready
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.when = time.time_ns()
+
+    def file(self, path: str | bytes | None) -> ExportFile:
+        """The export at ``path`` (str, or bytes as libfuse passes them)."""
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if self.naked:
+            if path == ROOT:
+                return next(iter(self.files.values()))
+        elif path is not None and path.startswith(ROOT) and path[1:] in self.files:
+            return self.files[path[1:]]
+        raise _no_entry()
+
+    # mfusepy's Operations protocol (read and write take libfuse's buffer, see mount)
+    def init(self, path: str) -> None:
+        self.on_ready()
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        common = {"st_uid": self.uid, "st_gid": self.gid, "st_atime": self.when,
+                  "st_mtime": self.when, "st_ctime": self.when}
+        if path == ROOT and not self.naked:
+            return {**common, "st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+        f = self.file(path)
+        mode = 0o444 if f.readonly else 0o666
+        return {**common, "st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_size": f.size,
+                "st_blocks": (f.size + 511) // 512, "st_blksize": 4096}
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        if path != ROOT or self.naked:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        return [".", "..", *self.files]
+
+    def open(self, path: str, flags: int) -> int:
+        f = self.file(path)
+        if f.readonly and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return 0
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        if length != self.file(path).size:
+            raise OSError(errno.EINVAL, "an export's size cannot change")
+
+    def read(self, path: bytes, buf: memoryview, offset: int) -> int:
+        return self.file(path).read_into(buf, offset)
+
+    def write(self, path: bytes, buf: memoryview, offset: int) -> int:
+        return self.file(path).write_from(buf, offset)
+
+    def utimens(self, path: str, times: Any = None, fh: int | None = None) -> None:
+        self.file(path)  # touch works; the times stay those of the mount
+
+    def fsync(self, path: str, datasync: int, fh: int) -> None:
+        self.file(path).flush()
+
+    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> None:
+        self.file(path).fallocate(mode, offset, size)
+
+    def statfs(self, path: str) -> dict[str, int]:
+        total = sum(f.size for f in self.files.values())
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": (total + 4095) // 4096,
+                "f_namemax": 255}
+
+
+def _buffer(buf: Any, size: int) -> memoryview:
+    """A writable view of ``size`` bytes at libfuse's buffer (a ``c_byte`` pointer)."""
+    address = ctypes.cast(buf, ctypes.c_void_p).value or 0
+    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
+def mount(files: list[ExportFile], mountpoint: str, *, naked: bool, single_thread: bool,
+          debug: bool, options: dict[str, str | bool], on_ready: Callable[[], None]) -> None:
+    """Serve ``files`` at ``mountpoint`` until it is unmounted (see the module's manual)."""
+    fuse_base: Any = _load().FUSE
+
+    class Mount(fuse_base):  # type: ignore[misc]  # mfusepy has no type hints
+        """libfuse's read and write callbacks, without copying through bytes objects."""
+
+        def read(self, path: bytes, buf: Any, size: int, offset: int, fip: Any) -> int:
+            tree: Tree = self.operations
+            return tree.read(path, _buffer(buf, size), offset)
+
+        def write(self, path: bytes, buf: Any, size: int, offset: int, fip: Any) -> int:
+            tree: Tree = self.operations
+            return tree.write(path, _buffer(buf, size), offset)
+
+    ready = False
+
+    def mounted() -> None:
+        nonlocal ready
+        ready = True
+        on_ready()
+
+    tree = Tree(files, naked, mounted)
+    settings: dict[str, Any] = {"fsname": "pynbd", "subtype": "pynbd",
+                                "max_threads": DEFAULT_THREADS, **options}
+    try:
+        Mount(tree, mountpoint, foreground=True, nothreads=single_thread, debug=debug,
+              **settings)
+    except RuntimeError as exc:  # mfusepy: fuse_main_real's non-zero status
+        if not (ready and exc.args == (LOOP_ENDED_BY_SIGNAL,)):
+            raise MountError(f"cannot mount {mountpoint} (libfuse status {exc})") from None
