@@ -114,6 +114,21 @@ def test_cow_over_a_read_only_qemu_nbd(tmp_path):
     assert image.read_bytes() == before
 
 
+def test_meta_contexts_pass_through(tmp_path):
+    """qemu-nbd's dirty bitmap and allocation depth, seen through the proxy as directly."""
+    image = make_qcow2(tmp_path)
+    run(["qemu-img", "bitmap", "--add", str(image), "b0"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 5 2M 128k", str(image)])
+    contexts = ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]
+    with qemu_nbd(image, "-r", "-B", "b0", "-A") as up, served("nbd", up) as srv:
+        assert export_info(srv.uri)["contexts"] == contexts
+        for context in contexts:
+            maps = [run(["nbdinfo", f"--map={context}", uri]).stdout for uri in (srv.uri, up)]
+            assert maps[0] == maps[1], context
+        dirty = run(["nbdinfo", "--map=qemu:dirty-bitmap:b0", srv.uri]).stdout.decode().split()
+        assert dirty[:8] == ["0", str(2 << 20), "0", "clean", str(2 << 20), str(128 << 10), "1", "dirty"]
+
+
 def test_captive_qemu_nbd(tmp_path):
     image = make_qcow2(tmp_path)
     with served("nbd", "command=qemu-nbd", "arg=-f", "arg=qcow2", f"arg={image}") as srv:

@@ -9,7 +9,7 @@
 It is built on pynbd's own client (``pynbd.client``): every request of a
 client is passed on as the same NBD command, with its flags (FUA, fast zero,
 may-trim as the absence of NO_HOLE, req-one), and the answer (data, extents,
-the server's errno) comes back as it was.
+the server's errno, the status in any meta context) comes back as it was.
 
 Parameters (nbdkit's names; give one of uri=, socket=, hostname=, vsock=, command=)
     uri=URI               nbd://HOST[:PORT]/EXPORT, nbds://..., nbd+unix:///EXPORT?socket=PATH,
@@ -37,9 +37,12 @@ Parameters (nbdkit's names; give one of uri=, socket=, hostname=, vsock=, comman
 Behaviour
     - The export's size, flags (read-only, flush, FUA, trim, zero, fast zero,
       cache, multi-conn, rotational) and block sizes are the server's.
-    - Extents: base:allocation is asked of the server and passed through
-      (``nbdinfo --map`` shows the server's map). Other meta contexts (qemu's
-      dirty bitmaps) are not passed through.
+    - Meta contexts: base:allocation and every context the server lists
+      (qemu-nbd's ``qemu:dirty-bitmap:NAME`` with -B, ``qemu:allocation-depth``
+      with -A, ...) are offered to clients and answered by the server, so
+      ``nbdinfo --map=qemu:dirty-bitmap:b0`` and backup tools work through the
+      proxy. (Listing them costs one short connection in option mode when a
+      client connects; not with command=, whose one server has none of them.)
     - When the server goes away, the requests in flight and the next ones fail
       with EIO; each later request tries to connect again (with retry=), and
       once the server is back, requests succeed again (the size must not have
@@ -60,7 +63,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ..backend import (
@@ -74,6 +77,7 @@ from ..backend import (
     FUA_NONE,
     ConfigError,
     Connection,
+    ContextExtent,
     Extent,
     OpenContext,
     Param,
@@ -135,12 +139,14 @@ class Upstream:
         self.plugin = plugin
         self.export = export
         self.lock = threading.Lock()
-        self.handles: list[NBD | None] = [plugin.connect(export)]
+        self.contexts = plugin.upstream_contexts(export)
+        self.handles: list[NBD | None] = [plugin.connect(export, self.contexts)]
         first = self.handles[0]
         assert first is not None
         self.size = first.get_size()
         if first.can_multi_conn() and plugin.command is None:
-            self.handles += [plugin.connect(export) for _ in range((plugin.connections or 1) - 1)]
+            self.handles += [plugin.connect(export, self.contexts)
+                             for _ in range((plugin.connections or 1) - 1)]
         self.turn = itertools.cycle(range(len(self.handles)))
 
     def facts(self) -> NBD:
@@ -161,7 +167,7 @@ class Upstream:
 
     def reconnect(self, index: int) -> NBD:
         try:
-            handle = self.plugin.connect(self.export)
+            handle = self.plugin.connect(self.export, self.contexts)
         except OSError as exc:
             raise OSError(errno.EIO, f"nbd: the server is gone and reconnecting failed: "
                           f"{exc.strerror or exc}") from None
@@ -274,16 +280,25 @@ class NbdConnection(Connection):
     def cache(self, count: int, offset: int, flags: int) -> None:
         self.call(lambda h: h.cache(count, offset))
 
-    def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
+    def status(self, context: str, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+        """(offset, length, flags) runs the server reports in ``context`` from ``offset``."""
         answer = self.call(lambda h: h.block_status(min(count, _MAX_STATUS), offset,
                                                      flags=command_flags(flags)))
-        entries = answer.get(CONTEXT_BASE_ALLOCATION, [])
-        extents = []
+        entries = answer.get(context, [])
+        runs = []
         pos = offset
         for length, state in zip(entries[0::2], entries[1::2], strict=True):
-            extents.append(Extent(pos, length, bool(state & STATE_HOLE), bool(state & STATE_ZERO)))
+            runs.append((pos, length, state))
             pos += length
-        return extents
+        return runs
+
+    def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
+        return [Extent(pos, length, bool(state & STATE_HOLE), bool(state & STATE_ZERO))
+                for pos, length, state in self.status(CONTEXT_BASE_ALLOCATION, count, offset, flags)]
+
+    def block_status(self, context: str, count: int, offset: int, flags: int) -> list[ContextExtent]:
+        return [ContextExtent(pos, length, state)
+                for pos, length, state in self.status(context, count, offset, flags)]
 
     def close(self) -> None:
         if self.owned:
@@ -392,13 +407,44 @@ class NbdPlugin(Plugin):
             except OSError as exc:
                 raise ConfigError(exc.strerror or str(exc)) from None
 
-    def connect(self, export: str) -> NBD:
-        """A new connection to the server (tried 1 + retry= times); OSError if none."""
+    def list_meta_contexts(self, ctx: OpenContext) -> list[str]:
+        """The server's meta contexts (qemu:dirty-bitmap:NAME, qemu:allocation-depth, ...)."""
+        if self.shared_upstream is not None:
+            return self.shared_upstream.contexts
+        try:
+            return self.upstream_contexts(ctx.export_name if self.dynamic_export else self.export_name)
+        except OSError as exc:
+            log.warning("nbd: cannot list the server's meta contexts: %s", exc.strerror or exc)
+            return []
+
+    def upstream_contexts(self, export: str) -> list[str]:
+        """Ask the server (in option mode) which meta contexts ``export`` has, but
+        base:allocation. A captive server (command=) is not asked: it is started once."""
+        if self.command is not None:
+            return []
+        h = self.connect(export, (), listing=True)
+        try:
+            names = h.opt_list_meta_context()
+            h.opt_abort()
+        except (OSError, ProtocolError) as exc:
+            h.close()
+            raise OSError(errno.EIO, f"nbd: listing the meta contexts of {self.where}: {exc}") from None
+        return [name for name in names if name != CONTEXT_BASE_ALLOCATION]
+
+    def connect(self, export: str, contexts: Sequence[str], listing: bool = False) -> NBD:
+        """A new connection to the server (tried 1 + retry= times); OSError if none.
+
+        It asks for base:allocation and ``contexts``; ``listing`` leaves it in
+        option mode instead (to ask which contexts there are).
+        """
         attempt = 0
         while True:
             h = NBD()
             h.set_export_name(export)
-            h.add_meta_context(CONTEXT_BASE_ALLOCATION)
+            h.set_opt_mode(listing)
+            if not listing:
+                for context in (CONTEXT_BASE_ALLOCATION, *contexts):
+                    h.add_meta_context(context)
             h.set_tls(self.tls_mode)
             if self.tls_certificates:
                 h.set_tls_certificates(self.tls_certificates)
