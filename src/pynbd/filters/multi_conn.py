@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Sequence
 
 from ..backend import (
     FUA_EMULATE,
     FUA_NATIVE,
+    Buffer,
     Connection,
     Filter,
     FilterConnection,
@@ -87,7 +89,8 @@ class MultiConnConnection(FilterConnection["MultiConnFilter"]):
 
     def passes_through(self) -> frozenset[str]:
         if self.filter.multi_conn_track_dirty == "off":  # nothing to mark
-            return super().passes_through() | {"pread", "pwrite", "zero", "trim", "cache"}
+            return super().passes_through() | {"pread", "pread_buffers", "pwrite", "zero", "trim",
+                                               "cache"}
         return super().passes_through()
 
     def _mark(self, what: int) -> None:
@@ -101,6 +104,10 @@ class MultiConnConnection(FilterConnection["MultiConnFilter"]):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self._mark(READ)
         self.next.pread(buf, offset, flags)
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        self._mark(READ)
+        return self.next.pread_buffers(count, offset, flags)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
         self._mark(READ)
@@ -127,6 +134,7 @@ class MultiConnConnection(FilterConnection["MultiConnFilter"]):
 
 
 class MultiConnFilter(Filter):
+    short_requests = True
     name = "multi-conn"
     params = (
         Param("multi-conn-mode", "str", "when to advertise and emulate multi-conn",
