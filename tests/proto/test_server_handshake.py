@@ -219,7 +219,7 @@ def test_abort():
 
 
 def test_tls_modes():
-    assert replies(feed(started(), option(5)).data)[0][1] == ERR_UNSUP  # tls off
+    assert replies(feed(started(), option(5)).data)[0][1] == 2**31 + 2  # tls off: NBD_REP_ERR_POLICY
     hs = started(tls="require")
     assert replies(feed(hs, option(7, go_data())).data)[0][1] == ERR_TLS_REQD
     assert replies(feed(hs, option(8)).data)[0][1] == ERR_TLS_REQD

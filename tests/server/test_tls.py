@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from rawnbd import REP_ERR_TLS_REQD, RawClient
+from rawnbd import (
+    IHAVEOPT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_STARTTLS,
+    REP_ACK,
+    REP_ERR_TLS_REQD,
+    RawClient,
+)
 
 from nbdtest import SERVE, run, served
+
+REP_ERR_POLICY = 2**31 + 2
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -112,3 +125,47 @@ def test_missing_certificate_files_are_a_config_error(tmp_path):
                   "memory", "1M"], check=False)
     err = result.stderr.decode()
     assert result.returncode == 1 and "server-cert.pem" in err and "Traceback" not in err
+
+
+def test_require_leaks_nothing_before_starttls(pki):
+    """INFO, GO and LIST get NBD_REP_ERR_TLS_REQD with no export facts; EXPORT_NAME ends the
+    connection without a size."""
+    certs, _ = pki
+    with served("memory", "1M", options=["--tls=require", f"--tls-certificates={certs}"]) as srv:
+        with RawClient.connect(srv.socket) as plain:
+            plain.greet()
+            for option, data in ((OPT_INFO, b"\0\0\0\0\0\0"), (OPT_GO, b"\0\0\0\0\0\0"), (OPT_LIST, b"")):
+                replies = plain.option(option, data)
+                assert [r[0] for r in replies] == [REP_ERR_TLS_REQD], option
+                assert b"1048576" not in b"".join(r[1] for r in replies)
+            plain.send_option(OPT_EXPORT_NAME, b"")
+            assert plain.is_closed()
+
+
+def test_bytes_sent_after_starttls_are_never_read_as_options(pki):
+    """The STARTTLS injection class of bug: a GO pipelined after STARTTLS in clear text must not
+    be answered; those bytes are the start of the TLS handshake, which then fails."""
+    certs, _ = pki
+    with served("memory", "1M", options=["--tls=require", f"--tls-certificates={certs}"]) as srv:
+        with RawClient.connect(srv.socket) as plain:
+            plain.greet()
+            go = struct.pack(">QII", IHAVEOPT, OPT_GO, 6) + b"\0" * 6
+            plain.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0) + go)
+            option, reply, _ = plain.read_option_reply()
+            assert (option, reply) == (OPT_STARTTLS, REP_ACK)
+            rest = b""
+            try:
+                while chunk := plain.sock.recv(4096):
+                    rest += chunk
+            except ConnectionResetError:
+                pass  # the server gave up on the "TLS handshake"
+            assert struct.pack(">Q", 0x3E889045565A9) not in rest  # no option reply in clear text
+        assert nbdinfo(tls_uri(srv, certs)).returncode == 0
+
+
+def test_starttls_on_a_server_without_tls_is_refused_by_policy():
+    with served("memory", "1M") as srv:
+        with RawClient.connect(srv.socket) as client:
+            client.greet()
+            assert client.option(OPT_STARTTLS) == [(REP_ERR_POLICY, b"TLS is not enabled on this server")]
+            assert client.go()[-1][0] == REP_ACK  # the session goes on without TLS

@@ -336,7 +336,7 @@ class ServerHandshake(ByteMachine[State]):
         if data:
             return self._reply(option, Rep.ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
         if self.tls_mode == "off":
-            return self._reply(option, Rep.ERR_UNSUP, b"TLS is not enabled on this server")
+            return self._reply(option, Rep.ERR_POLICY, b"TLS is not enabled on this server")
         if self.tls_active:
             return self._reply(option, Rep.ERR_INVALID, b"TLS is already active")
         return StartTLS(wire.option_reply(option, Rep.ACK))

@@ -18,6 +18,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 
 Buffer = bytes | bytearray | memoryview
@@ -39,11 +40,36 @@ class Channel:
         self.address = address
         self.send_lock = threading.Lock()
         self.tls = False  # an SSLSocket takes no sendmsg and no recv flags
+        self.deadline: float | None = None  # see set_deadline
+        self.expired = False  # the deadline passed: the handshake took too long
 
     @property
     def can_probe(self) -> bool:
         """Whether ``probe`` works (not under TLS)."""
         return not self.tls
+
+    # ---- the handshake's deadline
+    def set_deadline(self, deadline: float | None) -> None:
+        """Until ``deadline`` (a ``time.monotonic()`` time) every receive, send and TLS
+        handshake waits at most what is left of it, so a client that sends nothing, or a
+        byte a second, is dropped in time (``--timeout``); None: wait as long as it takes."""
+        self.deadline = deadline
+        if deadline is None:
+            self.sock.settimeout(None)
+
+    def _arm(self) -> None:
+        """Before a wait: the socket's timeout is what is left until the deadline."""
+        assert self.deadline is not None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise ClientGone("the handshake took too long")
+        self.sock.settimeout(left)
+
+    def _gone(self, exc: BaseException) -> ClientGone:
+        if isinstance(exc, TimeoutError) and self.deadline is not None:
+            self.expired = True
+        return ClientGone(str(exc) or type(exc).__name__)
 
     # ---- receiving
     def recv_exact(self, view: memoryview) -> None:
@@ -53,10 +79,12 @@ class Channel:
         got = 0
         need = len(view)
         while got < need:
+            if self.deadline is not None:
+                self._arm()
             try:
                 n = sock.recv_into(view[got:], need - got, flags)
             except (OSError, ValueError) as exc:
-                raise ClientGone(str(exc)) from None
+                raise self._gone(exc) from None
             if n == 0:
                 raise ClientGone("end of stream" if got == 0 else "connection closed mid-message")
             got += n
@@ -87,6 +115,8 @@ class Channel:
         """Send a whole reply now: one sendmsg of all its parts when it can."""
         with self.send_lock:
             try:
+                if self.deadline is not None:
+                    self._arm()
                 if self.tls:
                     self.sock.sendall(b"".join(parts))
                     return
@@ -110,8 +140,11 @@ class Channel:
     def start_tls(self, context: ssl.SSLContext) -> None:
         """Run the server side of a TLS handshake on the socket."""
         try:
+            if self.deadline is not None:
+                self._arm()  # the whole TLS handshake must fit in what is left
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError) as exc:
+            self._gone(exc)
             raise ClientGone(f"TLS handshake failed: {exc}") from None
         self.tls = True
 

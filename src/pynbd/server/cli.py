@@ -29,7 +29,7 @@ from ..control.server import CommandTable, ControlSocket
 from ..proto.constants import NBD_DEFAULT_PORT
 from .dispatch import plan_for
 from .server import Listener, Server
-from .session import SessionConfig
+from .session import DEFAULT_HANDSHAKE_TIMEOUT, SessionConfig
 from .tls import server_context
 
 PROG = "pynbd serve"
@@ -45,6 +45,17 @@ def _threads(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of threads, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """--timeout: a number of seconds, 0 for none."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
     return value
 
 
@@ -73,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tls-certificates", metavar="DIR", help="directory of ca-cert.pem, server-cert.pem, server-key.pem")
     a("--tls-verify-peer", action="store_true", help="require a client certificate signed by the CA")
     a("--description", default="", help="export description sent to clients")
+    a("--timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECS",
+      help=f"drop a client that has not finished the handshake after SECS seconds "
+           f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g}; 0: never)")
+    a("--keepalive", action="store_true", help="TCP keepalives: find clients that vanished")
     a("-n", "--newstyle", action="store_true", help="newstyle protocol (the only one; accepted for nbdkit)")
     a("--version", action="store_true", help="print the version and exit")
     a("--help", "-h", action="store_true", help="this help, or a plugin's manual")
@@ -122,7 +137,8 @@ def _main(args: argparse.Namespace) -> int:
         _exit_with_parent()
     config = SessionConfig(stack=stack, dispatch=plan_for(stack, args.threads),
                            readonly=args.readonly, tls=args.tls, exportname=args.exportname,
-                           description=args.description)
+                           description=args.description, handshake_timeout=args.timeout or None,
+                           keepalive=args.keepalive)
     if args.tls != "off":
         if not args.tls_certificates:
             raise ConfigError("--tls needs --tls-certificates=DIR")

@@ -45,6 +45,10 @@ log = logging.getLogger("pynbd.server")
 
 DEFAULT_THREADS = 16
 SCRATCH_SIZE = 256 * 1024  # each worker's read buffer; larger reads get their own
+# What one connection may have waiting for its workers before the reader stops reading
+# (a client that never reads its replies cannot make the server queue without end).
+MAX_QUEUED = 256
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 Execute = Callable[[int, int, int, int, int, "memoryview | None", bytearray], None]
 
@@ -111,6 +115,11 @@ class WorkerPool:
         self.on_gone = on_gone
         self.queue: queue.SimpleQueue[tuple[int, int, int, int, int, memoryview | None] | None] = \
             queue.SimpleQueue()
+        # A client that sends requests but reads no replies blocks the workers in send;
+        # then the reader waits here instead of queueing without end.
+        self.room = threading.Condition()
+        self.queued = 0  # requests submitted and not finished
+        self.queued_bytes = 0  # their write payloads
         self.threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                         for i in range(size)]
         for thread in self.threads:
@@ -119,8 +128,15 @@ class WorkerPool:
     def submit(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
                payload: memoryview | None, scratch: bytearray) -> None:
         """Queue a request (the same signature as the inline ``execute``)."""
+        size = 0
         if payload is not None:
             payload = memoryview(bytearray(payload))
+            size = len(payload)
+        with self.room:
+            while self.queued and (self.queued >= MAX_QUEUED or self.queued_bytes + size > MAX_QUEUED_BYTES):
+                self.room.wait()
+            self.queued += 1
+            self.queued_bytes += size
         self.queue.put((flags, cmd, cookie, offset, length, payload))
 
     def close(self) -> None:
@@ -140,3 +156,8 @@ class WorkerPool:
             except ClientGone as exc:
                 log.debug("%s: %s", threading.current_thread().name, exc)
                 self.on_gone()
+            finally:
+                with self.room:
+                    self.queued -= 1
+                    self.queued_bytes -= len(payload) if payload is not None else 0
+                    self.room.notify()

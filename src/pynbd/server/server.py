@@ -14,6 +14,7 @@ import os
 import selectors
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 
@@ -25,6 +26,8 @@ log = logging.getLogger("pynbd.server")
 
 SD_LISTEN_FDS_START = 3
 SEND_BUFFER = 4 << 20  # room for several large read replies before sendmsg waits
+REPLY_TIMEOUT = 60  # seconds a reply may wait for a client that does not read; then it is dropped
+MAX_CONNECTIONS = 1024  # clients served at once; more are refused (--filter=limit sets fewer)
 
 
 class Listener:
@@ -209,11 +212,22 @@ class Server:
         except OSError as exc:
             log.warning("accept failed: %s", exc)
             return
+        with self._lock:
+            crowded = len(self._threads) >= MAX_CONNECTIONS
+        if crowded:
+            log.warning("refusing a client: %d connections already (the most one server serves)",
+                        MAX_CONNECTIONS)
+            sock.close()
+            return
         sock.setblocking(True)
+        # A client that stops reading its replies is dropped instead of holding its workers.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", REPLY_TIMEOUT, 0))
         if sock.family == socket.AF_UNIX:  # TCP tunes its own buffers; setting one stops that
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         else:
             address = f"unix#{sock.fileno()}"  # Unix clients have no address of their own
         thread = threading.Thread(target=self._session, args=(sock, address),

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 from ..backend import OpenContext
@@ -48,6 +49,8 @@ from .runner import RequestRunner
 
 log = logging.getLogger("pynbd.server")
 
+DEFAULT_HANDSHAKE_TIMEOUT = 60.0  # seconds a client has to finish the handshake (--timeout)
+
 
 @dataclass
 class SessionConfig:
@@ -58,6 +61,8 @@ class SessionConfig:
     readonly: bool = False
     tls: str = "off"
     ssl_context: ssl.SSLContext | None = None
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT  # --timeout (None: no limit)
+    keepalive: bool = False  # --keepalive: TCP keepalives on clients' sockets
     exportname: str | None = None  # -e: the only name served
     description: str = ""
 
@@ -74,17 +79,31 @@ class Session:
     def run(self) -> None:
         """Handshake, serve, clean up. Never raises."""
         try:
-            ready = self._handshake()
+            ready = self._timed_handshake()
             if ready is not None:
                 self._transmission(ready)
         except ClientGone as exc:
-            log.debug("client %s went away: %s", self.address, exc)
+            if self.channel.expired:
+                log.warning("client %s did not finish the handshake in %g s; dropped", self.address,
+                            self.config.handshake_timeout)
+            else:
+                log.debug("client %s went away: %s", self.address, exc)
         except ProtocolError as exc:
             log.warning("client %s: protocol error: %s; disconnecting", self.address, exc)
         except Exception:  # noqa: BLE001 (a session never takes the server down)
             log.exception("client %s: unexpected error", self.address)
         finally:
             self._close()
+
+    def _timed_handshake(self) -> Ready | None:
+        """The handshake, given --timeout seconds to finish (TLS handshake included)."""
+        timeout = self.config.handshake_timeout
+        if timeout is None:
+            return self._handshake()
+        self.channel.set_deadline(time.monotonic() + timeout)
+        ready = self._handshake()
+        self.channel.set_deadline(None)
+        return ready
 
     def stop(self) -> None:
         """Stop serving (from another thread): the reader sees the end of the stream."""
