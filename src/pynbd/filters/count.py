@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
-from ..backend import Filter, FilterConnection
+from ..backend import Buffer, Filter, FilterConnection
 
 log = logging.getLogger("pynbd.filters.count")
 
@@ -24,6 +25,12 @@ class CountConnection(FilterConnection["CountFilter"]):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pread(buf, offset, flags)
         self.filter.add(0, len(buf))
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        buffers = self.next.pread_buffers(count, offset, flags)
+        if buffers is not None:
+            self.filter.add(0, count)
+        return buffers
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pwrite(buf, offset, flags)

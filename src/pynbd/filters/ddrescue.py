@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import bisect
 import errno
+from collections.abc import Sequence
 
-from ..backend import CACHE_NONE, ConfigError, Filter, FilterConnection, Param, io_error
+from ..backend import CACHE_NONE, Buffer, ConfigError, Filter, FilterConnection, Param, io_error
 
 
 def parse_mapfile(path: str) -> list[tuple[int, int]]:
@@ -69,13 +70,20 @@ class DdrescueConnection(FilterConnection["DdrescueFilter"]):
     def can_cache(self) -> int:
         return CACHE_NONE
 
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+    def _check(self, count: int, offset: int) -> None:
         flt = self.filter
         index = bisect.bisect_right(flt.starts, offset) - 1
-        if index < 0 or offset + len(buf) > flt.ranges[index][1]:
-            raise io_error(errno.EIO, f"ddrescue: read of {len(buf)} bytes at offset {offset} "
+        if index < 0 or offset + count > flt.ranges[index][1]:
+            raise io_error(errno.EIO, f"ddrescue: read of {count} bytes at offset {offset} "
                                       f"touches a block that was not rescued")
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._check(len(buf), offset)
         self.next.pread(buf, offset, flags)
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        self._check(count, offset)
+        return self.next.pread_buffers(count, offset, flags)
 
 
 class DdrescueFilter(Filter):

@@ -28,9 +28,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from ..backend import CACHE_NONE, ConfigError, Connection, Filter, FilterConnection, OpenContext, Param
+from ..backend import (
+    CACHE_NONE,
+    Buffer,
+    ConfigError,
+    Connection,
+    Filter,
+    FilterConnection,
+    OpenContext,
+    Param,
+)
 
 log = logging.getLogger("pynbd.filters.scan")
 
@@ -66,17 +75,23 @@ class ScanConnection(FilterConnection["ScanFilter"]):
             except OSError as exc:
                 log.debug("scan: prefetch at %d failed: %s", pos, exc)
 
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+    def _ahead(self, end: int) -> None:
         flt = self.filter
-        end = offset + len(buf)
-        if flt.scan_ahead and end > flt.position:
+        if end > flt.position:
             with flt.lock:
                 flt.position = max(flt.position, end)
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._ahead(offset + len(buf))
         self.next.pread(buf, offset, flags)
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        self._ahead(offset + count)
+        return self.next.pread_buffers(count, offset, flags)
 
     def passes_through(self) -> frozenset[str]:
         if not self.filter.scan_ahead or self.thread is None:
-            return super().passes_through() | {"pread"}
+            return super().passes_through() | {"pread", "pread_buffers"}
         return super().passes_through()
 
     def close(self) -> None:

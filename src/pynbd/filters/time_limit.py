@@ -17,8 +17,9 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Sequence
 
-from ..backend import ConfigError, Connection, Filter, FilterConnection, OpenContext, Param, io_error
+from ..backend import Buffer, ConfigError, Connection, Filter, FilterConnection, OpenContext, Param, io_error
 from ..backend.shutdown import disconnect_client
 
 
@@ -38,6 +39,10 @@ class TimeLimitConnection(FilterConnection["TimeLimitFilter"]):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self._check()
         self.next.pread(buf, offset, flags)
+
+    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
+        self._check()
+        return self.next.pread_buffers(count, offset, flags)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self._check()
