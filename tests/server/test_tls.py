@@ -13,6 +13,7 @@ import json
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,16 @@ def test_starttls_on_a_server_without_tls_is_refused_by_policy():
             client.greet()
             assert client.option(OPT_STARTTLS) == [(REP_ERR_POLICY, b"TLS is not enabled on this server")]
             assert client.go()[-1][0] == REP_ACK  # the session goes on without TLS
+
+
+def test_tls_psk_says_what_it_needs(tmp_path):
+    keys = tmp_path / "keys.psk"
+    keys.write_text("alice:0123456789abcdef\n")
+    result = run([*SERVE, "-f", "-U", str(tmp_path / "s"), "--tls=require", f"--tls-psk={keys}",
+                  "memory", "1M"], check=False)
+    assert result.returncode == 1
+    error = result.stderr.decode()
+    if sys.version_info < (3, 13):
+        assert "--tls-psk needs Python 3.13 or later" in error
+    missing = run([*SERVE, "-f", "-U", str(tmp_path / "s"), "--tls=require", "memory", "1M"], check=False)
+    assert "--tls needs --tls-certificates=DIR or --tls-psk=FILE" in missing.stderr.decode()

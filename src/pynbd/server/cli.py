@@ -30,7 +30,7 @@ from ..proto.constants import NBD_DEFAULT_PORT
 from .dispatch import plan_for
 from .server import Listener, Server
 from .session import DEFAULT_HANDSHAKE_TIMEOUT, SessionConfig
-from .tls import server_context
+from .tls import psk_context, server_context
 
 PROG = "pynbd serve"
 DEFAULT_PLUGIN = "memory"
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tls", choices=("off", "on", "require"), default="off", help="TLS mode")
     a("--tls-certificates", metavar="DIR", help="directory of ca-cert.pem, server-cert.pem, server-key.pem")
     a("--tls-verify-peer", action="store_true", help="require a client certificate signed by the CA")
+    a("--tls-psk", metavar="FILE", help="TLS with pre-shared keys (psktool's format; Python 3.13+)")
     a("--description", default="", help="export description sent to clients")
     a("--timeout", type=_seconds, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECS",
       help=f"drop a client that has not finished the handshake after SECS seconds "
@@ -140,9 +141,12 @@ def _main(args: argparse.Namespace) -> int:
                            description=args.description, handshake_timeout=args.timeout or None,
                            keepalive=args.keepalive)
     if args.tls != "off":
-        if not args.tls_certificates:
-            raise ConfigError("--tls needs --tls-certificates=DIR")
-        config.ssl_context = server_context(args.tls_certificates, args.tls_verify_peer)
+        if args.tls_psk:
+            config.ssl_context = psk_context(args.tls_psk)
+        elif args.tls_certificates:
+            config.ssl_context = server_context(args.tls_certificates, args.tls_verify_peer)
+        else:
+            raise ConfigError("--tls needs --tls-certificates=DIR or --tls-psk=FILE")
     if args.single:
         return _serve_single(config, stack, args.control)
     stack.get_ready()  # before listening: a refusal leaves no socket behind
