@@ -21,7 +21,8 @@ Parameters
     scan-size=N         the size of each prefetch (a power of 2, default 2M)
 
 Only the default export is scanned, and only while at least one client is
-connected to it.
+connected to it. The prefetches run beside the client's own requests, so the
+layers below must allow parallel requests (nbdkit refuses to scan otherwise).
 """
 
 from __future__ import annotations
