@@ -5,7 +5,10 @@ exitwhen, limit and ip.
 accepting, disconnects the clients still connected and exits with status 0.
 It sends SIGTERM to the server's own process, the signal ``pynbd serve``
 handles that way, so it may be called from any thread (a request, a close,
-a filter's polling thread).
+a filter's polling thread). A server embedded in another program
+(``pynbd.serve``) installs no such handler: there the signal's default
+action ends the whole program, so filters that call this are for
+``pynbd serve``.
 """
 
 from __future__ import annotations
