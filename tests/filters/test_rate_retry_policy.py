@@ -112,3 +112,16 @@ def test_policy_bad_values_are_one_line(param, message):
     result = run([*PYNBD, "serve", "--filter=blocksize-policy", "memory", "1M", param], check=False)
     err = result.stderr.decode()
     assert result.returncode == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flt, param, message", [
+    ("rate", "rate=fast", "rate"), ("rate", "burstiness=soon", "burstiness"),
+    ("retry-request", "retry-request-retries=-1", "retry-request-retries"),
+    ("retry-request", "retry-request-delay=-2", "retry-request-delay"),
+    ("time-limit", "time-limit=0", "time-limit"), ("limit", "limit=-1", "limit"),
+    ("exitwhen", "exit-when-poll=0", "exit-when-poll"),
+])
+def test_more_bad_values_are_one_line(flt, param, message):
+    result = run([*PYNBD, "serve", f"--filter={flt}", "memory", "1M", param], check=False)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and message in err and "Traceback" not in err, err
