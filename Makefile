@@ -1,7 +1,7 @@
 # The two commands users need are `make demo` and `make test` (see README.md).
 PYTHON ?= python3
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench fuzz
 
 install:
 	$(PYTHON) -m pip install -q -e .
@@ -25,3 +25,6 @@ bench:
 	scripts/install-deps
 	$(PYTHON) -m pip install -q -r bench/requirements.lock
 	$(PYTHON) bench/run.py
+
+fuzz:
+	$(PYTHON) tests/fuzz/fuzz_main.py
