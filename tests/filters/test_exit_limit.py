@@ -68,15 +68,27 @@ def test_exitwhen_polls_while_idle(tmp_path, server):
         stop_process(proc)
 
 
-def test_exitwhen_script_and_process(tmp_path):
+@pytest.mark.parametrize("server", BOTH)
+@pytest.mark.parametrize("trigger", ["script", "process"])
+def test_exitwhen_script_and_process(tmp_path, server, trigger):
     flag = tmp_path / "flag"
     sleeper = subprocess.Popen(["sleep", "60"])
-    with served("--filter=exitwhen", "memory", "1M", f"exit-when-script=test -e {flag} && exit 88",
-                f"exit-when-process-exits={sleeper.pid}", "exit-when-poll=1") as srv:
-        assert nbdsh(srv.uri, "print(h.get_size())").strip() == "1048576"
+    try:
+        with served("--filter=exitwhen", "memory", "1M",
+                    f"exit-when-script=test -e {flag} && exit 88; exit 0",
+                    f"exit-when-process-exits={sleeper.pid}", "exit-when-poll=1",
+                    server=server) as srv:
+            assert nbdsh(srv.uri, "print(h.get_size())").strip() == "1048576"
+            assert srv.proc.poll() is None
+            if trigger == "script":
+                flag.touch()
+            else:
+                sleeper.kill()
+                sleeper.wait()  # reaped: a zombie still counts as running
+            wait_for(lambda: exited(srv.proc.pid), message=f"{server} still running")
+    finally:
         sleeper.kill()
         sleeper.wait()
-        wait_for(lambda: exited(srv.proc.pid), message="pynbd still running")
 
 
 def test_exitwhen_bad_fd_is_one_line():
