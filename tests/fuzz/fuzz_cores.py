@@ -32,6 +32,8 @@ from collections.abc import Hashable
 from fuzz_engine import Finding
 
 from pynbd.proto import wire
+from pynbd.proto.client_handshake import ClientHandshake, HandshakeConfig, OptionRefused
+from pynbd.proto.client_handshake import Ready as ClientReady
 from pynbd.proto.client_transmission import Transmission
 from pynbd.proto.constants import (
     MAX_OPTION_LENGTH,
@@ -459,4 +461,93 @@ class ClientTarget:
         return None
 
 
-CORE_TARGETS = (HandshakeTarget, TransmissionTarget, ClientTarget)
+def client_config(byte: int) -> HandshakeConfig:
+    return HandshakeConfig(export_name=("", "second", "odd", "nosuch")[byte & 3],
+                           structured_replies=bool(byte & 4), extended_headers=bool(byte & 8),
+                           meta_contexts=["base:allocation", *CONTEXTS][:byte >> 4 & 3],
+                           full_info=bool(byte & 64))
+
+
+class ClientHandshakeTarget:
+    """The client's handshake machine fed a (malicious) server's bytes.
+
+    Seeds are real conversations: the client machine talks to the server
+    machine in memory, and what the server said is the input to mutate.
+    """
+
+    name = "client-handshake"
+
+    def generate(self, rng: random.Random) -> bytes:
+        config = rng.randrange(256)
+        client = ClientHandshake(client_config(config))
+        server = ServerHandshake(tls="off", forced_export="second" if rng.random() < 0.2 else None)
+        said = [server.greeting()]
+        to_client = said[0]
+        for _ in range(200):
+            try:
+                event = client.next_event()
+            except OptionRefused:
+                break
+            if isinstance(event, NeedData):
+                if len(to_client) < event.size:
+                    break
+                client.receive_data(to_client[:event.size])
+                to_client = to_client[event.size:]
+            elif isinstance(event, Send):
+                server.receive_data(event.data)
+                reply = _serve_until_data(server)
+                said.append(reply)
+                to_client += reply
+            else:
+                break
+        return bytes([config]) + b"".join(said)
+
+    def run(self, data: bytes) -> Hashable:
+        if not data:
+            return "empty"
+        client = ClientHandshake(client_config(data[0]))
+        pos = 1
+        try:
+            for _ in range(10_000):
+                event = client.next_event()
+                if isinstance(event, NeedData):
+                    if pos >= len(data):
+                        return ("lost", client.state.name)
+                    client.receive_data(data[pos:pos + event.size])
+                    pos += event.size
+                elif isinstance(event, ClientReady):
+                    negotiated = event.negotiated
+                    if negotiated.size < 0 or negotiated.size >= 1 << 64:
+                        raise Finding(f"export size {negotiated.size}")
+                    return ("ready", negotiated.structured_replies, negotiated.extended_headers,
+                            len(negotiated.meta_contexts))
+                elif not isinstance(event, Send):
+                    return type(event).__name__
+            raise Finding("the client handshake made 10,000 moves")
+        except OptionRefused as exc:
+            return ("refused", exc.reply)
+        except RemoteProtocolError as exc:
+            return ("protocol", str(exc).split(" ")[0], client.state.name)
+
+    def close(self) -> None:
+        return None
+
+
+def _serve_until_data(server: ServerHandshake) -> bytes:
+    """Run the server machine until it needs bytes; what it sends."""
+    out = []
+    while True:
+        event = server.next_event()
+        if answer(server, event) is not None or isinstance(event, ListExports | ListMetaContexts
+                                                           | OpenExport):
+            continue
+        if isinstance(event, Send):
+            out.append(event.data)
+        elif isinstance(event, Closed | Ready):
+            out.append(event.reply)
+            return b"".join(out)
+        else:
+            return b"".join(out)
+
+
+CORE_TARGETS = (HandshakeTarget, TransmissionTarget, ClientTarget, ClientHandshakeTarget)

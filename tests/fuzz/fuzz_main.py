@@ -5,8 +5,8 @@
     python tests/fuzz/fuzz_main.py --seed 7 --crashes /tmp/crashes
 
 Targets (see fuzz_cores.py and fuzz_live.py): the server handshake, the
-server transmission core and the client reply parser (pure, fast: most of
-the inputs); a live server over a Unix socket with the memory, cow and file
+server transmission core, the client reply parser and the client handshake
+(pure, fast: most of the inputs); a live server over a Unix socket with the memory, cow and file
 stacks; ``pynbd info`` (plain and ``--map``) and ``pynbd copy`` against a
 malicious server. The report gives, per target, inputs, distinct outcomes,
 crashes and hangs (over 1 s), then the peak RSS, the RSS growth over the
@@ -30,7 +30,12 @@ for _path in (HERE, HERE.parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from fuzz_cores import ClientTarget, HandshakeTarget, TransmissionTarget  # noqa: E402
+from fuzz_cores import (  # noqa: E402
+    ClientHandshakeTarget,
+    ClientTarget,
+    HandshakeTarget,
+    TransmissionTarget,
+)
 from fuzz_engine import (  # noqa: E402
     HANG_SECONDS,
     Stats,
@@ -46,9 +51,10 @@ from fuzz_live import LiveServerTarget, ToolTarget  # noqa: E402
 
 # (factory, inputs at scale 1): 1,020,000 in all
 PLAN: list[tuple[Callable[[], Target], int]] = [
-    (HandshakeTarget, 320_000),
-    (TransmissionTarget, 320_000),
-    (ClientTarget, 320_000),
+    (HandshakeTarget, 240_000),
+    (TransmissionTarget, 240_000),
+    (ClientTarget, 240_000),
+    (ClientHandshakeTarget, 240_000),
     (lambda: LiveServerTarget("memory"), 15_000),
     (lambda: LiveServerTarget("cow"), 15_000),
     (lambda: LiveServerTarget("file"), 15_000),

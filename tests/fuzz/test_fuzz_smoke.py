@@ -1,5 +1,5 @@
 """CI's share of the fuzzing: a 30-second smoke of ``make fuzz`` (every target,
-about 3 s each, fixed seed) and hypothesis's structure-aware properties of
+about 2.7 s each, fixed seed) and hypothesis's structure-aware properties of
 the sans-IO cores.
 
 The smoke allows 5 s per input instead of ``make fuzz``'s 1 s, because CI
@@ -27,7 +27,7 @@ from pynbd.proto import wire
 from pynbd.proto.constants import Opt
 from pynbd.proto.server_transmission import ServerTransmission
 
-SMOKE_SECONDS_PER_TARGET = 3.0
+SMOKE_SECONDS_PER_TARGET = 2.7
 
 
 def test_fuzz_smoke(tmp_path):
