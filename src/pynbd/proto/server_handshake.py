@@ -145,12 +145,21 @@ class ServerHandshake(ByteMachine[State]):
 
     transitions = TRANSITIONS
 
-    def __init__(self, tls: str = "off", forced_export: str | None = None) -> None:
+    def __init__(self, tls: str = "off", forced_export: str | None = None,
+                 global_flags: int = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+                 structured_replies: bool = True, meta_contexts: bool = True) -> None:
+        """``global_flags``: the handshake flags offered (nbdkit's --mask-handshake);
+        ``structured_replies`` / ``meta_contexts`` False: those options are
+        answered NBD_REP_ERR_UNSUP (--no-sr, --no-meta-contexts)."""
         if tls not in ("off", "on", "require"):
             raise ValueError(f"tls must be off, on or require, not {tls!r}")
         super().__init__(State.CLIENT_FLAGS)
         self.tls_mode = tls
         self.forced_export = forced_export
+        self.global_flags = global_flags
+        self.offers: dict[int, bool] = {
+            Opt.STRUCTURED_REPLY: structured_replies, Opt.EXTENDED_HEADERS: structured_replies,
+            Opt.LIST_META_CONTEXT: meta_contexts, Opt.SET_META_CONTEXT: meta_contexts}
         self.tls_active = False
         self.no_zeroes = False
         self.structured_replies = False
@@ -167,7 +176,7 @@ class ServerHandshake(ByteMachine[State]):
 
     # ---- driver interface
     def greeting(self) -> bytes:
-        return wire.greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        return wire.greeting(self.global_flags)
 
     def tls_established(self) -> None:
         """The driver calls this once the TLS handshake succeeded."""
@@ -286,7 +295,7 @@ class ServerHandshake(ByteMachine[State]):
         (flags,) = wire.CLIENT_FLAGS.unpack(data)
         if flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
             return self._close(f"unknown client flags {flags:#x}")
-        self.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
+        self.no_zeroes = bool(flags & FLAG_C_NO_ZEROES & self.global_flags)
         self._goto(State.OPTION_HEADER)
         return self._next()
 
@@ -310,7 +319,7 @@ class ServerHandshake(ByteMachine[State]):
                 return self._close("client asked for an export before starting TLS")
             return self._option_done(self._reply(option, Rep.ERR_TLS_REQD, b"TLS is required"))
         handler = self._HANDLERS.get(option)
-        if handler is None:
+        if handler is None or not self.offers.get(option, True):
             return self._option_done(self._reply(option, Rep.ERR_UNSUP,
                                                  f"option {option} is not supported".encode()))
         try:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..backend import OpenContext
 from ..backend.layer import Layer
 from ..backend.stack import Stack
+from ..proto.constants import FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES
 from ..proto.errors import ProtocolError
 from ..proto.machine import NeedData, Send
 from ..proto.server_handshake import (
@@ -65,6 +66,9 @@ class SessionConfig:
     keepalive: bool = False  # --keepalive: TCP keepalives on clients' sockets
     exportname: str | None = None  # -e: the only name served
     description: str = ""
+    global_flags: int = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES  # --mask-handshake
+    structured_replies: bool = True  # --no-sr: False
+    meta_contexts: bool = True  # --no-meta-contexts: False
 
 
 class Session:
@@ -125,7 +129,8 @@ class Session:
         ctx = OpenContext(readonly=cfg.readonly, client_address=self.address,
                           extra={"disconnect": self.stop})  # plugins may drop their client
         catalog = StackCatalog(cfg.stack, ctx, cfg.description)
-        hs = ServerHandshake(tls=cfg.tls, forced_export=cfg.exportname)
+        hs = ServerHandshake(tls=cfg.tls, forced_export=cfg.exportname, global_flags=cfg.global_flags,
+                             structured_replies=cfg.structured_replies, meta_contexts=cfg.meta_contexts)
         channel.send([hs.greeting()])
         while True:
             event = hs.next_event()
