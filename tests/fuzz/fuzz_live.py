@@ -37,6 +37,7 @@ from fuzz_engine import Finding, Hang
 
 import pynbd
 from pynbd.client import NBD
+from pynbd.proto.constants import REPLY_MAGIC, Opt, Rep
 from pynbd.tools import copy as copy_tool
 from pynbd.tools import info as info_tool
 
@@ -282,6 +283,23 @@ def _wait_for_bytes(sock: socket.socket, got: int, want: int) -> int:
     return got
 
 
+INFO_EXPORT_REPLY = struct.pack(">QII", REPLY_MAGIC, Opt.GO, Rep.INFO)  # then length, type, size
+
+
+def advertised_sizes(data: bytes) -> set[int]:
+    """Every export size an NBD_INFO_EXPORT reply in the server's messages gives."""
+    stream = b"".join(message for _, message in decode(data))
+    sizes, pos = set(), stream.find(INFO_EXPORT_REPLY[:8])
+    while pos >= 0:
+        reply = stream[pos + 8:pos + 30]
+        if len(reply) == 22:
+            _, rtype, _, info, size = struct.unpack(">IIIHQ", reply)
+            if rtype == Rep.INFO and info == 0:
+                sizes.add(size)
+        pos = stream.find(INFO_EXPORT_REPLY[:8], pos + 1)
+    return sizes
+
+
 TOOLS = {
     "info": lambda uri, dst: info_tool.main([uri]),
     "info-map": lambda uri, dst: info_tool.main(["--map", "--json", uri]),
@@ -319,7 +337,16 @@ class ToolTarget:
             f.truncate(DISK)
 
     def generate(self, rng: random.Random) -> bytes:
-        return self.recorded
+        """The recorded conversation, sometimes with another export size in it."""
+        if rng.random() < 0.7:
+            return self.recorded
+        return self.with_size(rng.choice((0, 1, 511, 512, DISK - 1, DISK + 512, 2 * DISK, 1 << 40,
+                                          (1 << 63) - 1, 1 << 63, (1 << 64) - 1)))
+
+    def with_size(self, size: int) -> bytes:
+        """The recorded conversation with the export's size replaced by ``size``."""
+        return self.recorded.replace(INFO_EXPORT_REPLY + struct.pack(">IHQ", 12, 0, DISK),
+                                     INFO_EXPORT_REPLY + struct.pack(">IHQ", 12, 0, size))
 
     def run(self, data: bytes) -> Hashable:
         self.fake.script = decode(data)
@@ -330,9 +357,11 @@ class ToolTarget:
         finally:
             self.fake.finish()
         size = os.stat(self.dst).st_size
-        if size != DISK:
-            self._reset_dst()
-            raise Finding(f"copy changed its destination's size to {size}")
+        if size != DISK:  # copy sizes a file to the source, as nbdcopy does: to nothing else
+            self._reset_dst()  # (it empties the file first: a size it cannot set leaves it empty)
+            if size not in advertised_sizes(data) and not (size == 0 and status == 1):
+                raise Finding(f"copy made its destination {size} bytes, a size the source "
+                              f"never advertised")
         lines = err.getvalue().strip().splitlines()
         if status not in (0, 1) or (status == 1 and len(lines) != 1):
             raise Finding(f"exit status {status} with stderr {err.getvalue()[:300]!r}")

@@ -70,6 +70,7 @@ from .errors import LocalProtocolError, RemoteProtocolError
 from .machine import ByteMachine, NeedData, Send
 
 MAX_OPTION_REPLY = 16 * 1024 * 1024  # larger option replies are refused
+MAX_EXPORT_SIZE = (1 << 63) - 1  # larger export sizes are refused
 OLDSTYLE_REST = 8 + 4 + 124  # size, flags, padding after the two magics
 
 _REP_ERRNO: dict[int, int] = {
@@ -99,6 +100,15 @@ class OptionRefused(Exception):
             text = f"server replied {_name(Rep, self.reply)}"
         detail = f": {self.server_message}" if self.server_message else ""
         return f"{opt} refused: {text}{detail}"
+
+
+def _export_size(size: int) -> int:
+    """An export size the client can use: at most 2**63 - 1 bytes, as libnbd insists
+    (file offsets are signed 64-bit; a larger size broke ``pynbd copy``)."""
+    if size > MAX_EXPORT_SIZE:
+        raise RemoteProtocolError(f"server claims an export of {size} bytes, more than "
+                                  f"{MAX_EXPORT_SIZE}")
+    return size
 
 
 def _name(kind: type[enum.IntEnum], value: int) -> str:
@@ -398,7 +408,7 @@ class ClientHandshake(ByteMachine[State]):
     def _oldstyle(self, data: bytes) -> None:
         size, flags = wire.U64.unpack_from(data)[0], wire.U32.unpack_from(data, 8)[0]
         self.negotiated.protocol = "oldstyle"
-        self.negotiated.size, self.negotiated.flags = size, flags & 0xFFFF
+        self.negotiated.size, self.negotiated.flags = _export_size(size), flags & 0xFFFF
         self._ready()
 
     def _newstyle_flags(self, data: bytes) -> None:
@@ -545,7 +555,8 @@ class ClientHandshake(ByteMachine[State]):
     def _info_export(self, payload: bytes) -> None:
         if len(payload) != wire.INFO_EXPORT.size:
             raise RemoteProtocolError("NBD_INFO_EXPORT has the wrong length")
-        _, self.negotiated.size, self.negotiated.flags = wire.INFO_EXPORT.unpack(payload)
+        _, size, self.negotiated.flags = wire.INFO_EXPORT.unpack(payload)
+        self.negotiated.size = _export_size(size)
 
     def _info_name(self, payload: bytes) -> None:
         self.negotiated.canonical_name = _text(payload[2:])
@@ -585,7 +596,8 @@ class ClientHandshake(ByteMachine[State]):
         self._pending.append(OptionDone(option, list(self._results)))
 
     def _export_name_reply(self, data: bytes) -> None:
-        self.negotiated.size, self.negotiated.flags = wire.EXPORT_NAME_REPLY.unpack_from(data)
+        size, self.negotiated.flags = wire.EXPORT_NAME_REPLY.unpack_from(data)
+        self.negotiated.size = _export_size(size)
         self._ready()
 
     def _skip_optional(self, refused: OptionRefused) -> None:
