@@ -373,7 +373,7 @@ class ClientTarget:
     commands = (Cmd.READ, Cmd.READ, Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.BLOCK_STATUS, Cmd.TRIM)
 
     def generate(self, rng: random.Random) -> bytes:
-        mode = rng.randrange(4)
+        mode = rng.randrange(8)
         structured, extended = bool(mode & 1) or bool(mode & 2), bool(mode & 2)
         specs = [(rng.randrange(len(self.commands)), rng.choice((0, 1, 7, 127)), rng.randrange(1 << 16))
                  for _ in range(rng.randrange(1, 5))]
@@ -419,6 +419,7 @@ class ClientTarget:
         mode, count = data[0], data[1] % 8
         extended = bool(mode & 2)
         client = Transmission(bool(mode & 1), extended, {1: "base:allocation"}, buffer_size=4096)
+        client.direct_reads = bool(mode & 4)  # as a driver receiving large reads in place
         pos = 2
         reads: list[tuple[bytearray, int]] = []
         commands = []
@@ -455,7 +456,7 @@ class ClientTarget:
             if command.done and command.cmd == Cmd.READ and not command.error \
                     and command.covered != command.count:
                 raise Finding(f"read reported done with {command.covered} of {command.count} bytes")
-        return (outcome, finished, mode & 3)
+        return (outcome, finished, mode & 7)
 
     def close(self) -> None:
         return None
