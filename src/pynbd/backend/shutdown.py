@@ -3,12 +3,11 @@ exitwhen, limit and ip.
 
 ``request_shutdown()`` is nbdkit's ``nbdkit_shutdown()``: the server stops
 accepting, disconnects the clients still connected and exits with status 0.
-It sends SIGTERM to the server's own process, the signal ``pynbd serve``
-handles that way, so it may be called from any thread (a request, a close,
-a filter's polling thread). A server embedded in another program
-(``pynbd.serve``) installs no such handler: there the signal's default
-action ends the whole program, so filters that call this are for
-``pynbd serve``.
+A running server registers how it shuts down (``on_shutdown_request``, which
+``pynbd.server`` calls for every server it makes, embedded ones included);
+with none registered it sends SIGTERM to its own process, the signal ``pynbd
+serve`` handles that way. Either may be called from any thread (a request, a
+close, a filter's polling thread).
 """
 
 from __future__ import annotations
@@ -16,16 +15,28 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 from .connection import OpenContext
 
 log = logging.getLogger("pynbd.backend.shutdown")
 
+_HANDLERS: list[Callable[[], None]] = []  # the running server's shutdown, if one registered
+
+
+def on_shutdown_request(handler: Callable[[], None]) -> Callable[[], None]:
+    """Make ``handler`` what ``request_shutdown`` calls; returns the function that undoes it."""
+    _HANDLERS.append(handler)
+    return lambda: _HANDLERS.remove(handler) if handler in _HANDLERS else None
+
 
 def request_shutdown(reason: str) -> None:
     """Make the server exit; ``reason`` is logged."""
     log.info("%s: shutting down the server", reason)
-    os.kill(os.getpid(), signal.SIGTERM)
+    if _HANDLERS:
+        _HANDLERS[-1]()
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def disconnect_client(ctx: OpenContext) -> None:

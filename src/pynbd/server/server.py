@@ -19,6 +19,7 @@ import tempfile
 import threading
 
 from ..backend import ConfigError
+from ..backend.shutdown import on_shutdown_request
 from ..control.server import ControlSocket
 from .session import Session, SessionConfig
 
@@ -149,6 +150,8 @@ class Server:
         self._lock = threading.Lock()
         self.stopping = False
         self.control: ControlSocket | None = None  # --control=PATH, closed before the stack unloads
+        # Filters that end the server (exitlast, exitwhen) reach this one, embedded or not.
+        self._forget_shutdown = on_shutdown_request(self.shutdown)
 
     # ---- lifetime
     def serve_forever(self) -> None:
@@ -198,6 +201,7 @@ class Server:
             session.stop()
         for thread in threads:
             thread.join(timeout=10)
+        self._forget_shutdown()
         self.config.stack.unload()
         for fd in (self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):  # already closed by an earlier shutdown
