@@ -144,6 +144,22 @@ def _call(function: Callable[..., int] | None, name: str, *args: int) -> None:
             raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
+# ---------------------------------------------------------------- memory locking
+MCL_CURRENT, MCL_FUTURE = 1, 2
+_mlock = _libc_function("mlock")
+_mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+
+def mlock(address: int, length: int) -> None:
+    """Lock ``length`` bytes at ``address`` in RAM (raises OSError, e.g. ENOMEM over RLIMIT_MEMLOCK)."""
+    _call(_mlock, "mlock", address, length)
+
+
+def mlockall() -> None:
+    """Lock the whole process, now and later, in RAM (nbdkit's --swap)."""
+    _call(_libc_function("mlockall"), "mlockall", MCL_CURRENT | MCL_FUTURE)
+
+
 # ---------------------------------------------------------------- fallocate
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

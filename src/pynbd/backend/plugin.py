@@ -86,6 +86,11 @@ class _Configurable:
         """Whether every request is short; see ``short_requests``."""
         return self.short_requests
 
+    def dump_plugin(self) -> dict[str, str]:
+        """Extra ``key=value`` lines of ``--dump-plugin`` (nbdkit's dump_plugin callback);
+        may run on an unconfigured instance when no parameters were given."""
+        return {}
+
     def control_commands(self) -> Sequence[Command]:
         """Commands this layer serves on ``--control=PATH`` (see ``pynbd.backend.control``)."""
         return ()

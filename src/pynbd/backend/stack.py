@@ -2,8 +2,8 @@
 
 ``filters[0]`` is the outermost layer (the first ``--filter=`` named), as in
 nbdkit. ``key=value`` arguments go to the outermost filter that declares the
-key, otherwise to the plugin; a bare first word sets the plugin's magic
-parameter.
+key, otherwise to the plugin; a bare word anywhere sets the plugin's magic
+parameter (later bare words of a plugin that takes any key: key "").
 """
 
 from __future__ import annotations
@@ -53,15 +53,18 @@ class Stack:
         plugin_cls = find_plugin(plugin_name)
         filter_classes = [find_filter(name) for name in filter_names]
         pairs: list[list[tuple[str, str]]] = [[] for _ in range(len(filter_classes) + 1)]
-        for index, arg in enumerate(args):
+        magic_seen = False
+        for arg in args:
             key, value = split_key_value(arg)
             if key is None:
-                if index == 0 and plugin_cls.magic_param is not None:
-                    key = plugin_cls.magic_param
+                if plugin_cls.magic_param is not None and not (
+                        magic_seen and plugin_cls.accept_unknown_params):
+                    key = plugin_cls.magic_param  # anywhere after the plugin, as in nbdkit
                 elif plugin_cls.accept_unknown_params:
                     key = ""  # a later bare word: the plugin decides (sh: its script's magic key)
                 else:
                     raise ConfigError(f"{plugin_cls.name}: expected key=value, got {arg!r}")
+            magic_seen = magic_seen or key == plugin_cls.magic_param
             owner = next((i for i, f in enumerate(filter_classes)
                           if any(p.name == key for p in f.params)), len(filter_classes))
             pairs[owner].append((key, value))

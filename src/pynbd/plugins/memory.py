@@ -12,6 +12,9 @@ Parameters
     allocator=malloc   one flat anonymous mapping of the whole size (at most
                        128 TiB); pages the kernel never touched cost nothing,
                        zero/trim give them back; extents report all data
+    allocator=malloc,mlock=true
+                       the same, locked in RAM (mlock: never swapped out;
+                       needs RLIMIT_MEMLOCK or root for large disks)
     allocator=zstd     like sparse, but every page is kept compressed with
                        zstandard: slower, much smaller for compressible data
 
@@ -26,7 +29,7 @@ The allocators are in ``pynbd.backend.allocators``.
 from __future__ import annotations
 
 from ..backend import ConfigError, Connection, Extent, OpenContext, Param, Plugin, RamDisk
-from ..backend.allocators import ALLOCATORS, Allocator, create_allocator
+from ..backend.allocators import ALLOCATORS, Allocator, MallocAllocator, create_allocator
 from ..backend.params import MAX_SIZE
 
 
@@ -65,14 +68,26 @@ class MemoryDisk(RamDisk):
         return list(self.allocator.extents(count, offset, flags))
 
 
+def _malloc_options(kind: str, extra: str) -> bool:
+    """Whether ``allocator=malloc,mlock=true`` asks for locked memory (nbdkit's syntax)."""
+    if not extra:
+        return False
+    if kind != "malloc":
+        raise ConfigError(f"allocator={kind} does not take extra parameters")
+    key, _, value = extra.partition("=")
+    if key != "mlock" or value.lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        raise ConfigError(f"allocator=malloc: unknown parameter {extra!r} (expected mlock=true|false)")
+    return value.lower() in ("true", "yes", "on", "1")
+
+
 class MemoryPlugin(Plugin):
     name = "memory"
     short_requests = True
     magic_param = "size"
     params = (
         Param("size", "size", "size of the disk", required=True),
-        Param("allocator", "str", "how pages are stored", default="sparse",
-              choices=tuple(ALLOCATORS)),
+        Param("allocator", "str", "how pages are stored: sparse, malloc[,mlock=true], zstd",
+              default="sparse"),
     )
     size: int  # set from the parameters
     allocator: str
@@ -81,11 +96,20 @@ class MemoryPlugin(Plugin):
     def config_complete(self) -> None:
         if self.size > MAX_SIZE:
             raise ConfigError("memory: size is larger than 2^63-1")
+        kind, _, extra = self.allocator.partition(",")
         try:
-            allocator = create_allocator(self.allocator, self.size)
+            if extra and kind not in ("malloc", *ALLOCATORS):
+                raise ConfigError(f"unknown allocator {self.allocator!r}")
+            mlock = _malloc_options(kind, extra)
+            allocator = create_allocator(kind, self.size)
+            if mlock and isinstance(allocator, MallocAllocator):
+                allocator.lock()
         except ConfigError as e:
             raise ConfigError(f"memory: {e}") from None
         self.disk = MemoryDisk(self.size, allocator)
+
+    def dump_plugin(self) -> dict[str, str]:
+        return {"mlock": "yes"}
 
     def open(self, ctx: OpenContext) -> Connection:
         return self.disk

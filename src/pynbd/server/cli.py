@@ -11,22 +11,31 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import grp
+import importlib.util
 import logging
 import logging.handlers
 import os
+import platform
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
+from typing import Any
 
 from .. import __version__
 from ..backend import ConfigError
+from ..backend.debugflags import set_debug_flag
+from ..backend.linux import mlockall
 from ..backend.plugin import Filter, Plugin
 from ..backend.registry import builtin_names, find_filter, find_plugin
 from ..backend.stack import Stack
 from ..control.server import CommandTable, ControlSocket
-from ..proto.constants import NBD_DEFAULT_PORT
+from ..proto.constants import FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, NBD_DEFAULT_PORT
 from .dispatch import plan_for
 from .server import Listener, Server
 from .session import DEFAULT_HANDSHAKE_TIMEOUT, SessionConfig
@@ -59,18 +68,38 @@ def _seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+_ALL_GLOBAL_FLAGS = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+
+
+def _mask(text: str) -> int:
+    """--mask-handshake: an integer (0x.. and 0.. accepted), masked to the flags pynbd has."""
+    try:
+        return int(text, 0) & _ALL_GLOBAL_FLAGS
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer mask, got {text!r}") from None
+
+
+def build_parser(options: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``options`` (if given) receives every option string."""
     p = argparse.ArgumentParser(prog=PROG, add_help=False,
                                 usage="%(prog)s [OPTIONS] PLUGIN [[KEY=]VALUE ...]")
-    a = p.add_argument
+
+    def a(*names: str, **kwargs: Any) -> None:
+        p.add_argument(*names, **kwargs)
+        if options is not None:
+            options.extend(n for n in names if n.startswith("-"))
     a("-p", "--port", type=int, help="TCP port to listen on (default 10809)")
-    a("-i", "--ipaddr", help="listen only on this address")
+    a("-i", "--ipaddr", "--ip-addr", help="listen only on this address")
     a("-U", "--unix", metavar="PATH", help="listen on a Unix socket ('-' for a private one)")
-    a("-s", "--single", action="store_true", help="serve one client on stdin/stdout")
-    a("-r", "--readonly", action="store_true", help="serve read-only")
-    a("-e", "--exportname", help="the export name to serve and put in $uri")
-    a("-f", "--foreground", action="store_true", help="do not fork into the background")
-    a("-P", "--pidfile", help="write the server's process ID here")
+    a("-s", "--single", "--stdin", action="store_true", help="serve one client on stdin/stdout")
+    a("-r", "--readonly", "--read-only", action="store_true", help="serve read-only")
+    a("-e", "--exportname", "--export-name", "--export", help="the export name to serve and put in $uri")
+    a("-f", "--foreground", "--no-fork", action="store_true", help="do not fork into the background")
+    a("-P", "--pidfile", "--pid-file", help="write the server's process ID here")
+    a("-u", "--user", help="after listening, run as this user (name or number)")
+    a("-g", "--group", help="after listening, run as this group (name or number)")
+    a("-D", "--debug", action="append", default=[], metavar="NAME.FLAG=N",
+      help="set a plugin's, filter's or the server's debug flag (nbdkit-plugin(3), Debug Flags)")
     a("--exit-with-parent", action="store_true", help="exit when the parent process exits")
     a("-t", "--threads", type=_threads, default=None,
       help="requests of one connection run at once (see pynbd.server.dispatch; default: 1 where "
@@ -89,8 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"drop a client that has not finished the handshake after SECS seconds "
            f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g}; 0: never)")
     a("--keepalive", action="store_true", help="TCP keepalives: find clients that vanished")
-    a("-n", "--newstyle", action="store_true", help="newstyle protocol (the only one; accepted for nbdkit)")
-    a("--version", action="store_true", help="print the version and exit")
+    a("--mask-handshake", type=_mask, default=_ALL_GLOBAL_FLAGS, metavar="MASK",
+      help="handshake flags offered: 1 fixed newstyle, 2 no zeroes (default 3)")
+    a("--no-sr", action="store_true", help="refuse structured replies (and so block status)")
+    a("--no-meta-contexts", action="store_true", help="refuse meta contexts (and so block status)")
+    a("--print-uri", action="store_true", help="print the URI clients connect to")
+    a("--swap", action="store_true", help="lock the server in memory (mlockall), to serve swap space")
+    a("--selinux-label", metavar="LABEL", help="SELinux label of the listening socket")
+    a("-n", "--newstyle", "--new-style", action="store_true",
+      help="newstyle protocol (the only one; accepted for nbdkit)")
+    a("--version", "-V", action="store_true", help="print the version and exit")
+    a("--long-options", action="store_true", help="list the long options and exit")
+    a("--short-options", action="store_true", help="list the short options and exit")
     a("--help", "-h", action="store_true", help="this help, or a plugin's manual")
     a("--dump-plugin", action="store_true", help="print the plugin's settings and exit")
     a("--dump-config", action="store_true", help="print the build configuration and exit")
@@ -113,6 +152,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.dump_config:
         print(dump_config())
         return 0
+    if args.long_options or args.short_options:
+        print(list_options(long=args.long_options))
+        return 0
+    for spec in args.debug:
+        set_debug_flag(spec)
+    if args.dump_plugin and args.single:
+        raise ConfigError("--dump-plugin cannot be used with -s")
     if not args.words:
         if args.version:
             print(f"pynbd {__version__}")
@@ -122,16 +168,20 @@ def _main(args: argparse.Namespace) -> int:
             return 0
         raise ConfigError("no plugin named; try 'pynbd serve --help'")
     plugin_name, plugin_args = args.words[0], args.words[1:]
-    if args.help or args.version or args.dump_plugin:
+    if args.help or args.version:
         plugin_cls = find_plugin(plugin_name)
-        filter_classes = [find_filter(f) for f in args.filter]
         if args.help:
-            print(plugin_help(plugin_cls, filter_classes))
-        elif args.version:
-            print(f"{plugin_cls.name} {plugin_cls.version or __version__}")
+            print(plugin_help(plugin_cls, [find_filter(f) for f in args.filter]))
         else:
-            print(dump_plugin(plugin_cls, filter_classes))
+            print(f"{plugin_cls.name} {plugin_cls.version or __version__}")
         return 0
+    if args.dump_plugin:
+        print(dump_plugin(plugin_name, plugin_args, args.filter))
+        return 0
+    if args.single and _script_on_stdin(plugin_name, plugin_args):
+        raise ConfigError("an inline script read from standard input is incompatible with -s")
+    if args.swap:
+        _lock_memory()
     stack = Stack.from_args(plugin_name, plugin_args, args.filter)
     _setup_logging(args)
     if args.exit_with_parent:
@@ -139,7 +189,8 @@ def _main(args: argparse.Namespace) -> int:
     config = SessionConfig(stack=stack, dispatch=plan_for(stack, args.threads),
                            readonly=args.readonly, tls=args.tls, exportname=args.exportname,
                            description=args.description, handshake_timeout=args.timeout or None,
-                           keepalive=args.keepalive)
+                           keepalive=args.keepalive, global_flags=args.mask_handshake,
+                           structured_replies=not args.no_sr, meta_contexts=not args.no_meta_contexts)
     if args.tls != "off":
         if args.tls_psk:
             config.ssl_context = psk_context(args.tls_psk)
@@ -148,9 +199,13 @@ def _main(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("--tls needs --tls-certificates=DIR or --tls-psk=FILE")
     if args.single:
-        return _serve_single(config, stack, args.control)
+        return _serve_single(config, stack, args)
     stack.get_ready()  # before listening: a refusal leaves no socket behind
+    _selinux_label(args.selinux_label)
     listener = _make_listener(args)
+    _change_user(args.user, args.group)
+    if args.print_uri:
+        print(listener.uri(args.exportname or "", tls=args.tls == "require"), flush=True)
     server = Server(config, listener)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # from now on a signal cleans up
         signal.signal(sig, lambda *_: server.shutdown())
@@ -188,7 +243,7 @@ def _bind_control(server: Server, path: str | None) -> None:
         raise
 
 
-def _serve_single(config: SessionConfig, stack: Stack, control: str | None) -> int:
+def _serve_single(config: SessionConfig, stack: Stack, args: argparse.Namespace) -> int:
     if os.environ.get("LISTEN_PID") == str(os.getpid()):
         raise ConfigError("cannot use socket activation with -s/--single")
     try:
@@ -199,12 +254,59 @@ def _serve_single(config: SessionConfig, stack: Stack, control: str | None) -> i
         raise ConfigError("--single needs a stream socket on standard input")
     server = Server(config, Listener([]))
     stack.get_ready()
-    _bind_control(server, control)
+    _change_user(args.user, args.group)
+    _bind_control(server, args.control)
     stack.after_fork()
     if server.control is not None:
         server.control.start()
     server.serve_one(sock)
     return 0
+
+
+def _script_on_stdin(plugin_name: str, plugin_args: list[str]) -> bool:
+    """Whether the plugin reads its script from standard input (``sh -``), which -s needs."""
+    plugin_cls = find_plugin(plugin_name)
+    magic = plugin_cls.magic_param
+    return magic == "script" and any(arg in ("-", f"{magic}=-") for arg in plugin_args)
+
+
+def _lock_memory() -> None:
+    """--swap: mlockall, so that serving swap space never waits on swapping the server."""
+    try:
+        mlockall()
+    except OSError as exc:
+        raise ConfigError(f"--swap: mlockall: {exc.strerror}") from None
+
+
+def _selinux_label(label: str | None) -> None:
+    """--selinux-label: the label of sockets created from now on (where SELinux is enabled)."""
+    if label is None:
+        return
+    if not os.path.exists("/sys/fs/selinux/enforce"):
+        log.warning("--selinux-label=%s ignored: SELinux is not enabled on this system", label)
+        return
+    try:
+        with open(f"/proc/{threading.get_native_id()}/attr/sockcreate", "w") as f:
+            f.write(label)
+    except OSError as exc:
+        raise ConfigError(f"--selinux-label={label}: {exc.strerror}") from None
+
+
+def _change_user(user: str | None, group: str | None) -> None:
+    """-u/-g: drop to this user and group once the sockets are bound, as nbdkit does."""
+    try:
+        if group is not None:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            if os.getuid() == 0:
+                os.setgroups([gid])
+            os.setgid(gid)
+        if user is not None:
+            uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+            os.setuid(uid)
+    except KeyError as exc:
+        raise ConfigError(f"-u/-g: no such user or group: {exc.args[0]}") from None
+    except OSError as exc:
+        raise ConfigError(f"-u/-g: cannot change to {user or ''}:{group or ''}: {exc.strerror}") from None
 
 
 def _make_listener(args: argparse.Namespace) -> Listener:
@@ -294,11 +396,33 @@ def _daemonize() -> int:
 
 def general_help() -> str:
     parser = build_parser()
-    plugins = ", ".join(builtin_names(Plugin))
-    filters = ", ".join(builtin_names(Filter))
-    return (f"{parser.format_help()}\nPlugins: {plugins}\nFilters: {filters}\n\n"
-            f"Default plugin for a demo: {DEFAULT_PLUGIN} (pynbd serve memory 1G).\n"
-            "'pynbd serve PLUGIN --help' prints that plugin's manual.")
+    sections = [parser.format_help()]
+    for kind, label in ((Plugin, "Plugins"), (Filter, "Filters")):
+        names = builtin_names(kind)
+        width = max(map(len, names)) + 2
+        sections.append(f"{label}:\n" + "\n".join(f"  {n:<{width}}{_summary(kind, n)}" for n in names))
+    sections.append(f"Default plugin for a demo: {DEFAULT_PLUGIN} (pynbd serve memory 1G).\n"
+                    "'pynbd serve PLUGIN --help' prints that plugin's manual.")
+    return "\n\n".join(sections)
+
+
+def _summary(kind: type, name: str) -> str:
+    """The first line of a plugin's or filter's manual, without its name."""
+    try:
+        layer = find_plugin(name) if kind is Plugin else find_filter(name)
+    except ConfigError as exc:
+        return f"(cannot be loaded here: {exc})"
+    module = sys.modules.get(layer.__module__)
+    doc = (module.__doc__ if module is not None and module.__doc__ else layer.__doc__) or ""
+    first = doc.strip().partition("\n")[0]
+    return first.split(": ", 1)[1] if first.startswith(f"{name}: ") else first
+
+
+def list_options(long: bool) -> str:
+    """--long-options / --short-options: one option a line, as nbdkit prints them."""
+    names: list[str] = []
+    build_parser(names)
+    return "\n".join(sorted(n for n in names if n.startswith("--") == long))
 
 
 def plugin_help(plugin_cls: type[Plugin], filter_classes: list[type[Filter]]) -> str:
@@ -311,20 +435,53 @@ def plugin_help(plugin_cls: type[Plugin], filter_classes: list[type[Filter]]) ->
     return "\n\n".join(sections)
 
 
-def dump_plugin(plugin: type[Plugin], filters: list[type[Filter]]) -> str:
-    """nbdkit-style ``key=value`` lines about a plugin (no parameters needed)."""
-    layers: list[type[Plugin] | type[Filter]] = [*filters, plugin]
+_HOOKS = ("config_complete", "get_ready", "after_fork", "list_exports", "default_export",
+          "list_meta_contexts", "unload", "dump_plugin")
+
+
+def dump_plugin(plugin_name: str, plugin_args: list[str], filter_names: list[str]) -> str:
+    """nbdkit's ``--dump-plugin``: ``key=value`` lines about a plugin.
+
+    With parameters the plugin is configured first (a script plugin's own
+    ``dump_plugin`` can then run its script); without, only what its class says.
+    """
+    plugin_cls = find_plugin(plugin_name)
+    filters = [find_filter(f) for f in filter_names]
+    plugin = (Stack.from_args(plugin_name, plugin_args, filter_names).plugin if plugin_args
+              else plugin_cls.__new__(plugin_cls))
+    layers: list[type[Plugin] | type[Filter]] = [*filters, plugin_cls]
     model = min(layer.thread_model for layer in layers)
-    lines = [f"name={plugin.name}", f"version={plugin.version or __version__}",
-             "api_version=2", f"thread_model={model.name.lower()}"]
-    if plugin.magic_param:
-        lines.append(f"magic_config_key={plugin.magic_param}")
+    module = sys.modules.get(plugin_cls.__module__)
+    lines = [f"path={getattr(module, '__file__', None) or plugin_name}", f"name={plugin_cls.name}",
+             f"version={plugin_cls.version or __version__}", "api_version=2",
+             f"max_thread_model={plugin_cls.thread_model.name.lower()}",
+             f"thread_model={model.name.lower()}", "errno_is_preserved=1"]
+    if plugin_cls.magic_param:
+        lines.append(f"magic_config_key={plugin_cls.magic_param}")
+    lines += [f"has_{hook}=1" for hook in _HOOKS
+              if getattr(plugin_cls, hook, None) is not getattr(Plugin, hook, None)]
+    lines.append(f"has_thread_model={int(plugin_cls.get_thread_model is not Plugin.get_thread_model)}")
+    lines.append("max_known_status=2")
     for layer in layers:
         for param in layer.params:
             lines.append(f"{layer.name}.{param.name}={param.type}")
+    lines += [f"{key}={value}" for key, value in plugin.dump_plugin().items()]
     return "\n".join(lines)
 
 
 def dump_config() -> str:
-    return "\n".join([f"binary={sys.argv[0]}", "name=pynbd", f"version={__version__}",
-                      f"python={sys.version.split()[0]}", "tls=yes", "exit_with_parent=yes"])
+    """nbdkit's ``--dump-config`` keys, with pynbd's values."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bindir = os.path.dirname(shutil.which("pynbd") or sys.executable)
+    major, minor = (__version__.split(".") + ["0", "0"])[:2]
+    values = {"binary": shutil.which("pynbd") or sys.argv[0], "bindir": bindir,
+              "exit_with_parent": "yes", "filterdir": os.path.join(package, "filters"),
+              "host_cpu": platform.machine(), "host_os": f"{sys.platform}-gnu",
+              "libdir": sysconfig.get_path("purelib"), "mandir": "", "name": "pynbd",
+              "plugindir": os.path.join(package, "plugins"),
+              "python": sys.version.split()[0], "root_tls_certificates_dir": "/etc/pki/pynbd",
+              "sbindir": bindir, "selinux": "yes" if os.path.exists("/sys/fs/selinux") else "no",
+              "sysconfdir": "/etc", "tls": "yes", "version": __version__,
+              "version_major": major, "version_minor": minor,
+              "zstd": "yes" if importlib.util.find_spec("zstandard") else "no"}
+    return "\n".join(f"{key}={value}" for key, value in sorted(values.items()))

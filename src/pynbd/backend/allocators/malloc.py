@@ -12,11 +12,13 @@ requests on different bytes never touch the same memory.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from collections.abc import Iterator
 
 from ..connection import ZERO_BUFFER, Extent
 from ..errors import ConfigError
+from ..linux import mlock
 from .allocator import Allocator
 
 MAX_MAPPING = 1 << 47  # 128 TiB: the user half of an x86-64 address space
@@ -37,6 +39,17 @@ class MallocAllocator(Allocator):
         except OSError as e:
             raise ConfigError(f"allocator=malloc cannot map {size} bytes: {e.strerror}") from None
         self.view = memoryview(self.map)
+        self.locked = False
+
+    def lock(self) -> None:
+        """Keep the whole mapping in RAM (memory's ``allocator=malloc,mlock=true``);
+        zero and trim then write zeroes instead of giving pages back."""
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        try:
+            mlock(address, len(self.map))
+        except OSError as e:
+            raise ConfigError(f"allocator=malloc,mlock=true: {e.strerror}") from None
+        self.locked = True
 
     def read(self, buf: memoryview, offset: int, flags: int = 0) -> None:
         buf[:] = self.view[offset:offset + len(buf)]
@@ -51,13 +64,13 @@ class MallocAllocator(Allocator):
         end = offset + count
         first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole kernel pages: [first, last)
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
+        if last > first and not self.locked:
             self.view[offset:first] = _ZERO[:first - offset]
             self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
             self.view[last:end] = _ZERO[:end - last]
         else:
             pos = offset
-            while pos < end:  # less than two kernel pages
+            while pos < end:  # less than two kernel pages, or locked pages
                 take = min(end - pos, len(_ZERO))
                 self.view[pos:pos + take] = _ZERO[:take]
                 pos += take
