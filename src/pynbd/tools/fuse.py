@@ -81,6 +81,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -130,7 +131,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
             raise UsageError(str(exc)) from None
     parser = build_parser()
     parser.error = _usage  # type: ignore[method-assign]
-    return parser.parse_args(args), captive
+    return parser.parse_intermixed_args(args), captive
 
 
 def _usage(message: str) -> NoReturn:
@@ -216,14 +217,24 @@ def open_exports(session: Session, uri: str, args: argparse.Namespace, where: Pl
 
 
 def pidfile_writer(path: str | None) -> Callable[[], None]:
-    """Write our pid to ``path`` (all at once: a reader never sees half of it)."""
+    """Write our pid to ``path`` (all at once: a reader never sees half of it).
+
+    It runs on a thread of its own: libfuse calls it while the kernel still
+    waits for the mount to be set up, so a pidfile inside the mount itself
+    would wait for us forever if written right there.
+    """
     def write() -> None:
-        if path is not None:
-            temporary = f"{path}.{os.getpid()}.tmp"
+        if path is None:
+            return
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
             with open(temporary, "w", encoding="ascii") as out:
                 out.write(f"{os.getpid()}\n")
             os.replace(temporary, path)
-    return write
+        except OSError as exc:
+            print(f"{PROG}: pidfile {path}: {exc.strerror}", file=sys.stderr)
+
+    return lambda: threading.Thread(target=write, name="pidfile").start()
 
 
 def fuse_options(values: list[str]) -> dict[str, str | bool]:
