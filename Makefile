@@ -28,3 +28,8 @@ bench:
 
 fuzz:
 	$(PYTHON) tests/fuzz/fuzz_main.py
+
+# SIGKILL during write storms, 200 rounds for each persistent format (tests/crashtest.py); CI runs a few.
+crash:
+	PYNBD_CRASH_ROUNDS=200 $(PYTHON) -m pytest -q -p no:randomly --timeout=0 -k sigkill \
+		tests/filters/test_cow_file.py tests/filters/test_snapshot.py

@@ -96,7 +96,9 @@ def check(data: bytes, original: bytes, logs: list[Path]) -> None:
 def kill_during_storm(tmp_path: Path, serve: Callable[[], AbstractContextManager[Served]],
                       uri: Callable[[Served], str], original: bytes, rounds: int = 3, seed: int = 0,
                       flushes: tuple[int, int] = (2, 8)) -> None:
-    """Run ``rounds`` rounds of storm, SIGKILL and check (see the module docstring)."""
+    """Run ``rounds`` rounds of storm, SIGKILL and check (see the module docstring).
+    ``PYNBD_CRASH_ROUNDS`` in the environment overrides ``rounds`` (``make crash`` runs 200)."""
+    rounds = int(os.environ.get("PYNBD_CRASH_ROUNDS", rounds))
     rng = random.Random(seed)
     logs: list[Path] = []
     for round_ in range(rounds):
