@@ -1,7 +1,7 @@
 # The two commands users need are `make demo` and `make test` (see README.md).
 PYTHON ?= python3
 
-.PHONY: install demo test lint bench fuzz
+.PHONY: install demo test lint bench fuzz crash
 
 install:
 	$(PYTHON) -m pip install -q -e .
@@ -31,5 +31,5 @@ fuzz:
 
 # SIGKILL during write storms, 200 rounds for each persistent format (tests/crashtest.py); CI runs a few.
 crash:
-	PYNBD_CRASH_ROUNDS=200 $(PYTHON) -m pytest -q -p no:randomly --timeout=0 -k sigkill \
+	PYNBD_CRASH_ROUNDS=200 $(PYTHON) -m pytest -q --timeout=0 -k sigkill \
 		tests/filters/test_cow_file.py tests/filters/test_snapshot.py
