@@ -34,6 +34,7 @@ import cbt  # noqa: E402
 import cc  # noqa: E402
 import compressed  # noqa: E402
 import controlplane  # noqa: E402
+import fuse  # noqa: E402
 import images  # noqa: E402
 import luks  # noqa: E402
 import nbdkit_filters  # noqa: E402
@@ -158,6 +159,7 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
     out += images.image_workloads(tmp, data256, rt, Workload, Variant)
     out += compressed.compressed_workloads(tmp, rt, Workload, Variant)
     out += nbdkit_filters.nbdkit_filter_workloads(tmp, data256, rt, Workload, Variant)
+    out += fuse.fuse_workloads(tmp, data1g, Workload, Variant)
     if args.only:
         out = [wl for wl in out if any(o in wl.name for o in args.only)]
     return out
