@@ -287,9 +287,13 @@ INFO_EXPORT_REPLY = struct.pack(">QII", REPLY_MAGIC, Opt.GO, Rep.INFO)  # then l
 
 
 def advertised_sizes(data: bytes) -> set[int]:
-    """Every export size an NBD_INFO_EXPORT reply in the server's messages gives."""
-    stream = b"".join(message for _, message in decode(data))
-    sizes, pos = set(), stream.find(INFO_EXPORT_REPLY[:8])
+    """Every export size the server's messages may have given: in an NBD_INFO_EXPORT
+    reply, or as the first 8 bytes of a message (the NBD_OPT_EXPORT_NAME reply of a
+    server that is not fixed newstyle)."""
+    messages = decode(data)
+    stream = b"".join(message for _, message in messages)
+    sizes = {struct.unpack_from(">Q", m)[0] for _, m in messages if len(m) >= 8}
+    pos = stream.find(INFO_EXPORT_REPLY[:8])
     while pos >= 0:
         reply = stream[pos + 8:pos + 30]
         if len(reply) == 22:

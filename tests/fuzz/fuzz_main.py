@@ -13,7 +13,7 @@ crashes and hangs (over 1 s), then the peak RSS, the RSS growth over the
 run, and the file descriptors and threads before and after. It exits 1 on
 any crash or hang, on a leaked fd or thread, or on RSS growing by more than
 ``--max-rss-growth`` MiB; the inputs that found something are saved under
-``--crashes`` with their tracebacks.
+``--crashes`` (default $TMPDIR/pynbd-fuzz-crashes) with their tracebacks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="times the planned inputs")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--crashes", type=Path, default=Path("fuzz-crashes"))
+    parser.add_argument("--crashes", type=Path,
+                        default=Path(tempfile.gettempdir()) / "pynbd-fuzz-crashes")
     parser.add_argument("--max-rss-growth", type=float, default=256.0, metavar="MIB")
     args = parser.parse_args(argv)
     print(f"fuzzing with seed {args.seed}, {int(sum(n for _, n in PLAN) * args.scale):,} inputs planned",
