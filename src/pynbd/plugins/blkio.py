@@ -1,0 +1,233 @@
+"""blkio: a file or block device through Linux io_uring (nbdkit's blkio plugin, io_uring driver).
+
+    pynbd serve blkio io_uring path=FILE [direct=true] [num-entries=N]
+    pynbd serve blkio driver=io_uring path=/dev/nvme0n1 direct=true
+
+Parameters
+    driver=io_uring  the libblkio driver (the magic parameter); io_uring is the
+                     one pynbd implements (virtio-blk-vhost-user is not
+                     implemented yet)
+    path=FILE        the file or block device
+    direct=BOOL      open it O_DIRECT, bypassing the page cache (default false);
+                     requests are then 4096-byte aligned (the block size
+                     advertised to clients) and buffers the kernel cannot use
+                     directly go through an aligned bounce buffer
+    num-entries=N    submission queue entries of each connection's ring
+                     (default 128); at most this many requests of one
+                     connection are in the kernel at once
+    read-only=BOOL   open the file read-only (as -r does)
+
+Each client connection gets its own io_uring. The server's worker threads
+(``-t``, 16 by default) submit requests to it at the same time, so up to
+that many are in flight per connection; a completion is taken by the thread
+that submitted it when it is already there (cached reads usually are), else
+handed over by the ring's completion thread. Reads and writes are
+IORING_OP_READ / WRITE into the request buffers (no copies without
+direct=true); FUA writes carry RWF_DSYNC; flush is IORING_OP_FSYNC; trim
+punches a hole and write-zeroes uses ZERO_RANGE (or punches when the client
+allows it) through IORING_OP_FALLOCATE; where the file system cannot,
+zeroes are written (a fast-zero request then fails with ENOTSUP).
+
+The io_uring is driven from Python through the io_uring_setup and
+io_uring_enter system calls and the shared rings (no liburing needed; see
+``pynbd.plugins._io_uring``). Linux 5.6 or later.
+
+Limits: no extents (the whole disk reads as data); the
+virtio-blk-vhost-user driver is not implemented.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from typing import Any
+
+from ..backend import (
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_MAY_TRIM,
+    FUA_NATIVE,
+    ConfigError,
+    Connection,
+    OpenContext,
+    Param,
+    Plugin,
+    ThreadModel,
+    io_error,
+)
+from ..backend.linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, is_not_supported
+from ._io_uring import OP_FALLOCATE, OP_FSYNC, OP_READ, OP_WRITE, RWF_DSYNC, Ring, address_of
+
+DIRECT_ALIGNMENT = 4096
+_READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+class IoUringConnection(Connection):
+    """One client's ring over the plugin's file descriptor."""
+
+    def __init__(self, plugin: BlkioPlugin, readonly: bool) -> None:
+        self.plugin = plugin
+        self.fd = plugin.fd
+        self.readonly = readonly or plugin.readonly
+        self.ring = Ring(plugin.num_entries)
+
+    def _io(self, opcode: int, buf: memoryview, offset: int, op_flags: int = 0) -> None:
+        done = 0
+        while done < len(buf):
+            part = buf[done:]
+            address, keep = address_of(part)
+            if self.plugin.direct and address % DIRECT_ALIGNMENT:
+                n = self._bounced(opcode, part, offset + done, op_flags)
+            else:
+                n = self.ring.run(opcode, self.fd, offset + done, address, len(part), op_flags, keep)
+            if n == 0:
+                if opcode == OP_READ:  # past the end of a file that shrank: zeroes
+                    part[:] = bytes(len(part))
+                    return
+                raise io_error(errno.EIO, "io_uring: a write made no progress")
+            done += n
+
+    def _bounced(self, opcode: int, part: memoryview, offset: int, op_flags: int) -> int:
+        """One O_DIRECT transfer through a page-aligned buffer."""
+        with mmap.mmap(-1, len(part)) as bounce:
+            view = memoryview(bounce)
+            try:
+                if opcode == OP_WRITE:
+                    view[:] = part
+                address, keep = address_of(view)
+                n = self.ring.run(opcode, self.fd, offset, address, len(part), op_flags, keep)
+                if opcode == OP_READ:
+                    part[:n] = view[:n]
+                del keep
+            finally:
+                view.release()
+        return n
+
+    def get_size(self) -> int:
+        return self.plugin.size()
+
+    def can_write(self) -> bool:
+        return not self.readonly
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_trim(self) -> bool:
+        return not self.readonly
+
+    def can_fua(self) -> int:
+        return FUA_NATIVE
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_fast_zero(self) -> bool:
+        return True
+
+    def block_size(self) -> tuple[int, int, int]:
+        if self.plugin.direct:
+            return (DIRECT_ALIGNMENT, DIRECT_ALIGNMENT, 0xFFFFFFFF)
+        return (1, 4096, 0xFFFFFFFF)
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._io(OP_READ, buf, offset)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._io(OP_WRITE, buf, offset, RWF_DSYNC if flags & FLAG_FUA else 0)
+
+    def flush(self, flags: int) -> None:
+        self.ring.run(OP_FSYNC, self.fd)
+
+    def _fallocate(self, mode: int, count: int, offset: int) -> None:
+        # IORING_OP_FALLOCATE: the length goes in addr, the mode in len.
+        self.ring.run(OP_FALLOCATE, self.fd, offset, count, mode)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        try:
+            self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, count, offset)
+        except OSError as exc:
+            if not is_not_supported(exc):  # trim is advisory: nothing to do where unsupported
+                raise
+        if flags & FLAG_FUA:
+            self.flush(0)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        modes = [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
+        if flags & FLAG_MAY_TRIM:
+            modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                self._fallocate(mode, count, offset)
+            except OSError as exc:
+                if not is_not_supported(exc):
+                    raise
+                continue
+            if flags & FLAG_FUA:
+                self.flush(0)
+            return
+        if flags & FLAG_FAST_ZERO:
+            raise io_error(errno.ENOTSUP, "zero: the file system cannot zero quickly")
+        super().zero(count, offset, flags & ~FLAG_FAST_ZERO)
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+class BlkioPlugin(Plugin):
+    name = "blkio"
+    magic_param = "driver"
+    thread_model = ThreadModel.PARALLEL
+    params = (
+        Param("driver", "str", "the libblkio driver", required=True, choices=("io_uring",)),
+        Param("path", "path", "the file or block device", required=True),
+        Param("direct", "bool", "O_DIRECT: bypass the page cache", default=False),
+        Param("num-entries", "int", "submission queue entries per connection", default=128),
+        Param("read-only", "bool", "open the file read-only", default=False),
+    )
+
+    driver: str
+    path: str
+    direct: bool
+    num_entries: int
+    read_only: bool
+
+    def config_complete(self) -> None:
+        if not 1 <= self.num_entries <= 32768:
+            raise ConfigError(f"blkio: num-entries={self.num_entries}: expected 1 to 32768")
+        flags = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
+        self.readonly = self.read_only
+        try:
+            if self.readonly:
+                raise PermissionError(errno.EACCES, "read-only=true")
+            self.fd = os.open(self.path, os.O_RDWR | flags)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY_ERRORS:
+                raise ConfigError(f"blkio: {self.path}: {exc.strerror}") from None
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | flags)
+            except OSError as again:
+                raise ConfigError(f"blkio: {self.path}: {again.strerror}") from None
+            self.readonly = True
+        try:
+            Ring(1).close()
+        except OSError as exc:
+            raise ConfigError(f"blkio: io_uring is not available here: {exc.strerror}") from None
+
+    def size(self) -> int:
+        info = os.fstat(self.fd)
+        if stat.S_ISBLK(info.st_mode):
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return info.st_size
+
+    def open(self, ctx: OpenContext) -> Connection:
+        return IoUringConnection(self, ctx.readonly)
+
+    def unload(self) -> None:
+        fd: Any = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+PLUGIN = BlkioPlugin
