@@ -62,6 +62,9 @@ class Repeat:
             self._flat = bytes(buf)
         return self._flat
 
+    def __repr__(self) -> str:
+        return f"( {' '.join(self.image.describe())} )*"
+
     def read_into(self, view: memoryview, offset: int) -> None:
         n, period = len(view), self.period
         phase = offset % period
@@ -137,6 +140,19 @@ class Image:
         self.segments = segments or []
         self._starts = [s.start for s in self.segments]
         self._nonzero: bool | None = None
+
+    def describe(self) -> list[str]:
+        """The image as lines of ``@OFFSET DATA`` (for ``-D data.AST=1``); long data cut short."""
+        lines = []
+        for seg in self.segments:
+            if isinstance(seg.source, Repeat):
+                text = f"{seg.source!r} [{seg.src_offset}:+{seg.end - seg.start}]"
+            else:
+                shown = bytes(seg.view()[:32])
+                text = repr(shown)[1:] + ("..." if seg.end - seg.start > 32 else "")
+            lines.append(f"@{seg.start} {text}")
+        lines.append(f"size {self.size}")
+        return lines
 
     @classmethod
     def of_bytes(cls, data: Buffer, zero_is_hole: bool = True) -> Image:
@@ -475,6 +491,8 @@ class Parser:
             value = Image.of_bytes(value.read(hi), zero_is_hole=False)
         image = value
         hi = image.size if hi is None else hi
+        if lo == hi:
+            return Image(0)  # an empty slice is valid wherever it points, as in nbdkit
         if not lo <= hi <= image.size:
             raise self.fail(f"[{lo}:{hi}] is not a valid slice of {image.size} bytes", bracket)
         return image.sliced(lo, hi)

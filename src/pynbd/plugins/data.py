@@ -42,6 +42,8 @@ nbdkit does. Repetition is lazy: '( 0x55 0xAA )*1000000000' is a 2 GB disk
 that takes a few bytes of memory, and slices of <FILE or <(COMMAND) read
 only what they need, so endless commands are fine under [:N].
 
+-D data.AST=1 (with -v) prints the parsed disk, segment by segment.
+
 The disk is writable (unless -r) and shared by every client; writes live in
 memory until the server exits. Malformed expressions are refused with one
 line naming the offset ("data: unexpected ')' at offset 14"); a command that
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -71,9 +74,11 @@ from ..backend import (
     block_runs,
     fill_zero,
 )
+from ..backend.debugflags import debug_flag
 from ..backend.params import MAX_SIZE
 from ._datalang import PAGE, Image, evaluate
 
+log = logging.getLogger("pynbd.plugins.data")
 ZERO_PAGE = bytes(PAGE)
 _CHECK_CHUNK = 32 * PAGE  # pages are checked for zeroes 1 MiB at a time
 
@@ -212,10 +217,19 @@ class DataPlugin(Plugin):
                                                ("raw", self.raw)) if text is not None]
         if len(given) != 1:
             raise ConfigError("data: exactly one of data=, base64= or raw= must be given")
+        declared = {p.name for p in self.params}
+        extra = sorted(k for k, v in vars(self).items() if k not in declared and isinstance(v, str))
+        if extra and self.data is None:
+            raise ConfigError(f"data: extra parameters passed and not using data='...': {', '.join(extra)}")
         kind = self.allocator.split(",")[0]
         if kind not in ("sparse", "malloc", "zstd"):
             raise ConfigError(f"data: allocator: {self.allocator!r} is not sparse, malloc or zstd")
         image = self._image(*given[0])
+        if debug_flag(self.name, "AST"):
+            log.debug("BEGIN AST (-D data.AST=1)")
+            for line in image.describe():
+                log.debug("%s", line)
+            log.debug("END AST")
         if self.size is not None:
             image = image.resized(self.size)
         if image.size > MAX_SIZE:
@@ -235,6 +249,9 @@ class DataPlugin(Plugin):
         variables = {k: v for k, v in vars(self).items()
                      if k not in declared and isinstance(v, str)}
         return evaluate(text, variables)
+
+    def dump_plugin(self) -> dict[str, str]:
+        return {"data_base64": "yes", "mlock": "no"}
 
     def open(self, ctx: OpenContext) -> Connection:
         return self.disk

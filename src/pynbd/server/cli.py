@@ -182,8 +182,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError("an inline script read from standard input is incompatible with -s")
     if args.swap:
         _lock_memory()
+    _setup_logging(args)  # before configuring: -v shows what plugins say then (-D data.AST=1)
     stack = Stack.from_args(plugin_name, plugin_args, args.filter)
-    _setup_logging(args)
     if args.exit_with_parent:
         _exit_with_parent()
     config = SessionConfig(stack=stack, dispatch=plan_for(stack, args.threads),
