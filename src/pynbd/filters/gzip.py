@@ -14,12 +14,18 @@ Parameters
 At the first client's open the filter decodes the file once and keeps a
 restart point about every MiB of output (zlib's ``zran.c`` method, at deflate
 block boundaries, to the bit, with the 32 KiB of history each needs; see
-``pydoc pynbd.formats.gzip_index``). Nothing is written to disk (nbdkit's
-gzip filter writes the whole uncompressed image to a temporary file). A read
-then decodes from the nearest point only as far as it needs (at most about
-a MiB), and a later read further on continues where that decoding stopped;
-the 32 most recently used spans are kept in memory, shared by all clients. For many small random reads
-of the same image, put ``--filter=cache ... cache-on-read=true`` in front.
+``pydoc pynbd.formats.gzip_index``), and serves the first read as soon as
+that is done (nbdkit's gzip filter first writes the whole uncompressed image
+to a temporary file). The first read of a span (the output between two
+points) decodes that span whole and keeps it in a sparse, unlinked temporary
+file in ``$TMPDIR``, shared by all clients; every later read of it is a
+plain ``pread`` of that file. Each span is decoded at most once, also when
+several clients want it at the same time (the others wait for it). Memory
+holds one byte per span; the file grows to at most the uncompressed size,
+only as far as spans were read. If ``$TMPDIR`` cannot hold it (ENOSPC, or no
+temporary file can be made) the filter logs one warning and decodes the
+spans not kept yet on each read from the nearest point, as far as the read
+needs, keeping the 32 most recently used spans in memory.
 Multi-member files (``pigz``, concatenated ``.gz``) work; zero padding after
 the data is ignored. A damaged, truncated or non-gzip file refuses the open
 with one line saying why (every member's CRC-32 is checked while indexing).
@@ -46,6 +52,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import tempfile
 import threading
 import zlib
 from collections import OrderedDict
@@ -63,11 +71,13 @@ from ..backend import (
     Param,
     io_error,
 )
+from ..backend.overlay import BlockLocks, pread_all, pwrite_all
 from ..formats.gzip_index import GzipIndex, ReadFn, SpanDecoder, build_index, identity_of
 from ..formats.gzip_stored import StoredGzip, open_layout
 
 log = logging.getLogger("pynbd.filters.gzip")
 CACHED_SPANS = 32
+SPILL_STEP = 256 * 1024  # decode into the temporary file this much at a time
 DECODE_STEP = 64 * 1024  # decode this much per call (liblzma is slower asked for a MiB at once)
 T = TypeVar("T")
 
@@ -130,6 +140,12 @@ class Progressive:
         buf[:] = self.data[inner:end]
 
 
+def damaged(name: str, exc: ValueError) -> OSError:
+    """Log a piece that failed to decode (GzipError, XzError, ZstdError); the EIO to raise."""
+    log.error("%s: %s", name, exc)
+    return io_error(errno.EIO, f"{name}: {exc}")
+
+
 class DecodedCache:
     """The most recently used pieces (number -> Progressive), shared by every client.
 
@@ -162,8 +178,80 @@ class DecodedCache:
             with self.lock:
                 if self.pieces.get(key) is piece:
                     del self.pieces[key]
-            log.error("%s: %s", self.name, exc)
-            raise io_error(errno.EIO, f"{self.name}: {exc}") from None
+            raise damaged(self.name, exc) from None
+
+
+class SpillCache:
+    """Decoded pieces kept in a sparse, unlinked temporary file in ``$TMPDIR``.
+
+    Piece ``key`` covers bytes [out, out + size) of the uncompressed image and
+    sits at that offset in the file. The first read of a piece decodes it
+    whole under the piece's lock (``BlockLocks``, as the cow overlay's), so a
+    piece is decoded at most once however many readers want it; ``present``
+    (one byte per piece, in memory) is set after its bytes are written, and
+    later reads are plain ``pread`` calls, without a lock. A damaged piece is never kept
+    (its reads fail with EIO). If no temporary file can be made, or writing
+    it fails (ENOSPC), one warning is logged and pieces not kept yet are read
+    through ``fallback`` (the in-memory LRU); pieces already kept are still
+    read from the file. ``decoded`` counts the pieces decoded into the file.
+    """
+
+    def __init__(self, name: str, size: int, pieces: int, fallback: DecodedCache) -> None:
+        self.name = name
+        self.fallback = fallback
+        self.present = bytearray(pieces)
+        self.locks = BlockLocks()
+        self.decoded = 0
+        self.full = False
+        self.fd = -1
+        try:
+            self.file = tempfile.TemporaryFile(prefix=f"pynbd-{name}-")
+            self.fd = self.file.fileno()
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        if not self.full:
+            self.full = True
+            log.warning("%s: cannot keep decoded data in a temporary file in %s (%s): decoding on "
+                        "each read instead", self.name, tempfile.gettempdir(), exc.strerror or exc)
+
+    def copy(self, key: int, out: int, size: int, start: Callable[[], Step], buf: memoryview,
+             inner: int) -> None:
+        """Fill ``buf`` from byte ``inner`` of piece ``key`` (``size`` bytes at ``out``)."""
+        if not self.present[key]:
+            with self.locks.one(key):
+                kept = self.present[key] or self._keep(key, out, size, start)
+            if not kept:
+                self.fallback.copy(key, size, start, buf, inner)
+                return
+        pread_all(self.fd, buf, out + inner)
+
+    def _keep(self, key: int, out: int, size: int, start: Callable[[], Step]) -> bool:
+        """Decode piece ``key`` into the file; False if the file cannot take it."""
+        if self.full:
+            return False
+        scratch = memoryview(bytearray(min(size, SPILL_STEP)))
+        done = 0
+        try:
+            step = start()
+            while done < size:
+                made = step(scratch[:size - done])
+                if made <= 0:
+                    raise ValueError(f"the compressed data ends {size - done} bytes early")
+                pwrite_all(self.fd, scratch[:made], out + done)
+                done += made
+        except ValueError as exc:
+            raise damaged(self.name, exc) from None
+        except OSError as exc:
+            self._give_up(exc)
+            return False
+        self.present[key] = 1
+        self.decoded += 1
+        log.debug("%s: piece %d (%d bytes at %d) decoded into the temporary file", self.name, key,
+                  size, out)
+        return True
 
 
 class Images(Generic[T]):
@@ -201,8 +289,12 @@ class Image:
     file_size: int
     index: GzipIndex
     stored: StoredGzip | None
-    cache: DecodedCache = field(default_factory=lambda: DecodedCache("gzip", CACHED_SPANS))
+    spans: SpillCache = field(init=False)
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.spans = SpillCache("gzip", self.index.size, len(self.index.points),
+                                DecodedCache("gzip", CACHED_SPANS))
 
 
 class GzipConnection(FilterConnection["GzipFilter"]):
@@ -253,7 +345,7 @@ class GzipConnection(FilterConnection["GzipFilter"]):
             if self.is_stored[i]:
                 self._read_stored(buf[pos:pos + take], offset + pos)
             else:
-                image.cache.copy(i, stop - start, self._span_decoder(i), buf[pos:pos + take],
+                image.spans.copy(i, start, stop - start, self._span_decoder(i), buf[pos:pos + take],
                                  offset + pos - start)
             pos += take
             i += 1

@@ -7,9 +7,10 @@
 Parameters (nbdkit's)
     xz-max-block=SIZE   refuse files with an uncompressed block larger than
                         this (default 512M): a block is decoded whole
-    xz-max-depth=N      how many decoded blocks to keep (default 8), least
-                        recently used dropped first; shared by all clients
-                        (nbdkit keeps N per connection)
+    xz-max-depth=N      how many decoded blocks to keep in memory (default 8)
+                        when $TMPDIR is full (see below), least recently
+                        used dropped first; shared by all clients (nbdkit
+                        keeps N per connection)
 
 xz files are seekable only at block boundaries, and ``xz`` writes a single
 block unless told otherwise. Make images with small blocks for random
@@ -18,12 +19,16 @@ access (the size penalty is small):
     xz --block-size=16MiB disk.img          (or -T0: threads cut blocks too)
     xz --list disk.img.xz                    (the Blocks column)
 
-A read decodes the block(s) it falls in, unless they are cached: the
-whole block, its check verified, before any of it is served (so a damaged
-file never serves wrong bytes); blocks decode in parallel on the server's
-threads (nbdkit's xz filter serializes a connection's requests). A file with
-one block works, with a warning: every read outside the cached block decodes
-from the start. Several streams (``cat a.xz b.xz``) and stream padding work.
+The first read of a block decodes it whole, its check verified, before
+any of it is served (so a damaged file never serves wrong bytes), into a
+sparse, unlinked temporary file in ``$TMPDIR`` shared by all clients; every
+later read of the block is a plain ``pread`` of that file, and each block is
+decoded at most once. Blocks decode in parallel on the server's threads
+(nbdkit's xz filter serializes a connection's requests). A file with one
+block works, with a warning: the first read decodes all of it. If
+``$TMPDIR`` cannot hold the decoded blocks (ENOSPC), one warning is logged
+and blocks not kept yet are decoded again whenever a read misses the
+``xz-max-depth`` blocks kept in memory. Several streams (``cat a.xz b.xz``) and stream padding work.
 The filter is read-only, except for modifiable images made by ``pynbd xz
 create IN OUT.xz --stored=START-END,...`` (standard xz files whose stored
 ranges are uncompressed LZMA2 chunks, 64 KiB per block, CRC-32 checks; see
@@ -61,7 +66,7 @@ from ..backend import (
 )
 from ..formats.xz import Block, BlockDecoder, ReadFn, XzError, XzIndex, read_index
 from ..formats.xz_stored import StoredXz, check_of, check_offset, data_offset, stale_blocks
-from .gzip import DecodedCache, Images, Step, reader_of, refuse_write
+from .gzip import DecodedCache, Images, SpillCache, Step, reader_of, refuse_write
 
 log = logging.getLogger("pynbd.filters.xz")
 
@@ -69,7 +74,7 @@ log = logging.getLogger("pynbd.filters.xz")
 class XzImage:
     def __init__(self, index: XzIndex, depth: int, stored: StoredXz | None) -> None:
         self.index = index
-        self.cache = DecodedCache("xz", depth, whole=True)
+        self.blocks = SpillCache("xz", index.size, len(index.blocks), DecodedCache("xz", depth, whole=True))
         self.stored = stored
         self.is_stored = set(stored.blocks if stored else ())
         self.write_lock = threading.Lock()
@@ -119,7 +124,8 @@ class XzConnection(FilterConnection["XzFilter"]):
             if i in self.image.is_stored:  # the bytes are in the file as they are
                 self.next.pread(buf[pos:pos + take], data_offset(block) + inner, 0)
             else:
-                self.image.cache.copy(i, block.size, self._decoder(block), buf[pos:pos + take], inner)
+                self.image.blocks.copy(i, block.out, block.size, self._decoder(block), buf[pos:pos + take],
+                                       inner)
             pos += take
             i += 1
 
