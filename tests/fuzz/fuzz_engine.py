@@ -125,6 +125,7 @@ class Stats:
     hangs: int = 0
     crashes: int = 0
     slowest: float = 0.0
+    rss_mib: float = 0.0  # this process's RSS when the target was done
 
 
 def _alarm(signum: int, frame: object) -> None:
@@ -137,7 +138,7 @@ def fuzz(target: Target, *, inputs: int, seconds: float, seed: int,
     rng = random.Random(f"{target.name}:{seed}")
     stats = Stats(target.name)
     corpus: list[bytes] = []
-    seen: set[Hashable] = set()
+    seen: set[int] = set()
     use_alarm = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGALRM, _alarm) if use_alarm else None
     start = time.monotonic()
@@ -166,8 +167,9 @@ def fuzz(target: Target, *, inputs: int, seconds: float, seed: int,
             stats.slowest = max(stats.slowest, took)
             if took > hang_seconds:
                 _record(stats, data, Hang(f"input took {took:.2f} s"))
-            if signature not in seen:
-                seen.add(signature)
+            key = hash(signature)  # a number: the set stays small however long the run
+            if key not in seen:
+                seen.add(key)
                 if len(corpus) < CORPUS_LIMIT:
                     corpus.append(data)
                 else:

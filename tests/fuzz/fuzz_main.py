@@ -100,10 +100,11 @@ class Report:
 
     def lines(self) -> list[str]:
         out = [f"{'target':22} {'inputs':>9} {'per s':>7} {'outcomes':>8} {'crashes':>7} "
-               f"{'hangs':>5} {'slowest':>8}"]
+               f"{'hangs':>5} {'slowest':>8} {'RSS after':>9}"]
         for s in self.stats:
             out.append(f"{s.name:22} {s.inputs:9,} {s.inputs / max(s.seconds, 1e-9):7.0f} "
-                       f"{s.signatures:8,} {s.crashes:7} {s.hangs:5} {s.slowest:7.3f}s")
+                       f"{s.signatures:8,} {s.crashes:7} {s.hangs:5} {s.slowest:7.3f}s "
+                       f"{s.rss_mib:6.0f} MiB")
             out.extend(f"    {key}" for key in s.findings)
         seconds = sum(s.seconds for s in self.stats)
         out.append(f"{'total':22} {self.inputs:9,} {self.inputs / max(seconds, 1e-9):7.0f} "
@@ -130,6 +131,7 @@ def campaign(plan: Sequence[tuple[Callable[[], Target], int]], *, scale: float =
                          hang_seconds=hang_seconds)
         finally:
             target.close()
+        stats.rss_mib = current_rss_mib()
         report.stats.append(stats)
         if crashes is not None and stats.findings:
             save_findings(stats, crashes)
