@@ -16,6 +16,10 @@ byte; a range that was trimmed reads as its old data or as zeroes; an
 extent reported as zero must be zero in the model. Completed writes must be
 visible on every connection (the stacks advertise multi-conn).
 
+``--server nbdkit`` runs the same clients against Debian's nbdkit (on the
+Unix socket only: nbdkit listens on one kind of socket at a time), for
+comparison.
+
 Stacks: ``memory`` (memory SIZE), ``file`` (a temporary file holding a
 pattern) and ``cow`` (the same file read-only under --filter=cow). The
 result is one line per stack: requests served, bytes verified, mismatches
@@ -96,12 +100,12 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def settled(pid: int, fds: int, threads: int, timeout: float = 30.0) -> tuple[int, int]:
-    """The server's fds and threads once they are back to ``fds`` (-1: any) and ``threads``,
-    or at the deadline."""
+    """The server's fds and threads once they are back to ``fds`` and ``threads`` (-1: any
+    number), or at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         now = proc_count(pid, "fd"), proc_count(pid, "task")
-        if (fds in (-1, now[0]) and now[1] == threads) or time.monotonic() > deadline:
+        if (fds in (-1, now[0]) and threads in (-1, now[1])) or time.monotonic() > deadline:
             return now
         time.sleep(0.05)
 
@@ -210,13 +214,14 @@ async def worker(h: AsyncNBD, model: Model, rng: random.Random, deadline: float,
             model.release(first, count)
 
 
-async def client(uri_unix: str, tcp_port: int, index: int, model: Model, depth: int,
+async def client(uri_unix: str, tcp_port: int | None, index: int, model: Model, depth: int,
                  deadline: float, seed: int) -> None:
     h = AsyncNBD()
     h.add_meta_context("base:allocation")
-    where = f"client {index} ({'unix' if index % 2 == 0 else 'tcp'})"
+    unix = index % 2 == 0 or tcp_port is None
+    where = f"client {index} ({'unix' if unix else 'tcp'})"
     try:
-        if index % 2 == 0:
+        if unix:
             await h.connect_unix(uri_unix)
         else:
             await h.connect_tcp("127.0.0.1", tcp_port)
@@ -241,7 +246,25 @@ async def warm_up(sock: str) -> None:
     await h.close()
 
 
-def soak(stack: str, minutes: float, clients: int, depth: int, size: int, seed: int) -> tuple[str, bool]:
+def start_server(server: str, stack: str, sock: str, image: str, size: int
+                 ) -> tuple[subprocess.Popen[bytes], int | None]:
+    """The server process and its TCP port (nbdkit: Unix socket only, no port)."""
+    if server == "pynbd":
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", stack, sock, image, str(size)],
+                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        return proc, int(proc.stdout.readline())
+    args = {"memory": ["memory", str(size)], "file": ["file", image],
+            "cow": ["--filter=cow", "file", image]}[stack]
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, *args])
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, None
+
+
+def soak(stack: str, minutes: float, clients: int, depth: int, size: int, seed: int,
+         server: str = "pynbd") -> tuple[str, bool]:
     with tempfile.TemporaryDirectory(prefix="soak") as tmp:
         image = os.path.join(tmp, "disk.img")
         initial = bytes(size) if stack == "memory" else pattern(size)
@@ -249,16 +272,15 @@ def soak(stack: str, minutes: float, clients: int, depth: int, size: int, seed: 
             with open(image, "wb") as f:
                 f.write(initial)
         sock = os.path.join(tmp, "sock")
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", stack, sock, image, str(size)],
-                                stdout=subprocess.PIPE)
+        proc, port = start_server(server, stack, sock, image, size)
         try:
-            assert proc.stdout is not None
-            port = int(proc.stdout.readline())
             pid = proc.pid
             # One client first: a layer may open what it keeps for the export's life at its
             # first client (cow's overlay); the counts before and after are taken without one.
             asyncio.run(warm_up(sock))
-            fds, threads = settled(pid, -1, 1, timeout=2.0)
+            if server == "nbdkit":
+                time.sleep(0.5)  # its threads per connection: let the warm-up's end
+            fds, threads = settled(pid, -1, 1 if server == "pynbd" else -1, timeout=2.0)
             model = Model(bytearray(initial))
             deadline = time.monotonic() + minutes * 60
 
@@ -275,7 +297,8 @@ def soak(stack: str, minutes: float, clients: int, depth: int, size: int, seed: 
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     ok = (not model.mismatches and not model.failures and (fds, threads) == (fds_after, threads_after))
-    line = (f"soak {stack}: {clients} clients x {depth} deep, {elapsed / 60:.1f} min: "
+    over = "Unix and TCP" if port else "Unix"
+    line = (f"soak {server} {stack}: {clients} clients over {over} x {depth} deep, {elapsed / 60:.1f} min: "
             f"requests {model.requests:,} ({model.requests / elapsed:,.0f}/s), "
             f"bytes verified {model.verified:,}, mismatches {len(model.mismatches)}, "
             f"peak RSS {rss:.0f} MiB, fds {fds} -> {fds_after}, threads {threads} -> {threads_after}"
@@ -297,10 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=4, help="commands in flight per client")
     parser.add_argument("--size", type=parse_size, default=parse_size("64M"))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--server", choices=("pynbd", "nbdkit"), default="pynbd",
+                        help="nbdkit for comparison (it listens on a Unix socket only)")
     args = parser.parse_args(argv)
     ok = True
     for stack in STACKS if args.stack == "all" else (args.stack,):
-        line, passed = soak(stack, args.minutes, args.clients, args.depth, args.size, args.seed)
+        line, passed = soak(stack, args.minutes, args.clients, args.depth, args.size, args.seed,
+                            args.server)
         print(line, flush=True)
         ok = ok and passed
     return 0 if ok else 1
