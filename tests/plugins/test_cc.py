@@ -6,11 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import sys
 
 import pytest
 
-from nbdtest import SERVE, nbdsh, run, served
+from nbdtest import SERVE, nbdsh, run, served, wait_for
 
 HERE = os.path.join(os.path.dirname(__file__), "cc")
 RAMDISK = os.path.join(HERE, "ramdisk.c")
@@ -124,6 +125,21 @@ def test_exports_block_size_password_and_parse_int(tmp_path):
     assert '"export-name": "b"' in listing and '"export-name": "dflt"' in listing
     assert out.split("\n")[:2] == [f"{MiB - 7} 512 4096 1048576", "b'sesame' b'b\\x00' b'\\x08\\t'"]
     assert default.strip() == "b'dflt'"
+
+
+def test_peer_name_disconnect_and_shutdown():
+    with served("cc", FEATURES) as srv:
+        family = nbdsh(srv.uri, "print(h.pread(512, 8192)[0])\n")
+        gone = nbdsh(srv.uri.replace("/?", "/bye?"), ERRNO_OF + (
+            "h.pread(512, 0)\n"
+            "print(errno_of(lambda: h.pread(512, 0)))\n"), check=False)
+        still = nbdsh(srv.uri, "print(h.pread(512, 0)[3])\n")
+        run(["nbdsh", "-u", srv.uri.replace("/?", "/shutdown?"), "-c", "h.pread(512, 0)"],
+            check=False)
+        wait_for(lambda: srv.proc.poll() is not None, message="the server did not shut down")
+    assert family.strip() == str(socket.AF_UNIX)
+    assert gone.strip() != "ok"  # the connection was dropped after the first read
+    assert still.strip() == "3"
 
 
 def test_parallel_plugin_runs_requests_at_once():

@@ -4,8 +4,12 @@
  *   number=INT       nbdkit_parse_int32_t; get_size adds it
  *   fail=BOOL        nbdkit_parse_bool; cache then fails without nbdkit_error
  * list_exports offers "a", "b" and the default export (default_export: "dflt");
- * the export name is written at offset 4096; block_size is (512, 4096, 1M). */
+ * the export name is written at offset 4096, the peer's address family
+ * (nbdkit_peer_name) at 8192; block_size is (512, 4096, 1M). Export "bye":
+ * a read disconnects the client (nbdkit_disconnect); export "shutdown": a
+ * read shuts the server down (nbdkit_shutdown). */
 #include <pthread.h>
+#include <sys/socket.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,13 +44,16 @@ f_config (const char *key, const char *value)
   return -1;
 }
 
-struct handle { char name[64]; };
+struct handle { char name[64]; int family; };
 
 static void *
 f_open (int readonly)
 {
   struct handle *h = calloc (1, sizeof *h);
+  struct sockaddr_storage peer;
+  socklen_t len = sizeof peer;
   strncpy (h->name, nbdkit_export_name (), sizeof h->name - 1);
+  h->family = nbdkit_peer_name ((struct sockaddr *) &peer, &len) == 0 ? peer.ss_family : 255;
   return h;
 }
 
@@ -91,6 +98,10 @@ f_pread (void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t flag
 {
   struct handle *h = handle;
   unsigned char *p = buf;
+  if (strcmp (h->name, "bye") == 0)
+    nbdkit_disconnect (1);
+  if (strcmp (h->name, "shutdown") == 0)
+    nbdkit_shutdown ();
   if (barrier > 0) {
     struct timespec deadline;
     clock_gettime (CLOCK_REALTIME, &deadline);
@@ -112,6 +123,8 @@ f_pread (void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t flag
       p[i] = password[o];
     else if (o >= 4096 && o < 4096 + sizeof h->name)
       p[i] = h->name[o - 4096];
+    else if (o == 8192)
+      p[i] = h->family;
     else
       p[i] = o & 0xff;
   }
