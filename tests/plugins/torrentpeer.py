@@ -29,9 +29,7 @@ PLUGIN_QUIET = ("listen-interfaces=127.0.0.1:0", "dht=false", "lsd=false", "upnp
 
 def make_torrent(content: Path, out: Path, piece_size: int = 16384) -> Path:
     """Write ``out``, a .torrent of the file or directory ``content`` (no tracker)."""
-    files = lt.file_storage()
-    lt.add_files(files, str(content))
-    creator = lt.create_torrent(files, piece_size)
+    creator = lt.create_torrent(lt.list_files(str(content)), piece_size)
     lt.set_piece_hashes(creator, str(content.parent))
     out.write_bytes(lt.bencode(creator.generate()))
     return out

@@ -85,7 +85,7 @@ log = logging.getLogger("pynbd.plugins.torrent")
 
 _URL_SCHEMES = ("http:", "https:", "ftp:", "ftps:")
 _ALERT_WAIT_MS = 500  # the alert thread looks at its stop flag this often
-_WAKE = 1.0  # a waiting read checks libtorrent itself at least this often (seconds)
+_WAKE = 1.0  # a waiting read checks its deadline at least this often (seconds)
 _READAHEAD_DEADLINE_MS = 1000  # pieces read ahead are due this long after the read's own
 _PAD_FILE = 1  # file_storage.flag_pad_file: BEP 47 padding, never served
 
@@ -241,6 +241,8 @@ class TorrentPlugin(Plugin):
         self.cond = threading.Condition()
         self.have = bytearray()  # one byte per piece: 1 once downloaded and checked
         self.wanted: set[int] = set()  # pieces given a deadline
+        self.pending: list[int] = []  # pieces finished, to be flushed to the file
+        self.flushing: list[int] = []  # pieces the flush under way writes
         self.failure: str | None = None  # why nothing can be served
         self.last_error = ""  # libtorrent's last error, for the timeout message
         self.fd = -1
@@ -259,6 +261,7 @@ class TorrentPlugin(Plugin):
             "upload_rate_limit": self.upload_rate_limit // 8,
             "strict_end_game_mode": False, "announce_to_all_trackers": True,
             "announce_to_all_tiers": True, "stop_tracker_timeout": 1,
+            "alert_queue_size": 100000,
         }
         for key, value in (("connections_limit", self.connections_limit),
                            ("listen_interfaces", self.listen_interfaces),
@@ -293,9 +296,16 @@ class TorrentPlugin(Plugin):
                 log.debug("torrent: %s", alert.message())
                 if isinstance(alert, lt.piece_finished_alert):
                     with self.cond:
-                        if alert.piece_index < len(self.have):
-                            self.have[alert.piece_index] = 1
+                        self.pending.append(alert.piece_index)
+                        self.flush()
+                elif isinstance(alert, lt.cache_flushed_alert):
+                    with self.cond:
+                        for piece in self.flushing:
+                            if piece < len(self.have):
+                                self.have[piece] = 1
+                        self.flushing = []
                         self.cond.notify_all()
+                        self.flush()
                 elif isinstance(alert, (lt.metadata_received_alert, lt.add_torrent_alert)):
                     self.got_metadata()
                 elif isinstance(alert, lt.torrent_checked_alert):
@@ -303,6 +313,16 @@ class TorrentPlugin(Plugin):
                 elif alert.category() & lt.alert_category.error:
                     self.last_error = alert.message()
                     log.warning("torrent: %s", self.last_error)
+
+    def flush(self) -> None:
+        """Have libtorrent write the pieces it finished to the file, unless it is already at it.
+
+        A piece passes its hash check before it is written, so a read may use
+        it only once a flush that started after it has finished.
+        """
+        if self.pending and not self.flushing:
+            self.flushing, self.pending = self.pending, []
+            self.handle.flush_cache()
 
     def got_metadata(self) -> None:
         """Note the served file once the torrent's metadata is there (a magnet link's later)."""
@@ -322,7 +342,7 @@ class TorrentPlugin(Plugin):
         self.refresh()
 
     def refresh(self) -> None:
-        """Take the pieces libtorrent has (after it checked a cache, or to catch up)."""
+        """Take the pieces libtorrent has when it has checked what the cache holds."""
         pieces = self.handle.status().pieces
         with self.cond:
             if self.served is not None and pieces:
@@ -367,8 +387,7 @@ class TorrentPlugin(Plugin):
             self.read_ahead(served, end)
             while (missing := self.have.find(0, first, end)) != -1:
                 self.check_deadline(deadline, f"piece {missing} of {served.path}")
-                if not self.cond.wait(_WAKE) and self.handle.have_piece(missing):
-                    self.have[missing] = 1  # (an alert we missed: a piece of a checked cache)
+                self.cond.wait(_WAKE)
             if self.fd < 0:
                 self.fd = self.open_file(served)
             return self.fd
