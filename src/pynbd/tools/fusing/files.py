@@ -1,9 +1,12 @@
 """NBD exports seen as files: each request of the kernel becomes one NBD command.
 
-An ``ExportFile`` owns one or more connections to one export, each driven
-as a ``Pipeline`` (many commands in flight, replies matched by the
-receiver thread), so FUSE's threads all wait on the server at the same
-time. Requests go to the connections in turn.
+An ``ExportFile`` owns one or more connections to one export. With several
+(multi-conn), each FUSE thread borrows a free connection, sends its command
+and reads the reply itself (no other thread to wake: the least work per
+request), waiting for a connection only when all are busy. With one, the
+connection is driven as a ``Pipeline`` (many commands in flight, replies
+matched by a receiver thread), so FUSE's threads still wait on the server
+at the same time.
 
     read        -> READ, straight into FUSE's buffer
     write       -> WRITE, straight from FUSE's buffer
@@ -16,8 +19,8 @@ time. Requests go to the connections in turn.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
+import queue
 import threading
 
 from ...client.sync import NBD, Pipeline
@@ -40,14 +43,32 @@ class ExportFile:
         self.can_flush = first.can_flush()
         self.can_trim = first.can_trim()
         self.can_zero = first.can_zero()
-        self.pipelines = [Pipeline(h) for h in handles]
-        self._turn = itertools.count()
+        self.handles = handles
+        self.pipeline = Pipeline(first) if len(handles) == 1 else None
+        self.free: queue.SimpleQueue[NBD] = queue.SimpleQueue()
+        for h in handles:
+            self.free.put(h)
         self._closed = threading.Lock()
 
     def _call(self, cmd: int, offset: int, count: int, flags: int = 0,
               buf: memoryview | None = None) -> None:
-        pipeline = self.pipelines[next(self._turn) % len(self.pipelines)]
-        pipeline.call(cmd, offset, count, flags, buf)
+        if self.pipeline is not None:
+            self.pipeline.call(cmd, offset, count, flags, buf)
+            return
+        h = self.free.get()
+        try:
+            if cmd == Cmd.READ and buf is not None:
+                h.pread_into(buf, offset, flags)
+            elif cmd == Cmd.WRITE and buf is not None:
+                h.pwrite(buf, offset, flags)
+            elif cmd == Cmd.FLUSH:
+                h.flush(flags)
+            elif cmd == Cmd.TRIM:
+                h.trim(count, offset, flags)
+            else:
+                h.zero(count, offset, flags)
+        finally:
+            self.free.put(h)
 
     def _writable(self) -> None:
         if self.readonly:
@@ -93,5 +114,7 @@ class ExportFile:
     def close(self) -> None:
         """Disconnect every connection (once)."""
         if self._closed.acquire(blocking=False):
-            for pipeline in self.pipelines:
-                pipeline.close()
+            if self.pipeline is not None:
+                self.pipeline.close()
+            for h in self.handles:
+                h.close()

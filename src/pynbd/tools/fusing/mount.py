@@ -63,20 +63,18 @@ class Tree:
     def __init__(self, files: list[ExportFile], naked: bool, on_ready: Callable[[], None]) -> None:
         self.files = {f.name: f for f in files}
         self.naked = naked
+        self.paths: dict[str | None, ExportFile] = (
+            {ROOT: files[0]} if naked else {ROOT + f.name: f for f in files})
         self.on_ready = on_ready
         self.uid, self.gid = os.getuid(), os.getgid()
         self.when = time.time_ns()
 
     def file(self, path: str | bytes | None) -> ExportFile:
         """The export at ``path`` (str, or bytes as libfuse passes them)."""
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        if self.naked:
-            if path == ROOT:
-                return next(iter(self.files.values()))
-        elif path is not None and path.startswith(ROOT) and path[1:] in self.files:
-            return self.files[path[1:]]
-        raise _no_entry()
+        found = self.paths.get(os.fsdecode(path) if isinstance(path, bytes) else path)
+        if found is None:
+            raise _no_entry()
+        return found
 
     # mfusepy's Operations protocol (read and write take libfuse's buffer, see mount)
     def init(self, path: str) -> None:
