@@ -90,6 +90,11 @@ def build_parser(options: list[str] | None = None) -> argparse.ArgumentParser:
             options.extend(n for n in names if n.startswith("-"))
     a("-p", "--port", type=int, help="TCP port to listen on (default 10809)")
     a("-i", "--ipaddr", "--ip-addr", help="listen only on this address")
+    a("-4", "--ipv4-only", action="store_true", help="listen on IPv4 only")
+    a("-6", "--ipv6-only", action="store_true", help="listen on IPv6 only")
+    a("--vsock", action="store_true", help="AF_VSOCK (refused: pynbd does not listen on it)")
+    a("-o", "--oldstyle", "--old-style", action="store_true",
+      help="oldstyle protocol (refused: pynbd speaks newstyle only)")
     a("-U", "--unix", metavar="PATH", help="listen on a Unix socket ('-' for a private one)")
     a("-s", "--single", "--stdin", action="store_true", help="serve one client on stdin/stdout")
     a("-r", "--readonly", "--read-only", action="store_true", help="serve read-only")
@@ -155,6 +160,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.long_options or args.short_options:
         print(list_options(long=args.long_options))
         return 0
+    if args.oldstyle:
+        raise ConfigError("the oldstyle protocol is not supported (newstyle only)")
+    if args.vsock:
+        raise ConfigError("--vsock is not supported: pynbd listens on TCP and Unix sockets")
     for spec in args.debug:
         set_debug_flag(spec)
     if args.dump_plugin and args.single:
@@ -315,7 +324,8 @@ def _make_listener(args: argparse.Namespace) -> Listener:
         return inherited
     if args.unix:
         return Listener.unix(args.unix)
-    return Listener.tcp(args.ipaddr, args.port if args.port is not None else NBD_DEFAULT_PORT)
+    address = args.ipaddr or ("0.0.0.0" if args.ipv4_only else "::" if args.ipv6_only else None)
+    return Listener.tcp(address, args.port if args.port is not None else NBD_DEFAULT_PORT)
 
 
 def _run_command(args: argparse.Namespace, listener: Listener, uri: str, server: Server,

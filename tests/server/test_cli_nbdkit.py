@@ -1,0 +1,187 @@
+"""nbdkit's command line under ``pynbd serve``, each option against Debian's nbdkit where it has it."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbdtest import SERVE, run
+from pynbd.backend.plugin import Filter, Plugin
+from pynbd.backend.registry import builtin_names
+
+SERVERS = {"pynbd": SERVE, "nbdkit": ["nbdkit"]}
+BOTH = tuple(SERVERS)
+SIZE = 'nbdinfo --size "$uri"'
+
+
+def serve(server: str, *args: str, check: bool = True) -> tuple[int, str, str]:
+    result = run([*SERVERS[server], *args], check=check, timeout=60)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def refused(server: str, *args: str) -> str:
+    """The one line a bad command line gets from pynbd (no traceback, status 1; nbdkit may say more)."""
+    code, _, err = serve(server, *args, check=False)
+    assert code == 1 and "Traceback" not in err, err
+    assert server == "nbdkit" or len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def keys(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+# ---------------------------------------------------------------- --help
+
+def test_help_lists_every_plugin_and_filter_in_one_line():
+    _, out, _ = serve("pynbd", "--help")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    for name in builtin_names(Plugin) + builtin_names(Filter):
+        assert name in lines and len(lines[name].split()) > 2, name
+    assert "a RAM disk." in lines["memory"]
+
+
+# ---------------------------------------------------------------- the magic parameter
+
+@pytest.mark.parametrize("server", BOTH)
+def test_magic_parameter_anywhere(server, tmp_path):
+    disk, logfile = tmp_path / "disk.img", tmp_path / "log"
+    disk.write_bytes(b"x" * 4096)
+    _, out, _ = serve(server, "-U", "-", "--filter=log", "file", f"logfile={logfile}", str(disk),
+                      "--run", SIZE)
+    assert out.strip() == "4096" and logfile.exists()
+    _, out, _ = serve(server, "-U", "-", "data", "size=1M", "( 0x55 0xAA )*256", "--run",
+                      'nbdinfo --size "$uri" && nbdcopy "$uri" - | head -c 4 | od -An -tx1')
+    assert out.split() == [str(1 << 20), "55", "aa", "55", "aa"]
+
+
+# ---------------------------------------------------------------- --dump-config, --dump-plugin
+
+def test_dump_config_has_nbdkits_keys():
+    ours = keys(serve("pynbd", "--dump-config")[1])
+    theirs = keys(serve("nbdkit", "--dump-config")[1])
+    assert set(theirs) <= set(ours)
+    assert ours["name"] == "pynbd" and ours["version"].startswith(f"{ours['version_major']}.")
+
+
+@pytest.mark.parametrize("plugin, feature", [("memory", "mlock"), ("data", "data_base64"),
+                                             ("info", "info_address")])
+def test_dump_plugin_has_nbdkits_keys(plugin, feature):
+    ours = keys(serve("pynbd", "--dump-plugin", plugin)[1])
+    theirs = keys(serve("nbdkit", "--dump-plugin", plugin)[1])
+    for key in ("name", "api_version", "max_thread_model", "thread_model", "magic_config_key",
+                "errno_is_preserved", feature):
+        assert key in theirs and ours[key] == theirs[key], key
+    assert {"has_thread_model", "max_known_status", "has_config_complete"} <= set(ours)
+
+
+def test_dump_plugin_runs_the_configuration_first():
+    assert "BEGIN AST" not in refused("pynbd", "--dump-plugin", "data", "raw=x", "foo=1")
+    assert keys(serve("pynbd", "--dump-plugin", "memory", "1M")[1])["mlock"] == "yes"
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_dump_plugin_with_single_is_refused(server):
+    refused(server, "-s", "--dump-plugin", "memory")
+
+
+# ---------------------------------------------------------------- the options
+
+def test_long_and_short_options_cover_nbdkits():
+    for flag in ("--long-options", "--short-options"):
+        ours = set(serve("pynbd", flag)[1].split())
+        assert set(serve("nbdkit", flag)[1].split()) <= ours
+        assert "--print-uri" in ours or flag == "--short-options"
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_version_short(server):
+    assert serve(server, "-V")[1].startswith(server)
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_mask_handshake_zero_is_plain_newstyle(server):
+    _, out, _ = serve(server, "--mask-handshake=0", "-U", "-", "memory", "1M", "--run", 'nbdinfo "$uri"')
+    assert "protocol: newstyle without TLS" in out and "export-size: 1048576" in out
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_no_sr_means_simple_replies_and_no_block_status(server):
+    _, out, _ = serve(server, "--no-sr", "-U", "-", "memory", "1M", "--run",
+                      'nbdinfo "$uri"; nbdinfo --map "$uri" || echo no-map', check=False)
+    assert "using simple packets" in out and "no-map" in out
+
+
+def test_no_meta_contexts_keeps_structured_replies():
+    _, out, _ = serve("pynbd", "--no-meta-contexts", "-U", "-", "memory", "1M", "--run",
+                      'nbdinfo "$uri"; nbdinfo --map "$uri" || echo no-map', check=False)
+    assert "using structured packets" in out and "no-map" in out
+
+
+def test_print_uri():
+    _, out, _ = serve("pynbd", "--print-uri", "-U", "-", "memory", "1M", "--run", SIZE)
+    uri, size = out.split()
+    assert uri.startswith("nbd+unix:///?socket=") and size == str(1 << 20)
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_user_group_swap_and_selinux_label_are_accepted(server):
+    _, out, _ = serve(server, "-u", "root", "-g", "root", "--swap", "-U", "-", "memory", "1M",
+                      "--run", SIZE)
+    assert out.strip() == str(1 << 20)
+    if server == "pynbd":  # Debian's nbdkit is built with SELinux and needs it enabled
+        _, out, err = serve(server, "--selinux-label=system_u:object_r:svirt_t:s0", "-U", "-",
+                            "memory", "1M", "--run", SIZE)
+        assert out.strip() == str(1 << 20) and "SELinux is not enabled" in err
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_unknown_user_refused(server):
+    args = ("-u", "no-such-user-xyz", "-U", "-", "memory", "1M", "--run", "true")
+    if server == "pynbd":
+        refused(server, *args)
+    else:  # nbdkit's status here depends on whether --run's fork came first
+        assert "not a valid user name" in serve(server, *args, check=False)[2]
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_debug_flag_data_ast(server):
+    _, _, err = serve(server, "-v", "-D", "data.AST=1", "-U", "-", "data", "1 2 3", "--run", SIZE)
+    assert "BEGIN AST" in err and "END AST" in err
+
+
+def test_bad_debug_flag_refused():
+    refused("pynbd", "-D", "data.AST", "memory", "1M")
+    refused("pynbd", "-D", "data.AST=x", "memory", "1M")
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_single_with_script_on_stdin_refused(server):
+    refused(server, "-s", "sh", "-")
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_oldstyle_and_vsock(server):
+    if server == "pynbd":
+        refused(server, "-o", "-U", "-", "memory", "1M", "--run", "true")
+        refused(server, "--vsock", "memory", "1M", "--run", "true")
+
+
+# ---------------------------------------------------------------- memory and data plugins
+
+@pytest.mark.parametrize("server", BOTH)
+def test_memory_malloc_mlock(server):
+    script = ('nbdsh -u "$uri" -c '
+              '"h.pwrite(b\\"x\\" * 8192, 0); h.zero(8192, 0); print(bytes(h.pread(2, 4096)))"')
+    _, out, _ = serve(server, "-U", "-", "memory", "1M", "allocator=malloc,mlock=true", "--run", script)
+    assert out.strip() == "b'\\x00\\x00'"
+    refused(server, "-U", "-", "memory", "1M", "allocator=sparse,mlock=true", "--run", "true")
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_data_empty_slice_and_extra_keys(server):
+    _, out, _ = serve(server, "-U", "-", "data", '"Hello"[99:99] 1', "--run", SIZE)
+    assert out.strip() == "1"
+    refused(server, "-U", "-", "data", '"Hello"[2:99]', "--run", "true")
+    refused(server, "-U", "-", "data", "raw=abc", "foo=bar", "--run", "true")
+    _, out, _ = serve(server, "-U", "-", "data", "$x $x", "x=7", "--run", SIZE)
+    assert out.strip() == "2"
