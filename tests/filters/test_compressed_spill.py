@@ -21,6 +21,7 @@ from pynbd.filters.gzip import DecodedCache, SpillCache, Step
 MiB = 1 << 20
 DATA = mixed_image(5 * MiB)
 KINDS = {"gzip": "gzip", "xz": "xz-blocks"}
+NO_PREFETCH = {"gzip": ["gzip-prefetch=false"], "xz": []}
 
 
 def env_with_tmpdir(path: str) -> dict[str, str]:
@@ -73,7 +74,7 @@ def test_decoded_once_kept_in_an_unlinked_file(tmp_path, kind):
     tmpdir.mkdir()
     reads = "\n".join(f"h.pread(4096, {o})" for o in (0, 4096, 100000, 2 * MiB, 2 * MiB + 512, 0))
     env = env_with_tmpdir(str(tmpdir))
-    with served("-r", f"--filter={kind}", "file", path, options=["-v"], env=env) as srv:
+    with served("-r", f"--filter={kind}", "file", path, *NO_PREFETCH[kind], options=["-v"], env=env) as srv:
         # several clients at once, all reading the same pieces
         clients = [threading.Thread(target=nbdsh, args=(srv.uri, reads)) for _ in range(4)]
         for c in clients:
@@ -91,10 +92,21 @@ def test_decoded_once_kept_in_an_unlinked_file(tmp_path, kind):
     assert "Traceback" not in log
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_full_tmpdir_decodes_on_each_read(tmp_path, small_tmpfs, kind):
+def test_gzip_prefetch_keeps_what_indexing_decodes(tmp_path):
+    path = compress(tmp_path, DATA, "gzip")
+    with served("-r", "--filter=gzip", "file", path, options=["-v"]) as srv:
+        for _ in range(2):
+            assert run(["nbdcopy", srv.uri, "-"]).stdout == DATA
+    log = srv.stderr()
+    assert f"the whole image ({len(DATA)} bytes) is in the temporary file" in log
+    assert "decoded into the temporary file" not in log  # no read decoded anything
+
+
+@pytest.mark.parametrize("kind, params", [("gzip", []), ("gzip", ["gzip-prefetch=false"]), ("xz", [])])
+def test_full_tmpdir_decodes_on_each_read(tmp_path, small_tmpfs, kind, params):
     path = compress(tmp_path, DATA, KINDS[kind])
-    with served("-r", f"--filter={kind}", "file", path, env=env_with_tmpdir(str(small_tmpfs))) as srv:
+    env = env_with_tmpdir(str(small_tmpfs))
+    with served("-r", f"--filter={kind}", "file", path, *params, env=env) as srv:
         for _ in range(2):
             assert run(["nbdcopy", srv.uri, "-"]).stdout == DATA
         tail = nbdsh(srv.uri, f"print(h.pread(70000, {len(DATA) - 70000}).hex())")

@@ -10,22 +10,32 @@ Parameters
                  first open, reused by later servers when it belongs to this
                  gzip file (same size, same first and last 64 KiB); an index
                  of another file is rebuilt, not trusted
+    gzip-prefetch=BOOL
+                 keep everything that building the index decodes in the
+                 temporary file (below), written on a thread of its own while
+                 the index is built, so that every read after the open is a
+                 plain ``pread`` (default true: the decoding is done anyway,
+                 and writing it costs little next to it; false keeps TMPDIR
+                 use down to the spans clients read). An index loaded from
+                 ``index=`` decodes nothing at open: spans are then kept as
+                 clients first read them.
 
 At the first client's open the filter decodes the file once and keeps a
 restart point about every MiB of output (zlib's ``zran.c`` method, at deflate
 block boundaries, to the bit, with the 32 KiB of history each needs; see
 ``pydoc pynbd.formats.gzip_index``), and serves the first read as soon as
 that is done (nbdkit's gzip filter first writes the whole uncompressed image
-to a temporary file). The first read of a span (the output between two
-points) decodes that span whole and keeps it in a sparse, unlinked temporary
-file in ``$TMPDIR``, shared by all clients; every later read of it is a
-plain ``pread`` of that file. Each span is decoded at most once, also when
-several clients want it at the same time (the others wait for it). Memory
-holds one byte per span; the file grows to at most the uncompressed size,
-only as far as spans were read. If ``$TMPDIR`` cannot hold it (ENOSPC, or no
-temporary file can be made) the filter logs one warning and decodes the
-spans not kept yet on each read from the nearest point, as far as the read
-needs, keeping the 32 most recently used spans in memory.
+to a temporary file, then serves). Decoded data is kept in a sparse,
+unlinked temporary file in ``$TMPDIR``, shared by all clients: the output of
+that first decoding (``gzip-prefetch``), and any span (the output between two
+points) a read needs before it is there, decoded whole. Every later read of
+a span is a plain ``pread`` of that file. Each span is decoded at most once
+by reads, also when several clients want it at the same time (the others
+wait for it). Memory holds one byte per span; the file grows to at most the
+uncompressed size. If ``$TMPDIR`` cannot hold it (ENOSPC, or no temporary
+file can be made) the filter logs one warning and decodes the spans not kept
+yet on each read from the nearest point, as far as the read needs, keeping
+the 32 most recently used spans in memory.
 Multi-member files (``pigz``, concatenated ``.gz``) work; zero padding after
 the data is ignored. A damaged, truncated or non-gzip file refuses the open
 with one line saying why (every member's CRC-32 is checked while indexing).
@@ -53,13 +63,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import tempfile
 import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import IO, Generic, TypeVar
 
 from ..backend import (
     CACHE_EMULATE,
@@ -77,6 +88,7 @@ from ..formats.gzip_stored import StoredGzip, open_layout
 
 log = logging.getLogger("pynbd.filters.gzip")
 CACHED_SPANS = 32
+KEEP_QUEUE = 16  # decoded pieces (up to 1 MiB each) waiting for StreamKeeper's thread
 SPILL_STEP = 256 * 1024  # decode into the temporary file this much at a time
 DECODE_STEP = 64 * 1024  # decode this much per call (liblzma is slower asked for a MiB at once)
 T = TypeVar("T")
@@ -196,7 +208,8 @@ class SpillCache:
     read from the file. ``decoded`` counts the pieces decoded into the file.
     """
 
-    def __init__(self, name: str, size: int, pieces: int, fallback: DecodedCache) -> None:
+    def __init__(self, name: str, size: int, pieces: int, fallback: DecodedCache,
+                 file: IO[bytes] | None = None) -> None:
         self.name = name
         self.fallback = fallback
         self.present = bytearray(pieces)
@@ -205,13 +218,14 @@ class SpillCache:
         self.full = False
         self.fd = -1
         try:
-            self.file = tempfile.TemporaryFile(prefix=f"pynbd-{name}-")
+            self.file = file or tempfile.TemporaryFile(prefix=f"pynbd-{name}-")
             self.fd = self.file.fileno()
             os.ftruncate(self.fd, size)
         except OSError as exc:
-            self._give_up(exc)
+            self.give_up(exc)
 
-    def _give_up(self, exc: OSError) -> None:
+    def give_up(self, exc: OSError) -> None:
+        """Stop keeping pieces (the file cannot take them); warn once."""
         if not self.full:
             self.full = True
             log.warning("%s: cannot keep decoded data in a temporary file in %s (%s): decoding on "
@@ -245,13 +259,64 @@ class SpillCache:
         except ValueError as exc:
             raise damaged(self.name, exc) from None
         except OSError as exc:
-            self._give_up(exc)
+            self.give_up(exc)
             return False
         self.present[key] = 1
         self.decoded += 1
         log.debug("%s: piece %d (%d bytes at %d) decoded into the temporary file", self.name, key,
                   size, out)
         return True
+
+
+class StreamKeeper:
+    """Writes a whole decoded image, as a decoder produces it from offset 0 on,
+    into an unlinked temporary file, on a thread of its own, so that the
+    decoder does not wait for the disk (at most ``KEEP_QUEUE`` pieces queued).
+
+    ``write(view)`` queues a copy of each piece; ``finish(spill)`` hands the
+    file over to ``spill`` (made with ``file=keeper.file``): once everything
+    queued is written, all its pieces are marked present, or, if a write
+    failed (ENOSPC), ``spill`` gives up keeping with that error.
+    ``finish(None)`` (the decoding failed) just stops the thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.file: IO[bytes] | None = None
+        self.error: OSError | None = None
+        try:
+            self.file = tempfile.TemporaryFile(prefix=f"pynbd-{name}-")
+        except OSError as exc:
+            self.error = exc
+        self.spill: SpillCache | None = None
+        self.queue: queue.Queue[bytes | None] = queue.Queue(KEEP_QUEUE)
+        self.thread = threading.Thread(target=self._run, name=f"{name}-keep", daemon=True)
+        self.thread.start()
+
+    def write(self, view: memoryview) -> None:
+        if self.error is None:
+            self.queue.put(bytes(view))
+
+    def finish(self, spill: SpillCache | None) -> None:
+        self.spill = spill
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        out = 0
+        while (piece := self.queue.get()) is not None:
+            if self.error is None and self.file is not None:
+                try:
+                    pwrite_all(self.file.fileno(), piece, out)
+                except OSError as exc:
+                    self.error = exc
+            out += len(piece)
+        spill = self.spill
+        if spill is None:
+            return
+        if self.error is not None:
+            spill.give_up(self.error)
+        else:
+            spill.present[:] = b"\1" * len(spill.present)
+            log.debug("%s: the whole image (%d bytes) is in the temporary file", spill.name, out)
 
 
 class Images(Generic[T]):
@@ -289,12 +354,8 @@ class Image:
     file_size: int
     index: GzipIndex
     stored: StoredGzip | None
-    spans: SpillCache = field(init=False)
+    spans: SpillCache
     write_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self.spans = SpillCache("gzip", self.index.size, len(self.index.points),
-                                DecodedCache("gzip", CACHED_SPANS))
 
 
 class GzipConnection(FilterConnection["GzipFilter"]):
@@ -390,8 +451,13 @@ class GzipConnection(FilterConnection["GzipFilter"]):
 
 class GzipFilter(Filter):
     name = "gzip"
-    params = (Param("index", "path", "file to keep the random-access index in (built once, reused)"),)
+    params = (
+        Param("index", "path", "file to keep the random-access index in (built once, reused)"),
+        Param("gzip-prefetch", "bool", "keep all that indexing decodes in the temporary file",
+              default=True),
+    )
     index: str | None
+    gzip_prefetch: bool
     images: Images[Image]
     connection = GzipConnection
 
@@ -404,20 +470,32 @@ class GzipFilter(Filter):
         if layout is not None:
             stored = StoredGzip(read, file_size, layout)
             self._check_trailer(below, read, stored)
-            return Image(file_size, stored.index(), stored)
-        index = None
+            index = stored.index()
+            return Image(file_size, index, stored, self.spans_of(index))
         identity = b""
         if self.index is not None:
             identity = identity_of(read, file_size)
-            index = GzipIndex.load(self.index, identity)
-        if index is None:
-            index = build_index(read, file_size)
-            if self.index is not None:
-                try:
-                    index.save(self.index, identity)
-                except OSError as exc:
-                    log.warning("gzip: cannot save the index in %s: %s", self.index, exc.strerror or exc)
-        return Image(file_size, index, None)
+            saved = GzipIndex.load(self.index, identity)
+            if saved is not None:
+                return Image(file_size, saved, None, self.spans_of(saved))
+        keeper = StreamKeeper(self.name) if self.gzip_prefetch else None
+        spans = None
+        try:
+            index = build_index(read, file_size, sink=keeper.write if keeper else None)
+            spans = self.spans_of(index, keeper.file if keeper else None)
+        finally:
+            if keeper is not None:
+                keeper.finish(spans)
+        if self.index is not None:
+            try:
+                index.save(self.index, identity)
+            except OSError as exc:
+                log.warning("gzip: cannot save the index in %s: %s", self.index, exc.strerror or exc)
+        return Image(file_size, index, None, spans)
+
+    @staticmethod
+    def spans_of(index: GzipIndex, file: IO[bytes] | None = None) -> SpillCache:
+        return SpillCache("gzip", index.size, len(index.points), DecodedCache("gzip", CACHED_SPANS), file)
 
     @staticmethod
     def _check_trailer(below: Connection, read: ReadFn, stored: StoredGzip) -> None:

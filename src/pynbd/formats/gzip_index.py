@@ -219,8 +219,12 @@ def _next_member(read: ReadFn, pos: int, file_size: int) -> Header | None:
     return None
 
 
-def build_index(read: ReadFn, file_size: int, span: int | None = None) -> GzipIndex:
+def build_index(read: ReadFn, file_size: int, span: int | None = None,
+                sink: Callable[[memoryview], None] | None = None) -> GzipIndex:
     """Decode the whole file once, keeping a point about every ``span`` output bytes.
+
+    ``sink``, if given, is handed every piece of output in order (a view that
+    is reused for the next piece: copy what you keep).
 
     The default span is a MiB, or more for files over 2 GiB compressed, so that
     there are at most about 8192 points (at most 256 MiB of windows, kept
@@ -246,6 +250,8 @@ def build_index(read: ReadFn, file_size: int, span: int | None = None) -> GzipIn
                 used, made, ended = z.inflate(src.data, src.used, out, stop_at_block=True)
                 src.used += used
                 crc = zlib.crc32(out[:made], crc)
+                if sink is not None and made:
+                    sink(out[:made])
                 member_out += made
                 out_total += made
                 if ended:
