@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -183,6 +184,16 @@ def test_api_version_1_callbacks():
 def test_plugin_config_errors(args, message):
     last, _ = refused("cc", RAMDISK, *args)
     assert message in last
+
+
+def test_realpath_and_absolute_path(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    result = subprocess.run([*SERVE, "-v", "-U", "-", "cc", FEATURES, "path=link", "--run", "true"],
+                            cwd=str(tmp_path), capture_output=True, timeout=120, check=True)
+    assert f"realpath={tmp_path}/real absolute={tmp_path}/link" in result.stderr.decode()
+    last, _ = refused("cc", FEATURES, "path=/nonexistent/x")
+    assert "realpath: /nonexistent/x: No such file or directory" in last
 
 
 def test_parse_int_and_bool_errors():

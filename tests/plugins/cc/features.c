@@ -2,6 +2,7 @@
  *   barrier=N        each pread waits until N preads run at once (PARALLEL proof)
  *   password=VALUE   nbdkit_read_password; the disk's first bytes are the password
  *   number=INT       nbdkit_parse_int32_t; get_size adds it
+ *   path=PATH        nbdkit_realpath and nbdkit_absolute_path, logged with nbdkit_debug
  *   fail=BOOL        nbdkit_parse_bool; cache then fails without nbdkit_error
  * list_exports offers "a", "b" and the default export (default_export: "dflt");
  * the export name is written at offset 4096, the peer's address family
@@ -36,6 +37,15 @@ f_config (const char *key, const char *value)
     return nbdkit_parse_int32_t ("number", value, &number);
   if (strcmp (key, "password") == 0)
     return nbdkit_read_password (value, &password);
+  if (strcmp (key, "path") == 0) {
+    char *real = nbdkit_realpath (value), *absolute = nbdkit_absolute_path (value);
+    if (real == NULL || absolute == NULL)
+      return -1;
+    nbdkit_debug ("realpath=%s absolute=%s", real, absolute);
+    free (real);
+    free (absolute);
+    return nbdkit_nanosleep (0, 1000);
+  }
   if (strcmp (key, "fail") == 0) {
     fail = nbdkit_parse_bool (value);
     return fail == -1 ? -1 : 0;
