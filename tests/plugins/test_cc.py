@@ -231,6 +231,36 @@ def test_same_file_under_nbdkit_cc(tmp_path, header):
     assert "3145728     2097152    0  data" in answers["pynbd"]
 
 
+FIELDS = ("_struct_size _api_version _thread_model name longname version description load unload "
+          "config config_complete config_help open close get_size can_write can_flush "
+          "is_rotational can_trim errno_is_preserved dump_plugin can_zero can_fua pread pwrite "
+          "flush trim zero magic_config_key can_multi_conn can_extents extents can_cache cache "
+          "thread_model can_fast_zero preconnect get_ready after_fork list_exports "
+          "default_export export_description cleanup block_size").split()
+
+
+@pytest.mark.parametrize("api", [1, 2])
+def test_struct_layout_matches_nbdkit(tmp_path, api):
+    """offsetof every field of struct nbdkit_plugin, and the constants, under pynbd's
+    header and under nbdkit's: the same numbers."""
+    if not os.path.exists("/usr/include/nbdkit-plugin.h"):
+        pytest.skip("nbdkit-plugin-dev is not installed")
+    source = tmp_path / "layout.c"
+    source.write_text(
+        f"#define NBDKIT_API_VERSION {api}\n#include <stddef.h>\n#include <stdio.h>\n"
+        "#include <nbdkit-plugin.h>\nint main (void) {\n"
+        + "".join(f'  printf ("{f} %zu\\n", offsetof (struct nbdkit_plugin, {f}));\n' for f in FIELDS)
+        + '  printf ("size %zu %d %d %d %d\\n", sizeof (struct nbdkit_plugin), NBDKIT_FLAG_FAST_ZERO,'
+          " NBDKIT_CACHE_NATIVE, NBDKIT_EXTENT_ZERO, NBDKIT_THREAD_MODEL_PARALLEL);\n  return 0;\n}\n")
+    layouts = []
+    for include in (os.path.abspath(INCLUDE), "/usr/include"):
+        program = str(tmp_path / "layout")
+        run(["cc", "-I", include, "-o", program, str(source)])
+        layouts.append(run([program]).stdout.decode())
+    assert layouts[0] == layouts[1]
+    assert "block_size " in layouts[0]
+
+
 def test_plugin_built_with_nbdkit_header_served_as_so(tmp_path):
     """A .so built against nbdkit's own header: pynbd serve ./ramdisk.so."""
     if not os.path.exists("/usr/include/nbdkit-plugin.h"):
