@@ -73,6 +73,13 @@ that is neither a file nor a directory, or a failing mount print one line
 ``pynbd fuse: WHAT`` on stderr and exit with status 1. A request the server
 fails returns its errno to the program that made it.
 
+Limits: nbdfuse's --command, --fd, --tcp, --unix and --vsock modes are not
+there (write the URI: ``nbd://host:port``, ``nbd+unix:///?socket=PATH``). A
+server run for the mount gets one connection, as with nbdfuse. Debian 12's
+libfuse 3.14.0 prints "Ignoring invalid max threads value 4294967295" when
+it starts (its bug, harmless). A pidfile inside the mount itself cannot be
+written (an error line; the mount goes on).
+
 Needs libfuse 3 (Debian: fuse3) and mfusepy (``pip install 'pynbd[fuse]'``).
 """
 

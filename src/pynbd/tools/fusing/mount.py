@@ -26,9 +26,6 @@ from typing import Any
 from .files import ExportFile
 
 ROOT = "/"
-# libfuse's own default, given explicitly: libfuse 3.14's fuse_main_real warns
-# about an "invalid max threads value" when the option is left out.
-DEFAULT_THREADS = "10"
 # fuse_main_real's status when its loop ended with an error, which is also how a
 # SIGTERM/SIGINT/SIGHUP (libfuse's handlers unmount) ends it: a clean end once mounted.
 LOOP_ENDED_BY_SIGNAL = 8
@@ -156,8 +153,7 @@ def mount(files: list[ExportFile], mountpoint: str, *, naked: bool, single_threa
         on_ready()
 
     tree = Tree(files, naked, mounted)
-    settings: dict[str, Any] = {"fsname": "pynbd", "subtype": "pynbd",
-                                "max_threads": DEFAULT_THREADS, **options}
+    settings: dict[str, Any] = {"fsname": "pynbd", "subtype": "pynbd", **options}
     try:
         Mount(tree, mountpoint, foreground=True, nothreads=single_thread, debug=debug,
               **settings)
