@@ -6,8 +6,9 @@ against a malicious server.
 plays each input to it as one client: the bytes are sent, the write side is
 shut, and the replies are read until the server hangs up. A hang (no end
 within the bound), a traceback the server logs (``unexpected error``, a layer
-raising something other than OSError), or a server that stops serving a
-well-behaved client is a finding.
+raising something other than OSError), a server that stops serving a
+well-behaved client, or one that holds ever more file descriptors once its
+clients are gone is a finding.
 
 ``ToolTarget(tool)`` runs ``pynbd info`` or ``pynbd copy`` (in this process,
 their ``main``) against a fake server that replays, mutated, what a real
@@ -33,7 +34,7 @@ import threading
 from collections.abc import Hashable, Sequence
 
 from fuzz_cores import HandshakeTarget
-from fuzz_engine import Finding, Hang
+from fuzz_engine import Finding, Hang, open_fds
 
 import pynbd
 from pynbd.client import NBD
@@ -43,6 +44,7 @@ from pynbd.tools import info as info_tool
 
 DISK = 1 << 20
 RECV_TIMEOUT = 1.0
+MAX_FD_GROWTH = 64  # descriptors a stack may keep open for good (an overlay, a cache...)
 
 
 class ErrorLog(logging.Handler):
@@ -88,6 +90,7 @@ class LiveServerTarget:
         self._served = pynbd.serve(plugin, *args, filters=filters)
         self._served.__enter__()
         self._count = 0
+        self._fds = open_fds()  # with the server listening, before any client
         self._generator = HandshakeTarget()
 
     def generate(self, rng: random.Random) -> bytes:
@@ -104,12 +107,17 @@ class LiveServerTarget:
         return (min(received, 1 << 16) >> 4, received > 0)
 
     def health_check(self) -> None:
-        """A well-behaved client still reads back what it wrote."""
+        """A well-behaved client still reads back what it wrote, and what earlier clients
+        made the server open is bounded (clients gone, their descriptors closed)."""
         with NBD() as h:
             h.connect_uri(self._served.uri)
             h.pwrite(b"health" * 100, 4096)
             if h.pread(600, 4096) != b"health" * 100:
                 raise Finding("the server no longer returns what was written")
+        fds = open_fds()
+        if fds > self._fds + MAX_FD_GROWTH:
+            raise Finding(f"the server holds {fds - self._fds} more file descriptors after "
+                          f"{self._count} clients have come and gone")
 
     def close(self) -> None:
         self._served.close()

@@ -15,6 +15,7 @@ import struct
 import pytest
 from fuzz_live import ToolTarget
 
+from nbdtest import wait_for
 from pynbd.proto.client_handshake import ClientHandshake, HandshakeConfig
 from pynbd.proto.errors import RemoteProtocolError
 from pynbd.proto.machine import NeedData
@@ -60,3 +61,30 @@ def handshake_with_size(size: int) -> ClientHandshake:
 def test_client_handshake_refuses_sizes_over_int64_max():
     with pytest.raises(RemoteProtocolError, match="export of 18446744073709551615 bytes"):
         handshake_with_size((1 << 64) - 1)
+
+
+@pytest.mark.xfail(strict=True, reason="filters/cow.py keeps an overlay (an open temporary file and "
+                   "its block map) for every export name a client asks for, for the server's life; "
+                   "found by live-cow, reported to the lead")
+def test_cow_export_names_cannot_pile_up_overlays():
+    """2. The live-cow target (its health check) found a server holding one more file
+    descriptor per distinct export name clients had asked for: 500 names, 500 fds."""
+    import os
+
+    import pynbd
+    from pynbd.client import NBD
+
+    with pynbd.serve("memory", "1M", filters=["cow"], subprocess=True) as served:
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{served.pid}/fd"))
+
+        h = NBD()
+        h.connect_uri(served.uri)  # the default export's overlay, kept for the server's life
+        h.shutdown()
+        before = fds()
+        for i in range(100):
+            h = NBD()
+            h.connect_uri(f"nbd+unix:///name{i}?socket={served.socket}")
+            h.shutdown()
+        wait_for(lambda: fds() - before < 10, timeout=3,
+                 message=lambda: f"{fds() - before} more descriptors after 100 export names")
