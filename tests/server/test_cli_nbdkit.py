@@ -185,3 +185,21 @@ def test_data_empty_slice_and_extra_keys(server):
     refused(server, "-U", "-", "data", "raw=abc", "foo=bar", "--run", "true")
     _, out, _ = serve(server, "-U", "-", "data", "$x $x", "x=7", "--run", SIZE)
     assert out.strip() == "2"
+
+
+# ---------------------------------------------------------------- request limits
+
+@pytest.mark.parametrize("server", BOTH)
+def test_64_mib_requests_accepted(server):
+    code = 'h.pwrite(b"a" * (64 << 20), 0); print(h.pread(64 << 20, 0).count(b"a"))'
+    _, out, _ = serve(server, "-U", "-", "memory", "65M", "--run", f'nbdsh -u "$uri" -c \'{code}\'')
+    assert out.strip() == str(64 << 20)
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_emulated_cache_reads_in_nbdkits_chunks(server, tmp_path):
+    logfile = tmp_path / "log"
+    serve(server, "-U", "-", "--filter=nocache", "--filter=log", "memory", "16M", "cachemode=emulate",
+          f"logfile={logfile}", "--run", 'nbdsh -u "$uri" -c "h.cache(8 << 20, 0)"')
+    reads = [line for line in logfile.read_text().splitlines() if "Read id=" in line and "return" not in line]
+    assert len(reads) == 1 and "count=0x800000" in reads[0]

@@ -35,9 +35,10 @@ from rawnbd import (
 )
 
 from nbdtest import open_fds, served, sync_accepts, threads, wait_for, wait_idle
+from pynbd.proto.constants import DEFAULT_MAX_PAYLOAD
 
 SIZE = 1 << 20
-MAX_PAYLOAD = 32 << 20
+MAX_PAYLOAD = DEFAULT_MAX_PAYLOAD
 
 
 # memory never blocks, so the server runs it in the inline loop; a delay on

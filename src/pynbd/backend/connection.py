@@ -41,6 +41,7 @@ FUA_NONE, FUA_EMULATE, FUA_NATIVE = 0, 1, 2
 CACHE_NONE, CACHE_EMULATE, CACHE_NATIVE = 0, 1, 2
 
 _ZERO_CHUNK = 1024 * 1024
+CACHE_CHUNK = 64 * 1024 * 1024  # an emulated cache reads this much at a time, as nbdkit does
 
 
 class Extent(NamedTuple):
@@ -163,7 +164,7 @@ class Connection:
 
     def cache(self, count: int, offset: int, flags: int) -> None:
         """Prefetch; the default reads the range and discards it."""
-        buf = memoryview(bytearray(min(count, _ZERO_CHUNK)))
+        buf = memoryview(bytearray(min(count, CACHE_CHUNK)))
         end = offset + count
         while offset < end:
             n = min(end - offset, len(buf))

@@ -169,5 +169,5 @@ OPTION_REPLY_HEADER_SIZE = 20
 # Limits.
 MAX_STRING = 4096  # export names, descriptions, error messages
 MAX_OPTION_LENGTH = 64 * 1024  # option payloads larger than this are refused
-DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024  # largest read/write the server accepts
+DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024  # largest read/write the server accepts (nbdkit's)
 NBD_DEFAULT_PORT = 10809
