@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -157,6 +158,23 @@ def test_fsync_flush_punch_hole_trim_zero_range_write_zeroes(tmp_path):
         with open(disk, "rb") as f:
             data = f.read(256 * K)
         assert data == b"\xaa" * (64 * K) + bytes(128 * K) + b"\xaa" * (64 * K)
+
+
+def test_fuse_options_reach_libfuse_direct_io_sends_whole_reads(tmp_path):
+    log = tmp_path / "requests.log"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with served("memory", "4M", "--filter=log", f"logfile={log}") as srv, \
+            fuse(mnt, "-o", "direct_io", "--fuse-option=fsname=mydisk", srv.uri):
+        with open("/proc/mounts") as mounts:
+            assert f"mydisk {mnt} " in mounts.read()
+        fd = os.open(mnt / "nbd", os.O_RDONLY)
+        try:
+            with mmap.mmap(-1, M) as page_aligned:  # or the kernel splits at its pages
+                assert os.preadv(fd, [page_aligned], M) == M
+        finally:
+            os.close(fd)
+        assert any("offset=0x100000 count=0x100000" in line for line in log_lines(log, "Read"))
 
 
 def test_requests_from_many_threads_match_the_server_and_nbdfuse(tmp_path):
