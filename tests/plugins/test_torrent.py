@@ -1,4 +1,12 @@
-"""torrent plugin: against a libtorrent seeder on 127.0.0.1, compared with nbdkit's torrent plugin."""
+"""torrent plugin: against a libtorrent seeder on 127.0.0.1.
+
+Debian's nbdkit torrent plugin (1.32) is not an oracle here: its pread and
+preconnect test ``have_piece`` outside the lock they then wait on, so a piece
+that lands in between is a lost wake-up, and once the download is complete
+(quick on loopback) the client waits for ever. It hung twice in a dozen runs.
+The choices it documents (the largest file by default, paths inside the
+torrent for file=) are checked below instead.
+"""
 
 from __future__ import annotations
 
@@ -45,37 +53,34 @@ def shared(tmp_path_factory):
         yield image, torrent, port
 
 
-def test_bytes_equal_the_file_torrent_and_magnet_and_nbdkit(shared, tmp_path):
+def test_bytes_equal_the_file_from_torrent_and_magnet(shared, tmp_path):
     image, torrent, port = shared
-    link = magnet(torrent, port)
     sums = []
-    for server, args in (("pynbd", [str(torrent), f"peer=127.0.0.1:{port}", *PLUGIN_QUIET]),
-                         ("pynbd", [link, *PLUGIN_QUIET]),
-                         ("nbdkit", [link, "listen-interfaces=127.0.0.1:0"])):
-        with served("torrent", *args, server=server) as srv:
+    for source in ([str(torrent), f"peer=127.0.0.1:{port}"], [magnet(torrent, port)]):
+        with served("torrent", *source, *PLUGIN_QUIET) as srv:
             info = export_info(srv.uri)
-            assert (info["export-size"], info["is_read_only"]) == (SIZE, True), server
-            if server == "pynbd":  # the tail first: a read needs only its own pieces
-                tail = nbdsh(srv.uri, f"print(h.pread(4097, {SIZE - 4097}).hex())")
-                assert tail.strip() == image.read_bytes()[-4097:].hex()
-                assert nbdsh_outcomes(srv.uri, ["h.pwrite(b'x', 0)"]) == ["EPERM"]
+            assert (info["export-size"], info["is_read_only"], info["can_multi_conn"]) == (SIZE, True, True)
+            # the tail first: a read needs only its own pieces
+            tail = nbdsh(srv.uri, f"print(h.pread(4097, {SIZE - 4097}).hex())")
+            assert tail.strip() == image.read_bytes()[-4097:].hex()
+            assert nbdsh_outcomes(srv.uri, ["h.pwrite(b'x', 0)"]) == ["EPERM"]
             sums.append(copied(srv.uri, tmp_path / "out"))
-    assert sums == [digest(image)] * 3
+    assert sums == [digest(image)] * 2
 
 
 def test_slow_seeder_reads_its_pieces_first(tmp_path):
     directory = tmp_path / "seed"
     directory.mkdir()
     image = directory / "disk.img"
-    image.write_bytes(os.urandom(1 << 20))
+    image.write_bytes(os.urandom(640 << 10))
     torrent = make_torrent(image, tmp_path / "disk.torrent")
     cache = tmp_path / "cache"
-    with seeder(torrent, directory, upload_limit=256 << 10) as port, \
+    with seeder(torrent, directory, upload_limit=160 << 10) as port, \
             served("torrent", str(torrent), f"peer=127.0.0.1:{port}", f"cache={cache}",
                    "readahead=0", *PLUGIN_QUIET) as srv:
-        middle = nbdsh(srv.uri, "print(h.pread(4096, 600000).hex())")
-        assert middle.strip() == image.read_bytes()[600000:604096].hex()
-        # at 256 KiB/s the rest is still on its way: the read did not wait for it
+        middle = nbdsh(srv.uri, "print(h.pread(4096, 400000).hex())")
+        assert middle.strip() == image.read_bytes()[400000:404096].hex()
+        # at 160 KiB/s the rest is still on its way: the read did not wait for it
         assert (cache / "disk.img").read_bytes() != image.read_bytes()
         assert copied(srv.uri, tmp_path / "out") == digest(image)
 
@@ -109,11 +114,8 @@ def test_multi_file_largest_by_default_and_file_parameter(tmp_path):
     torrent = make_torrent(root, tmp_path / "isos.torrent")
     with seeder(torrent, root.parent) as port:
         link = magnet(torrent, port)
-        sums = []
-        for server, args in (("pynbd", [*PLUGIN_QUIET]), ("nbdkit", ["listen-interfaces=127.0.0.1:0"])):
-            with served("torrent", link, *args, server=server) as srv:
-                sums.append(copied(srv.uri, tmp_path / "out"))
-        assert sums == [digest(root / "big.iso")] * 2
+        with served("torrent", link, *PLUGIN_QUIET) as srv:
+            assert copied(srv.uri, tmp_path / "out") == digest(root / "big.iso")
         with served("torrent", str(torrent), "file=isos/sub/small.img", f"peer=127.0.0.1:{port}",
                     *PLUGIN_QUIET) as srv:
             assert copied(srv.uri, tmp_path / "out") == digest(root / "sub" / "small.img")
