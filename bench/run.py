@@ -41,6 +41,7 @@ import luks  # noqa: E402
 import nbdkit_filters  # noqa: E402
 import remote  # noqa: E402
 import snapshot  # noqa: E402
+import torrent  # noqa: E402
 import workloads as w  # noqa: E402
 from servers import ServerSpec, nbdkit, pynbd, qemu_nbd, running  # noqa: E402
 
@@ -151,6 +152,7 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
     out += copy_workloads(tmp, data1g)
     out += resource_workloads(data1g)
     out += remote.remote_workloads(tmp, data256, rt, Workload, Variant)
+    out += torrent.torrent_workloads(tmp, data256, rt, Workload, Variant)
     out += snapshot.snapshot_workloads(tmp, raw, rt, Workload, Variant)
     out += cbt.cbt_workloads(tmp, rt, Workload, Variant)
     out += controlplane.control_workloads(tmp, data256, rt, Workload, Variant)
