@@ -1,46 +1,65 @@
-"""blkio: a file or block device through Linux io_uring (nbdkit's blkio plugin, io_uring driver).
+"""blkio: disks through io_uring and vhost-user-blk (nbdkit's blkio plugin, two of libblkio's drivers).
 
     pynbd serve blkio io_uring path=FILE [direct=true] [num-entries=N]
-    pynbd serve blkio driver=io_uring path=/dev/nvme0n1 direct=true
+    pynbd serve blkio virtio-blk-vhost-user path=SOCKET [num-queues=N]
+    pynbd serve blkio virtio-blk-vhost-user path=sock --run 'nbdsh -u "$uri" -c "print(h.pread(512, 0))"'
 
 Parameters
-    driver=io_uring  the libblkio driver (the magic parameter); io_uring is the
-                     one pynbd implements (virtio-blk-vhost-user is not
-                     implemented yet)
-    path=FILE        the file or block device
-    direct=BOOL      open it O_DIRECT, bypassing the page cache (default false);
-                     requests are then 4096-byte aligned (the block size
-                     advertised to clients) and buffers the kernel cannot use
-                     directly go through an aligned bounce buffer
-    num-entries=N    submission queue entries of each connection's ring
-                     (default 128); at most this many requests of one
-                     connection are in the kernel at once
-    read-only=BOOL   open the file read-only (as -r does)
+    driver=NAME      io_uring or virtio-blk-vhost-user (the magic parameter)
+    path=PATH        io_uring: the file or block device;
+                     virtio-blk-vhost-user: the backend's Unix socket
+    direct=BOOL      io_uring: open the file O_DIRECT, bypassing the page cache
+                     (default false); requests are then 4096-byte aligned (the
+                     block size advertised to clients) and buffers the kernel
+                     cannot use directly go through an aligned bounce buffer
+    num-entries=N    io_uring: submission queue entries of each connection's
+                     ring (default 128)
+    num-queues=N     virtio-blk-vhost-user: virtqueues to use (default 1; no
+                     more than the device offers)
+    read-only=BOOL   serve the disk read-only (as -r does)
 
-Each client connection gets its own io_uring. The server's worker threads
-(``-t``, 16 by default) submit requests to it at the same time, so up to
-that many are in flight per connection; a completion is taken by the thread
-that submitted it when it is already there (cached reads usually are), else
-handed over by the ring's completion thread. Reads and writes are
-IORING_OP_READ / WRITE into the request buffers (no copies without
-direct=true); FUA writes carry RWF_DSYNC; flush is IORING_OP_FSYNC; trim
-punches a hole and write-zeroes uses ZERO_RANGE (or punches when the client
-allows it) through IORING_OP_FALLOCATE; where the file system cannot,
-zeroes are written (a fast-zero request then fails with ENOTSUP).
+io_uring
+    Each client connection gets its own io_uring. The server's worker
+    threads (``-t``, 16 by default) submit requests to it at the same time,
+    so up to that many are in flight per connection; a completion is taken
+    by the thread that submitted it when it is already there (cached reads
+    usually are), else handed over by the ring's completion thread. Reads
+    and writes are IORING_OP_READ / WRITE into the request buffers (no
+    copies without direct=true); FUA writes carry RWF_DSYNC; flush is
+    IORING_OP_FSYNC; trim punches a hole and write-zeroes uses ZERO_RANGE
+    (or punches when the client allows it) through IORING_OP_FALLOCATE;
+    where the file system cannot, zeroes are written (a fast-zero request
+    then fails with ENOTSUP). The ring is driven from Python through the
+    io_uring_setup and io_uring_enter system calls and the shared rings (no
+    liburing needed). Linux 5.6 or later.
 
-The io_uring is driven from Python through the io_uring_setup and
-io_uring_enter system calls and the shared rings (no liburing needed; see
-``pynbd.plugins._io_uring``). Linux 5.6 or later.
+virtio-blk-vhost-user
+    A vhost-user-blk frontend for a backend such as
+    ``qemu-storage-daemon --export type=vhost-user-blk,addr.path=SOCKET,...``:
+    the vhost-user handshake on the Unix socket at start-up (a socket nobody
+    listens on stops the server with an error), one shared-memory region
+    (memfd, passed with SCM_RIGHTS), split virtqueues with eventfds to kick
+    and to be called, and virtio-blk requests: IN, OUT, FLUSH, DISCARD,
+    WRITE_ZEROES (with UNMAP when the client allows a hole) and GET_ID (the
+    device's ID is logged with ``-v``). The size and block size come from the
+    device's config space; a device without FLUSH, DISCARD or WRITE_ZEROES
+    serves no flush, no trim, and writes zeroes (fast-zero requests then fail
+    with ENOTSUP); a read-only device is served read-only. Every client
+    shares the one device (a backend serves one frontend at a time), up to
+    32 requests in flight per virtqueue; data is copied through the shared
+    memory. If the backend goes away, requests in flight and later fail with
+    EIO and the server shuts down (it does not reconnect).
 
-Limits: no extents (the whole disk reads as data); the
-virtio-blk-vhost-user driver is not implemented.
+Limits: no extents (the whole disk reads as data).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
+import signal
 import stat
 from typing import Any
 
@@ -59,6 +78,21 @@ from ..backend import (
 )
 from ..backend.linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, is_not_supported
 from ._io_uring import OP_FALLOCATE, OP_FSYNC, OP_READ, OP_WRITE, RWF_DSYNC, Ring, address_of
+from ._vhost_user import (
+    F_DISCARD,
+    F_FLUSH,
+    F_WRITE_ZEROES,
+    SECTOR,
+    T_DISCARD,
+    T_FLUSH,
+    T_IN,
+    T_OUT,
+    T_WRITE_ZEROES,
+    VhostUserBlk,
+)
+
+log = logging.getLogger("pynbd.plugins.blkio")
+VHOST_USER_BLK = "virtio-blk-vhost-user"
 
 DIRECT_ALIGNMENT = 4096
 _READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -175,25 +209,104 @@ class IoUringConnection(Connection):
         self.ring.close()
 
 
+class VhostUserConnection(Connection):
+    """One client of the shared vhost-user-blk device."""
+
+    def __init__(self, device: VhostUserBlk, readonly: bool) -> None:
+        self.device = device
+        self.readonly = readonly or device.read_only
+
+    def _aligned(self, offset: int, count: int) -> None:
+        if offset % SECTOR or count % SECTOR:
+            raise io_error(errno.EINVAL, f"virtio-blk: {count} bytes at {offset} are not "
+                                         "whole 512-byte sectors")
+
+    def get_size(self) -> int:
+        return self.device.capacity * SECTOR
+
+    def block_size(self) -> tuple[int, int, int]:
+        return (self.device.block_size, max(self.device.block_size, 4096), 0xFFFFFFFF)
+
+    def can_write(self) -> bool:
+        return not self.readonly
+
+    def can_flush(self) -> bool:
+        return self.device.has(F_FLUSH)
+
+    def can_trim(self) -> bool:
+        return not self.readonly and self.device.has(F_DISCARD)
+
+    def can_fast_zero(self) -> bool:
+        return self.device.has(F_WRITE_ZEROES)
+
+    def can_multi_conn(self) -> bool:
+        return True  # one device behind every connection: a flush covers all of them
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._aligned(offset, len(buf))
+        self.device.request(T_IN, offset, buf)
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self._aligned(offset, len(buf))
+        self.device.request(T_OUT, offset, buf)
+        if flags & FLAG_FUA and self.device.has(F_FLUSH):
+            self.flush(0)
+
+    def flush(self, flags: int) -> None:
+        self.device.request(T_FLUSH)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self._aligned(offset, count)
+        self.device.request(T_DISCARD, offset, count=count)
+        if flags & FLAG_FUA and self.device.has(F_FLUSH):
+            self.flush(0)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self._aligned(offset, count)
+        if self.device.has(F_WRITE_ZEROES):
+            self.device.request(T_WRITE_ZEROES, offset, count=count,
+                                unmap=bool(flags & FLAG_MAY_TRIM))
+            if flags & FLAG_FUA and self.device.has(F_FLUSH):
+                self.flush(0)
+            return
+        if flags & FLAG_FAST_ZERO:
+            raise io_error(errno.ENOTSUP, "virtio-blk: the device has no WRITE_ZEROES")
+        super().zero(count, offset, flags)
+
+
 class BlkioPlugin(Plugin):
     name = "blkio"
     magic_param = "driver"
     thread_model = ThreadModel.PARALLEL
     params = (
-        Param("driver", "str", "the libblkio driver", required=True, choices=("io_uring",)),
-        Param("path", "path", "the file or block device", required=True),
-        Param("direct", "bool", "O_DIRECT: bypass the page cache", default=False),
-        Param("num-entries", "int", "submission queue entries per connection", default=128),
-        Param("read-only", "bool", "open the file read-only", default=False),
+        Param("driver", "str", "the libblkio driver", required=True,
+              choices=("io_uring", VHOST_USER_BLK)),
+        Param("path", "path", "the file or block device (io_uring), or the backend's "
+                              "socket (virtio-blk-vhost-user)", required=True),
+        Param("direct", "bool", "io_uring: O_DIRECT, bypassing the page cache", default=False),
+        Param("num-entries", "int", "io_uring: submission queue entries per connection",
+              default=128),
+        Param("num-queues", "int", "virtio-blk-vhost-user: virtqueues to use", default=1),
+        Param("read-only", "bool", "open the disk read-only", default=False),
     )
 
     driver: str
     path: str
     direct: bool
     num_entries: int
+    num_queues: int
     read_only: bool
+    device: VhostUserBlk | None = None
 
     def config_complete(self) -> None:
+        if self.driver == VHOST_USER_BLK:
+            if not 1 <= self.num_queues <= 64:
+                raise ConfigError(f"blkio: num-queues={self.num_queues}: expected 1 to 64")
+            try:
+                self.device = VhostUserBlk(self.path, self.num_queues, self._device_gone)
+            except OSError as exc:
+                raise ConfigError(f"blkio: {exc.strerror or exc}") from None
+            return
         if not 1 <= self.num_entries <= 32768:
             raise ConfigError(f"blkio: num-entries={self.num_entries}: expected 1 to 32768")
         flags = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
@@ -215,16 +328,34 @@ class BlkioPlugin(Plugin):
         except OSError as exc:
             raise ConfigError(f"blkio: io_uring is not available here: {exc.strerror}") from None
 
+    def _device_gone(self) -> None:
+        log.error("blkio: the vhost-user backend at %s has gone away: shutting down", self.path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def size(self) -> int:
         info = os.fstat(self.fd)
         if stat.S_ISBLK(info.st_mode):
             return os.lseek(self.fd, 0, os.SEEK_END)
         return info.st_size
 
+    def after_fork(self) -> None:
+        if self.device is not None:
+            self.device.start()
+            try:
+                log.debug("blkio: vhost-user-blk device %r, %d bytes", self.device.serial(),
+                          self.device.capacity * SECTOR)
+            except OSError as exc:  # GET_ID is optional for a device
+                log.debug("blkio: the device has no ID: %s", exc)
+
     def open(self, ctx: OpenContext) -> Connection:
+        if self.device is not None:
+            self.device.start()
+            return VhostUserConnection(self.device, ctx.readonly or self.read_only)
         return IoUringConnection(self, ctx.readonly)
 
     def unload(self) -> None:
+        if self.device is not None:
+            self.device.close()
         fd: Any = getattr(self, "fd", None)
         if fd is not None:
             os.close(fd)

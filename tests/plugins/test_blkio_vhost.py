@@ -1,0 +1,130 @@
+"""blkio virtio-blk-vhost-user in front of qemu-storage-daemon (raw and qcow2 images):
+the bytes checked with nbdcopy and qemu-img compare against the image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from nbdtest import SERVE, nbdsh, run, served, wait_for
+from pynbd.process import stop_process
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
+                                reason="qemu-storage-daemon (qemu-system-common) is not installed")
+
+
+@contextmanager
+def storage_daemon(tmp_path, image: str, fmt: str = "raw", *options: str) -> Iterator[subprocess.Popen]:
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk on tmp_path/vhost.sock."""
+    sock = str(tmp_path / "vhost.sock")
+    blockdevs = [f"driver=file,node-name=file,filename={image}"]
+    node = "file"
+    if fmt != "raw":
+        blockdevs.append(f"driver={fmt},node-name=fmt,file=file")
+        node = "fmt"
+    export = ",".join(["type=vhost-user-blk", "id=exp", f"node-name={node}", "addr.type=unix",
+                       f"addr.path={sock}", *options])
+    cmd = ["qemu-storage-daemon"]
+    for blockdev in blockdevs:
+        cmd += ["--blockdev", blockdev]
+    proc = subprocess.Popen([*cmd, "--export", export], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(sock) or proc.poll() is not None,
+                 message="qemu-storage-daemon did not create its socket")
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def random_image(path: str, size: int = 16 * MiB) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for where in (0, 3 * MiB + 4096, size - MiB):
+            f.seek(where)
+            f.write(os.urandom(MiB))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_copy_through_vhost_user_and_compare(tmp_path, fmt):
+    source = str(tmp_path / "source.img")
+    random_image(source)
+    image = str(tmp_path / f"disk.{fmt}")
+    run(["qemu-img", "create", "-f", fmt, image, "16M"])
+    with storage_daemon(tmp_path, image, fmt, "writable=on", "num-queues=2"):
+        run([*SERVE, "-U", "-", "blkio", "virtio-blk-vhost-user", f"path={tmp_path}/vhost.sock",
+             "num-queues=2", "--run",
+             f"nbdcopy --requests=16 {source} \"$uri\" && "
+             f"qemu-img compare -f raw -F raw {source} \"$uri\""])
+    run(["qemu-img", "compare", "-f", "raw", "-F", fmt, source, image])
+
+
+def test_seed_one_liner_zero_trim_and_flush(tmp_path):
+    image = str(tmp_path / "disk.img")
+    with open(image, "wb") as f:
+        f.write(b"\x5a" * (4 * MiB))
+    with storage_daemon(tmp_path, image, "raw", "writable=on"):
+        out = subprocess.run([*SERVE, "-U", "-", "blkio", "virtio-blk-vhost-user", "path=vhost.sock",
+                              "--run", 'nbdsh -u "$uri" -c "print(h.pread(512, 0)[:4])"'],
+                             cwd=str(tmp_path), capture_output=True, check=True, timeout=120
+                             ).stdout.decode()
+        assert out.strip() == "bytearray(b'ZZZZ')"
+        with served("blkio", "virtio-blk-vhost-user", f"path={tmp_path}/vhost.sock") as srv:
+            nbdsh(srv.uri, (
+                "h.zero(65536, 0)\n"
+                "h.zero(65536, 65536, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_FUA)\n"
+                "h.trim(65536, MiB := 1048576)\n"
+                "h.pwrite(b'\\x11' * 4096, 2 * MiB, nbd.CMD_FLAG_FUA)\n"
+                "h.flush()\n"))
+    with open(image, "rb") as f:
+        data = f.read()
+    assert data[:131072] == bytes(131072)
+    assert data[2 * MiB:2 * MiB + 4096] == b"\x11" * 4096
+    assert data[131072:MiB] == b"\x5a" * (MiB - 131072)
+
+
+def test_read_only_device(tmp_path):
+    image = str(tmp_path / "disk.img")
+    random_image(image, 4 * MiB)
+    with storage_daemon(tmp_path, image, "raw", "writable=off"):
+        with served("blkio", "virtio-blk-vhost-user", f"path={tmp_path}/vhost.sock") as srv:
+            out = nbdsh(srv.uri, (
+                "print(h.is_read_only())\n"
+                "try:\n"
+                "    h.pwrite(b'x' * 512, 0)\n"
+                "except nbd.Error as e:\n"
+                "    print('refused')\n"))
+    assert out.split() == ["True", "refused"]
+
+
+def test_nobody_listening(tmp_path):
+    path = str(tmp_path / "dead.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)  # a socket file nobody listens on
+    result = run([*SERVE, "-U", "-", "blkio", "virtio-blk-vhost-user", f"path={path}", "--run", "true"],
+                 check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr
+    assert "cannot connect to" in stderr.strip().splitlines()[-1]
+
+
+def test_daemon_dies_requests_fail_and_server_exits(tmp_path):
+    image = str(tmp_path / "disk.img")
+    random_image(image, 4 * MiB)
+    with storage_daemon(tmp_path, image, "raw", "writable=on") as daemon:
+        with served("blkio", "virtio-blk-vhost-user", f"path={tmp_path}/vhost.sock") as srv:
+            nbdsh(srv.uri, "h.pread(4096, 0)\n")
+            stop_process(daemon)
+            result = run(["nbdsh", "-u", srv.uri, "-c", "h.pread(4096, 0)"], check=False)
+            assert result.returncode != 0  # EIO, or the server already went away
+            wait_for(lambda: srv.proc.poll() is not None, message="the server did not exit")
+            assert "has gone away: shutting down" in srv.stderr()
