@@ -87,7 +87,7 @@ def test_read_past_a_shrunken_end_is_zeroes_and_read_only(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("io_uring", "path=/nonexistent/disk.img"), "No such file or directory"),
-    (("virtio-blk-vhost-user", "path=/tmp/sock"), "is not one of io_uring"),
+    (("virtio-vhost-vdpa", "path=/tmp/sock"), "is not one of io_uring, virtio-blk-vhost-user"),
     (("io_uring",), "missing required parameter 'path'"),
     (("io_uring", "path=/dev/null", "num-entries=0"), "num-entries=0: expected 1 to 32768"),
 ])
