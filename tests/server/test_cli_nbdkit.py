@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nbdtest import SERVE, run
@@ -203,3 +205,56 @@ def test_emulated_cache_reads_in_nbdkits_chunks(server, tmp_path):
           f"logfile={logfile}", "--run", 'nbdsh -u "$uri" -c "h.cache(8 << 20, 0)"')
     reads = [line for line in logfile.read_text().splitlines() if "Read id=" in line and "return" not in line]
     assert len(reads) == 1 and "count=0x800000" in reads[0]
+
+
+# ---------------------------------------------------------------- script plugins' hooks
+
+PY_PLUGIN = '''
+API_VERSION = 2
+def dump_plugin(): print("testplugin_feature=yes")
+def open(readonly): return 1
+def get_size(h): return 512
+def pread(h, buf, offset, flags): buf[:] = bytes(len(buf))
+def export_description(h): return "a python disk"
+'''
+SH_PLUGIN = '''#!/bin/sh
+case "$1" in
+  dump_plugin) echo sh_feature=yes ;;
+  open) echo handle ;;
+  get_size) echo 512 ;;
+  pread) head -c $3 /dev/zero ;;
+  export_description) echo "a shell disk" ;;
+  default_export) [ -n "$NO_DEFAULT" ] || exit 2; echo "no default here" >&2; exit 1 ;;
+  *) exit 2 ;;
+esac
+'''
+
+
+@pytest.fixture
+def scripts(tmp_path):
+    py, sh = tmp_path / "plugin.py", tmp_path / "plugin.sh"
+    py.write_text(PY_PLUGIN)
+    sh.write_text(SH_PLUGIN)
+    sh.chmod(0o755)
+    return {"python": [str(py)], "sh": [str(sh)],
+            "eval": ["dump_plugin=echo eval_feature=yes", "get_size=echo 512",
+                     "pread=head -c $3 /dev/zero", "export_description=echo an eval disk"]}
+
+
+@pytest.mark.parametrize("server", BOTH)
+@pytest.mark.parametrize("plugin, line, description", [
+    ("python", "testplugin_feature=yes", "a python disk"), ("sh", "sh_feature=yes", "a shell disk"),
+    ("eval", "eval_feature=yes", "an eval disk")])
+def test_script_dump_plugin_and_export_description(server, scripts, plugin, line, description):
+    assert line in serve(server, "--dump-plugin", plugin, *scripts[plugin])[1].splitlines()
+    _, out, _ = serve(server, "-U", "-", plugin, *scripts[plugin], "--run", 'nbdinfo "$uri"')
+    assert f"description: {description}" in out
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_list_without_list_exports_and_a_failing_default_export_is_empty(server, scripts):
+    result = run([*SERVERS[server], "-U", "-", "sh", *scripts["sh"], "--run",
+                  'nbdinfo --list "$uri" && nbdinfo --size "nbd+unix:///x?socket=$unixsocket"'],
+                 env={**os.environ, "NO_DEFAULT": "1"})
+    out = result.stdout.decode()
+    assert "protocol: newstyle-fixed" in out and "export=" not in out and out.split()[-1] == "512"

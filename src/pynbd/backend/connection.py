@@ -127,6 +127,10 @@ class Connection:
         """(minimum, preferred, maximum) I/O sizes; (0, 0, 0) means no preference."""
         return (0, 0, 0)
 
+    def export_description(self) -> str:
+        """The description sent to a client that asks (NBD_INFO_DESCRIPTION); "" for none."""
+        return ""
+
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         raise io_error(errno.EIO, "pread is not implemented")
 
@@ -274,6 +278,9 @@ class FilterConnection(Connection, Generic[F]):
 
     def block_size(self) -> tuple[int, int, int]:
         return self.next.block_size()
+
+    def export_description(self) -> str:
+        return self.next.export_description()
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self.next.pread(buf, offset, flags)

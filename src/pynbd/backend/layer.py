@@ -139,6 +139,9 @@ class Layer(Connection):
     def block_size(self) -> tuple[int, int, int]:
         return self.sizes
 
+    def export_description(self) -> str:
+        return self.conn.export_description()
+
     def can_write(self) -> bool:
         return self.writable
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,6 +33,8 @@ from .connection import Connection, FilterConnection, OpenContext
 from .control import Command
 from .errors import ConfigError
 from .params import Param, apply_params
+
+log = logging.getLogger("pynbd.backend")
 
 
 class ThreadModel(enum.IntEnum):
@@ -86,10 +89,11 @@ class _Configurable:
         """Whether every request is short; see ``short_requests``."""
         return self.short_requests
 
-    def dump_plugin(self) -> dict[str, str]:
-        """Extra ``key=value`` lines of ``--dump-plugin`` (nbdkit's dump_plugin callback);
-        may run on an unconfigured instance when no parameters were given."""
-        return {}
+    def dump_plugin(self) -> list[str]:
+        """Extra ``key=value`` lines of ``--dump-plugin`` (nbdkit's dump_plugin callback).
+        It runs on an unconfigured instance when the plugin cannot be configured
+        without parameters (memory without a size): use no parameter then."""
+        return []
 
     def control_commands(self) -> Sequence[Command]:
         """Commands this layer serves on ``--control=PATH`` (see ``pynbd.backend.control``)."""
@@ -103,7 +107,12 @@ class Plugin(_Configurable, abc.ABC):
     """A data source. Subclass it, declare ``params`` and implement ``open``."""
 
     def list_exports(self, ctx: OpenContext) -> list[Export]:
-        return [Export(self.default_export(ctx))]
+        """The default export alone; none when ``default_export`` fails (as nbdkit lists)."""
+        try:
+            return [Export(self.default_export(ctx))]
+        except (OSError, LookupError, ConfigError) as exc:
+            log.debug("%s: default_export: %s; listing no exports", self.name, exc)
+            return []
 
     def list_meta_contexts(self, ctx: OpenContext) -> list[str]:
         """The meta contexts export ``ctx.export_name`` answers besides

@@ -250,8 +250,8 @@ class DataPlugin(Plugin):
                      if k not in declared and isinstance(v, str)}
         return evaluate(text, variables)
 
-    def dump_plugin(self) -> dict[str, str]:
-        return {"data_base64": "yes", "mlock": "no"}
+    def dump_plugin(self) -> list[str]:
+        return ["data_base64=yes", "mlock=no"]
 
     def open(self, ctx: OpenContext) -> Connection:
         return self.disk

@@ -93,8 +93,8 @@ class InfoPlugin(Plugin):
     def config_complete(self) -> None:
         self.started = time.monotonic()
 
-    def dump_plugin(self) -> dict[str, str]:
-        return {"info_address": "yes"}
+    def dump_plugin(self) -> list[str]:
+        return ["info_address=yes"]
 
     def open(self, ctx: OpenContext) -> Connection:
         if self.mode == "exportname":

@@ -108,8 +108,8 @@ class MemoryPlugin(Plugin):
             raise ConfigError(f"memory: {e}") from None
         self.disk = MemoryDisk(self.size, allocator)
 
-    def dump_plugin(self) -> dict[str, str]:
-        return {"mlock": "yes"}
+    def dump_plugin(self) -> list[str]:
+        return ["mlock=yes"]
 
     def open(self, ctx: OpenContext) -> Connection:
         return self.disk

@@ -74,8 +74,7 @@ and ``chmod +x`` it; then ``./plugin.py -U - --run 'qemu-img info $uri'
 key=value`` runs ``pynbd serve ./plugin.py ...`` (``env -S`` is in GNU
 coreutils 8.30 and later).
 
-Limits: ``export_description`` and ``dump_plugin`` are accepted but not
-used; ``preconnect`` runs just before the client's first export request
+Limits: ``preconnect`` runs just before the client's first export request
 (list, info or go) rather than before the handshake; a bare word after the
 script is refused (nbdkit Python plugins have no magic parameter).
 """
@@ -86,6 +85,7 @@ import errno
 import inspect
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
@@ -319,6 +319,9 @@ class ScriptConnection(Connection):
     def is_rotational(self) -> bool:
         return self._bool("is_rotational")
 
+    def export_description(self) -> str:
+        return str(self._call("export_description")) if self.script.has("export_description") else ""
+
     def can_fua(self) -> int:
         return self._level("can_fua", FUA_EMULATE if self.script.has("flush") else FUA_NONE)
 
@@ -465,6 +468,14 @@ class PythonPlugin(Plugin):
 
     def get_thread_model(self) -> ThreadModel:
         return self._thread_model
+
+    def dump_plugin(self) -> list[str]:
+        """The script's dump_plugin() prints its own lines, then python_version (as nbdkit)."""
+        script: Script | None = getattr(self, "script", None)  # None: not configured
+        if script is not None and script.has("dump_plugin"):
+            script.configure("dump_plugin")
+            sys.stdout.flush()
+        return [f"python_version={sys.version.split()[0]}"]
 
     def get_ready(self) -> None:
         if self.script.has("get_ready"):

@@ -328,6 +328,10 @@ class ShConnection(Connection):
     def is_rotational(self) -> bool:
         return self._bool("is_rotational")
 
+    def export_description(self) -> str:
+        out = self.runner.expect("export_description", self.h)
+        return "" if out is None else _first_line(out).strip()
+
     def can_fast_zero(self) -> bool:
         status, _ = self.runner.run("can_fast_zero", self.h)
         if status is Status.MISSING:  # as nbdkit: fast when zeroes are emulated (they fail at once)
@@ -464,6 +468,12 @@ class ShPlugin(Plugin):
         if not os.path.isfile(path) or not os.access(path, os.X_OK):
             raise ConfigError(f"sh: script {script!r} is not executable (try: chmod +x {script})")
         return path
+
+    def dump_plugin(self) -> list[str]:
+        """The script's dump_plugin method prints its own lines (nbdkit-sh-plugin(3))."""
+        runner: Runner | None = getattr(self, "runner", None)  # None: not configured
+        out = runner.configure("dump_plugin") if runner is not None else None
+        return out.decode(errors="replace").splitlines() if out else []
 
     def load(self) -> None:
         self.runner.configure("load")

@@ -67,7 +67,8 @@ class StackCatalog:
             log.error("cannot open export %r: %s", name, exc.strerror or exc)
             raise
         return top, ExportInfo(name=name, size=top.get_size(), flags=export_flags(top, self.ctx.readonly),
-                               block_size=block_size(top), description=self.description)
+                               block_size=block_size(top),
+                               description=self.description or top.export_description())
 
 
 def export_flags(conn: Connection, readonly: bool) -> int:

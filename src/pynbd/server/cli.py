@@ -185,7 +185,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{plugin_cls.name} {plugin_cls.version or __version__}")
         return 0
     if args.dump_plugin:
-        print(dump_plugin(plugin_name, plugin_args, args.filter))
+        print_dump_plugin(plugin_name, plugin_args, args.filter)
         return 0
     if args.single and _script_on_stdin(plugin_name, plugin_args):
         raise ConfigError("an inline script read from standard input is incompatible with -s")
@@ -449,16 +449,20 @@ _HOOKS = ("config_complete", "get_ready", "after_fork", "list_exports", "default
           "list_meta_contexts", "unload", "dump_plugin")
 
 
-def dump_plugin(plugin_name: str, plugin_args: list[str], filter_names: list[str]) -> str:
-    """nbdkit's ``--dump-plugin``: ``key=value`` lines about a plugin.
+def print_dump_plugin(plugin_name: str, plugin_args: list[str], filter_names: list[str]) -> None:
+    """nbdkit's ``--dump-plugin``: ``key=value`` lines about a plugin, then its own.
 
-    With parameters the plugin is configured first (a script plugin's own
-    ``dump_plugin`` can then run its script); without, only what its class says.
+    The plugin is configured first (a script plugin's ``dump_plugin`` then runs
+    its script); one that cannot be configured without parameters is not.
     """
     plugin_cls = find_plugin(plugin_name)
     filters = [find_filter(f) for f in filter_names]
-    plugin = (Stack.from_args(plugin_name, plugin_args, filter_names).plugin if plugin_args
-              else plugin_cls.__new__(plugin_cls))
+    try:
+        plugin = Stack.from_args(plugin_name, plugin_args, filter_names).plugin
+    except ConfigError:
+        if plugin_args:
+            raise
+        plugin = plugin_cls.__new__(plugin_cls)
     layers: list[type[Plugin] | type[Filter]] = [*filters, plugin_cls]
     model = min(layer.thread_model for layer in layers)
     module = sys.modules.get(plugin_cls.__module__)
@@ -475,8 +479,9 @@ def dump_plugin(plugin_name: str, plugin_args: list[str], filter_names: list[str
     for layer in layers:
         for param in layer.params:
             lines.append(f"{layer.name}.{param.name}={param.type}")
-    lines += [f"{key}={value}" for key, value in plugin.dump_plugin().items()]
-    return "\n".join(lines)
+    print("\n".join(lines), flush=True)
+    for line in plugin.dump_plugin():  # a script's own lines may be printed as it runs
+        print(line)
 
 
 def dump_config() -> str:
