@@ -157,7 +157,7 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
     out += cbt.cbt_workloads(tmp, rt, Workload, Variant)
     out += controlplane.control_workloads(tmp, data256, rt, Workload, Variant)
     out += cc.cc_workloads(rt, Workload, Variant)
-    out += blkio.blkio_workloads(raw, rt, Workload, Variant)
+    out += blkio.blkio_workloads(tmp, raw, rt, Workload, Variant)
     out += backup.backup_workloads(tmp, Workload, Variant)
     out += luks.luks_workloads(tmp, data1g, rt, Workload, Variant)
     out += images.image_workloads(tmp, data256, rt, Workload, Variant)
