@@ -45,16 +45,16 @@ class OnesDisk(NullConnection):
         return (Extent(offset, count),)
 
 
-def parse_byte(text: str) -> int:
+def parse_byte(text: str, key: str = "byte", owner: str = "ones") -> int:
     """A byte as nbdkit's parser reads one (C's strtoul base 0): 255, 0xff, 0377."""
     word = text.strip().lower()
     base = 16 if word.startswith("0x") else 8 if len(word) > 1 and word.startswith("0") else 10
     try:
         value = int(word, base)
     except ValueError:
-        raise ConfigError(f"ones: byte: could not parse number {text!r}") from None
+        raise ConfigError(f"{owner}: {key}: could not parse number {text!r}") from None
     if not 0 <= value <= 255:
-        raise ConfigError(f"ones: byte: {text!r} is out of range (0 to 255)")
+        raise ConfigError(f"{owner}: {key}: {text!r} is out of range (0 to 255)")
     return value
 
 
