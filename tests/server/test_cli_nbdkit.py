@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -258,3 +259,17 @@ def test_list_without_list_exports_and_a_failing_default_export_is_empty(server,
                  env={**os.environ, "NO_DEFAULT": "1"})
     out = result.stdout.decode()
     assert "protocol: newstyle-fixed" in out and "export=" not in out and out.split()[-1] == "512"
+
+
+# ---------------------------------------------------------------- file plugin
+
+def test_file_directory_lists_in_directory_order(tmp_path):
+    for name in ("zz", "aa", "mm", "bb", "qq"):
+        (tmp_path / name).write_bytes(bytes(1024))
+    listed = {}
+    for server in BOTH:
+        _, out, _ = serve(server, "-U", "-", "file", f"directory={tmp_path}", "--run",
+                          'nbdinfo --list --json "$uri"')
+        listed[server] = [e["export-name"] for e in json.loads(out)["exports"]]
+    assert listed["pynbd"] == listed["nbdkit"] and sorted(listed["pynbd"]) == ["aa", "bb", "mm", "qq", "zz"]
+    refused("pynbd", "-U", "-", "file", f"dir={tmp_path}", f"directory={tmp_path}", "--run", "true")

@@ -10,8 +10,8 @@ Parameters (give exactly one of file= and dir=)
                        ``pynbd serve file disk.img``). The export name the
                        client asks for is ignored.
     dir=DIR            every regular file or block device directly inside DIR
-                       is an export named after it; NBD_OPT_LIST lists them
-                       (``nbdinfo --list``). Names with ``/``, ``.``/``..`` or
+    directory=DIR      is an export named after it; NBD_OPT_LIST lists them
+                       (``nbdinfo --list``) in directory order, as nbdkit. Names with ``/``, ``.``/``..`` or
                        a symbolic link that resolves outside DIR are refused as
                        unknown exports, and so is the default export "".
     cache=default      leave the kernel's page cache alone (the default)
@@ -264,18 +264,24 @@ class FilePlugin(Plugin):
     # Set from params by the backend.
     file: str | None
     dir: str | None
+    directory: str | None
     cache: str
     fadvise: str
     magic_param = "file"
     params = (
         Param("file", "path", "the file or block device to serve"),
         Param("dir", "path", "serve every file in this directory, by export name"),
+        Param("directory", "path", "the same as dir= (nbdkit's name)"),
         Param("cache", "str", "page cache use", default="default", choices=("default", "none")),
         Param("fadvise", "str", "access pattern hint", default="normal",
               choices=tuple(ACCESS_PATTERNS)),
     )
 
     def config_complete(self) -> None:
+        if self.directory is not None:
+            if self.dir is not None:
+                raise ConfigError("file: give dir= or directory=, not both")
+            self.dir = self.directory
         if (self.file is None) == (self.dir is None):
             raise ConfigError("file: give exactly one of file=PATH and dir=DIR")
         if self.file is not None:
@@ -303,7 +309,7 @@ class FilePlugin(Plugin):
         if self.dir is None:
             return [Export("")]
         try:
-            names = sorted(os.listdir(self.root))
+            names = os.listdir(self.root)  # directory order, as nbdkit's readdir
         except OSError as exc:
             raise io_error(exc.errno or errno.EIO, f"file: dir: {self.root}") from None
         return [Export(name) for name in names if self._resolve(name) is not None]
