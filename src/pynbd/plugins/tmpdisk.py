@@ -45,8 +45,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from ..backend import ConfigError, Connection, OpenContext, Param, Plugin
 from ..backend.params import UNKNOWN_PAIRS
@@ -86,7 +86,7 @@ class TmpDiskPlugin(Plugin):
     magic_param = "size"
     short_requests = True
     accept_unknown_params = True
-    params = (
+    params: ClassVar[Sequence[Param]] = (
         Param("size", "size", "size of each disk (with command=, a request)", required=True),
         Param("type", "str", "file system type for mkfs", default="ext4"),
         Param("label", "str", "file system label", default=""),
