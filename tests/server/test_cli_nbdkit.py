@@ -273,3 +273,19 @@ def test_file_directory_lists_in_directory_order(tmp_path):
         listed[server] = [e["export-name"] for e in json.loads(out)["exports"]]
     assert listed["pynbd"] == listed["nbdkit"] and sorted(listed["pynbd"]) == ["aa", "bb", "mm", "qq", "zz"]
     refused("pynbd", "-U", "-", "file", f"dir={tmp_path}", f"directory={tmp_path}", "--run", "true")
+
+
+# ---------------------------------------------------------------- log filter
+
+def test_log_logscript(tmp_path):
+    out = tmp_path / "out"
+    script = f'echo "$type|$act|$connection|$id|$offset|$count|$return|$extents|$size" >> {out}'
+    client = 'nbdinfo --map "$uri" >/dev/null; nbdsh -u "$uri" -c "h.pread(512, 0)"'
+    seen = {}
+    for server in BOTH:
+        serve(server, "-U", "-", "--filter=log", "memory", "1M", f"logscript={script}", "--run", client)
+        seen[server] = sorted(line for line in out.read_text().splitlines()
+                              if "connect|" not in line.lower())  # nbdkit adds Preconnect
+        out.unlink()
+    assert seen["pynbd"] == seen["nbdkit"]
+    assert "ENTER|Read|2|1|0x0|0x200|||" in seen["pynbd"]

@@ -2,10 +2,17 @@
 
     pynbd serve --filter=log file disk.img logfile=disk.log
     pynbd serve --filter=cow --filter=log file disk.img logfile=below-cow.log
+    pynbd serve --filter=log memory 1G logscript='echo $type $act $offset >&2'
 
-Parameters
-    logfile=FILE       where the log goes (required)
+Parameters (logfile, logscript or both; with neither the filter logs nothing)
+    logfile=FILE       where the log goes
     logappend=BOOL     append to FILE instead of truncating it (default false)
+    logscript=SCRIPT   run SCRIPT (bash, else /bin/sh) for every log line, with
+                       shell variables $type (ENTER, LEAVE or PRINT), $act
+                       (Read, Connect, ...), $connection, $id, $return, $error
+                       and the line's other fields ($offset, $count, ...,
+                       ``extents`` a bash array), as nbdkit's log filter does;
+                       its status is ignored, and requests wait for it
 
 Each line starts with a local timestamp (``2024-05-01 10:12:13.123456``);
 lines about one client carry ``connection=N``. A request is logged twice:
@@ -33,6 +40,9 @@ from __future__ import annotations
 
 import errno
 import itertools
+import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -71,8 +81,9 @@ def describe_extent(ext: Extent) -> str:
 class LogWriter:
     """One log file shared by every connection; a lock keeps lines whole."""
 
-    def __init__(self, path: str, append: bool) -> None:
+    def __init__(self, path: str | None, append: bool, script: str | None = None) -> None:
         self.path = path
+        self.script = script
         self.append = append
         self._file: IO[str] | None = None
         self._lock = threading.Lock()
@@ -86,9 +97,9 @@ class LogWriter:
         with self._lock:
             self._ensure_open()
 
-    def _ensure_open(self) -> IO[str]:
+    def _ensure_open(self) -> IO[str] | None:
         """The open file (the lock is held); only the first open may truncate."""
-        if self._file is None:
+        if self._file is None and self.path is not None:
             self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")
             self.append = True
         return self._file
@@ -97,14 +108,33 @@ class LogWriter:
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
         with self._lock:
             out = self._ensure_open()
-            out.write(f"{stamp} {text}\n")
-            out.flush()
+            if out is not None:
+                out.write(f"{stamp} {text}\n")
+                out.flush()
+            if self.script is not None:
+                _run_logscript(self.script, text)
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+_FIELD = re.compile(r'([A-Za-z_]+)=(\([^)]*\)|"(?:[^"\\]|\\.)*"|\S*)')
+_SHELL = shutil.which("bash") or "/bin/sh"
+
+
+def _run_logscript(script: str, line: str) -> None:
+    """Run ``logscript=`` for one log line, its fields set as shell variables."""
+    connection, _, rest = line.partition(" ") if line.startswith("connection=") else ("", "", line)
+    action, _, fields = rest.partition(" ")
+    kind = "LEAVE" if action.startswith("...") else "ENTER" if fields.endswith("...") else "PRINT"
+    assigns = [f"type={kind}", f"act={action.lstrip('.')}"]
+    if connection:
+        assigns.append(connection)
+    assigns += [f"{key}={value}" for key, value in _FIELD.findall(fields)]
+    subprocess.run([_SHELL, "-c", "\n".join([*assigns, script])], stdin=subprocess.DEVNULL, check=False)
 
 
 class LogConnection(FilterConnection["LogFilter"]):
@@ -186,15 +216,17 @@ class LogFilter(Filter):
     short_requests = True
     name = "log"
     params = (
-        Param("logfile", "path", "the file the log is written to", required=True),
+        Param("logfile", "path", "the file the log is written to"),
         Param("logappend", "bool", "append to the file instead of truncating it", default=False),
+        Param("logscript", "str", "a shell script run for every log line"),
     )
-    logfile: str
+    logfile: str | None
     logappend: bool
+    logscript: str | None
     connection = LogConnection
 
     def config_complete(self) -> None:
-        self.writer = LogWriter(self.logfile, self.logappend)
+        self.writer = LogWriter(self.logfile, self.logappend, self.logscript)
         self.list_ids = itertools.count(1)
 
     def get_ready(self) -> None:
