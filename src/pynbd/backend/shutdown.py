@@ -12,9 +12,12 @@ close, a filter's polling thread).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 
 from .connection import OpenContext
@@ -37,6 +40,17 @@ def request_shutdown(reason: str) -> None:
         _HANDLERS[-1]()
     else:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sleep(ctx: OpenContext, seconds: float) -> None:
+    """Sleep for a request of the client ``ctx`` was opened for (nbdkit's
+    ``nbdkit_nanosleep``): raise OSError(ESHUTDOWN) early if the client
+    disconnects or the server shuts down meanwhile."""
+    ending = ctx.extra.get("ending")
+    if not isinstance(ending, threading.Event):  # not opened by a server session
+        time.sleep(seconds)
+    elif ending.wait(seconds):
+        raise OSError(errno.ESHUTDOWN, "the client disconnected or the server is shutting down")
 
 
 def disconnect_client(ctx: OpenContext) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class Session:
         self.channel = Channel(sock, address)
         self.config = config
         self.address = address
+        self.ending = threading.Event()  # set when the client goes or the server stops (ctx.extra)
         self.top: Layer | None = None  # the opened stack, once the client chose an export
 
     def run(self) -> None:
@@ -111,6 +113,7 @@ class Session:
 
     def stop(self) -> None:
         """Stop serving (from another thread): the reader sees the end of the stream."""
+        self.ending.set()
         self.channel.stop_reading()
 
     def _close(self) -> None:
@@ -127,7 +130,8 @@ class Session:
         cfg = self.config
         channel = self.channel
         ctx = OpenContext(readonly=cfg.readonly, client_address=self.address,
-                          extra={"disconnect": self.stop})  # plugins may drop their client
+                          extra={"disconnect": self.stop,  # plugins may drop their client
+                                 "ending": self.ending})  # backend.shutdown.sleep waits on it
         catalog = StackCatalog(cfg.stack, ctx, cfg.description)
         hs = ServerHandshake(tls=cfg.tls, forced_export=cfg.exportname, global_flags=cfg.global_flags,
                              structured_replies=cfg.structured_replies, meta_contexts=cfg.meta_contexts)
@@ -203,6 +207,7 @@ class Session:
         try:
             RequestReader(channel, tx, execute, batch).run()
         finally:
+            self.ending.set()  # requests still sleeping (delay filter) end now
             try:
                 with contextlib.suppress(ClientGone):  # replies still queued have nobody to go to
                     if batch is not None:
