@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 
 import pytest
 
-from nbdtest import SERVE, run
+from nbdtest import SERVE, run, served
 from pynbd.backend.plugin import Filter, Plugin
 from pynbd.backend.registry import builtin_names
 
@@ -289,3 +292,29 @@ def test_log_logscript(tmp_path):
         out.unlink()
     assert seen["pynbd"] == seen["nbdkit"]
     assert "ENTER|Read|2|1|0x0|0x200|||" in seen["pynbd"]
+
+
+# ---------------------------------------------------------------- delay filter
+
+READ_ONCE = 'nbdsh -u "$uri" -c "h.pread(512, 0)"'
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_delay_ends_when_the_client_disconnects(server):
+    start = time.monotonic()
+    _, out, _ = serve(server, "-U", "-", "--filter=delay", "memory", "1M", "rdelay=30",
+                      "--run", f"timeout 1 {READ_ONCE}; echo $?")
+    assert out.strip() == "124" and time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_delay_ends_when_the_server_shuts_down(server):
+    with served("--filter=delay", "memory", "1M", "rdelay=30", server=server) as srv:
+        client = subprocess.Popen(["nbdsh", "-u", srv.uri, "-c", "h.pread(512, 0)"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        start = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(timeout=10)
+        assert time.monotonic() - start < 10
+        client.wait(timeout=10)

@@ -16,6 +16,8 @@ Parameters (seconds, fractions allowed, or with an ``ms`` suffix)
 
 Each request sleeps on its own worker thread, so requests issued together
 are delayed together: two reads with rdelay=1 take about one second, not two.
+A request's delay ends early, the request failing with ESHUTDOWN, when the
+client disconnects or the server shuts down (as nbdkit_nanosleep).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..backend import (
     Param,
     io_error,
 )
+from ..backend.shutdown import sleep
 
 # (short name, nbdkit's long name) of each per-request delay.
 _PAIRS = (("rdelay", "delay-read"), ("wdelay", "delay-write"), ("zerodelay", "delay-zero"),
@@ -61,29 +64,29 @@ class DelayConnection(FilterConnection["DelayFilter"]):
         return super().passes_through() | {method for method, delay in delays.items() if not delay}
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        time.sleep(self.read_delay)
+        sleep(self.ctx, self.read_delay)
         self.next.pread(buf, offset, flags)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        time.sleep(self.write_delay)
+        sleep(self.ctx, self.write_delay)
         self.next.pwrite(buf, offset, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
         if flags & FLAG_FAST_ZERO and not self.fastzero and self.zero_delay:
             raise io_error(errno.ENOTSUP, "delay: fast zero refused")
-        time.sleep(self.zero_delay)
+        sleep(self.ctx, self.zero_delay)
         self.next.zero(count, offset, flags)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        time.sleep(self.trim_delay)
+        sleep(self.ctx, self.trim_delay)
         self.next.trim(count, offset, flags)
 
     def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
-        time.sleep(self.extents_delay)
+        sleep(self.ctx, self.extents_delay)
         return self.next.extents(count, offset, flags)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        time.sleep(self.cache_delay)
+        sleep(self.ctx, self.cache_delay)
         self.next.cache(count, offset, flags)
 
     def close(self) -> None:
