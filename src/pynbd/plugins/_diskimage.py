@@ -20,13 +20,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from ..backend import ConfigError, Connection, OpenContext, Plugin
+from ..backend import ConfigError, Connection, OpenContext, Plugin, parse_size
 from .file import FileConnection
 from .partitioning import DEFAULT_TYPE_GUID, Layout, PartFile, TablePiece, parse_guid
 from .split import ConcatDisk
+
+_ATTEMPTS = 6  # how many times an automatic size grows until the directory fits
 
 
 def temp_directory(owner: str) -> str:
@@ -76,6 +78,45 @@ class ImageBuilder:
     def open(self) -> int:
         """The image opened read-only (it is unlinked when the builder exits)."""
         return os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+
+    def fit(self, exact: int, estimate: int, make: Callable[[int], None]) -> None:
+        """Run ``make(size)`` on an image of ``exact`` bytes, or if 0, of ``estimate``
+        bytes grown by half (whole MiB) while ``make`` fails, a few times."""
+        size = exact or estimate
+        for attempt in range(1 if exact else _ATTEMPTS):
+            with open(self.image, "wb") as f:
+                f.truncate(size)
+            try:
+                make(size)
+                return
+            except ConfigError:
+                if exact or attempt == _ATTEMPTS - 1:
+                    raise
+                size = -(-size * 3 // 2 // (1 << 20)) << 20
+
+
+def tree_bytes(root: str, block: int = 4096) -> int:
+    """What the entries under ``root`` take in ``block``-sized blocks (one each at least)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        total += block * (1 + len(dirnames))
+        for name in filenames:
+            try:
+                size = os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+            total += max(block, -(-size // block) * block)
+    return total
+
+
+def parse_size_request(owner: str, text: str | None) -> tuple[int, int]:
+    """size=SIZE or size=+SIZE: (exact size or 0, extra free space)."""
+    text = text or "+0"
+    try:
+        value = parse_size(text.lstrip("+"))
+    except ValueError as exc:
+        raise ConfigError(f"{owner}: size: {exc}") from None
+    return (0, value) if text.startswith("+") else (value, 0)
 
 
 class BuiltImagePlugin(Plugin):

@@ -31,27 +31,10 @@ Behaviour
 
 from __future__ import annotations
 
-import os
-
-from ..backend import ConfigError, Param, parse_size
-from ._diskimage import BuiltImagePlugin, ImageBuilder, check_directory
+from ..backend import Param
+from ._diskimage import BuiltImagePlugin, ImageBuilder, check_directory, parse_size_request, tree_bytes
 
 _BLOCK = 4096
-_ATTEMPTS = 6  # automatic sizes grow by half until mke2fs fits DIR
-
-
-def tree_bytes(root: str, block: int = _BLOCK) -> int:
-    """What the entries under ``root`` take in ``block``-sized blocks (one each at least)."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        total += block * (1 + len(dirnames))
-        for name in filenames:
-            try:
-                size = os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                continue
-            total += max(block, -(-size // block) * block)
-    return total
 
 
 class LinuxDiskPlugin(BuiltImagePlugin):
@@ -70,27 +53,10 @@ class LinuxDiskPlugin(BuiltImagePlugin):
 
     def config_complete(self) -> None:
         check_directory("linuxdisk", self.dir)
-        exact, extra = self.requested_size()
+        exact, extra = parse_size_request("linuxdisk", self.size)
         with ImageBuilder("linuxdisk") as build:
-            size = exact or self.estimate(extra)
-            for attempt in range(1 if exact else _ATTEMPTS):
-                try:
-                    self.make(build, size)
-                    break
-                except ConfigError:
-                    if exact or attempt == _ATTEMPTS - 1:
-                        raise
-                    size = -(-size * 3 // 2 // (1 << 20)) << 20
+            build.fit(exact, self.estimate(extra), lambda size: self.make(build))
             self.keep(build, table="gpt")
-
-    def requested_size(self) -> tuple[int, int]:
-        """(exact size or 0, extra free space) from size=."""
-        text = self.size or "+0"
-        try:
-            value = parse_size(text.lstrip("+"))
-        except ValueError as exc:
-            raise ConfigError(f"linuxdisk: size: {exc}") from None
-        return (0, value) if text.startswith("+") else (value, 0)
 
     def estimate(self, extra: int) -> int:
         """Room for DIR: its blocks, inode tables and (ext3/4) a journal, with a margin."""
@@ -99,9 +65,7 @@ class LinuxDiskPlugin(BuiltImagePlugin):
         size = data + data // 8 + journal + extra + (1 << 20)
         return -(-size // (1 << 20)) << 20
 
-    def make(self, build: ImageBuilder, size: int) -> None:
-        with open(build.image, "wb") as f:
-            f.truncate(size)
+    def make(self, build: ImageBuilder) -> None:
         label = ["-L", self.label] if self.label else []
         build.run(["mke2fs", "-q", "-F", "-t", self.type, "-b", str(_BLOCK), *label,
                    "-d", self.dir, build.image])
