@@ -18,7 +18,10 @@ Parameters
                  and writing it costs little next to it; false keeps TMPDIR
                  use down to the spans clients read). An index loaded from
                  ``index=`` decodes nothing at open: spans are then kept as
-                 clients first read them.
+                 clients first read them. With gzip-prefetch and no
+                 ``index=``, reads run on each connection's reading thread
+                 (they are short); otherwise on a pool of worker threads, so
+                 that one connection's reads decode spans in parallel.
 
 At the first client's open the filter decodes the file once and keeps a
 restart point about every MiB of output (zlib's ``zran.c`` method, at deflate
@@ -463,6 +466,12 @@ class GzipFilter(Filter):
 
     def config_complete(self) -> None:
         self.images = Images(self.name, self.open_image)
+
+    def requests_are_short(self) -> bool:
+        """With the image kept whole at open, a read is a pread of the temporary file (or, until
+        that file is complete or when it cannot be written, the decoding of one span): short
+        enough to run on the connection's reading thread, without a hop to a worker thread."""
+        return self.gzip_prefetch and self.index is None
 
     def open_image(self, below: Connection, file_size: int) -> Image:
         read = reader_of(below, file_size)
