@@ -40,6 +40,14 @@ def test_copy_in_and_compare(tmp_path, direct):
         assert a.read() == b.read()
 
 
+def test_many_requests_in_flight(tmp_path):
+    """fio at depth 16 for a few seconds, verifying what it wrote: the rings wrap many times."""
+    disk = image(tmp_path, 64 * MiB)
+    serve_run(f"path={disk}", "num-entries=16", command=(
+        "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randwrite --bs=4k --iodepth=16 "
+        "--size=64M --time_based --runtime=3 --verify=crc32c --do_verify=1"))
+
+
 def test_zero_trim_flush_and_fua(tmp_path):
     disk = image(tmp_path)
     with open(disk, "r+b") as f:

@@ -85,7 +85,7 @@ class Ring:
         self.fd = int(fd)
         raw = params.raw
         sq_entries, cq_entries = struct.unpack_from("<II", raw, 0)
-        sq_head, sq_tail, sq_mask, _, _, _, sq_array = struct.unpack_from("<7I", raw, 40)
+        _, sq_tail, sq_mask, _, _, _, sq_array = struct.unpack_from("<7I", raw, 40)
         cq_head, cq_tail, cq_mask, _, _, cqes = struct.unpack_from("<6I", raw, 80)
         access = mmap.PROT_READ | mmap.PROT_WRITE
         self.sq = mmap.mmap(self.fd, sq_array + 4 * sq_entries, mmap.MAP_SHARED, access,
@@ -98,12 +98,16 @@ class Ring:
             _U32.pack_into(self.sq, sq_array + 4 * i, i)
         self.entries = sq_entries
         # The offsets locate the kernel's values in the rings (the masks are read once).
-        self._sq_head, self._sq_tail = sq_head, sq_tail
         self._sq_mask = _U32.unpack_from(self.sq, sq_mask)[0]
-        self._cq_head, self._cq_tail, self._cqes = cq_head, cq_tail, cqes
+        self._cqes = cqes
         self._cq_mask = _U32.unpack_from(self.cq, cq_mask)[0]
-        self._tail = _U32.unpack_from(self.sq, sq_tail)[0]
-        self._head = _U32.unpack_from(self.cq, cq_head)[0]
+        # The kernel reads the SQ tail and CQ head while they change: they are
+        # stored whole (one 32-bit access), never byte by byte as struct would.
+        self._sq_tail_ref = ctypes.c_uint32.from_buffer(self.sq, sq_tail)
+        self._cq_head_ref = ctypes.c_uint32.from_buffer(self.cq, cq_head)
+        self._cq_tail_ref = ctypes.c_uint32.from_buffer(self.cq, cq_tail)
+        self._tail = self._sq_tail_ref.value
+        self._head = self._cq_head_ref.value
         self._submit_lock = threading.Lock()
         self._reap_lock = threading.Lock()
         self._slots = threading.Semaphore(sq_entries)  # never more in flight than the rings hold
@@ -120,7 +124,7 @@ class Ring:
             _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
                            op_flags, user_data, 0, 0, 0, 0, 0)
             self._tail = (self._tail + 1) & 0xFFFFFFFF
-            _U32.pack_into(self.sq, self._sq_tail, self._tail)
+            self._sq_tail_ref.value = self._tail
         _enter(self.fd, 1, 0, 0)
 
     def run(self, opcode: int, fd: int, offset: int = 0, addr: int = 0, length: int = 0,
@@ -154,7 +158,7 @@ class Ring:
         """Hand out the completions in the ring (under ``_reap_lock``); False on the stop marker."""
         cq, mask, cqes = self.cq, self._cq_mask, self._cqes
         head = self._head
-        tail = _U32.unpack_from(cq, self._cq_tail)[0]
+        tail = self._cq_tail_ref.value
         running = True
         while head != tail:
             user_data, result, _ = _CQE.unpack_from(cq, cqes + 16 * (head & mask))
@@ -168,7 +172,7 @@ class Ring:
                 waiter.result = result
                 waiter.done.release()
         self._head = head
-        _U32.pack_into(cq, self._cq_head, head)
+        self._cq_head_ref.value = head
         return running
 
     def _reap(self) -> None:
@@ -185,6 +189,7 @@ class Ring:
         self._closed = True
         self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
         self._reaper.join()
+        del self._sq_tail_ref, self._cq_head_ref, self._cq_tail_ref
         for area in (self.sq, self.cq, self.sqes):
             area.close()
         os.close(self.fd)

@@ -58,7 +58,6 @@ RING_BYTES = 4096  # desc (16 * 128) + avail (6 + 2 * 128) + used (6 + 8 * 128),
 
 _HEADER = struct.Struct("<III")
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
 
 
@@ -92,6 +91,11 @@ class _Queue:
         self.waiting: dict[int, _Slot] = {}
         self.avail_idx = 0
         self.used_idx = 0
+        # The indexes the other side reads while they change are stored and loaded
+        # whole (one 16-bit access), never byte by byte as struct would.
+        self.avail_idx_ref = ctypes.c_uint16.from_buffer(device.mem, self.avail + 2)
+        self.avail_ring = (ctypes.c_uint16 * QUEUE_SIZE).from_buffer(device.mem, self.avail + 4)
+        self.used_idx_ref = ctypes.c_uint16.from_buffer(device.mem, self.used + 2)
         mem = device.mem
         for slot in range(SLOTS):  # header -> data -> status, linked once
             area = data_base + slot * SLOT_BYTES
@@ -131,9 +135,9 @@ class _Queue:
                     self.free.append(slot.index)
                     raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
                 self.waiting[d] = slot
-                _U16.pack_into(mem, self.avail + 4 + 2 * (self.avail_idx % QUEUE_SIZE), d)
+                self.avail_ring[self.avail_idx % QUEUE_SIZE] = d
                 self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-                _U16.pack_into(mem, self.avail + 2, self.avail_idx)
+                self.avail_idx_ref.value = self.avail_idx
             os.eventfd_write(self.kick, 1)
             slot.done.acquire()
             with self.lock:
@@ -154,7 +158,7 @@ class _Queue:
             if self.call in events:
                 os.eventfd_read(self.call)
             with self.lock:
-                used = _U16.unpack_from(mem, self.used + 2)[0]
+                used = self.used_idx_ref.value
                 while self.used_idx != used:
                     head, _ = struct.unpack_from("<II", mem, self.used + 4 + 8 * (self.used_idx % QUEUE_SIZE))
                     self.used_idx = (self.used_idx + 1) & 0xFFFF
@@ -341,6 +345,7 @@ class VhostUserBlk:
                 q.thread.join()
             os.close(q.kick)
             os.close(q.call)
+            del q.avail_idx_ref, q.avail_ring, q.used_idx_ref
         self.sock.close()
         del self._anchor
         self.view.release()
