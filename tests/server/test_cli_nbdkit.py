@@ -318,3 +318,36 @@ def test_delay_ends_when_the_server_shuts_down(server):
         srv.proc.wait(timeout=10)
         assert time.monotonic() - start < 10
         client.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- retry filter
+
+FLAKY_SH = '''#!/bin/bash
+# the first open fails reads and writes; later opens are smaller and read-only
+n=$(cat $tmpdir/opens 2>/dev/null || echo 0)
+case "$1" in
+  open) echo $((n + 1)) > $tmpdir/opens; echo h ;;
+  get_size) if [ "$n" -le 1 ]; then echo 1M; else echo 512K; fi ;;
+  can_write) [ "$n" -le 1 ] && exit 0 || exit 3 ;;
+  pread) if [ "$n" -le 1 ]; then echo EIO first open >&2; exit 1; fi; head -c $3 /dev/zero ;;
+  pwrite) cat >/dev/null; if [ "$n" -le 1 ]; then echo EIO first open >&2; exit 1; fi ;;
+  *) exit 2 ;;
+esac
+'''
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_retry_checks_the_reopened_connection(server, tmp_path):
+    script = tmp_path / "flaky.sh"
+    script.write_text(FLAKY_SH)
+    script.chmod(0o755)
+    outcomes = []
+    write = "h.pwrite(bytes(512), 0)"
+    for op, options in (("h.pread(512, 786432)", ("retries=1",)), (write, ("retries=1",)),
+                        (write, ("retries=3", "retry-readonly=true"))):
+        start = time.monotonic()
+        _, out, _ = serve(server, "-U", "-", "--filter=retry", "sh", str(script), "retry-delay=1",
+                          *options, "--run", f'nbdsh -u "$uri" -c "{op}" 2>&1 || true')
+        outcomes.append((out.strip().splitlines() or ["ok"])[-1].split(": ")[-1])
+        assert time.monotonic() - start < 5  # a read-only reopen is not retried 3 times (1+2+4 s)
+    assert outcomes == ["Input/output error", "Operation not permitted", "Operation not permitted"]

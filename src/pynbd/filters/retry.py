@@ -21,7 +21,11 @@ gives up after about a minute. Every error is retried, even those a retry
 cannot fix, so put this filter above the layer that has transient failures
 (a network plugin) rather than above filters that refuse requests on purpose.
 The sizes and capabilities the client was told at connection time stay as
-they were. Requests that fail together trigger only one reopen.
+they were; after a reopen each request is checked against the new
+connection, as nbdkit does: beyond its size is EIO, a write it cannot take
+EROFS, FUA it cannot do EIO, a flush, cache or extents it lacks EIO (each
+retried like any failure). After a read-only reopen a write fails with EROFS
+at once. Requests that fail together trigger only one reopen.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..backend import (
+    FLAG_FUA,
+    FUA_NONE,
     ConfigError,
     Connection,
     Extent,
@@ -68,39 +74,51 @@ class RetryConnection(FilterConnection["RetryFilter"]):
         self._lock = threading.Lock()
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self._retry("pread", lambda conn: conn.pread(buf, offset, flags))
+        self._retry("pread", lambda conn: conn.pread(buf, offset, flags), len(buf), offset)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        self._retry("pwrite", lambda conn: conn.pwrite(buf, offset, flags), writes=True)
+        self._retry("pwrite", lambda conn: conn.pwrite(buf, offset, flags), len(buf), offset, flags,
+                    can="can_write")
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        self._retry("zero", lambda conn: conn.zero(count, offset, flags), writes=True)
+        self._retry("zero", lambda conn: conn.zero(count, offset, flags), count, offset, flags,
+                    can="can_zero")
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        self._retry("trim", lambda conn: conn.trim(count, offset, flags), writes=True)
+        self._retry("trim", lambda conn: conn.trim(count, offset, flags), count, offset, flags,
+                    can="can_trim")
 
     def flush(self, flags: int) -> None:
-        self._retry("flush", lambda conn: conn.flush(flags))
+        self._retry("flush", lambda conn: conn.flush(flags), can="can_flush")
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        self._retry("cache", lambda conn: conn.cache(count, offset, flags))
+        self._retry("cache", lambda conn: conn.cache(count, offset, flags), count, offset,
+                    can="can_cache")
 
     def extents(self, count: int, offset: int, flags: int) -> list[Extent]:
-        return self._retry("extents", lambda conn: list(conn.extents(count, offset, flags)))
+        return self._retry("extents", lambda conn: list(conn.extents(count, offset, flags)),
+                           count, offset, can="can_extents")
 
-    def _retry(self, name: str, request: Callable[[Connection], T], writes: bool = False) -> T:
-        """Run ``request`` on the current connection, reopening and retrying on failure."""
+    def _retry(self, name: str, request: Callable[[Connection], T], count: int = 0, offset: int = 0,
+               flags: int = 0, can: str = "") -> T:
+        """Run ``request`` on the current connection, reopening and retrying on failure.
+
+        ``can`` is the capability the request needs; after a reopen it, the
+        range and FUA are checked against the new connection first."""
         settings = self.filter
         delay = settings.retry_delay
         attempt = 0
+        writes = can in _WRITES
         while True:
+            if writes and self.readonly:
+                raise io_error(errno.EROFS, "retry: the plugin was reopened read-only")
             generation = self.generation
             try:
-                if writes and self.readonly:
-                    raise io_error(errno.EROFS, "retry: the plugin was reopened read-only")
                 conn = self.current
                 if conn is None:
                     raise io_error(errno.EIO, "retry: the plugin could not be reopened")
+                if generation:
+                    _check(conn, name, count, offset, flags, can)
                 return request(conn)
             except Exception as exc:  # noqa: BLE001 (any failure is worth a retry)
                 if attempt >= settings.retries:
@@ -139,6 +157,21 @@ class RetryConnection(FilterConnection["RetryFilter"]):
             conn, self.current = self.current, None
         if conn is not None:
             conn.close()
+
+
+_WRITES = ("can_write", "can_zero", "can_trim")
+
+
+def _check(conn: Connection, name: str, count: int, offset: int, flags: int,
+           can: str) -> None:
+    """What nbdkit's retry filter checks of a reopened connection before a request."""
+    if count and offset + count > conn.get_size():
+        raise io_error(errno.EIO, f"retry: {name} beyond the end of the reopened disk")
+    if can and not getattr(conn, can)():
+        error = errno.EROFS if can in _WRITES else errno.EIO
+        raise io_error(error, f"retry: the reopened connection cannot {name}")
+    if flags & FLAG_FUA and conn.can_fua() == FUA_NONE:
+        raise io_error(errno.EIO, f"retry: the reopened connection cannot {name} with FUA")
 
 
 class RetryFilter(Filter):
