@@ -1,5 +1,6 @@
 """Disks assembled from files or built from a directory: split and partitioning
-over four pieces of the 256 MiB random file, linuxdisk over a directory holding
+over four pieces of the 256 MiB random file (partitioning read only: fio writes
+anywhere, the table too), linuxdisk over a directory holding
 it, each pynbd against nbdkit's plugin of the same name.
 
 ``assembled_workloads`` is called by ``run.py``'s ``build()``; the pieces are
@@ -52,7 +53,7 @@ def assembled_workloads(tmp: str, data256: str, runtime: float,
     cases = [
         ("split", ("split", *pieces), [("randread", "4k"), ("read", "256k"), ("randwrite", "4k")]),
         ("partitioning", ("partitioning", "partition-type=gpt", *pieces),
-         [("randread", "4k"), ("randwrite", "4k")]),
+         [("randread", "4k")]),  # random writes would hit the table: EIO
         ("linuxdisk", ("linuxdisk", tree, "type=ext4"), [("randread", "4k"), ("read", "256k")]),
     ]
     out: list[object] = []
