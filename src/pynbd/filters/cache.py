@@ -57,29 +57,13 @@ from ..backend import (
     linux,
     parse_bool,
 )
+from ..backend.overlay import pread_all, pwrite_all
 from .blocksize import RangeLock
 
 MODES = ("writeback", "writethrough", "unsafe")
 DEFAULT_BLOCK = 64 * 1024
 WRITE_BACK_BYTES = 4 * 1024 * 1024
 _EXTENT_CHECK_BLOCKS = 4096  # larger ranges with dirty blocks are reported as data
-
-
-def pread_all(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from the file at ``offset`` (zeroes past its end)."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            view[done:] = bytes(len(view) - done)
-            return
-        done += n
-
-
-def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def runs(numbers: Iterator[int] | list[int], longest: int = 0) -> Iterator[tuple[int, int]]:
