@@ -49,8 +49,11 @@ def fuse(mountpoint: Path, *args: str, tool: str = "pynbd") -> Iterator[subproce
         wait_for(ready, message=f"{where} not mounted")
         yield proc
     finally:
-        if proc.poll() is None and is_mounted(where):
-            run(["fusermount3", "-u", str(where)])
+        if is_mounted(where):
+            unmounted = run(["fusermount3", "-u", str(where)], check=False).returncode == 0
+            if not unmounted:  # a dead or stuck mount must not outlive the test
+                run(["fusermount3", "-u", "-z", str(where)], check=False)
+                proc.kill()
         assert proc.wait(30) == 0, proc.stderr.read().decode()
         assert not is_mounted(where)
 
