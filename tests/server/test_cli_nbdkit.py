@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -351,3 +352,25 @@ def test_retry_checks_the_reopened_connection(server, tmp_path):
         outcomes.append((out.strip().splitlines() or ["ok"])[-1].split(": ")[-1])
         assert time.monotonic() - start < 5  # a read-only reopen is not retried 3 times (1+2+4 s)
     assert outcomes == ["Input/output error", "Operation not permitted", "Operation not permitted"]
+
+
+# ---------------------------------------------------------------- readahead filter
+
+READS = """
+import time
+for offset, count in [(0, 4096), (4096, 4096), (8192, 65536), (1 << 20, 512), (3 << 20, 512),
+                      (5 << 20, 512), (7 << 20, 512), (1 << 20, 512), (0x100200, 512), (0, 512)]:
+    h.pread(count, offset)
+    time.sleep(0.05)
+"""
+
+
+def test_readahead_window_policy(tmp_path):
+    logfile, reads = tmp_path / "log", tmp_path / "reads.py"
+    reads.write_text(READS)
+    caches = {}
+    for server in BOTH:
+        serve(server, "-U", "-", "--filter=readahead", "--filter=log", "memory", "16M",
+              f"logfile={logfile}", "--run", f'nbdsh -u "$uri" -c "exec(open(\'{reads}\').read())"')
+        caches[server] = sorted(re.findall(r" Cache id=\d+ (offset=\S+ count=\S+)", logfile.read_text()))
+    assert caches["pynbd"] == caches["nbdkit"] and len(caches["pynbd"]) == 10

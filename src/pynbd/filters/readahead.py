@@ -6,10 +6,11 @@
 No parameters. When a client reads, the filter asks the layer below to
 prefetch (NBD_CMD_CACHE) the data that follows, on a background thread of
 the connection, so the prefetch overlaps with the client's next request.
-The window adapts: it starts at the size of the read, doubles on each read
-that continues where the previous one stopped (up to 32 MiB) and falls back
-when the client jumps elsewhere. While the client reads on sequentially,
-ranges already prefetched are not asked for again.
+The window is nbdkit's: each read is followed by a prefetch of the window
+after it, the window starting at 32 KiB. A read that starts inside the last
+prefetch keeps the window; one that jumps forward past it doubles the window
+(up to 4 MiB) and one that goes backwards shrinks it to 32 KiB again, each
+change applying from the next read on.
 
 Limits: prefetching only helps if the layer below can cache — plugins that
 keep data elsewhere (curl, nbd, ssh) or the cache filter placed below this
@@ -28,7 +29,8 @@ from ..backend import CACHE_NONE, Connection, Filter, FilterConnection, OpenCont
 
 log = logging.getLogger("pynbd.filters.readahead")
 
-MAX_WINDOW = 32 * 1024 * 1024
+MIN_WINDOW = 32 * 1024  # nbdkit's READAHEAD_MIN and READAHEAD_MAX
+MAX_WINDOW = 4 * 1024 * 1024
 _STOP = None
 
 
@@ -36,9 +38,9 @@ class ReadaheadConnection(FilterConnection["ReadaheadFilter"]):
     def __init__(self, next: Connection, filter: ReadaheadFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.size = next.get_size()
-        self.window = 0
-        self.last_end = -1
-        self.prefetched_until = 0  # how far this sequential stream has been prefetched
+        self.window = MIN_WINDOW
+        self.last_offset = 0
+        self.ahead = (0, 0)  # the last prefetch: [start, end)
         self._lock = threading.Lock()
         self.requests: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self.worker = threading.Thread(target=self._prefetch_loop, name="readahead", daemon=True)
@@ -54,15 +56,13 @@ class ReadaheadConnection(FilterConnection["ReadaheadFilter"]):
         """The range to prefetch after a read of [offset, offset+count), if any."""
         end = offset + count
         with self._lock:
-            sequential = offset == self.last_end
-            self.window = min(max(self.window * 2, count), MAX_WINDOW) if sequential else count
-            self.last_end = end
-            start = max(end, self.prefetched_until) if sequential else end
-            stop = min(end + self.window, self.size)
-            if start >= stop:
-                return None
-            self.prefetched_until = stop
-        return start, stop - start
+            window = self.window
+            if not self.ahead[0] <= offset < self.ahead[1]:
+                self.window = min(window * 2, MAX_WINDOW) if offset > self.last_offset else MIN_WINDOW
+            self.last_offset = offset
+            stop = min(end + window, self.size)
+            self.ahead = (end, stop)
+        return (end, stop - end) if end < stop else None
 
     def _prefetch_loop(self) -> None:
         while (item := self.requests.get()) is not _STOP:
