@@ -94,6 +94,14 @@ def test_the_finder_finds_a_cycle():
     ("pynbd.backend", "pynbd.server"), ("pynbd.backend", "pynbd.client"),
     ("pynbd.filters", "pynbd.server"), ("pynbd.filters", "pynbd.client"),
     ("pynbd.plugins", "pynbd.server"),
+    # plugins and filters see backend/ and formats/ only (the nbd proxy plugin may use client/)
+    ("pynbd.filters", "pynbd.control"), ("pynbd.plugins", "pynbd.control"),
+    ("pynbd.filters", "pynbd.tools"), ("pynbd.plugins", "pynbd.tools"),
+    ("pynbd.backend", "pynbd.filters"), ("pynbd.backend", "pynbd.plugins"),
+    ("pynbd.backend", "pynbd.control"),
+    # formats/ is pure: it parses and writes bytes for everyone above it
+    ("pynbd.formats", "pynbd.server"), ("pynbd.formats", "pynbd.client"), ("pynbd.formats", "pynbd.filters"),
+    ("pynbd.formats", "pynbd.plugins"), ("pynbd.formats", "pynbd.tools"), ("pynbd.formats", "pynbd.control"),
 ])
 def test_layers_import_only_downwards(lower, upper):
     wrong = {f"{m} -> {t}" for m, targets in graph().items() if m.startswith(lower + ".")
