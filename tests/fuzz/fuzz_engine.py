@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import resource
 import signal
 import threading
@@ -189,7 +190,7 @@ def _record(stats: Stats, data: bytes, exc: BaseException) -> None:
     else:
         stats.crashes += 1
     first = (str(exc).splitlines() or [""])[0][:120]
-    key = f"{type(exc).__name__}: {first}"
+    key = f"{type(exc).__name__}: {re.sub(r'[0-9]+', 'N', first)}"  # one finding, whatever the numbers
     if key not in stats.findings:
         text = "".join(traceback.format_exception(exc))
         stats.findings[key] = (data, text)
