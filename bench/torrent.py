@@ -2,8 +2,9 @@
 
 ``torrent_workloads`` is called by ``run.py``'s ``build()``. The seeder is the
 torrent tests' (``tests/plugins/torrentpeer.py``: a libtorrent session on
-127.0.0.1, no tracker, no DHT), started for each measurement, seeding the
-256 MiB random file in 256 KiB pieces (the .torrent is made once per run).
+127.0.0.1, no tracker, no DHT, TCP only: uTP crawls on loopback), started for
+each measurement, seeding the 256 MiB random file in 256 KiB pieces (the
+.torrent is made once per run).
 
 - ``torrent nbdcopy 256M from a seeder``: nbdcopy to ``null:`` from pynbd's
   plugin and from nbdkit's, both given a magnet link naming the seeder
@@ -57,7 +58,7 @@ def download_measure(spec: ServerSpec, tmp: str, data256: str) -> Callable[[], f
     """MiB/s of nbdcopy to null: from ``spec`` (``{magnet}``) while a seeder serves the file."""
     def measure() -> float:
         directory, torrent = torrent_of(tmp, data256)
-        with seeder(torrent, directory) as port:
+        with seeder(torrent, directory, tcp_only=True) as port:
             link = magnet(torrent, port)
             served = ServerSpec(spec.label, tuple(a.replace("{magnet}", link) for a in spec.argv), spec.kind)
             with running(served, "unix") as srv:
