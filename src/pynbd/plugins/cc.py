@@ -68,7 +68,7 @@ For a plugin whose requests never wait (a RAM disk), ``-t 1`` runs each
 connection's requests on its reading thread instead: about three times
 the IOPS for small writes, at nbdkit's rate.
 
-Limits: nbdkit_peer_pid / uid / gid fail (pynbd does not give plugins the client's
+Limits: nbdkit_peer_pid / uid / gid fail (pynbd does not hand the client's
 credentials to plugins); nbdkit_peer_name works for TCP and Unix sockets;
 export_description and dump_plugin are not called; nbdkit_nanosleep is not
 cut short by shutdown; interned strings live until the server exits.
