@@ -51,11 +51,12 @@ class ConcatDisk(Connection):
 
     def __init__(self, pieces: Sequence[Connection]) -> None:
         self.pieces = list(pieces)
+        self.sizes = [piece.get_size() for piece in self.pieces]
         self.starts: list[int] = []
         size = 0
-        for piece in self.pieces:
+        for piece_size in self.sizes:
             self.starts.append(size)
-            size += piece.get_size()
+            size += piece_size
         self.size = size
 
     def _runs(self, count: int, offset: int) -> Iterator[tuple[Connection, int, int, int]]:
@@ -65,7 +66,7 @@ class ConcatDisk(Connection):
         while pos < count:
             piece, start = self.pieces[index], self.starts[index]
             inner = offset + pos - start
-            take = min(piece.get_size() - inner, count - pos)
+            take = min(self.sizes[index] - inner, count - pos)
             if take > 0:
                 yield piece, inner, take, pos
                 pos += take
@@ -101,11 +102,26 @@ class ConcatDisk(Connection):
     def can_extents(self) -> bool:
         return any(p.can_extents() for p in self.pieces)
 
+    def _within(self, count: int, offset: int) -> tuple[Connection, int] | None:
+        """(piece, offset in it) when the range lies inside one piece (the usual case)."""
+        index = bisect.bisect_right(self.starts, offset) - 1
+        inner = offset - self.starts[index]
+        piece = self.pieces[index]
+        return (piece, inner) if inner + count <= self.sizes[index] else None
+
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        one = self._within(len(buf), offset)
+        if one is not None:
+            one[0].pread(buf, one[1], flags)
+            return
         for piece, inner, take, pos in self._runs(len(buf), offset):
             piece.pread(buf[pos:pos + take], inner, flags)
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        one = self._within(len(buf), offset)
+        if one is not None:
+            one[0].pwrite(buf, one[1], flags)
+            return
         for piece, inner, take, pos in self._runs(len(buf), offset):
             piece.pwrite(buf[pos:pos + take], inner, flags)
 
