@@ -1,7 +1,8 @@
 """pynbd copy — copy to and from NBD servers, files and pipes (nbdcopy's options).
 
 Usage:
-    pynbd copy [--allocated] [-C N|--connections=N]
+    pynbd copy [--allocated] [--blkhash[=ALGO[/BLOCKSIZE]]] [--blkhash-file=FILE]
+               [-C N|--connections=N]
                [--destination-is-zero|--target-is-zero] [--dirty-bitmap=NAME] [--flush]
                [--no-extents] [-p|--progress|--progress=FD]
                [--queue-size=N] [--request-size=N] [-R N|--requests=N]
@@ -28,6 +29,7 @@ Examples:
     pynbd copy nbd://example.com - | file -            stream to a pipe
     pynbd copy -p nbd://server1 nbd://server2          with a progress bar
     pynbd copy nbd://server null:                      read as fast as possible
+    pynbd copy --blkhash -- disk.raw null:             the blkhash of an image
 
 Sparseness: the source's extents (NBD ``base:allocation``; SEEK_DATA and
 SEEK_HOLE for files) say where it reads as zeroes; those ranges are not
@@ -42,6 +44,15 @@ all-zero blocks are zeroed rather than written.
 Options:
     --allocated        make the destination fully allocated: zero ranges are
                        allocated (NO_HOLE, ZERO_RANGE) instead of punched
+    --blkhash[=ALGO[/BLOCKSIZE]]
+                       print the blkhash of the image copied (as libnbd 1.24's
+                       nbdcopy does): ALGO (md5, sha1, sha256 or sha512) over
+                       the ALGO digests of each BLOCKSIZE block followed by
+                       the length as 8 bytes little-endian, in hex. Default
+                       sha256/64k. Not a sha256sum of the image; slows the
+                       copy down. Not with --dirty-bitmap.
+    --blkhash-file=FILE  write the blkhash to FILE instead of stdout
+                       (implies --blkhash)
     -C, --connections=N  up to N connections to each server when both ends
                        allow more than one (NBD multi-conn); default 4, but
                        no more than --threads. A captive server gets one.

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, fields
 
 from ...proto.errors import ProtocolError
+from .blkhash import BlockHash
 from .dirty import CLEAN, ZERO
 from .endpoint import CopyError, Done, Endpoint, Fanout, start
 from .options import CopyOptions
@@ -107,6 +108,7 @@ class Copier:
         self.slices = Slices(layout.length)
         self.lanes = [Lane(self, i) for i in range(layout.connections)]
         self.skip_zeroes = dst.reads_as_zero and not opts.allocated
+        self.blkhash = None if opts.blkhash is None else BlockHash(*opts.blkhash, layout.length)
         self.failures: list[BaseException] = []
         self.elapsed = 0.0
 
@@ -216,6 +218,8 @@ class Lane:
                     self._count("unchanged", length)
                     self._releaser(slot)(length, None)
                 elif kind == ZERO:
+                    if self.copier.blkhash is not None:
+                        self.copier.blkhash.zero(offset, length)
                     self._zero(offset, length, self._releaser(slot))
                 else:
                     self._read(slot, offset, length)
@@ -255,6 +259,8 @@ class Lane:
             fan = Fanout(n, release)
             try:
                 self._write_runs(slot, offset, n, length, fan)
+                if self.copier.blkhash is not None:  # while the writes are in flight
+                    self.copier.blkhash.data(offset, slot.view[:n])
             except CopyError as exc:
                 fan.close(exc)
             else:

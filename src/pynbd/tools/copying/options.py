@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ...backend.params import parse_size
 from ...client.uri import is_uri
+from .blkhash import ALGORITHMS, DEFAULT_ALGORITHM, DEFAULT_BLOCK
 
 KiB, MiB = 1024, 1024 * 1024
 MIN_REQUEST, MAX_REQUEST = 4096, 32 * MiB
@@ -44,6 +45,8 @@ class CopyOptions:
     source: Spec | None = None
     destination: Spec | None = None
     allocated: bool = False
+    blkhash: tuple[str, int] | None = None  # (algorithm, block size)
+    blkhash_file: str | None = None
     connections: int = 4
     destination_is_zero: bool = False
     dirty_bitmap: str | None = None
@@ -95,6 +98,22 @@ def _sparse(text: str) -> int:
     if value and (value & (value - 1) or value < MIN_SPARSE):
         raise UsageError(f"--sparse: must be a power of 2 and >= {MIN_SPARSE}")
     return value
+
+
+def _blkhash(text: str) -> tuple[str, int]:
+    """``ALGO`` or ``ALGO/BLOCKSIZE``."""
+    algorithm, slash, size = text.partition("/")
+    if algorithm not in ALGORITHMS:
+        raise UsageError(f"--blkhash: unknown digest {algorithm!r} (one of {', '.join(ALGORITHMS)})")
+    if not slash:
+        return algorithm, DEFAULT_BLOCK
+    try:
+        block = parse_size(size)
+    except ValueError:
+        raise UsageError(f"--blkhash: could not parse block size: {size}") from None
+    if block < MIN_SPARSE or block & (block - 1) or block > MAX_REQUEST:
+        raise UsageError(f"--blkhash: block size must be a power of 2 within {MIN_SPARSE}-{MAX_REQUEST}")
+    return algorithm, block
 
 
 def _threads(text: str) -> int:
@@ -185,7 +204,11 @@ class _Parser:
     def _long(self, body: str) -> None:
         name, eq, value = body.partition("=")
         attached = value if eq else None
-        if name == "progress" and attached is not None:
+        if name == "blkhash":
+            self.opts.blkhash = _blkhash(DEFAULT_ALGORITHM if attached is None else attached)
+        elif name == "blkhash-file":
+            self.opts.blkhash_file = self._value("--blkhash-file", attached)
+        elif name == "progress" and attached is not None:
             self.opts.progress, self.opts.progress_fd = True, _progress_fd(attached)
         elif name == "dirty-bitmap":
             self.opts.dirty_bitmap = self._value("--dirty-bitmap", attached)
@@ -226,4 +249,8 @@ def parse_args(argv: list[str]) -> CopyOptions:
     opts.source, opts.destination = opts.positional
     if opts.source.kind == "null":
         raise UsageError("null: can only be the destination")
+    if opts.blkhash_file is not None and opts.blkhash is None:
+        opts.blkhash = DEFAULT_ALGORITHM, DEFAULT_BLOCK
+    if opts.blkhash is not None and opts.dirty_bitmap is not None:
+        raise UsageError("--blkhash needs the whole image: it cannot go with --dirty-bitmap")
     return opts

@@ -99,6 +99,8 @@ def run_copy(opts: CopyOptions, err: TextIO = sys.stderr, source: Endpoint | Non
                             fd=opts.progress_fd, stream=err)
         copier = Copier(opts, src, dst, layout, progress)
         length = copier.run()
+        if copier.blkhash is not None:
+            write_blkhash(opts, copier.blkhash.hexdigest(length))
         if opts.verbose and copier.extents_failed:
             print(f"pynbd copy: extents unavailable, read everything: {copier.extents_failed}",
                   file=err)
@@ -110,6 +112,18 @@ def run_copy(opts: CopyOptions, err: TextIO = sys.stderr, source: Endpoint | Non
     finally:
         for endpoint in reversed(opened):
             _quiet_close(endpoint)
+
+
+def write_blkhash(opts: CopyOptions, digest: str) -> None:
+    """Print the ``--blkhash`` result to stdout or ``--blkhash-file``."""
+    if opts.blkhash_file is None:
+        print(digest, flush=True)
+        return
+    try:
+        with open(opts.blkhash_file, "w", encoding="ascii") as f:
+            f.write(digest + "\n")
+    except OSError as exc:
+        raise CopyError(opts.blkhash_file, exc.strerror or exc) from None
 
 
 def _quiet_close(endpoint: Endpoint) -> None:
