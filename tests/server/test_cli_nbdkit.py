@@ -374,3 +374,40 @@ def test_readahead_window_policy(tmp_path):
               f"logfile={logfile}", "--run", f'nbdsh -u "$uri" -c "exec(open(\'{reads}\').read())"')
         caches[server] = sorted(re.findall(r" Cache id=\d+ (offset=\S+ count=\S+)", logfile.read_text()))
     assert caches["pynbd"] == caches["nbdkit"] and len(caches["pynbd"]) == 10
+
+
+# ---------------------------------------------------------------- blocksize filter
+
+EXTENTS = "echo 0 512 3; echo 512 512 0; echo 1024 7168 3; echo 8192 4096 1; echo 12288 4096 3"
+PARALLEL_WRITES = """
+import time
+start = time.monotonic()
+for _ in range(4):
+    h.aio_pwrite(bytes(4096), 4096)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print(round(time.monotonic() - start))
+"""
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_blocksize_preferred_size_and_aligned_extents(server):
+    _, out, _ = serve(server, "-U", "-", "--filter=blocksize", "eval", "get_size=echo 16384",
+                      "pread=head -c $3 /dev/zero", "can_extents=exit 0", f"extents={EXTENTS}",
+                      "block_size=echo 1 65536 1M", "minblock=4096",
+                      "--run", 'nbdinfo --map "$uri"; nbdinfo --json "$uri"')
+    lines = out.splitlines()
+    assert [line.split() for line in lines[:4]] == [
+        ["0", "4096", "0", "data"], ["4096", "4096", "3", "hole,zero"], ["8192", "4096", "1", "hole"],
+        ["12288", "4096", "3", "hole,zero"]]
+    assert json.loads("\n".join(lines[4:]))["exports"][0]["block_size_preferred"] == 65536
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_blocksize_aligned_writes_run_in_parallel(server, tmp_path):
+    script = tmp_path / "writes.py"
+    script.write_text(PARALLEL_WRITES)
+    _, out, _ = serve(server, "-U", "-", "--filter=blocksize", "--filter=delay", "memory", "1M",
+                      "minblock=4096", "wdelay=1", "--run",
+                      f'nbdsh -u "$uri" -c "exec(open(\'{script}\').read())"')
+    assert out.strip() == "1"  # four writes of the same block at once, not one after another

@@ -5,7 +5,15 @@ Import from here in a plugin or filter::
     from pynbd.backend import Plugin, Connection, Param, Extent, io_error
 """
 
-from .blocks import RamDisk, ResidentDisk, block_runs, extents_of_runs, fill_zero, is_zero
+from .blocks import (
+    RamDisk,
+    ResidentDisk,
+    align_extents,
+    block_runs,
+    extents_of_runs,
+    fill_zero,
+    is_zero,
+)
 from .connection import (
     ALLOCATION_DEPTH,
     CACHE_EMULATE,
@@ -40,5 +48,6 @@ __all__ = [
     "Buffer", "Command", "ConfigError", "Connection", "ContextExtent", "ControlError", "Export",
     "Extent", "Filter", "FilterConnection", "Layer", "LayerCallError", "OpenContext", "Param", "Plugin",
     "RamDisk", "ResidentDisk", "ThreadModel", "block_runs", "extents_of_runs", "clip_extents",
+    "align_extents",
     "errno_of", "fill_zero", "io_error", "is_zero", "parse_bool", "parse_duration", "parse_size",
 ]

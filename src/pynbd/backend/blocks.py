@@ -15,6 +15,9 @@
 - ``extents_of_runs(offset, end, runs)`` turns ordered (start, stop) runs of
   data inside [offset, end) into extents: adjacent runs merged, the gaps
   between them reported as holes that read as zeroes.
+- ``align_extents(extents, offset, count, align)`` aligns the extents of an
+  aligned range to ``align`` (nbdkit's ``nbdkit_extents_aligned``): a block
+  that straddles a boundary below is a hole or zero only if all of it is.
 - ``ResidentDisk(size)`` is the base of disks whose bytes are at hand in
   this process, computed (zero, pattern, random) or held in RAM (memory,
   data): a fixed size, safe for many connections at once (every client sees
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from .connection import CACHE_NATIVE, FUA_NATIVE, Connection, Extent
+from .connection import CACHE_NATIVE, FUA_NATIVE, Connection, Extent, clip_extents
 
 _ZERO_BYTES = bytes(1 << 20)
 _ZEROES = memoryview(_ZERO_BYTES)
@@ -79,6 +82,33 @@ def extents_of_runs(offset: int, end: int, runs: Iterable[tuple[int, int]]) -> I
         pos = run_end
     if pos < end:
         yield Extent(pos, end - pos, hole=True, zero=True)
+
+
+def align_extents(extents: Iterable[Extent], offset: int, count: int, align: int) -> Iterator[Extent]:
+    """Extents of the aligned range [offset, offset+count) whose boundaries all
+    fall on multiples of ``align``: a block that straddles a boundary below is
+    a hole or zero only if all of it is (as nbdkit's ``nbdkit_extents_aligned``)."""
+    partial: tuple[int, bool, bool] | None = None  # a straddled block: start, hole, zero
+    produced = False
+    for ext in clip_extents(extents, offset, count):
+        start, stop = ext.offset, ext.offset + ext.length
+        hole, zero = ext.hole, ext.zero
+        if partial is not None:
+            block, hole_so_far, zero_so_far = partial
+            hole_so_far, zero_so_far = hole_so_far and hole, zero_so_far and zero
+            if stop < block + align:
+                partial = (block, hole_so_far, zero_so_far)
+                continue
+            yield Extent(block, align, hole_so_far, zero_so_far)
+            produced, partial, start = True, None, block + align
+        aligned_stop = stop - stop % align
+        if aligned_stop > start:
+            yield Extent(start, aligned_stop - start, hole, zero)
+            produced = True
+        if stop > max(aligned_stop, start):
+            partial = (aligned_stop, hole, zero)
+    if partial is not None and not produced:  # the layer below said too little to align
+        yield Extent(partial[0], align)  # data: the safe answer
 
 
 class ResidentDisk(Connection):

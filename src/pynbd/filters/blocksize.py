@@ -21,11 +21,16 @@ ignored (trim is advisory); big requests are cut into pieces. The served
 size is rounded down to minblock (add ``--filter=truncate round-up=...``
 above to reach the last bytes).
 
-Parallel writes stay correct: every write, zero or trim holds a lock on the
-range of blocks it touches while it runs, so a read-modify-write never
-overwrites data another request wrote into the same block in the meantime.
-Requests on disjoint blocks never wait for each other. A fast zero that would
-need read-modify-write fails with ENOTSUP.
+The preferred block size advertised is the largest of the layer below's,
+4096 and minblock; block status is aligned to minblock, a block that is only
+partly a hole or zero below reported as data (nbdkit's rules).
+
+Parallel writes stay correct: a write or zero with a read-modify-write holds
+an exclusive lock on the blocks it touches while it runs, so it never
+overwrites data another request wrote into the same block in the meantime;
+aligned writes, zeroes and trims hold a shared lock, so they run in parallel
+with each other and wait only for a read-modify-write of the same blocks.
+A fast zero that would need read-modify-write fails with ENOTSUP.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ..backend import (
     FilterConnection,
     OpenContext,
     Param,
+    align_extents,
     io_error,
 )
 from ..backend.errors import ConfigError
@@ -54,17 +60,18 @@ PROTOCOL_MAXLEN = 0xFFFFFFFF
 
 
 class RangeLock:
-    """Exclusive locks on half-open integer ranges; disjoint ranges never wait."""
+    """Shared and exclusive locks on half-open integer ranges: an exclusive hold
+    waits for every overlapping hold, a shared one only for exclusive ones."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._held: list[tuple[int, int]] = []
+        self._held: list[tuple[int, int, bool]] = []
 
     @contextmanager
-    def hold(self, start: int, end: int) -> Iterator[None]:
-        token = (start, end)
+    def hold(self, start: int, end: int, exclusive: bool = True) -> Iterator[None]:
+        token = (start, end, exclusive)
         with self._cond:
-            while any(s < end and start < e for s, e in self._held):
+            while any(s < end and start < e and (exclusive or x) for s, e, x in self._held):
                 self._cond.wait()
             self._held.append(token)
         try:
@@ -87,7 +94,7 @@ def pieces(offset: int, count: int, limit: int) -> Iterator[tuple[int, int]]:
 class BlocksizeConnection(FilterConnection["BlocksizeFilter"]):
     def __init__(self, next: Connection, filter: BlocksizeFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
-        below_min, _, below_max = next.block_size()
+        below_min, self.below_preferred, below_max = next.block_size()
         self.minblock = filter.minblock or below_min or 1
         if self.minblock & (self.minblock - 1) or self.minblock > MAX_MINBLOCK:
             raise io_error(errno.EINVAL, f"blocksize: the layer below needs blocks of {self.minblock}")
@@ -101,7 +108,7 @@ class BlocksizeConnection(FilterConnection["BlocksizeFilter"]):
         return self.size
 
     def block_size(self) -> tuple[int, int, int]:
-        return (1, max(self.minblock, 4096), PROTOCOL_MAXLEN)
+        return (1, max(self.below_preferred, self.minblock, 4096), PROTOCOL_MAXLEN)
 
     def _split(self, count: int, offset: int) -> tuple[int, int, int, int]:
         """(head, middle start, middle length, tail): the aligned middle and the ragged ends."""
@@ -147,7 +154,7 @@ class BlocksizeConnection(FilterConnection["BlocksizeFilter"]):
     def _write(self, count: int, offset: int, flags: int, buf: memoryview | None) -> None:
         """Write ``buf`` (or zeroes when None) with read-modify-write at the ragged ends."""
         head, mid, mid_len, tail = self._split(count, offset)
-        with self.locks.hold(*self._blocks(count, offset)):
+        with self.locks.hold(*self._blocks(count, offset), exclusive=bool(head or tail)):
             if head:
                 self._modify(offset, None if buf is None else buf[:head], head, flags)
             if buf is None:
@@ -177,7 +184,7 @@ class BlocksizeConnection(FilterConnection["BlocksizeFilter"]):
     def trim(self, count: int, offset: int, flags: int) -> None:
         _, mid, mid_len, _ = self._split(count, offset)
         if mid_len:
-            with self.locks.hold(mid, mid + mid_len):
+            with self.locks.hold(mid, mid + mid_len, exclusive=False):
                 self._each(self.next.trim, mid, mid_len, flags)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
@@ -190,7 +197,9 @@ class BlocksizeConnection(FilterConnection["BlocksizeFilter"]):
 
     def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
         start, end = self._blocks(count, offset)
-        return self.next.extents(min(end - start, self.maxlen), start, flags)
+        count = min(end - start, self.maxlen)
+        below = self.next.extents(count, start, flags)
+        return below if self.minblock == 1 else align_extents(below, start, count, self.minblock)
 
 
 class BlocksizeFilter(Filter):

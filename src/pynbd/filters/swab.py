@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from ..backend import (
     ConfigError,
@@ -27,40 +27,13 @@ from ..backend import (
     FilterConnection,
     OpenContext,
     Param,
-    clip_extents,
+    align_extents,
     io_error,
 )
 
 # array typecodes of each word size (checked at import: 'I' and 'Q' are 4 and 8 bytes on Linux).
 _TYPECODES = {16: "H", 32: "I", 64: "Q"}
 assert all(array(code).itemsize * 8 == bits for bits, code in _TYPECODES.items())
-
-
-def align_extents(extents: Iterable[Extent], offset: int, count: int, align: int) -> Iterator[Extent]:
-    """Extents of the aligned range [offset, offset+count) whose boundaries all
-    fall on multiples of ``align``: a block that straddles a boundary below is
-    a hole or zero only if all of it is (as nbdkit's ``nbdkit_extents_aligned``)."""
-    partial: tuple[int, bool, bool] | None = None  # a straddled block: start, hole, zero
-    produced = False
-    for ext in clip_extents(extents, offset, count):
-        start, stop = ext.offset, ext.offset + ext.length
-        hole, zero = ext.hole, ext.zero
-        if partial is not None:
-            block, hole_so_far, zero_so_far = partial
-            hole_so_far, zero_so_far = hole_so_far and hole, zero_so_far and zero
-            if stop < block + align:
-                partial = (block, hole_so_far, zero_so_far)
-                continue
-            yield Extent(block, align, hole_so_far, zero_so_far)
-            produced, partial, start = True, None, block + align
-        aligned_stop = stop - stop % align
-        if aligned_stop > start:
-            yield Extent(start, aligned_stop - start, hole, zero)
-            produced = True
-        if stop > max(aligned_stop, start):
-            partial = (aligned_stop, hole, zero)
-    if partial is not None and not produced:  # the layer below said too little to align
-        yield Extent(partial[0], align)  # data: the safe answer
 
 
 def swap_into(dest: memoryview, src: memoryview, typecode: str) -> None:
