@@ -343,3 +343,35 @@ def test_compiler_flags(tmp_path):
                     command="nbdinfo --size \"$uri\"")
     assert out.stdout.decode().strip() == "1024"
     assert shutil.which("cc")
+
+
+PEER = r"""
+#include <stdint.h>
+#include <string.h>
+#include <nbdkit-plugin.h>
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+static int64_t pid, uid;
+static void *p_open (int readonly) {
+  pid = nbdkit_peer_pid ();
+  uid = nbdkit_peer_uid ();
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+static int64_t p_get_size (void *h) { return 512 * (pid + 1); }
+static int p_pread (void *h, void *buf, uint32_t count, uint64_t offset, uint32_t flags) {
+  memset (buf, 0, count);
+  memcpy (buf, &uid, sizeof uid < count ? sizeof uid : count);
+  return 0;
+}
+static struct nbdkit_plugin plugin = {
+  .name = "peer", .open = p_open, .get_size = p_get_size, .pread = p_pread,
+};
+NBDKIT_REGISTER_PLUGIN (plugin)
+"""
+
+
+def test_peer_pid_and_uid_of_a_unix_client(tmp_path):
+    with served("cc", c_file(tmp_path, PEER)) as srv:
+        out = nbdsh(srv.uri, "import os, struct\n"
+                             "print(h.get_size() // 512 - 1 == os.getpid(), "
+                             "struct.unpack('<q', h.pread(8, 0))[0] == os.getuid())\n")
+    assert out.split() == ["True", "True"]

@@ -205,6 +205,8 @@ class OpenContext:
     export_name: str = ""
     tls: bool = False
     client_address: Any = None
+    # (pid, uid, gid) of a client on a Unix socket, from SO_PEERCRED; None for TCP clients
+    peer_credentials: tuple[int, int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

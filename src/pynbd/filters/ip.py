@@ -33,8 +33,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,26 +58,12 @@ class Peer:
     gid: int = -1
 
 
-def unix_credentials(address: object) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a Unix client, from the socket the server names in
-    its address (``unix#FD``); None if that is not available."""
-    if not (isinstance(address, str) and address.startswith("unix#") and address[5:].isdigit()):
-        return None
-    sock = socket.socket(fileno=int(address[5:]))
-    try:
-        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    finally:
-        sock.detach()
-    pid, uid, gid = struct.unpack("3i", data)
-    return pid, uid, gid
-
-
-def peer_of(address: object) -> Peer:
+def peer_of(ctx: OpenContext) -> Peer:
+    """Who the client is: its IP address, or the credentials of a Unix-socket client."""
+    address = ctx.client_address
     if isinstance(address, tuple) and address:
         return Peer(ip=ipaddress.ip_address(str(address[0]).split("%")[0]))
-    creds = unix_credentials(address)
+    creds = ctx.peer_credentials
     if creds is None:
         return Peer(unix=True)
     return Peer(unix=True, pid=creds[0], uid=creds[1], gid=creds[2])
@@ -140,7 +124,7 @@ class IpFilter(Filter):
 
     def open(self, next_open: Callable[[OpenContext], Connection], ctx: OpenContext) -> Connection:
         if self.allowed or self.denied:
-            peer = peer_of(ctx.client_address)
+            peer = peer_of(ctx)
             if not self.permits(peer):
                 log.error("ip: client %s denied", ctx.client_address)
                 disconnect_client(ctx)

@@ -68,8 +68,8 @@ For a plugin whose requests never wait (a RAM disk), ``-t 1`` runs each
 connection's requests on its reading thread instead: about three times
 the IOPS for small writes, at nbdkit's rate.
 
-Limits: nbdkit_peer_pid / uid / gid fail (pynbd does not hand the client's
-credentials to plugins); nbdkit_peer_name works for TCP and Unix sockets;
+Limits: nbdkit_peer_pid / uid / gid answer for clients on a Unix socket
+only (as in nbdkit); nbdkit_peer_name works for TCP and Unix sockets;
 export_description and dump_plugin are not called; nbdkit_nanosleep is not
 cut short by shutdown; interned strings live until the server exits.
 """
@@ -150,9 +150,10 @@ class CcConnection(Connection):
         self.ctx = ctx
         self.client_id = register_client(ctx)
         peer = _peer(ctx.client_address)
+        pid, uid, gid = ctx.peer_credentials or (-1, -1, -1)  # known for Unix-socket clients
         self.conn = plugin.lib.pynbd_cc_conn_new(plugin.struct, ctx.export_name.encode(),
                                                  int(ctx.tls), self.client_id, peer, len(peer),
-                                                 -1, -1, -1)
+                                                 pid, uid, gid)
         self.size = -1
         self._can_zero: bool | None = None
         try:

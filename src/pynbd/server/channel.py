@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ Buffer = bytes | bytearray | memoryview
 IOV_MAX = 1024  # buffers one sendmsg takes (Linux UIO_MAXIOV)
 ARENA_SIZE = 1 << 20  # replies collected before one send
 DIRECT_SEND = 64 * 1024  # replies at least this long are sent without copying
+
+
+PEERCRED = struct.Struct("3i")  # struct ucred
 
 
 class ClientGone(Exception):
@@ -42,6 +46,17 @@ class Channel:
         self.tls = False  # an SSLSocket takes no sendmsg and no recv flags
         self.deadline: float | None = None  # see set_deadline
         self.expired = False  # the deadline passed: the handshake took too long
+
+    def peer_credentials(self) -> tuple[int, int, int] | None:
+        """(pid, uid, gid) of the process at the other end of a Unix socket; None otherwise."""
+        if self.sock.family != socket.AF_UNIX:
+            return None
+        try:
+            data = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+        except OSError:
+            return None
+        pid, uid, gid = PEERCRED.unpack(data)
+        return pid, uid, gid
 
     @property
     def can_probe(self) -> bool:

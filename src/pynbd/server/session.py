@@ -130,6 +130,7 @@ class Session:
         cfg = self.config
         channel = self.channel
         ctx = OpenContext(readonly=cfg.readonly, client_address=self.address,
+                          peer_credentials=self.channel.peer_credentials(),
                           extra={"disconnect": self.stop,  # plugins may drop their client
                                  "ending": self.ending})  # backend.shutdown.sleep waits on it
         catalog = StackCatalog(cfg.stack, ctx, cfg.description)
