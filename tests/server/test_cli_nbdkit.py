@@ -194,6 +194,14 @@ def test_data_empty_slice_and_extra_keys(server):
     assert out.strip() == "2"
 
 
+@pytest.mark.parametrize("server", BOTH)
+def test_data_explicit_zero_bytes_are_allocated(server):
+    _, out, _ = serve(server, "-U", "-", "data", "base64=" + "A" * 64, "size=100000",
+                      "--run", 'nbdinfo --map "$uri"')
+    assert [line.split() for line in out.splitlines()] == [["0", "32768", "2", "zero"],
+                                                          ["32768", "67232", "3", "hole,zero"]]
+
+
 # ---------------------------------------------------------------- request limits
 
 @pytest.mark.parametrize("server", BOTH)

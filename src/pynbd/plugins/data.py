@@ -238,11 +238,11 @@ class DataPlugin(Plugin):
 
     def _image(self, kind: str, text: str) -> Image:
         """The disk that ``kind=text`` (data, base64 or raw) describes."""
-        if kind == "raw":
-            return Image.of_bytes(os.fsencode(text))
+        if kind == "raw":  # bytes given explicitly are allocated, zeroes included (as nbdkit)
+            return Image.of_bytes(os.fsencode(text), zero_is_hole=False)
         if kind == "base64":
             try:
-                return Image.of_bytes(base64.b64decode(text, validate=True))
+                return Image.of_bytes(base64.b64decode(text, validate=True), zero_is_hole=False)
             except (binascii.Error, ValueError) as exc:
                 raise ConfigError(f"data: base64: {exc}") from None
         declared = {p.name for p in self.params}
