@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import assembled  # noqa: E402
 import backup  # noqa: E402
+import behaviour  # noqa: E402
 import blkio  # noqa: E402
 import cbt  # noqa: E402
 import cc  # noqa: E402
@@ -164,6 +165,7 @@ def build(args: argparse.Namespace, tmp: str) -> list[Workload]:
     out += images.image_workloads(tmp, data256, rt, Workload, Variant)
     out += compressed.compressed_workloads(tmp, rt, Workload, Variant)
     out += nbdkit_filters.nbdkit_filter_workloads(tmp, data256, rt, Workload, Variant)
+    out += behaviour.behaviour_workloads(data256, rt, Workload, Variant)
     out += fuse.fuse_workloads(tmp, data1g, Workload, Variant)
     out += assembled.assembled_workloads(tmp, data256, rt, Workload, Variant)
     if args.only:
