@@ -11,8 +11,9 @@ Usage:
 
 Without options it prints the protocol (and whether TLS and structured or
 extended replies are in use), then for the export: its name, description,
-size, content (``file -b`` on the first 8 KiB; ``--no-content`` skips it),
-URI, meta contexts, flags and block sizes. ``--json`` prints the same as JSON
+size, content (``file -b`` on the first 8 KiB, plus which filter serves a
+gzip, xz or zstd image uncompressed; ``--no-content`` skips it), URI, meta
+contexts, flags and block sizes. ``--json`` prints the same as JSON
 with nbdinfo's field names.
 
 ``--map`` prints the export's extents from the ``base:allocation`` context or
@@ -71,6 +72,8 @@ from ..proto.constants import BASE_ALLOCATION
 
 PROG = "pynbd info"
 CONTENT_BYTES = 8192
+# Compressed images the filters serve uncompressed: the content line says which filter.
+COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 MAP_REQUEST = 1 << 30
 
 FLAG_NAMES = ["is_rotational", "is_read_only", "can_cache", "can_df", "can_fast_zero",
@@ -261,7 +264,10 @@ def _probe_content(h: NBD) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     text = result.stdout.decode(errors="replace").strip()
-    return text if result.returncode == 0 and text else None
+    if result.returncode != 0 or not text:
+        return None
+    hint = next((name for magic, name in COMPRESSED if data.startswith(magic)), None)
+    return f"{text} (serve it with --filter={hint})" if hint else text
 
 
 # ----------------------------------------------------------------- printing
