@@ -35,7 +35,8 @@ def test_made_on_first_use_like_nbdkit_and_kept(tmp_path):
     assert summaries[0] == summaries[1]
     assert summaries[0]["Filesystem volume name"] == "od"
     exports = tmp_path / "pynbd"
-    with served("ondemand", f"dir={exports}", str(SIZE)) as srv:
+    # wait=true: the listing below opens export1 right after this client's close
+    with served("ondemand", f"dir={exports}", str(SIZE), "wait=true") as srv:
         with NBD() as h:
             h.connect_uri(uri_of(srv, "export1"))
             h.pwrite(b"kept", SIZE - 4096)
