@@ -116,9 +116,17 @@ def test_qcow2_has_the_hash_of_its_raw_disk(image, tmp_path):
     (["--blkhash=sha256/lots", "a", "null:"], "--blkhash: could not parse block size"),
     (["--blkhash", "--dirty-bitmap=b", "nbd://x", "y"], "cannot go with --dirty-bitmap"),
     (["--blkhash-file"], "option '--blkhash-file' requires an argument"),
+    (["--blkhash", "a", "-"], "use --blkhash-file"),
 ])
 def test_bad_blkhash_options(args, message):
     assert message in fails(*args)
+
+
+def test_stream_destination_with_blkhash_file(odd, tmp_path):
+    out = tmp_path / "hash"
+    result = pynbd_copy(f"--blkhash-file={out}", str(odd), "-")
+    assert result.stdout == odd.read_bytes()
+    assert out.read_text() == blkhash(odd.read_bytes()) + "\n"
 
 
 def test_unwritable_blkhash_file(image, tmp_path):

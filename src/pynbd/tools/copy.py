@@ -52,7 +52,7 @@ Options:
                        sha256/64k. Not a sha256sum of the image; slows the
                        copy down. Not with --dirty-bitmap.
     --blkhash-file=FILE  write the blkhash to FILE instead of stdout
-                       (implies --blkhash)
+                       (implies --blkhash; needed when the destination is -)
     -C, --connections=N  up to N connections to each server when both ends
                        allow more than one (NBD multi-conn); default 4, but
                        no more than --threads. A captive server gets one.

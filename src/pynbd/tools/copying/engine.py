@@ -22,6 +22,19 @@ and a free slot and starts it, without waiting for it to finish:
 The first failure anywhere stops every lane, which then waits for its
 requests in flight; a copy is reported as done only when every write (and
 ``--flush``) succeeded.
+
+Where the time goes (py-spy, strace -c and /usr/bin/time over 1 GiB of
+random data between two ``nbdkit memory 1G``, 2026-11-30, a loaded 2-core
+machine): the copy is bound by the kernel's copies, as nbdcopy's is. Per
+GiB pynbd copy spends 0.4-0.55 s of system time (nbdcopy 0.35-0.5) and
+0.15-0.25 s of user time, 0.12 of which is the interpreter starting and
+importing (nbdcopy 0.02-0.05); with -C 4 no more than with -C 1. The
+threads sit in ``recv_into``, ``sendmsg`` and ``pread`` with the
+interpreter lock released; zero detection costs 15 ms per GiB of data
+(0.12 s per GiB of zeroes), ``--blkhash=sha256`` 0.6 s. What remains is
+hand-offs: about 28 futex calls and 3.5 ``recvfrom`` per request (a 1 MiB
+reply arrives in pieces), i.e. three times nbdcopy's voluntary context
+switches; on a loaded machine each hand-off waits for the scheduler.
 """
 
 from __future__ import annotations

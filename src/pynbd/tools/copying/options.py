@@ -251,6 +251,8 @@ def parse_args(argv: list[str]) -> CopyOptions:
         raise UsageError("null: can only be the destination")
     if opts.blkhash_file is not None and opts.blkhash is None:
         opts.blkhash = DEFAULT_ALGORITHM, DEFAULT_BLOCK
+    if opts.blkhash is not None and opts.blkhash_file is None and opts.destination.kind == "stdio":
+        raise UsageError("--blkhash would be printed into the copy on stdout: use --blkhash-file")
     if opts.blkhash is not None and opts.dirty_bitmap is not None:
         raise UsageError("--blkhash needs the whole image: it cannot go with --dirty-bitmap")
     return opts
