@@ -8,7 +8,7 @@ import pytest
 from plugin_helpers import config_error, export_info
 
 from filters.stack_helpers import BOTH
-from nbdtest import run, served
+from nbdtest import SERVE, run, served
 
 
 @pytest.fixture
@@ -62,3 +62,38 @@ def test_directories_merged_and_prog(tmp_path, tree):
 ])
 def test_bad_input(tree, args, message):
     assert message in config_error("iso", *[a.replace("DIR", str(tree)) for a in args])
+
+
+def no_programs_env(tmp_path, hide_pycdlib: bool = False) -> dict[str, str]:
+    """An environment whose PATH has no xorriso, genisoimage or mkisofs (and maybe no pycdlib)."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": str(empty)}
+    if hide_pycdlib:
+        shadow = tmp_path / "shadow"
+        shadow.mkdir()
+        (shadow / "pycdlib.py").write_text("raise ImportError('hidden for the test')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_pycdlib_without_programs(tmp_path, tree):
+    with served("iso", str(tree), "params=-J -r -V PYCD", env=no_programs_env(tmp_path)) as srv:
+        image = tmp_path / "py.iso"
+        run(["nbdcopy", srv.uri, str(image)])
+    assert iso_files(str(image)) == iso_files(served_iso(tmp_path, "nbdkit", str(tree), "params=-Jr"))
+    info = run(["isoinfo", "-d", "-i", str(image)]).stdout.decode()
+    assert "Volume id: PYCD" in info and "Joliet" in info and "Rock Ridge" in info
+    read = run(["isoinfo", "-R", "-x", "/sub/random.bin", "-i", str(image)]).stdout
+    assert read == (tree / "sub" / "random.bin").read_bytes()
+
+
+@pytest.mark.parametrize("hide, params, message", [
+    (False, "params=-T", "'-T' is not understood without xorriso"),
+    (True, "params=", "pycdlib is not installed"),
+])
+def test_pycdlib_refusals(tmp_path, tree, hide, params, message):
+    result = run([*SERVE, "-f", "-U", str(tmp_path / "s"), "iso", str(tree), params], check=False,
+                 env=no_programs_env(tmp_path, hide))
+    err = result.stderr.decode()
+    assert result.returncode == 1 and message in err and len(err.strip().splitlines()) == 1, err
