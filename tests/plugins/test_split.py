@@ -67,10 +67,17 @@ def test_writes_across_files_land_in_each(parts):
 
 
 def test_one_read_only_file_makes_the_disk_read_only(parts):
-    if os.geteuid() == 0:
-        pytest.skip("root writes read-only files")
-    os.chmod(parts[1], 0o444)
-    with served("split", *parts) as srv:
+    """A file the server cannot open for writing (immutable for root, mode 0444 otherwise)."""
+    locked = ["chattr", "+i", parts[1]] if os.geteuid() == 0 else ["chmod", "0444", parts[1]]
+    run(locked)
+    try:
+        with served("split", *parts) as srv:
+            assert export_info(srv.uri)["is_read_only"] is True
+            assert read_all(srv.uri)[:16] == bytes(16)
+    finally:
+        if os.geteuid() == 0:
+            run(["chattr", "-i", parts[1]])
+    with served("split", *parts, options=["-r"]) as srv:
         assert export_info(srv.uri)["is_read_only"] is True
 
 
