@@ -342,12 +342,17 @@ class TorrentPlugin(Plugin):
         self.refresh()
 
     def refresh(self) -> None:
-        """Take the pieces libtorrent has when it has checked what the cache holds."""
+        """Take the pieces libtorrent has (when it has checked what the cache holds), through
+        a flush like any other: one may have just passed its hash check."""
         pieces = self.handle.status().pieces
         with self.cond:
-            if self.served is not None and pieces:
-                self.have = bytearray(map(bool, pieces))
-                self.cond.notify_all()
+            if self.served is None or not pieces:
+                return
+            if len(self.have) != len(pieces):
+                self.have = bytearray(len(pieces))
+            self.pending += [piece for piece, had in enumerate(pieces) if had and not self.have[piece]]
+            self.flush()
+            self.cond.notify_all()
 
     def wait_for_metadata(self) -> Served:
         deadline = time.monotonic() + self.timeout if self.timeout else None
@@ -387,7 +392,8 @@ class TorrentPlugin(Plugin):
             self.read_ahead(served, end)
             while (missing := self.have.find(0, first, end)) != -1:
                 self.check_deadline(deadline, f"piece {missing} of {served.path}")
-                self.cond.wait(_WAKE)
+                if not self.cond.wait(_WAKE) and self.flushing:
+                    self.handle.flush_cache()  # (again: its alert is what marks the pieces)
             if self.fd < 0:
                 self.fd = self.open_file(served)
             return self.fd
