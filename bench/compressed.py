@@ -5,13 +5,14 @@ image (each MiB a quarter random bytes, the rest numbered text lines: it
 compresses about 4:1) is made once per run and compressed with
 ``xz -1 --block-size=1MiB -T0`` and ``gzip -1``.
 
-- xz: fio 4k randread qd16 over the whole GiB (every read decodes a 1 MiB
-  block unless one of the 8 cached blocks holds it);
+- xz: fio 4k randread qd16 over the whole GiB (pynbd decodes each 1 MiB block
+  once, at its first read, into a temporary file; nbdkit keeps 8 blocks);
 - gzip time to first byte: seconds from starting the server to the first 4 KiB
   read answered (pynbd indexes the file; nbdkit decompresses it all into a
   temporary file), lower is better; once more with pynbd's saved index=;
-- gzip fio 4k randread qd16 after the open (nbdkit reads its temporary file;
-  pynbd decodes up to a MiB from the nearest restart point, 32 MiB cached).
+- gzip fio 4k randread qd16 after the open (both read a temporary file: nbdkit
+  decompressed the image into it at open; pynbd wrote what building its
+  index decoded into it, ``gzip-prefetch=true``, the default).
 """
 
 from __future__ import annotations
