@@ -210,7 +210,7 @@ class SpillCache:
     (its reads fail with EIO). If no temporary file can be made, or writing
     it fails (ENOSPC), one warning is logged and pieces not kept yet are read
     through ``fallback`` (the in-memory LRU); pieces already kept are still
-    read from the file. ``decoded`` counts the pieces decoded into the file.
+    read from the file.
     """
 
     def __init__(self, name: str, size: int, pieces: int, fallback: DecodedCache,
@@ -219,7 +219,6 @@ class SpillCache:
         self.fallback = fallback
         self.present = bytearray(pieces)
         self.locks = BlockLocks()
-        self.decoded = 0
         self.full = False
         self.fd = -1
         try:
@@ -267,7 +266,6 @@ class SpillCache:
             self.give_up(exc)
             return False
         self.present[key] = 1
-        self.decoded += 1
         log.debug("%s: piece %d (%d bytes at %d) decoded into the temporary file", self.name, key,
                   size, out)
         return True
