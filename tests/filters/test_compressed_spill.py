@@ -115,3 +115,18 @@ def test_full_tmpdir_decodes_on_each_read(tmp_path, small_tmpfs, kind, params):
     assert "cannot keep decoded data in a temporary file" in log and "Traceback" not in log
     assert log.count("cannot keep decoded data") == 1
 
+
+
+def test_a_failed_read_below_fails_that_read_only(tmp_path):
+    path = compress(tmp_path, DATA, "gzip")
+    trigger = tmp_path / "inject"
+    with served("-r", "--filter=gzip", "--filter=error", "file", path, "gzip-prefetch=false",
+                "error-pread-rate=100%", f"error-file={trigger}") as srv:
+        assert nbdsh(srv.uri, "print(len(h.pread(4096, 0)))").strip() == "4096"  # opened, indexed
+        trigger.touch()
+        failed = run(["nbdsh", "-u", srv.uri, "-c", f"h.pread(4096, {3 * MiB})"], check=False)
+        assert failed.returncode != 0
+        trigger.unlink()
+        assert run(["nbdcopy", srv.uri, "-"]).stdout == DATA
+    log = srv.stderr()
+    assert "cannot keep decoded data" not in log and "Traceback" not in log

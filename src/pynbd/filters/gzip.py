@@ -206,11 +206,11 @@ class SpillCache:
     whole under the piece's lock (``BlockLocks``, as the cow overlay's), so a
     piece is decoded at most once however many readers want it; ``present``
     (one byte per piece, in memory) is set after its bytes are written, and
-    later reads are plain ``pread`` calls, without a lock. A damaged piece is never kept
-    (its reads fail with EIO). If no temporary file can be made, or writing
-    it fails (ENOSPC), one warning is logged and pieces not kept yet are read
-    through ``fallback`` (the in-memory LRU); pieces already kept are still
-    read from the file.
+    later reads are plain ``pread`` calls, without a lock. A damaged piece is
+    never kept (its reads fail with EIO). If no temporary file can be made,
+    or writing it fails (ENOSPC), one warning is logged and pieces not kept
+    yet are read through ``fallback`` (the in-memory LRU); pieces already
+    kept are still read from the file.
     """
 
     def __init__(self, name: str, size: int, pieces: int, fallback: DecodedCache,
@@ -221,6 +221,7 @@ class SpillCache:
         self.locks = BlockLocks()
         self.full = False
         self.fd = -1
+        self.file: IO[bytes] | None = None
         try:
             self.file = file or tempfile.TemporaryFile(prefix=f"pynbd-{name}-")
             self.fd = self.file.fileno()
@@ -253,18 +254,19 @@ class SpillCache:
         scratch = memoryview(bytearray(min(size, SPILL_STEP)))
         done = 0
         try:
-            step = start()
+            step = start()  # (an error reading the compressed file is the read's error)
             while done < size:
                 made = step(scratch[:size - done])
                 if made <= 0:
                     raise ValueError(f"the compressed data ends {size - done} bytes early")
-                pwrite_all(self.fd, scratch[:made], out + done)
+                try:
+                    pwrite_all(self.fd, scratch[:made], out + done)
+                except OSError as exc:
+                    self.give_up(exc)
+                    return False
                 done += made
         except ValueError as exc:
             raise damaged(self.name, exc) from None
-        except OSError as exc:
-            self.give_up(exc)
-            return False
         self.present[key] = 1
         log.debug("%s: piece %d (%d bytes at %d) decoded into the temporary file", self.name, key,
                   size, out)
