@@ -63,9 +63,6 @@ def test_client_handshake_refuses_sizes_over_int64_max():
         handshake_with_size((1 << 64) - 1)
 
 
-@pytest.mark.xfail(strict=True, reason="filters/cow.py keeps an overlay (an open temporary file and "
-                   "its block map) for every export name a client asks for, for the server's life; "
-                   "found by live-cow, reported to the lead")
 def test_cow_export_names_cannot_pile_up_overlays():
     """2. The live-cow target (its health check) found a server holding one more file
     descriptor per distinct export name clients had asked for: 500 names, 500 fds."""

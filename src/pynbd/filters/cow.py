@@ -44,7 +44,10 @@ Persistent overlay (cow-file=PATH)
     image of it. Only the default export has a persistent overlay.
 
 There is one overlay per export name, shared by every connection to that
-export, so clients see each other's writes (multi-conn is offered). Zeroing
+export, so clients see each other's writes (multi-conn is offered). An
+overlay that holds nothing is dropped when its last client leaves, and at
+most 256 export names hold overlays at once (more are refused), so asking
+for many names cannot exhaust the server's file descriptors. Zeroing
 or trimming whole blocks stores nothing: the blocks read as zeroes and
 extents report them as holes; parts of blocks are zeroed in the overlay.
 Extents merge the overlay's blocks with the extents of the layer below.
@@ -102,6 +105,7 @@ from ..backend.overlay import (
 
 E = TypeVar("E", Extent, ContextExtent)
 DEFAULT_BLOCK = 64 * 1024
+MAX_OVERLAYS = 256  # export names with an overlay at once (each holds an open file)
 MAX_BLOCK = 1 << 31
 _ZEROES = memoryview(ZERO_BUFFER)
 
@@ -120,6 +124,10 @@ class CowConnection(FilterConnection["CowFilter"]):
         self.map = self.overlay.map
         self.locks = self.overlay.locks
         self.on_read = filter.on_read
+
+    def close(self) -> None:
+        self.filter.release(self.ctx.export_name)
+        super().close()
 
     # ------------------------------------------------------------ answers
     def can_write(self) -> bool:
@@ -397,6 +405,7 @@ class CowFilter(Filter):
             raise ConfigError(f"cow: cow-block-size={block}: must be a power of 2 from 4096 to 2G")
         self.on_read: Callable[[], bool] = switch_rule("cow: cow-on-read", self.cow_on_read)
         self._overlays: dict[str, Overlay] = {}
+        self._users: dict[str, int] = {}  # export → its connections now open
         self._lock = threading.Lock()
         self._local = threading.local()
         self.depth_below: dict[str, bool] = {}  # export → the layer below answers allocation depth
@@ -429,11 +438,29 @@ class CowFilter(Filter):
         with self._lock:
             overlay = self._overlays.get(export)
             if overlay is None:
+                if len(self._overlays) >= MAX_OVERLAYS:
+                    raise ConfigError(f"cow: {MAX_OVERLAYS} export names already have overlays; "
+                                      f"refusing export {export!r}")
                 overlay = self._overlays[export] = self._new_overlay(below, export)
             elif overlay.size != size:
                 raise ConfigError(f"cow: the size of export {export!r} below changed from "
                                   f"{overlay.size} to {size} bytes")
+            self._users[export] = self._users.get(export, 0) + 1
             return overlay
+
+    def release(self, export: str) -> None:
+        """A connection to ``export`` closed. A temporary overlay that holds nothing and has
+        no client left is dropped, so that asking for many export names costs nothing."""
+        with self._lock:
+            users = self._users.get(export, 0) - 1
+            if users > 0:
+                self._users[export] = users
+                return
+            self._users.pop(export, None)
+            overlay = self._overlays.get(export)
+            if isinstance(overlay, TempOverlay) and overlay.map.count(ABSENT) == len(overlay.map):
+                del self._overlays[export]
+                overlay.close()
 
     def _new_overlay(self, below: Connection, export: str) -> Overlay:
         if self.cow_file is None:
