@@ -419,3 +419,12 @@ def test_blocksize_aligned_writes_run_in_parallel(server, tmp_path):
                       "minblock=4096", "wdelay=1", "--run",
                       f'nbdsh -u "$uri" -c "exec(open(\'{script}\').read())"')
     assert out.strip() == "1"  # four writes of the same block at once, not one after another
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_debug_flag_backend_datapath(server):
+    counts = []
+    for flags in ((), ("-D", "nbdkit.backend.datapath=0")):
+        _, _, err = serve(server, "-v", *flags, "-U", "-", "memory", "1M", "--run", READ_ONCE)
+        counts.append(err.count("pread count="))
+    assert counts[0] > 0 and counts[1] == 0

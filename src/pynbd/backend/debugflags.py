@@ -3,7 +3,8 @@
 A plugin or filter reads its own with ``debug_flag(self.name, "FLAG")``
 (0 when not given); the data plugin's ``-D data.AST=1`` prints its parsed
 disk. Flags of the server itself are named ``nbdkit.FLAG`` or
-``pynbd.FLAG``; unknown ones are accepted and ignored, as in nbdkit.
+``pynbd.FLAG`` (``-D nbdkit.backend.datapath=0``: ``-v`` does not log each
+request); unknown ones are accepted and ignored, as in nbdkit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def set_debug_flag(spec: str) -> None:
     _flags[(name.replace("-", "_"), flag)] = value
 
 
-def debug_flag(name: str, flag: str) -> int:
-    """The value of ``-D NAME.FLAG=N``, 0 when not given."""
-    return _flags.get((name.replace("-", "_"), flag), 0)
+def debug_flag(name: str, flag: str, default: int = 0) -> int:
+    """The value of ``-D NAME.FLAG=N``, ``default`` when not given."""
+    return _flags.get((name.replace("-", "_"), flag), default)
+
+
+def server_flag(flag: str, default: int) -> int:
+    """A flag of the server itself: ``-D nbdkit.FLAG=N`` or ``-D pynbd.FLAG=N``
+    (``nbdkit.backend.datapath=0``: ``-v`` does not log each request)."""
+    return debug_flag("pynbd", flag, debug_flag("nbdkit", flag, default))

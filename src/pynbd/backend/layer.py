@@ -50,6 +50,7 @@ from .connection import (
     Extent,
     FilterConnection,
 )
+from .debugflags import server_flag
 from .errors import io_error
 
 log = logging.getLogger("pynbd.layer")
@@ -312,7 +313,8 @@ def open_layer(conn: Connection, name: str, readonly: bool) -> Layer:
 
     The connection is closed if asking its answers fails.
     """
-    kind = LoggedLayer if log.isEnabledFor(logging.DEBUG) else Layer
+    logged = log.isEnabledFor(logging.DEBUG) and server_flag("backend.datapath", 1)
+    kind = LoggedLayer if logged else Layer
     try:
         return kind(conn, name, readonly)
     except BaseException:
