@@ -40,6 +40,8 @@ Methods and arguments (readonly and tls are ``true``/``false``)
     default_export READONLY TLS
     open READONLY EXPORTNAME TLS   print the handle (default: empty)
     close H
+    dump_plugin               print KEY=VALUE lines for ``--dump-plugin``
+    export_description H      print the export's description (sent to clients)
     get_size H                print the size (``1M`` style allowed; required)
     block_size H              print minimum preferred maximum
     can_write | can_flush | can_trim | can_zero | can_extents | can_multi_conn |
