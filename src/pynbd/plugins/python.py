@@ -23,6 +23,8 @@ Callbacks (``h`` is whatever ``open`` returned)
     list_exports(readonly, is_tls) -> [name | (name, description), ...]
     default_export(readonly, is_tls) -> name
     open(readonly) -> h          (required)    close(h)
+    dump_plugin()                prints its own --dump-plugin lines
+    export_description(h) -> str               sent to clients that ask
     get_size(h) -> int           (required)    block_size(h) -> (min, pref, max)
     is_rotational(h)  can_multi_conn(h)  can_write(h)  can_flush(h)  can_trim(h)
     can_zero(h)  can_fast_zero(h)  can_extents(h) -> bool
