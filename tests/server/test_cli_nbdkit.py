@@ -428,3 +428,11 @@ def test_debug_flag_backend_datapath(server):
         _, _, err = serve(server, "-v", *flags, "-U", "-", "memory", "1M", "--run", READ_ONCE)
         counts.append(err.count("pread count="))
     assert counts[0] > 0 and counts[1] == 0
+
+
+@pytest.mark.parametrize("server", BOTH)
+def test_failing_export_description_is_left_out(server, tmp_path):
+    script = tmp_path / "plugin.py"
+    script.write_text(PY_PLUGIN.replace('return "a python disk"', 'raise RuntimeError("no description")'))
+    _, out, _ = serve(server, "-U", "-", "python", str(script), "--run", 'nbdinfo "$uri"')
+    assert "export-size: 512" in out and "description:" not in out

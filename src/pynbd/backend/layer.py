@@ -141,7 +141,12 @@ class Layer(Connection):
         return self.sizes
 
     def export_description(self) -> str:
-        return self.conn.export_description()
+        """The layer's description; "" if asking fails (the client then gets none, as from nbdkit)."""
+        try:
+            return self.conn.export_description()
+        except OSError as exc:
+            log.warning("%s: export_description: %s", self.name, exc)
+            return ""
 
     def can_write(self) -> bool:
         return self.writable
