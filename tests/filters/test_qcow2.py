@@ -169,7 +169,7 @@ def l1_past_eof(tmp_path):
     (with_backing, "backing file 'base.raw' (format raw)"),
     (with_snapshots, "internal snapshots (1 'before', 2 'after upgrade')"),
     (encrypted, "encrypted (LUKS)"),
-    (lambda tmp: small(tmp, "-o", "data_file=data.raw"), "external data file 'data.raw'"),
+    (lambda tmp: small(tmp, "-o", f"data_file={tmp / 'data.raw'}"), "external data file '/"),
     (lambda tmp: small(tmp, "-o", "extended_l2=on"), "extended L2 entries"),
     (unknown_feature, "unknown incompatible features: bit 20"),
     (bad_version, "version 4 is not supported"),
