@@ -89,11 +89,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..backend import (
-    CACHE_NATIVE,
-    CACHE_NONE,
     FLAG_FAST_ZERO,
-    FUA_EMULATE,
-    FUA_NONE,
     ConfigError,
     Connection,
     Export,
@@ -105,6 +101,7 @@ from ..backend import (
     io_error,
 )
 from ..backend.params import UNKNOWN_PAIRS
+from ._callbacks import CallbackConnection
 from ._cc_runtime import (
     CONFIG_HELP,
     DEFAULT_CC,
@@ -142,7 +139,7 @@ def _peer(address: object) -> bytes:
     return b""
 
 
-class CcConnection(Connection):
+class CcConnection(CallbackConnection):
     """One client's handle from the plugin's open."""
 
     def __init__(self, plugin: LoadedPlugin, ctx: OpenContext) -> None:
@@ -155,7 +152,6 @@ class CcConnection(Connection):
                                                  int(ctx.tls), self.client_id, peer, len(peer),
                                                  pid, uid, gid)
         self.size = -1
-        self._can_zero: bool | None = None
         try:
             plugin.io_call(self.conn, "open", flags=int(ctx.readonly))
         except BaseException:
@@ -167,13 +163,11 @@ class CcConnection(Connection):
         self.conn = ffi.NULL
         forget_client(self.client_id)
 
-    def _bool(self, can: str, plain: str | None = None) -> bool:
-        if self.plugin.has(can):
-            return self.plugin.io_call(self.conn, can) != 0
-        return plain is not None and self.plugin.has(plain)
+    def has(self, name: str) -> bool:
+        return self.plugin.has(name)
 
-    def _level(self, can: str, default: int) -> int:
-        return self.plugin.io_call(self.conn, can) if self.plugin.has(can) else default
+    def answer(self, name: str) -> int:
+        return int(self.plugin.io_call(self.conn, name))
 
     # ------------------------------------------------------------ what it can do
     def get_size(self) -> int:
@@ -186,45 +180,6 @@ class CcConnection(Connection):
         sizes = ffi.new("uint32_t[3]")
         self.plugin.io_call(self.conn, "block_size", ptr=sizes)
         return int(sizes[0]), int(sizes[1]), int(sizes[2])
-
-    def can_write(self) -> bool:
-        return self._bool("can_write", "pwrite")
-
-    def can_flush(self) -> bool:
-        return self._bool("can_flush", "flush")
-
-    def can_trim(self) -> bool:
-        return self._bool("can_trim", "trim")
-
-    def _zero_method(self) -> bool:
-        """The plugin's can_zero: whether its zero is called (asked once)."""
-        if self._can_zero is None:
-            self._can_zero = self._bool("can_zero", "zero")
-        return self._can_zero
-
-    def can_zero(self) -> bool:
-        self._zero_method()  # asked now, so that its failure fails the open
-        return True  # without the plugin's zero, zeroes are written
-
-    def can_fast_zero(self) -> bool:
-        if self.plugin.has("can_fast_zero"):
-            return self._bool("can_fast_zero")
-        return not self._zero_method()  # emulated zeroes fail fast requests at once
-
-    def can_extents(self) -> bool:
-        return self._bool("can_extents", "extents")
-
-    def can_multi_conn(self) -> bool:
-        return self._bool("can_multi_conn")
-
-    def is_rotational(self) -> bool:
-        return self._bool("is_rotational")
-
-    def can_fua(self) -> int:
-        return self._level("can_fua", FUA_EMULATE if self.plugin.has("flush") else FUA_NONE)
-
-    def can_cache(self) -> int:
-        return self._level("can_cache", CACHE_NATIVE if self.plugin.has("cache") else CACHE_NONE)
 
     # ------------------------------------------------------------ data
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
@@ -247,7 +202,7 @@ class CcConnection(Connection):
         self.plugin.io_call(self.conn, "trim", count, offset, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        if self._zero_method() and self.plugin.has("zero"):
+        if self.zero_method() and self.plugin.has("zero"):
             try:
                 self.plugin.call(self.conn, "zero", count, offset, flags)
                 return

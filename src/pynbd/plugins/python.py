@@ -94,12 +94,8 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 from ..backend import (
-    CACHE_NATIVE,
-    CACHE_NONE,
     FLAG_FAST_ZERO,
     FLAG_MAY_TRIM,
-    FUA_EMULATE,
-    FUA_NONE,
     ConfigError,
     Connection,
     Export,
@@ -113,6 +109,7 @@ from ..backend import (
 from ..backend.params import UNKNOWN_PAIRS
 from ..backend.registry import from_module, load_path
 from ..compat import nbdkit as shim
+from ._callbacks import CallbackConnection
 
 log = logging.getLogger("pynbd.plugins.python")
 
@@ -245,7 +242,7 @@ def _integer(name: str, value: object) -> int:
     return value
 
 
-class ScriptConnection(Connection):
+class ScriptConnection(CallbackConnection):
     """One client's handle ``h`` from the plugin's ``open``."""
 
     def __init__(self, script: Script, handle: Any, ctx: OpenContext) -> None:
@@ -253,26 +250,18 @@ class ScriptConnection(Connection):
         self.h = handle
         self.ctx = ctx
         self.v1 = script.api_version == 1
-        # The plugin's can_zero answer, kept because can_fast_zero falls back
-        # on it and every zero request needs it (nbdkit's backend keeps it too).
-        self._can_zero: bool | None = None
 
     def _call(self, name: str, *args: Any) -> Any:
         return self.script.call(name, self.ctx, self.h, *args)
 
-    def _bool(self, can: str, plain: str | None = None) -> bool:
-        """The plugin's ``can`` callback, or whether it defines ``plain`` when it has none.
+    def has(self, name: str) -> bool:
+        return self.script.has(name)
 
-        The layer boundary asks each can_* once per connection, as nbdkit does.
-        """
-        if self.script.has(can):
-            return bool(self._call(can))
-        return plain is not None and self.script.has(plain)
-
-    def _level(self, can: str, default: int) -> int:
-        if self.script.has(can):
-            return _integer(can, self._call(can))
-        return default
+    def answer(self, name: str) -> int:
+        value = self._call(name)
+        if name in ("can_fua", "can_cache"):
+            return _integer(name, value)
+        return int(bool(value))
 
     # ------------------------------------------------------------ what it can do
     def get_size(self) -> int:
@@ -288,47 +277,8 @@ class ScriptConnection(Connection):
             raise io_error(errno.EIO, f"block_size returned {sizes!r}, not three integers") from None
         return minimum, preferred, maximum
 
-    def can_write(self) -> bool:
-        return self._bool("can_write", "pwrite")
-
-    def can_flush(self) -> bool:
-        return self._bool("can_flush", "flush")
-
-    def can_trim(self) -> bool:
-        return self._bool("can_trim", "trim")
-
-    def _zero_method(self) -> bool:
-        """The plugin's can_zero: whether its zero is called."""
-        if self._can_zero is None:
-            self._can_zero = self._bool("can_zero", "zero")
-        return self._can_zero
-
-    def can_zero(self) -> bool:
-        self._zero_method()  # asked now, so that its failure fails the open
-        return True  # zeroing is always offered; without the plugin's zero it is emulated
-
-    def can_fast_zero(self) -> bool:
-        if self.script.has("can_fast_zero"):
-            return self._bool("can_fast_zero")
-        return not self._zero_method()  # emulated zeroes fail fast requests at once
-
-    def can_extents(self) -> bool:
-        return self._bool("can_extents", "extents")
-
-    def can_multi_conn(self) -> bool:
-        return self._bool("can_multi_conn")
-
-    def is_rotational(self) -> bool:
-        return self._bool("is_rotational")
-
     def export_description(self) -> str:
         return str(self._call("export_description")) if self.script.has("export_description") else ""
-
-    def can_fua(self) -> int:
-        return self._level("can_fua", FUA_EMULATE if self.script.has("flush") else FUA_NONE)
-
-    def can_cache(self) -> int:
-        return self._level("can_cache", CACHE_NATIVE if self.script.has("cache") else CACHE_NONE)
 
     # ------------------------------------------------------------ data
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
@@ -370,7 +320,7 @@ class ScriptConnection(Connection):
             self._call("trim", count, offset, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        if self._zero_method() and self.script.has("zero"):
+        if self.zero_method() and self.script.has("zero"):
             arg = bool(flags & FLAG_MAY_TRIM) if self.v1 else flags
             if self.script.call_zero(self.ctx, self.h, count, offset, arg) is not _NOT_DONE:
                 return
