@@ -360,23 +360,24 @@ class Image:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class GzipConnection(FilterConnection["GzipFilter"]):
-    def __init__(self, next: Connection, filter: GzipFilter, ctx: OpenContext) -> None:
-        super().__init__(next, filter, ctx)
-        self.image = filter.images.get(next, ctx)
-        self.read_file = reader_of(next, self.image.file_size)
-        self.is_stored = [False] * len(self.image.index.points)
-        if self.image.stored is not None:
-            self.is_stored = [s.stored for s in self.image.stored.segments]
+F = TypeVar("F")
 
-    def get_size(self) -> int:
-        return self.image.index.size
+
+class DecodedConnection(FilterConnection[F]):
+    """What the gzip, xz and zstd filters' connections share: a decoded image is
+    read-only except where a modifiable image keeps bytes as they are (``stored``
+    is then not None) and the layer below is writable; no extents; cache requests
+    are served by reading; one shared cache, so multi-conn is safe when read-only."""
+
+    def stored(self) -> object | None:
+        """The image's stored (modifiable) ranges, or None for a read-only image."""
+        return None
 
     def block_size(self) -> tuple[int, int, int]:
         return (0, 0, 0)
 
     def can_write(self) -> bool:
-        return self.image.stored is not None and self.next.can_write()
+        return self.stored() is not None and self.next.can_write()
 
     def can_zero(self) -> bool:
         return self.can_write()
@@ -394,7 +395,23 @@ class GzipConnection(FilterConnection["GzipFilter"]):
         return CACHE_EMULATE
 
     def can_multi_conn(self) -> bool:
-        return self.image.stored is None or self.next.can_multi_conn()
+        return self.stored() is None or self.next.can_multi_conn()
+
+
+class GzipConnection(DecodedConnection["GzipFilter"]):
+    def __init__(self, next: Connection, filter: GzipFilter, ctx: OpenContext) -> None:
+        super().__init__(next, filter, ctx)
+        self.image = filter.images.get(next, ctx)
+        self.read_file = reader_of(next, self.image.file_size)
+        self.is_stored = [False] * len(self.image.index.points)
+        if self.image.stored is not None:
+            self.is_stored = [s.stored for s in self.image.stored.segments]
+
+    def stored(self) -> object | None:
+        return self.image.stored
+
+    def get_size(self) -> int:
+        return self.image.index.size
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         image = self.image

@@ -55,18 +55,16 @@ import threading
 from collections.abc import Callable
 
 from ..backend import (
-    CACHE_EMULATE,
     FLAG_FUA,
     ConfigError,
     Connection,
     Filter,
-    FilterConnection,
     OpenContext,
     Param,
 )
 from ..formats.xz import Block, BlockDecoder, ReadFn, XzError, XzIndex, read_index
 from ..formats.xz_stored import StoredXz, check_of, check_offset, data_offset, stale_blocks
-from .gzip import DecodedCache, Images, SpillCache, Step, reader_of, refuse_write
+from .gzip import DecodedCache, DecodedConnection, Images, SpillCache, Step, reader_of, refuse_write
 
 log = logging.getLogger("pynbd.filters.xz")
 
@@ -80,38 +78,17 @@ class XzImage:
         self.write_lock = threading.Lock()
 
 
-class XzConnection(FilterConnection["XzFilter"]):
+class XzConnection(DecodedConnection["XzFilter"]):
     def __init__(self, next: Connection, filter: XzFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.image = filter.images.get(next, ctx)
         self.read_file = reader_of(next, next.get_size())
 
+    def stored(self) -> object | None:
+        return self.image.stored
+
     def get_size(self) -> int:
         return self.image.index.size
-
-    def block_size(self) -> tuple[int, int, int]:
-        return (0, 0, 0)
-
-    def can_write(self) -> bool:
-        return self.image.stored is not None and self.next.can_write()
-
-    def can_zero(self) -> bool:
-        return self.can_write()
-
-    def can_fast_zero(self) -> bool:
-        return False
-
-    def can_trim(self) -> bool:
-        return False
-
-    def can_extents(self) -> bool:
-        return False
-
-    def can_cache(self) -> int:
-        return CACHE_EMULATE
-
-    def can_multi_conn(self) -> bool:
-        return self.image.stored is None or self.next.can_multi_conn()
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         index = self.image.index

@@ -35,17 +35,15 @@ import threading
 from collections.abc import Callable, Iterator
 
 from ..backend import (
-    CACHE_EMULATE,
     ConfigError,
     Connection,
     Filter,
-    FilterConnection,
     OpenContext,
     Param,
     io_error,
 )
 from ..formats.zstd_seekable import Frame, FrameDecoder, Frames, ReadFn, ZstdError, read_frames
-from .gzip import DecodedCache, Images, Step, reader_of
+from .gzip import DecodedCache, DecodedConnection, Images, Step, reader_of
 
 log = logging.getLogger("pynbd.filters.zstd")
 WHOLE_FRAME = 32 << 20
@@ -97,7 +95,7 @@ class ZstdImage:
         self.sequential = {i: SequentialFrame(f) for i, f in enumerate(frames.frames) if f.size > WHOLE_FRAME}
 
 
-class ZstdConnection(FilterConnection["ZstdFilter"]):
+class ZstdConnection(DecodedConnection["ZstdFilter"]):
     def __init__(self, next: Connection, filter: ZstdFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.image = filter.images.get(next, ctx)
@@ -105,21 +103,6 @@ class ZstdConnection(FilterConnection["ZstdFilter"]):
 
     def get_size(self) -> int:
         return self.image.frames.size
-
-    def block_size(self) -> tuple[int, int, int]:
-        return (0, 0, 0)
-
-    def can_write(self) -> bool:
-        return False
-
-    def can_extents(self) -> bool:
-        return False
-
-    def can_cache(self) -> int:
-        return CACHE_EMULATE
-
-    def can_multi_conn(self) -> bool:
-        return True
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         frames = self.image.frames
