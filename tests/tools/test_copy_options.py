@@ -65,9 +65,7 @@ def test_request_size(image, tmp_path, tool):
 
 
 @pytest.mark.parametrize("tool", TOOLS)
-@pytest.mark.parametrize("option", [["--synchronous"],
-                                    ["--queue-size=65536", "--request-size=65536", "-C", "1"],
-                                    ["-R", "1", "-C", "1"]])
+@pytest.mark.parametrize("option", [["--synchronous"], ["-R", "1", "-C", "1"]])
 def test_one_request_in_flight(image, tmp_path, tool, option):
     log, data = logged_copy(tool, tmp_path, *option, source=str(image))
     assert data == image.read_bytes()
