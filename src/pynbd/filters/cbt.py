@@ -92,9 +92,20 @@ class CbtConnection(FilterConnection["CbtFilter"]):
     so a change in flight at a checkpoint is never missed by the new period."""
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        epoch = self.filter.mark(offset, len(buf))
+        # The hot path (a write inside one granule) spelled out: mark, write, mark again
+        # only if a checkpoint was created meanwhile.
+        flt = self.filter
+        epoch = flt.epoch
+        count = len(buf)
+        first = offset >> flt.shift
+        if count and (offset + count - 1) >> flt.shift == first:
+            for bits in flt.marking:
+                bits[first] = 1
+        else:
+            flt.mark(offset, count)
         self.next.pwrite(buf, offset, flags)
-        self.filter.mark_again(epoch, offset, len(buf))
+        if flt.epoch != epoch:
+            flt.mark(offset, count)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
         epoch = self.filter.mark(offset, count)
@@ -136,6 +147,7 @@ class CbtFilter(Filter):
         self.checkpoints: dict[str, Checkpoint] = {}
         self.marking: list[bytearray] = []  # the consistent checkpoints' bitmaps, marked by writes
         self.epoch = 0  # checkpoints created since start: a write in flight compares it
+        self.shift = g.bit_length() - 1  # offset >> shift is the granule
         self.lock = threading.Lock()  # commands and the files in bitmap-dir
         self.size = 0
         self.granules = 0
