@@ -33,7 +33,7 @@ from pathlib import Path
 from nbdtest import Served, run, wait_for
 
 PIECE = 4096
-ROUND = 1_000_000  # each round of each seed numbers its writes from its own multiple of this
+ROUND = 1_000_000  # round r of seed s numbers its writes from (s * 100_000 + r) * ROUND: never shared
 
 STORM = """
 import os, random, struct
@@ -106,7 +106,7 @@ def kill_during_storm(tmp_path: Path, serve: Callable[[], AbstractContextManager
         logs.append(log)
         with serve() as srv:
             storm = subprocess.Popen(["nbdsh", "-u", uri(srv), "-c", STORM.format(
-                log=str(log), seed=seed * 100 + round_, start=(seed * 100 + round_) * ROUND,
+                log=str(log), seed=seed * 100_000 + round_, start=(seed * 100_000 + round_) * ROUND,
                 pieces=len(original) // PIECE)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wanted = rng.randrange(*flushes)
