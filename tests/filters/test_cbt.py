@@ -23,6 +23,7 @@ from rawnbd import (  # noqa: E402
     RawClient,
 )
 
+from crashtest import kill_during_storm  # noqa: E402
 from nbdtest import PYNBD, nbdsh, run, served, wait_for_socket  # noqa: E402
 
 MiB = 1 << 20
@@ -202,3 +203,19 @@ def test_bad_input(tmp_path):
     result = run([*PYNBD, "serve", "-f", "-U", str(tmp_path / "s"), "--filter=cbt", "memory", "128M",
                   f"bitmap-dir={tmp_path / 'bitmaps'}"], check=False)
     assert result.returncode == 1 and "holds checkpoints made with size 67108864" in result.stderr.decode()
+
+
+def test_sigkill_during_a_write_storm_keeps_the_data_and_marks_the_bitmaps_inconsistent(tmp_path):
+    """The crash harness over a tracked file: every durable write survives, and after each kill
+    the checkpoint that may have missed writes is inconsistent, never served as complete."""
+    image = tmp_path / "disk.img"
+    original = os.urandom(2 * MiB)
+    image.write_bytes(original)
+    with tracked(tmp_path) as srv:
+        ctl(srv.control, "checkpoint", "create", "c1")
+    kill_during_storm(tmp_path, lambda: tracked(tmp_path), lambda srv: srv.uri, original, rounds=2, seed=7)
+    with tracked(tmp_path) as srv:
+        assert [(c["name"], c["state"]) for c in ctl_json(srv.control, "checkpoint", "list")] == [
+            ("c1", "inconsistent")]
+        contexts = json.loads(run(["nbdinfo", "--json", srv.uri]).stdout)["exports"][0]["contexts"]
+        assert "qemu:dirty-bitmap:c1" not in contexts
