@@ -31,5 +31,6 @@ fuzz:
 
 # SIGKILL during write storms, 200 rounds for each persistent format (tests/crashtest.py); CI runs a few.
 crash:
-	PYNBD_CRASH_ROUNDS=200 $(PYTHON) -m pytest -q --timeout=0 -k sigkill \
-		tests/filters/test_cow_file.py tests/filters/test_snapshot.py
+	PYNBD_CRASH_ROUNDS=200 $(PYTHON) -m pytest -q --timeout=0 -k "sigkill or crash_harness" \
+		tests/filters/test_cow_file.py tests/filters/test_snapshot.py tests/filters/test_cbt.py \
+		tests/tools/test_gzip_stored.py
