@@ -64,14 +64,13 @@ def test_request_size(image, tmp_path, tool):
     assert max(log_counts(log, "Write")) == 64 * KiB
 
 
-@pytest.mark.parametrize("tool", TOOLS)
 @pytest.mark.parametrize("option", [["--synchronous"], ["-R", "1", "-C", "1"]])
-def test_one_request_in_flight(image, tmp_path, tool, option):
-    log, data = logged_copy(tool, tmp_path, *option, source=str(image))
+def test_one_request_in_flight(image, tmp_path, option):
+    """pynbd copy keeps to one request at a time. (nbdcopy 1.14 was seen with two and three in
+    flight on the destination under the same options, so it is no oracle for this.)"""
+    log, data = logged_copy("pynbd", tmp_path, *option, source=str(image))
     assert data == image.read_bytes()
-    # nbdcopy 1.14 itself was seen with two requests in flight on the destination under these
-    # options (in two of three full runs); pynbd copy is held to one.
-    assert max_in_flight(log) <= (1 if tool == "pynbd" else 2)
+    assert max_in_flight(log) == 1
 
 
 @pytest.mark.parametrize("tool", TOOLS)
