@@ -36,9 +36,11 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 
-from ..backend import Buffer, Command, ConfigError, ContextExtent, Extent, Filter, FilterConnection, Param
+from ..backend import Command, ConfigError, Filter, Param
+from ..backend.guarded import GuardedConnection
 
 log = logging.getLogger("pynbd.filters.pause")
 
@@ -84,42 +86,11 @@ class Gate:
         return "resumed"
 
 
-class PauseConnection(FilterConnection["PauseFilter"]):
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        with self.filter.gate.request():
-            self.next.pread(buf, offset, flags)
+class PauseConnection(GuardedConnection["PauseFilter"]):
+    """Every request waits at the gate while the server is paused."""
 
-    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
-        with self.filter.gate.request():
-            return self.next.pread_buffers(count, offset, flags)
-
-    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        with self.filter.gate.request():
-            self.next.pwrite(buf, offset, flags)
-
-    def zero(self, count: int, offset: int, flags: int) -> None:
-        with self.filter.gate.request():
-            self.next.zero(count, offset, flags)
-
-    def trim(self, count: int, offset: int, flags: int) -> None:
-        with self.filter.gate.request():
-            self.next.trim(count, offset, flags)
-
-    def flush(self, flags: int) -> None:
-        with self.filter.gate.request():
-            self.next.flush(flags)
-
-    def cache(self, count: int, offset: int, flags: int) -> None:
-        with self.filter.gate.request():
-            self.next.cache(count, offset, flags)
-
-    def extents(self, count: int, offset: int, flags: int) -> Iterable[Extent]:
-        with self.filter.gate.request():
-            return list(self.next.extents(count, offset, flags))
-
-    def block_status(self, context: str, count: int, offset: int, flags: int) -> Iterable[ContextExtent]:
-        with self.filter.gate.request():
-            return list(self.next.block_status(context, count, offset, flags))
+    def guard(self) -> AbstractContextManager[object]:
+        return self.filter.gate.request()
 
 
 class PauseFilter(Filter):

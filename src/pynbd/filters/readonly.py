@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import AbstractContextManager
 
-from ..backend import Filter, FilterConnection, Param, io_error
+from ..backend import Filter, Param, io_error
+from ..backend.guarded import NO_GUARD, GuardedConnection
 
 
-class ReadonlyConnection(FilterConnection["ReadonlyFilter"]):
+class ReadonlyConnection(GuardedConnection["ReadonlyFilter"]):
+    guarded = frozenset({"pwrite", "zero", "trim"})
+
     def can_write(self) -> bool:
         return self.filter.readonly_file is not None and self.next.can_write()
 
@@ -30,17 +34,9 @@ class ReadonlyConnection(FilterConnection["ReadonlyFilter"]):
         if path is not None and os.path.exists(path):
             raise io_error(errno.EPERM, f"readonly: {path} exists: the export is read-only")
 
-    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+    def guard(self) -> AbstractContextManager[object]:
         self._check()
-        self.next.pwrite(buf, offset, flags)
-
-    def zero(self, count: int, offset: int, flags: int) -> None:
-        self._check()
-        self.next.zero(count, offset, flags)
-
-    def trim(self, count: int, offset: int, flags: int) -> None:
-        self._check()
-        self.next.trim(count, offset, flags)
+        return NO_GUARD
 
 
 class ReadonlyFilter(Filter):

@@ -17,13 +17,16 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
-from ..backend import Buffer, ConfigError, Connection, Filter, FilterConnection, OpenContext, Param, io_error
+from ..backend import ConfigError, Connection, Filter, OpenContext, Param, io_error
+from ..backend.guarded import NO_GUARD, GuardedConnection
 from ..backend.shutdown import disconnect_client
 
 
-class TimeLimitConnection(FilterConnection["TimeLimitFilter"]):
+class TimeLimitConnection(GuardedConnection["TimeLimitFilter"]):
+    guarded = frozenset({"pread", "pread_buffers", "pwrite", "zero", "trim", "flush"})
+
     def __init__(self, next: Connection, filter: TimeLimitFilter, ctx: OpenContext) -> None:
         super().__init__(next, filter, ctx)
         self.deadline = time.monotonic() + filter.time_limit
@@ -36,29 +39,9 @@ class TimeLimitConnection(FilterConnection["TimeLimitFilter"]):
             disconnect_client(self.ctx)
             raise io_error(errno.ESHUTDOWN, "time-limit: the connection's time limit is up")
 
-    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+    def guard(self) -> AbstractContextManager[object]:
         self._check()
-        self.next.pread(buf, offset, flags)
-
-    def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
-        self._check()
-        return self.next.pread_buffers(count, offset, flags)
-
-    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        self._check()
-        self.next.pwrite(buf, offset, flags)
-
-    def zero(self, count: int, offset: int, flags: int) -> None:
-        self._check()
-        self.next.zero(count, offset, flags)
-
-    def trim(self, count: int, offset: int, flags: int) -> None:
-        self._check()
-        self.next.trim(count, offset, flags)
-
-    def flush(self, flags: int) -> None:
-        self._check()
-        self.next.flush(flags)
+        return NO_GUARD
 
     def close(self) -> None:
         self.timer.cancel()
