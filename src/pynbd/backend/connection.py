@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from .errors import io_error
 
@@ -313,6 +313,24 @@ class FilterConnection(Connection, Generic[F]):
 
     def close(self) -> None:
         self.next.close()
+
+
+class ClosingFilter(Protocol):
+    def closed(self) -> None:
+        """One of this filter's connections closed."""
+
+
+C = TypeVar("C", bound=ClosingFilter)
+
+
+class CloseNotifyingConnection(FilterConnection[C]):
+    """Tells its filter when it closes (the exitlast and exitwhen filters count clients)."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.filter.closed()
 
 
 def clip_extents(extents: Iterable[E], offset: int, count: int,

@@ -13,16 +13,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from ..backend import Connection, Filter, FilterConnection, OpenContext
+from ..backend import Connection, Filter, OpenContext
+from ..backend.connection import CloseNotifyingConnection
 from ..backend.shutdown import request_shutdown
 
 
-class ExitlastConnection(FilterConnection["ExitlastFilter"]):
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self.filter.closed()
+class ExitlastConnection(CloseNotifyingConnection["ExitlastFilter"]):
+    """Counts its client out when it closes."""
 
 
 class ExitlastFilter(Filter):

@@ -33,7 +33,8 @@ import subprocess
 import threading
 from collections.abc import Callable
 
-from ..backend import ConfigError, Connection, Filter, FilterConnection, OpenContext, Param, io_error
+from ..backend import ConfigError, Connection, Filter, OpenContext, Param, io_error
+from ..backend.connection import CloseNotifyingConnection
 from ..backend.shutdown import request_shutdown
 
 log = logging.getLogger("pynbd.filters.exitwhen")
@@ -74,12 +75,8 @@ def script_says(script: str) -> bool:
     return status == EVENT_STATUS
 
 
-class ExitwhenConnection(FilterConnection["ExitwhenFilter"]):
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self.filter.closed()
+class ExitwhenConnection(CloseNotifyingConnection["ExitwhenFilter"]):
+    """Counts its client out when it closes."""
 
 
 class ExitwhenFilter(Filter):
