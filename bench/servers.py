@@ -94,7 +94,7 @@ class Running:
 
 
 @contextmanager
-def running(spec: ServerSpec, transport: str = "unix") -> Iterator[Running]:
+def running(spec: ServerSpec, transport: str = "unix", timeout: float = 20.0) -> Iterator[Running]:
     tmp = tempfile.mkdtemp(prefix="nbdbench")
     sock = os.path.join(tmp, "sock")
     port = free_port()
@@ -102,7 +102,7 @@ def running(spec: ServerSpec, transport: str = "unix") -> Iterator[Running]:
     proc = subprocess.Popen(spec.command(transport, sock, port), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
-        wait_ready(transport, sock, port, proc)
+        wait_ready(transport, sock, port, proc, timeout)
         startup = time.monotonic() - begin
         uri = f"nbd+unix:///?socket={sock}" if transport == "unix" else f"nbd://127.0.0.1:{port}"
         yield Running(uri, proc, startup)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from nbdtest import run
+from nbdtest import SERVE, run
 
 SECRET = "correct horse"
 CHEAP_LUKS1 = ("--pbkdf-force-iterations", "1000")
@@ -53,6 +53,18 @@ def qemu_opts(path: str) -> Sequence[str]:
     """qemu-img arguments that open a LUKS image with SECRET."""
     return ("--object", f"secret,id=s,data={SECRET}", "--image-opts",
             f"driver=luks,key-secret=s,file.filename={path}")
+
+
+def refused_at_start(tmp_path, image: str, *params: str) -> str:
+    """Start a server on a LUKS image it cannot open: it exits 1 with one line before
+    listening (no socket is left); that line."""
+    sock = os.path.join(tmp_path, "refused.sock")
+    result = run([*SERVE, "-f", "-U", sock, "--filter=luks", "file", image,
+                  *(params or (f"passphrase={SECRET}",))], check=False)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and not os.path.exists(sock)
+    return err
 
 
 def copy_out(uri: str, path: str) -> bytes:

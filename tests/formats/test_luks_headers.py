@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from pynbd.formats import luks
+from pynbd.formats import evp, luks
 
 CHEAP_ARGON = dict(iterations=1, memory=64, cpus=1)
 
@@ -202,18 +202,38 @@ def test_not_luks():
                                             ("cbc-essiv:sha256", 32), ("cbc-plain64", 24),
                                             ("cbc-plain", 16)])
 @pytest.mark.parametrize("sector_size,tweak", [(512, 0), (4096, 8), (512, (1 << 32) - 3)])
-def test_evp_and_cryptography_paths_agree(mode, key_bytes, sector_size, tweak):
+def test_c_loop_evp_loop_and_cryptography_paths_agree(mode, key_bytes, sector_size, tweak):
+    """The C extension's sector loop (built by the install), the same loop over cffi, and one
+    ``cryptography`` Cipher per sector give the same bytes."""
+    assert evp.C_LOOP is not None, "pynbd.formats._sectors was not built (no C compiler at install?)"
     spec, key = luks.CipherSpec.parse("aes", mode), os.urandom(key_bytes)
     fast = luks.SectorCipher(spec, key, sector_size, tweak)
+    loop = luks.SectorCipher(spec, key, sector_size, tweak)
+    loop.evp = evp.EvpSectors(spec.mode, key, c_loop=False)
     slow = luks.SectorCipher(spec, key, sector_size, tweak, use_evp=False)
-    assert fast.evp is not None and slow.evp is None
+    assert fast.evp is not None and fast.evp.c_loop is not None and slow.evp is None
     plain = os.urandom(8 * sector_size)
-    one, other = bytearray(plain), bytearray(plain)
-    fast.encrypt(memoryview(one), 5)
-    slow.encrypt(memoryview(other), 5)
-    assert one == other != plain
-    fast.decrypt(memoryview(one)[sector_size:], 6)  # a run that starts later
-    assert one[sector_size:] == plain[sector_size:]
+    results = []
+    for cipher in (fast, loop, slow):
+        one = bytearray(plain)
+        cipher.encrypt(memoryview(one), 5)
+        results.append(one)
+    assert results[0] == results[1] == results[2] != plain
+    for cipher in (fast, loop, slow):
+        one = bytearray(results[0])
+        cipher.decrypt(memoryview(one)[sector_size:], 6)  # a run that starts later
+        assert one[sector_size:] == plain[sector_size:]
+
+
+def test_c_loop_refuses_bad_arguments():
+    """Wrong lengths are a ValueError from the extension, never a read past a buffer."""
+    sectors = evp.EvpSectors("xts", os.urandom(64))
+    with pytest.raises(ValueError, match="not whole sectors, or too few IVs"):
+        sectors.run(memoryview(bytearray(1024)), 512, bytes(16), False)
+    with pytest.raises(ValueError, match="not whole sectors"):
+        sectors.run(memoryview(bytearray(1000)), 512, bytes(32), False)
+    with pytest.raises(BufferError):
+        sectors.run(memoryview(bytes(512)), 512, bytes(16), False)  # read-only buffer
 
 
 @pytest.mark.parametrize("change", [

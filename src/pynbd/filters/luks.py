@@ -25,10 +25,13 @@ What is understood
     4096-byte sectors; both LUKS2 header copies (a damaged primary is
     logged and the secondary used). Tokens are ignored.
 
-The header is read and the passphrase tried when a client connects; the key
-is kept for later connections while the header stays the same. A wrong
-passphrase refuses the connection with one line naming the keyslots tried,
-and nothing is written. Unsupported ciphers, hashes, KDFs and keyslot types
+The header is read and the passphrase tried before the server listens: a
+wrong passphrase stops it at start with one line naming the keyslots tried,
+and nothing is written. The key is kept for the clients while the header
+stays the same; each client's open checks the header again (another program
+may have changed it), and where the layer below cannot be opened without a
+client the first client's open is where a wrong passphrase is found (that
+client is refused with the same line). Unsupported ciphers, hashes, KDFs and keyslot types
 are named. The minimum block size is the LUKS sector (as nbdkit's luks
 filter says); requests that still do not cover whole sectors (from a filter
 above, such as offset) are served by reading, and for writes re-encrypting,
@@ -218,21 +221,43 @@ class LuksFilter(Filter):
         self.edge_lock = threading.Lock()
         self._cache: tuple[tuple[tuple[int, bytes], ...], Unlocked] | None = None
 
+    def get_ready(self) -> None:
+        """Open the volume before the server listens, so that a wrong passphrase or an
+        unreadable header stops the server at start with one line (the key is kept
+        for the clients). A layer below that cannot be opened without a client (an
+        export chosen by name, a proxy whose upstream is not up yet) is left to the
+        first client's open, which reports the same errors."""
+        try:
+            below = self.open_below(OpenContext(readonly=True))
+        except (OSError, ConfigError) as exc:
+            log.debug("luks: the volume is opened when a client connects (%s)", exc)
+            return
+        try:
+            self._unlock(below, below.get_size())
+        except LuksError as exc:
+            raise ConfigError(f"luks: {exc}") from None
+        finally:
+            below.close()
+
     def unlock(self, next: Connection, size: int) -> Unlocked:
-        """The volume below opened with the passphrase (cached while the header is unchanged)."""
+        """The volume below opened with the passphrase (cached while the header is
+        unchanged); a refusal is EACCES for the client that asked."""
+        try:
+            return self._unlock(next, size)
+        except LuksError as exc:
+            raise io_error(errno.EACCES, f"luks: {exc}") from None
+
+    def _unlock(self, next: Connection, size: int) -> Unlocked:
         seen: list[tuple[int, bytes]] = []
         read = _reader(next, size, seen)
         with self._lock:
-            try:
-                volume = read_volume(read)
-                header = tuple(seen)
-                if self._cache is not None and self._cache[0] == header:
-                    return self._cache[1]
-                for note in volume.notes:
-                    log.warning("luks: %s", note)
-                keyslot, key = unlock(volume, read, self.secret)
-            except LuksError as exc:
-                raise io_error(errno.EACCES, f"luks: {exc}") from None
+            volume = read_volume(read)
+            header = tuple(seen)
+            if self._cache is not None and self._cache[0] == header:
+                return self._cache[1]
+            for note in volume.notes:
+                log.warning("luks: %s", note)
+            keyslot, key = unlock(volume, read, self.secret)
             log.debug("luks: LUKS%d %s, keyslot %d opened, payload at %d",
                       volume.version, volume.cipher, keyslot, volume.data_offset)
             self._cache = (header, Unlocked(volume, keyslot, key))

@@ -11,8 +11,13 @@ needs the cipher restarted at each one. A ``cryptography`` Cipher object
 costs about 10 µs to make; an EVP context keeps its key schedule and takes a
 new IV in one call (``EVP_CipherInit_ex`` with only the IV), which makes a
 512-byte sector about four times cheaper. The calls go to the system's
-libcrypto through cffi's ABI mode (nothing to compile). ``load()`` returns
-None where no libcrypto can be loaded; callers then use ``cryptography``.
+libcrypto through cffi's ABI mode. The loop over a run's sectors is the
+optional C extension ``_sectors`` (built at install where a C compiler is
+present; it links against nothing and is handed libcrypto's function
+addresses), which runs the whole run with the interpreter lock released;
+without it the same loop runs here, two cffi calls per sector.
+``load()`` returns None where no libcrypto can be loaded; callers then use
+``cryptography``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,24 @@ from __future__ import annotations
 import ctypes.util
 import functools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cffi import FFI
+
+SectorLoop = Callable[[int, int, int, memoryview, int, bytes], None]
+
+
+def _c_loop() -> SectorLoop | None:
+    """The C extension's loop, or None where it was not built (no C compiler at install)."""
+    try:
+        from ._sectors import run
+    except ImportError:
+        return None
+    return run
+
+
+C_LOOP = _c_loop()
 
 _CDEF = """
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
@@ -59,7 +79,8 @@ def load() -> tuple[FFI, Any] | None:
 class EvpSectors:
     """AES-XTS or AES-CBC with one key, restarted with a new IV for every sector."""
 
-    def __init__(self, mode: str, key: bytes) -> None:
+    def __init__(self, mode: str, key: bytes, c_loop: bool = True) -> None:
+        """``c_loop=False`` runs the loop in Python even where the C extension is built."""
         loaded = load()
         if loaded is None:
             raise OSError("libcrypto cannot be loaded")
@@ -69,10 +90,17 @@ class EvpSectors:
         self.key = key
         self.padding = mode == "cbc"
         self.local = threading.local()
+        self.c_loop = C_LOOP if c_loop else None
+        address = self._address
+        self.addresses = (address(self.lib.EVP_CipherInit_ex), address(self.lib.EVP_CipherUpdate))
 
-    def _context(self, encrypt: bool) -> tuple[Any, Any]:
-        """This thread's context for one direction (keyed once) and its output-length cell."""
-        contexts: dict[bool, tuple[Any, Any]] | None = getattr(self.local, "contexts", None)
+    def _address(self, pointer: Any) -> int:
+        return int(self.ffi.cast("uintptr_t", pointer))
+
+    def _context(self, encrypt: bool) -> tuple[Any, Any, int]:
+        """This thread's context for one direction (keyed once), its output-length cell
+        and its address."""
+        contexts: dict[bool, tuple[Any, Any, int]] | None = getattr(self.local, "contexts", None)
         if contexts is None:
             contexts = self.local.contexts = {}
         found = contexts.get(encrypt)
@@ -84,18 +112,22 @@ class EvpSectors:
                 raise OSError("libcrypto refused the AES key")
             if self.padding:
                 lib.EVP_CIPHER_CTX_set_padding(ctx, 0)
-            found = contexts[encrypt] = (ctx, ffi.new("int *"))
+            found = contexts[encrypt] = (ctx, ffi.new("int *"), self._address(ctx))
         return found
 
     def run(self, buf: memoryview, size: int, ivs: bytes, encrypt: bool) -> None:
         """Encrypt or decrypt ``buf`` in place, ``size`` bytes at a time, each with its IV.
 
         The loop is the hot path of the luks filter: two libcrypto calls per
-        sector and nothing else. (EVP_CipherUpdate cannot fail for a whole
-        number of blocks on a keyed context, so its result is not tested.)
+        sector and nothing else, in C where ``_sectors`` is built. (In the
+        Python loop EVP_CipherUpdate cannot fail for a whole number of
+        blocks on a keyed context, so its result is not tested.)
         """
+        ctx, done, address = self._context(encrypt)
+        if self.c_loop is not None:
+            self.c_loop(*self.addresses, address, buf, size, ivs)
+            return
         ffi, lib = self.ffi, self.lib
-        ctx, done = self._context(encrypt)
         init, update, null = lib.EVP_CipherInit_ex, lib.EVP_CipherUpdate, ffi.NULL
         data = ffi.from_buffer(buf, require_writable=True)
         iv = ffi.from_buffer(ivs)
