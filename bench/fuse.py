@@ -4,8 +4,10 @@ with the same options, and with pynbd bypassing the page cache (``-o direct_io``
 
 ``fuse_workloads`` is called by ``run.py``'s ``build()``. Each measurement starts
 the server, fills it, mounts it (a fresh mount: nothing in the page cache),
-reads the file from start to end in 1 MiB reads and unmounts. Needs root or
-fusermount3, and /dev/fuse; skipped without them.
+waits for the tool's pidfile (written once the mount is ready: pynbd fuse has
+raised its read-ahead by then), reads the file from start to end in 1 MiB
+reads and unmounts. Needs root or fusermount3, and /dev/fuse; skipped without
+them.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ def read_through(tool: list[str], uri: str) -> float:
     """Mount ``uri`` with ``tool``, read the whole file once; MiB/s."""
     with tempfile.TemporaryDirectory(prefix="bench-fuse") as tmp:
         disk = os.path.join(tmp, "disk")
+        pidfile = os.path.join(tmp, "pid")
         open(disk, "wb").close()
-        proc = subprocess.Popen([*tool, disk, uri], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([*tool, "-P", pidfile, disk, uri], stdin=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + MOUNT_WAIT
-            while not is_mounted(disk):
+            while not (os.path.exists(pidfile) and is_mounted(disk)):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{tool[0]} did not mount {disk}")
                 time.sleep(0.02)

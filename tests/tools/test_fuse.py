@@ -180,6 +180,31 @@ def test_fuse_options_reach_libfuse_direct_io_sends_whole_reads(tmp_path):
         assert any("offset=0x100000 count=0x100000" in line for line in log_lines(log, "Read"))
 
 
+def readahead_kib(path: Path) -> int:
+    device = path.stat().st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+               .read_text())
+
+
+def test_readahead_raised_so_page_cache_reads_are_1m_requests(tmp_path):
+    log = tmp_path / "requests.log"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with served("memory", "8M", "--filter=log", f"logfile={log}") as srv:
+        with fuse(mnt, srv.uri):  # the default: 4 MiB, set before the pidfile appears
+            assert readahead_kib(mnt / "nbd") == 4096
+            with open(mnt / "nbd", "rb") as f:  # 64 KiB reads: the kernel reads ahead
+                while f.read(64 * K):
+                    continue
+            reads = log_lines(log, "Read")
+            assert any("count=0x100000" in line for line in reads), reads
+            assert len(reads) <= 16, reads  # not 64 reads of 128 KiB
+        with fuse(mnt, "--readahead=2M", srv.uri):
+            assert readahead_kib(mnt / "nbd") == 2048
+        with fuse(mnt, "--readahead=0", srv.uri):  # the kernel's own
+            assert readahead_kib(mnt / "nbd") == 128
+
+
 def test_requests_from_many_threads_match_the_server_and_nbdfuse(tmp_path):
     """The same pattern export through pynbd fuse and nbdfuse: the same bytes,
     including reads racing on eight threads."""
@@ -273,6 +298,7 @@ def test_what_a_block_device_refuses(tmp_path):
     (["--bogus", "MNT", "nbd://localhost"], "unrecognized arguments: --bogus"),
     (["MNT", "--socket-activation"], "--socket-activation: no command"),
     (["MNT", "[", "/nonexistent/server", "]"], "cannot run /nonexistent/server"),
+    (["--readahead=lots", "MNT", "nbd://localhost"], "--readahead: could not parse size"),
 ])
 def test_bad_input_is_one_line_and_status_1(tmp_path, args, message):
     argv = [a.replace("MNT", str(tmp_path)) for a in args]

@@ -2,7 +2,7 @@
 
 Usage:
     pynbd fuse [-C N] [-L] [-o FUSE-OPTION] [-P PIDFILE] [-r] [-s] [-v]
-               MOUNTPOINT[/FILENAME] URI
+               [--readahead=SIZE] MOUNTPOINT[/FILENAME] URI
     pynbd fuse [OPTIONS] MOUNTPOINT[/FILENAME] [ CMD ARGS ... ]
     pynbd fuse [OPTIONS] MOUNTPOINT[/FILENAME] --socket-activation CMD ARGS ...
     fusermount3 -u MOUNTPOINT                 to unmount
@@ -61,7 +61,14 @@ Options:
                        128 KiB readaheads, about twice as fast for large
                        sequential I/O (no shared mmap of the file then)
     -P, --pidfile=FILE write the process id to FILE once the file system is
-                       mounted (scripts wait for it)
+                       mounted and its read-ahead set (scripts wait for it)
+    --readahead=SIZE   the mount's read-ahead (``4M``, ``1024K``; 0 keeps the
+                       kernel's 128 KiB); default 4M. Sequential reads through
+                       the page cache then reach the server as requests of up
+                       to 1 MiB, several in flight, instead of 128 KiB ones.
+                       Only root may change it (it is the mount's
+                       /sys/class/bdi/0:N/read_ahead_kb); for other users the
+                       kernel's stays
     -r, --readonly     read-only: the file is mode 0444 and writes fail with
                        EROFS (also when the server is read-only)
     -s                 one FUSE thread (requests one at a time)
@@ -92,11 +99,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from ..backend.params import parse_size
 from ..client.captive import Captive, spawn_activated
 from ..client.errors import NBDError
 from ..client.sync import NBD
@@ -107,6 +114,7 @@ from .fusing.mount import MountError, mount
 
 PROG = "pynbd fuse"
 DEFAULT_FILE = "nbd"  # nbdfuse's name for the file in a mounted directory
+DEFAULT_READAHEAD = 4 * 1024 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-L", "--list", action="store_true")
     parser.add_argument("-o", "--fuse-option", action="append", default=[])
     parser.add_argument("-P", "--pidfile")
+    parser.add_argument("--readahead", type=_size, default=DEFAULT_READAHEAD)
     parser.add_argument("-r", "--readonly", action="store_true")
     parser.add_argument("-s", dest="single", action="store_true")
     parser.add_argument("-v", "-d", "--verbose", action="store_true")
@@ -147,6 +156,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
 
 def _usage(message: str) -> NoReturn:
     raise UsageError(message)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"--readahead: {exc}") from None
 
 
 @dataclass
@@ -230,9 +246,8 @@ def open_exports(session: Session, uri: str, args: argparse.Namespace, where: Pl
 def pidfile_writer(path: str | None) -> Callable[[], None]:
     """Write our pid to ``path`` (all at once: a reader never sees half of it).
 
-    It runs on a thread of its own: libfuse calls it while the kernel still
-    waits for the mount to be set up, so a pidfile inside the mount itself
-    would wait for us forever if written right there.
+    ``mount`` calls it on a thread of its own once the mount answers, so a
+    pidfile inside the mount itself does not wait for us forever.
     """
     def write() -> None:
         if path is None:
@@ -245,7 +260,7 @@ def pidfile_writer(path: str | None) -> Callable[[], None]:
         except OSError as exc:
             print(f"{PROG}: pidfile {path}: {exc.strerror}", file=sys.stderr)
 
-    return lambda: threading.Thread(target=write, name="pidfile").start()
+    return write
 
 
 def fuse_options(values: list[str]) -> dict[str, str | bool]:
@@ -272,7 +287,7 @@ def run(args: argparse.Namespace, captive: list[str] | None) -> int:
         open_exports(session, uri, args, where)
         mount(session.files, where.mountpoint, naked=where.naked, single_thread=args.single,
               debug=args.verbose, options=fuse_options(args.fuse_option),
-              on_ready=pidfile_writer(pidfile))
+              readahead=args.readahead, on_ready=pidfile_writer(pidfile))
     finally:
         session.close()
     return 0
