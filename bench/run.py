@@ -179,20 +179,23 @@ def copy_workloads(tmp: str, data1g: str) -> list[Workload]:
                       capture_output=True).returncode != 0:
         print("pynbd copy is not available: copy workloads skipped", file=sys.stderr)
         return []
-    src = nbdkit("src", "memory", "1G")
-    dst = nbdkit("dst", "memory", "1G")
+    src = {"pynbd": pynbd("src", "memory", "1G")}  # "pynbd": pynbd serve, else nbdkit
+    dst = {"pynbd": pynbd("dst", "memory", "1G")}
     target_file = os.path.join(tmp, "copy-target.raw")
     out = []
-    for conns, target in (("4", 1.0), ("1", 0.9)):
+    for conns, target in (("4", 1.0), ("1", 1.0)):
         opts = (f"--connections={conns}",)
-        for pair in ("nbdkit->nbdkit", "file->nbdkit", "nbdkit->file"):
+        for pair in ("nbdkit->nbdkit", "file->nbdkit", "nbdkit->file", "pynbd->nbdkit",
+                     "nbdkit->pynbd"):
             def tool_measure(tool: Callable[..., float], pair: str = pair,
                              opts: tuple[str, ...] = opts) -> Callable[[], float]:
                 def measure() -> float:
-                    with running(src) as s, running(dst) as d:
+                    first, second = pair.split("->")
+                    with running(src.get(first, nbdkit("src", "memory", "1G"))) as s, \
+                            running(dst.get(second, nbdkit("dst", "memory", "1G"))) as d:
                         w.fill(s.uri, data1g)
-                        a, b = {"nbdkit->nbdkit": (s.uri, d.uri), "file->nbdkit": (data1g, d.uri),
-                                "nbdkit->file": (s.uri, target_file)}[pair]
+                        a = data1g if first == "file" else s.uri
+                        b = target_file if second == "file" else d.uri
                         return tool(a, b, GiB, *opts)
                 return measure
             out.append(Workload(f"copy {pair} connections={conns}", "MiB/s", [
