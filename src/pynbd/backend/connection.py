@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from .errors import io_error
 
@@ -187,6 +187,48 @@ class Connection:
 
     def close(self) -> None:
         """Release what open() took."""
+
+
+class ReadCompletions(Protocol):
+    """Where a layer that answers reads later (``AsyncReads``) reports them: the server.
+
+    ``read_done`` is called exactly once per started read, from any thread
+    (usually the one that receives the answers), with None when the buffer
+    is filled or the OSError the read failed with. ``reads_done`` follows a
+    burst of ``read_done`` calls (the answers one receive brought), so that
+    their replies leave together.
+    """
+
+    def read_done(self, tag: object, error: OSError | None) -> None: ...
+
+    def reads_done(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncReads(Protocol):
+    """An optional capability of a plugin's connection: reads answered later.
+
+    A layer whose reads wait on something else that answers many requests
+    at once (the nbd proxy: another server) may offer it. The server then
+    starts every read of a client with ``start_pread`` as soon as it is
+    read, instead of holding a thread until it is answered, and sends each
+    reply when ``completions.read_done(tag, error)`` is called. It is used
+    only when every layer above passes reads through unchanged (see
+    ``server.async_reads``); every other call, and every other stack, keeps
+    the synchronous contract.
+
+    - ``start_pread(buf, offset, flags, tag, completions)``: fill ``buf``
+      later; the buffer is the caller's until ``read_done`` is called. It
+      may queue the read without sending it; it may raise OSError (then
+      ``read_done`` is never called for it).
+    - ``send_started()``: the caller is about to wait for its client:
+      send what ``start_pread`` queued (several requests in one send).
+    """
+
+    def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
+                    completions: ReadCompletions) -> None: ...
+
+    def send_started(self) -> None: ...
 
 
 DATA_METHODS = frozenset({"pread", "pread_buffers", "pwrite", "zero", "trim", "flush", "cache",

@@ -57,6 +57,7 @@ Behaviour
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -64,7 +65,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import cast
 
 from ..backend import (
     CACHE_NATIVE,
@@ -83,6 +84,7 @@ from ..backend import (
     Param,
     Plugin,
 )
+from ..backend.connection import ReadCompletions
 from ..client import (
     CMD_FLAG_FAST_ZERO,
     CMD_FLAG_FUA,
@@ -103,10 +105,13 @@ from ..client import (
     ProtocolError,
     parse_uri,
 )
+from ..client.common import command_error, extents_by_name
+from ..client.stream_sync import sendmsg_all
+from ..client.sync import widen_send_buffer
+from ..proto.client_transmission import Command
+from ..proto.constants import Cmd
 
 log = logging.getLogger("pynbd.plugins.nbd")
-
-T = TypeVar("T")
 
 NBD_PORT = 10809
 _TLS_MODES = {"off": TLS_DISABLE, "on": TLS_ALLOW, "require": TLS_REQUIRE}
@@ -114,6 +119,9 @@ _TLS_MODES = {"off": TLS_DISABLE, "on": TLS_ALLOW, "require": TLS_REQUIRE}
 _LOST = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED,
                    errno.ESHUTDOWN, errno.ETIMEDOUT, errno.ECONNREFUSED})
 _MAX_STATUS = 1 << 31  # the most one block-status request asks about
+READ, WRITE, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = (
+    int(c) for c in (Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
+                     Cmd.BLOCK_STATUS))
 
 
 def command_flags(flags: int) -> int:
@@ -128,11 +136,210 @@ def command_flags(flags: int) -> int:
     return out
 
 
+class Waiter:
+    """The ``ReadCompletions`` of one command whose caller waits for it (``Link.run``)."""
+
+    __slots__ = ("error", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.error: OSError | None = None
+
+    def read_done(self, tag: object, error: OSError | None) -> None:
+        self.error = error
+        self.lock.release()
+
+    def reads_done(self) -> None:
+        """Nothing to gather: the caller was woken by ``read_done``."""
+
+    def wait(self) -> None:
+        self.lock.acquire()
+        if self.error is not None:
+            raise self.error
+
+
+LostCallback = Callable[["Link | LockstepLink", BaseException], None]
+
+
+def deliver(commands: Sequence[Command], failure: OSError | None = None) -> None:
+    """Report finished commands to their ``ReadCompletions`` (``command.token``: (sink, tag)),
+    then tell each sink that got one that this burst is over."""
+    touched: list[ReadCompletions] = []
+    for command in commands:
+        sink, tag = cast("tuple[ReadCompletions, object]", command.token)
+        sink.read_done(tag, failure or (command_error(command) if command.error else None))
+        if not touched or touched[-1] is not sink and sink not in touched:
+            touched.append(sink)
+    for sink in touched:
+        sink.reads_done()
+
+
+class Link:
+    """One connection to the server with many commands in flight.
+
+    ``start`` registers a command and queues its request (a READ's data will
+    land in the caller's buffer); ``push`` sends every request queued since
+    the last push in one ``sendmsg`` (write payloads included, not copied).
+    A receiving thread takes the replies in any order, reports each command
+    to its ``ReadCompletions`` and, after each receive, calls ``reads_done``
+    on those it reported to, so a burst of answers leaves as one burst.
+    ``run`` is start, push and wait, raising the command's error.
+
+    When the connection fails, every command in flight fails with EIO, the
+    link is dead (later commands raise at once) and ``on_lost`` tells the
+    ``Upstream``, which connects again for the next request. (Over TLS,
+    where one SSL connection cannot be read and written by two threads at
+    once, ``LockstepLink`` serves instead.)
+    """
+
+    def __init__(self, handle: NBD, where: str, on_lost: LostCallback) -> None:
+        self.handle = handle
+        self.where = where
+        self.on_lost = on_lost
+        self.contexts = handle.negotiated.meta_contexts
+        self.lock = threading.Lock()  # queueing and sending
+        self.queued: list[memoryview] = []
+        self.dead: OSError | None = None
+        self.closing = False
+        self.sock, self.tx = handle.stream().hand_over()
+        widen_send_buffer(self.sock)
+        self.thread = threading.Thread(target=self.receive, daemon=True, name=f"nbd-upstream {where}")
+        self.thread.start()
+
+    def start(self, cmd: int, offset: int, count: int, flags: int, buf: memoryview | None,
+              sink: ReadCompletions, tag: object) -> Command:
+        with self.lock:
+            if self.dead is not None:
+                raise self.dead
+            command, header = self.tx.request(cmd, offset, count, flags, buf if cmd == READ else None)
+            command.token = (sink, tag)
+            self.queued.append(memoryview(header))
+            if cmd == WRITE and buf is not None:
+                self.queued.append(buf)
+        return command
+
+    def push(self) -> None:
+        if not self.queued:
+            return
+        with self.lock:
+            parts, self.queued = self.queued, []
+            try:
+                sendmsg_all(self.sock, parts)
+            except OSError as exc:
+                self._shut(exc)  # the receiver fails what is in flight
+
+    def run(self, cmd: int, offset: int, count: int, flags: int,
+            buf: memoryview | None = None) -> Command:
+        waiter = Waiter()
+        command = self.start(cmd, offset, count, flags, buf, waiter, None)
+        self.push()
+        waiter.wait()
+        return command
+
+    def receive(self) -> None:
+        sock, tx = self.sock, self.tx
+        try:
+            while True:
+                n = sock.recv_into(tx.get_buffer())
+                if n == 0:
+                    if self.closing and not tx.in_flight:
+                        return
+                    raise tx.connection_lost()
+                finished = tx.buffer_updated(n)
+                if finished:
+                    deliver(finished)
+        except Exception as exc:  # noqa: BLE001 (whatever ends the receiver fails the commands)
+            if not isinstance(exc, (OSError, ProtocolError)):
+                log.exception("nbd: receiving from %s failed", self.where)
+            self.lost(exc)
+
+    def _shut(self, exc: BaseException) -> None:
+        """Record why the link died (the lock is held) and wake the receiver."""
+        if self.dead is None:
+            self.dead = OSError(errno.EIO, f"nbd: connection to the server lost: {exc}")
+        with contextlib.suppress(OSError):  # the socket may be gone already
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def lost(self, exc: BaseException) -> None:
+        """On the receiver: fail every command in flight, tell the Upstream, let go."""
+        with self.lock:
+            self._shut(exc)
+            failed = list(self.tx.in_flight.values())
+            for command in failed:
+                self.tx.forget(command)
+        if not self.closing:
+            self.on_lost(self, exc)
+        deliver(failed, self.dead)
+        if not self.closing:
+            close_quietly(self.handle)
+
+    def close(self) -> None:
+        """Stop the receiver (commands still in flight fail) and close the connection."""
+        self.closing = True
+        with contextlib.suppress(OSError):  # already gone is as good as shut
+            self.sock.shutdown(socket.SHUT_RD)
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        close_quietly(self.handle)
+
+
+class LockstepLink:
+    """``Link``'s face over TLS: each command runs to its answer on the caller's thread."""
+
+    def __init__(self, handle: NBD, where: str, on_lost: LostCallback) -> None:
+        self.handle = handle
+        self.where = where
+        self.on_lost = on_lost
+        self.contexts = handle.negotiated.meta_contexts
+        self.stream = handle.stream()
+        self.dead: OSError | None = None
+
+    def run(self, cmd: int, offset: int, count: int, flags: int,
+            buf: memoryview | None = None) -> Command:
+        if self.dead is not None:
+            raise self.dead
+        try:
+            command = self.stream.run(cmd, offset, count, flags, buf)
+        except (OSError, ProtocolError) as exc:
+            self.dead = OSError(errno.EIO, f"nbd: connection to the server lost: {exc}")
+            self.on_lost(self, exc)
+            close_quietly(self.handle)
+            raise self.dead from None
+        error = command_error(command)
+        if error is not None:
+            raise error
+        return command
+
+    def start(self, cmd: int, offset: int, count: int, flags: int, buf: memoryview | None,
+              sink: ReadCompletions, tag: object) -> None:
+        try:
+            self.run(cmd, offset, count, flags, buf)
+        except OSError as exc:
+            sink.read_done(tag, exc)
+        else:
+            sink.read_done(tag, None)
+        sink.reads_done()
+
+    def push(self) -> None:
+        """Nothing is ever queued."""
+
+    def close(self) -> None:
+        close_quietly(self.handle)
+
+
+def close_quietly(handle: NBD) -> None:
+    try:
+        handle.close()
+    except (OSError, ProtocolError) as exc:
+        log.debug("nbd: closing a connection: %s", exc)
+
+
 class Upstream:
     """The connections to the server that one client (or all, when shared) uses.
 
-    Requests go round the handles; a handle that failed is replaced by the
-    next request that needs it (``connect`` again, with retry=).
+    Requests go round the links; a link that failed is replaced by the next
+    request that needs it (``connect`` again, with retry=).
     """
 
     def __init__(self, plugin: NbdPlugin, export: str) -> None:
@@ -140,32 +347,34 @@ class Upstream:
         self.export = export
         self.lock = threading.Lock()
         self.contexts = plugin.upstream_contexts(export)
-        self.handles: list[NBD | None] = [plugin.connect(export, self.contexts)]
-        first = self.handles[0]
-        assert first is not None
+        first = plugin.connect(export, self.contexts)
+        self.first = first
         self.size = first.get_size()
+        self.links: list[Link | LockstepLink | None] = [self.link(first)]
         if first.can_multi_conn() and plugin.command is None:
-            self.handles += [plugin.connect(export, self.contexts)
-                             for _ in range((plugin.connections or 1) - 1)]
-        self.turn = itertools.cycle(range(len(self.handles)))
+            self.links += [self.link(plugin.connect(export, self.contexts))
+                           for _ in range((plugin.connections or 1) - 1)]
+        self.turn = itertools.cycle(range(len(self.links)))
+
+    def link(self, handle: NBD) -> Link | LockstepLink:
+        kind = LockstepLink if handle.get_tls_negotiated() else Link
+        return kind(handle, self.plugin.where, self.lost)
 
     def facts(self) -> NBD:
         """A connected handle to ask the export's flags of (they are the same on all)."""
-        handle = self.handles[0]
-        assert handle is not None
-        return handle
+        return self.first
 
-    def handle(self) -> tuple[int, NBD]:
+    def next_link(self) -> Link | LockstepLink:
         index = next(self.turn)
-        handle = self.handles[index]
-        if handle is None:
+        link = self.links[index]
+        if link is None:
             with self.lock:
-                handle = self.handles[index]
-                if handle is None:
-                    handle = self.reconnect(index)
-        return index, handle
+                link = self.links[index]
+                if link is None:
+                    link = self.reconnect(index)
+        return link
 
-    def reconnect(self, index: int) -> NBD:
+    def reconnect(self, index: int) -> Link | LockstepLink:
         try:
             handle = self.plugin.connect(self.export, self.contexts)
         except OSError as exc:
@@ -177,36 +386,34 @@ class Upstream:
             raise OSError(errno.EIO, f"nbd: the server came back with another size ({size} "
                           f"bytes instead of {self.size})")
         log.warning("nbd: reconnected to %s", self.plugin.where)
-        self.handles[index] = handle
-        return handle
+        link = self.links[index] = self.link(handle)
+        return link
 
-    def failed(self, index: int, handle: NBD, exc: Exception) -> OSError:
-        """The error a request that raised ``exc`` reports; a lost connection is dropped."""
-        code = exc.errno if isinstance(exc, OSError) else None
-        if code and code not in _LOST and isinstance(exc, NBDError) and handle.is_ready():
-            return OSError(code, exc.strerror or str(exc))  # the server's answer to the request
+    def lost(self, link: Link | LockstepLink, exc: BaseException) -> None:
+        """A link's connection failed: drop it (the next request reconnects)."""
         with self.lock:
-            if self.handles[index] is handle:
-                self.handles[index] = None
+            if link in self.links:
+                self.links[self.links.index(link)] = None
                 log.error("nbd: lost the connection to %s: %s", self.plugin.where, exc)
-        try:
-            handle.close()
-        except (OSError, ProtocolError):
-            log.debug("nbd: closing a broken connection failed", exc_info=True)
-        return OSError(errno.EIO, f"nbd: connection to the server lost: {exc}")
+
+    def push(self) -> None:
+        for link in self.links:
+            if link is not None:
+                link.push()
 
     def close(self) -> None:
-        for handle in self.handles:
-            if handle is not None:
-                try:
-                    handle.close()
-                except (OSError, ProtocolError) as exc:
-                    log.debug("nbd: closing: %s", exc)
-        self.handles = []
+        links, self.links = self.links, []
+        for link in links:
+            if link is not None:
+                link.close()
 
 
 class NbdConnection(Connection):
-    """One client's view: its upstream connections (or the shared ones)."""
+    """One client's view: its upstream connections (or the shared ones).
+
+    It offers ``AsyncReads``: the server starts reads (``start_pread``) and
+    they are answered from the links' receiving threads.
+    """
 
     def __init__(self, upstream: Upstream, owned: bool) -> None:
         self.upstream = upstream
@@ -253,38 +460,41 @@ class NbdConnection(Connection):
         return (sizes[0], sizes[1], sizes[2]) if all(sizes) else (0, 0, 0)
 
     # ------------------------------------------------------------ requests
-    def call(self, command: Callable[[NBD], T]) -> T:
-        """Run ``command`` on the next upstream handle; a failure as Upstream.failed says."""
-        index, h = self.upstream.handle()
-        try:
-            return command(h)
-        except (OSError, ProtocolError) as exc:
-            raise self.upstream.failed(index, h, exc) from None
+    def run(self, cmd: int, offset: int, count: int, flags: int,
+            buf: memoryview | None = None) -> Command:
+        return self.upstream.next_link().run(cmd, offset, count, flags, buf)
 
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
-        self.call(lambda h: h.pread_into(buf, offset))
+        self.run(READ, offset, len(buf), 0, buf)
+
+    def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
+                    completions: ReadCompletions) -> None:
+        self.upstream.next_link().start(READ, offset, len(buf), 0, buf, completions, tag)
+
+    def send_started(self) -> None:
+        self.upstream.push()
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        self.call(lambda h: h.pwrite(buf, offset, command_flags(flags)))
+        self.run(WRITE, offset, len(buf), command_flags(flags), buf)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        wire = command_flags(flags) | (0 if flags & FLAG_MAY_TRIM else CMD_FLAG_NO_HOLE)
-        self.call(lambda h: h.zero(count, offset, wire))
+        self.run(WRITE_ZEROES, offset, count,
+                 command_flags(flags) | (0 if flags & FLAG_MAY_TRIM else CMD_FLAG_NO_HOLE))
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        self.call(lambda h: h.trim(count, offset, command_flags(flags)))
+        self.run(TRIM, offset, count, command_flags(flags))
 
     def flush(self, flags: int) -> None:
-        self.call(lambda h: h.flush())
+        self.run(FLUSH, 0, 0, 0)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
-        self.call(lambda h: h.cache(count, offset))
+        self.run(CACHE, offset, count, 0)
 
     def status(self, context: str, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
         """(offset, length, flags) runs the server reports in ``context`` from ``offset``."""
-        answer = self.call(lambda h: h.block_status(min(count, _MAX_STATUS), offset,
-                                                     flags=command_flags(flags)))
-        entries = answer.get(context, [])
+        link = self.upstream.next_link()
+        command = link.run(BLOCK_STATUS, offset, min(count, _MAX_STATUS), command_flags(flags))
+        entries = extents_by_name(link.contexts, command).get(context, [])
         runs = []
         pos = offset
         for length, state in zip(entries[0::2], entries[1::2], strict=True):

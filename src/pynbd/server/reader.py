@@ -31,6 +31,7 @@ polls at a time, so polling never takes more than one CPU from the clients.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from time import perf_counter_ns
 
 from ..proto.server_transmission import DISC, ServerTransmission
@@ -48,23 +49,29 @@ class RequestReader:
     """Reads one connection's requests until NBD_CMD_DISC or the end of the stream.
 
     ``batch`` is the inline replies' arena (None when workers send replies).
+    ``kick``, when reads are answered later (``async_reads``), is called
+    whenever the batch is flushed: it sends the reads started meanwhile.
     """
 
     def __init__(self, channel: Channel, tx: ServerTransmission, execute: Execute,
-                 batch: ReplyBatch | None) -> None:
+                 batch: ReplyBatch | None, kick: Callable[[], None] | None = None) -> None:
         self.channel = channel
         self.tx = tx
         self.execute = execute
         self.batch = batch
+        self.kick = kick
         self.scratch = bytearray(RECV_SIZE)  # inline reads land here
         self.polling = False  # whether the client's requests came close together lately
 
     def _flush(self) -> None:
+        if self.kick is not None:
+            self.kick()
         if self.batch is not None:
             self.batch.flush()
 
-    def run(self) -> None:
-        """Serve until the client disconnects."""
+    def run(self) -> bool:
+        """Serve until the client disconnects: True after NBD_CMD_DISC, False at the
+        end of the stream."""
         channel = self.channel
         tx = self.tx
         header_size = tx.header_size
@@ -73,7 +80,8 @@ class RequestReader:
         execute = self.execute
         scratch = self.scratch
         batch = self.batch
-        can_probe = batch is not None and channel.can_probe
+        # (Not while reads are answered on another thread: polling would take the GIL from it.)
+        can_probe = batch is not None and channel.can_probe and self.kick is None
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)
         start = end = 0
@@ -102,7 +110,7 @@ class RequestReader:
                 else:
                     start = body
                 if cmd == DISC:
-                    return
+                    return True
                 execute(flags, cmd, cookie, offset, length, payload, scratch)
                 served += 1
                 if not served % REPLIES_PER_SEND:
@@ -129,12 +137,13 @@ class RequestReader:
             self._flush()
             n = self._receive(view[end:], lone)
             if n == 0:
-                return
+                return False
             end += n
 
     def _receive(self, view: memoryview, lone: bool) -> int:
         """Wait for more bytes: poll first where that pays (module docstring), then sleep."""
         channel = self.channel
+        can_poll = channel.can_probe and self.kick is None  # (see run's can_probe)
         if lone and self.polling and POLL_SLOT.acquire(blocking=False):
             try:
                 deadline = perf_counter_ns() + POLL_NS
@@ -146,7 +155,7 @@ class RequestReader:
                 POLL_SLOT.release()
         asleep = perf_counter_ns()
         n = channel.recv_some(view)
-        self.polling = channel.can_probe and perf_counter_ns() - asleep < BUSY_GAP_NS
+        self.polling = can_poll and perf_counter_ns() - asleep < BUSY_GAP_NS
         return n
 
     def _read_large(self, have: memoryview, length: int) -> memoryview:

@@ -10,7 +10,9 @@ builds the transmission phase from three parts:
   stack's top layer;
 - a ``RequestReader`` that receives requests in batches and hands each to the
   runner directly (inline) or to a ``WorkerPool`` (see ``dispatch.plan``, the
-  one rule that decides).
+  one rule that decides) — except reads, when the stack ends in a plugin that
+  answers them later (``async_reads``): those are started at once and
+  answered from the plugin's thread.
 
 It ends when the client disconnects or breaks the protocol, and always
 closes the stack's layers and the socket. Nothing in a session's failure
@@ -43,6 +45,7 @@ from ..proto.server_handshake import (
     StartTLS,
 )
 from ..proto.server_transmission import ServerTransmission, Terms
+from .async_reads import AsyncReadPath, async_reader
 from .catalog import StackCatalog, UnknownExport
 from .channel import Channel, ClientGone, ReplyBatch
 from .dispatch import Dispatch, WorkerPool, serialized
@@ -205,11 +208,19 @@ class Session:
             pool = WorkerPool(dispatch.workers, RequestRunner(top, tx, channel.send, self.address).run,
                               on_gone=self.stop, name=f"nbd-worker-{self.address}")
             execute = pool.submit
+        reads = async_reader(self.config.stack, top)
+        later = None if reads is None else AsyncReadPath(reads, tx, channel, execute, self.address)
+        disconnected = False
         try:
-            RequestReader(channel, tx, execute, batch).run()
+            if later is None:
+                disconnected = RequestReader(channel, tx, execute, batch).run()
+            else:
+                disconnected = RequestReader(channel, tx, later.execute, batch, later.kick).run()
         finally:
             self.ending.set()  # requests still sleeping (delay filter) end now
             try:
+                if later is not None:
+                    later.finish(disconnected)
                 with contextlib.suppress(ClientGone):  # replies still queued have nobody to go to
                     if batch is not None:
                         batch.flush()
