@@ -64,9 +64,14 @@ Behaviour
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
+import heapq
+import itertools
 import logging
 import os
+import select
 import subprocess
 import threading
 import time
@@ -77,6 +82,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pycurl
 
 from ..backend import ConfigError, Connection, OpenContext, Param, Plugin
+from ..backend.connection import ReadCompletions
 
 log = logging.getLogger("pynbd.plugins.curl")
 
@@ -206,38 +212,47 @@ class Transfer:
         elif name[:5] == b"etag:":
             self.etag = line[5:].strip().decode("latin-1")
 
+    def prepare(self, timeout: float, validator: str | None) -> None:
+        """Set the handle up for its next request (see ``perform``)."""
+        if self.plugin.scripts or self.validator != validator:
+            self.plugin.refresh_headers(self, validator)
+        if timeout:
+            self.curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
+        self.pos = 0
+        self.content_range = b""
+
     def perform(self, timeout: float, what: str, validator: str | None = None) -> int:
         """Run the request set up on the handle; the HTTP status. RequestFailed on failure.
 
         With a ``validator`` (an ETag) the request is conditional (If-Match) and
         the response's headers are not looked at; without, they are.
         """
-        curl = self.curl
-        plugin = self.plugin
-        if plugin.scripts or self.validator != validator:
-            plugin.refresh_headers(self, validator)
-        if timeout:
-            curl.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
-        self.pos = 0
-        self.content_range = b""
+        self.prepare(timeout, validator)
+        code, text = 0, ""
         try:
-            curl.perform()
+            self.curl.perform()
         except pycurl.error as exc:
-            code, text = exc.args[0], str(exc.args[-1])
-            status = int(curl.getinfo(pycurl.RESPONSE_CODE))
-            if code == pycurl.E_HTTP_RETURNED_ERROR and status == 412:
-                raise RequestFailed(f"{what}: the object changed while it was served (HTTP 412: "
-                                    f"its ETag is no longer {validator})", False) from None
-            if code == pycurl.E_HTTP_RETURNED_ERROR:
-                raise RequestFailed(f"{what}: HTTP {status}", status in _TRANSIENT_STATUS) from None
-            if code == pycurl.E_WRITE_ERROR and status == 200:
-                raise RequestFailed(f"{what}: the server ignored the Range header (HTTP 200 with "
-                                    "the whole object): it does not serve byte ranges", False) from None
-            if code == pycurl.E_WRITE_ERROR and 300 <= status < 400:
-                raise RequestFailed(f"{what}: HTTP {status} (a redirect, and followlocation=false)",
-                                    False) from None
-            raise RequestFailed(f"{what}: {text}", code in _TRANSIENT_CURL) from None
-        return int(curl.getinfo(pycurl.RESPONSE_CODE))
+            code, text = int(exc.args[0]), str(exc.args[-1])
+        return self.outcome(what, validator, code, text)
+
+    def outcome(self, what: str, validator: str | None, code: int, text: str) -> int:
+        """The HTTP status of a request that ended with libcurl's ``code`` (0: done) and
+        ``text``; RequestFailed if it failed."""
+        status = int(self.curl.getinfo(pycurl.RESPONSE_CODE))
+        if not code:
+            return status
+        if code == pycurl.E_HTTP_RETURNED_ERROR and status == 412:
+            raise RequestFailed(f"{what}: the object changed while it was served (HTTP 412: "
+                                f"its ETag is no longer {validator})", False)
+        if code == pycurl.E_HTTP_RETURNED_ERROR:
+            raise RequestFailed(f"{what}: HTTP {status}", status in _TRANSIENT_STATUS)
+        if code == pycurl.E_WRITE_ERROR and status == 200:
+            raise RequestFailed(f"{what}: the server ignored the Range header (HTTP 200 with "
+                                "the whole object): it does not serve byte ranges", False)
+        if code == pycurl.E_WRITE_ERROR and 300 <= status < 400:
+            raise RequestFailed(f"{what}: HTTP {status} (a redirect, and followlocation=false)",
+                                False)
+        raise RequestFailed(f"{what}: {text}", code in _TRANSIENT_CURL)
 
     def get_range(self, buf: memoryview, offset: int, seen: Seen, timeout: float) -> None:
         """Fill ``buf`` with the bytes at ``offset`` of the object as ``seen`` when probed.
@@ -245,22 +260,29 @@ class Transfer:
         A strong ETag makes the server check that the object has not changed
         (If-Match); without one, the total size in Content-Range is checked.
         """
+        what = self.set_range(buf, offset)
+        self.check_range(what, self.perform(timeout, what, seen.etag), offset, seen)
+
+    def set_range(self, buf: memoryview, offset: int) -> str:
+        """Ask for the bytes at ``offset`` into ``buf``; what the request is, for messages."""
         last = offset + len(buf) - 1
-        what = f"GET bytes={offset}-{last}"
-        size = seen.size
         self.view = buf
         self.curl.setopt(pycurl.RANGE, f"{offset}-{last}")
-        status = self.perform(timeout, what, seen.etag)
-        if status == 200 and offset == 0 and len(buf) == size == self.pos:
+        return f"GET bytes={offset}-{last}"
+
+    def check_range(self, what: str, status: int, offset: int, seen: Seen) -> None:
+        """RequestFailed unless the answer to ``set_range`` is the whole range of that object."""
+        length = len(self.view)
+        if status == 200 and offset == 0 and length == seen.size == self.pos:
             return  # the whole object, as asked
         if status != 206:
             raise RequestFailed(f"{what}: HTTP {status} instead of 206 Partial Content", False)
         total = self.content_range.rpartition(b"/")[2]
-        if total.isdigit() and int(total) != size:
-            raise RequestFailed(f"{what}: the object's size changed from {size} to {int(total)} "
-                                "bytes while it was served", False)
-        if self.pos != len(buf):
-            raise RequestFailed(f"{what}: {self.pos} of {len(buf)} bytes received", True)
+        if total.isdigit() and int(total) != seen.size:
+            raise RequestFailed(f"{what}: the object's size changed from {seen.size} to "
+                                f"{int(total)} bytes while it was served", False)
+        if self.pos != length:
+            raise RequestFailed(f"{what}: {self.pos} of {length} bytes received", True)
 
     def probe(self, timeout: float) -> Seen:
         """The object's size and strong ETag (if any), from HEAD or GET bytes=0-0."""
@@ -351,6 +373,223 @@ class CurlConnection(Connection):
         self.plugin.request(lambda t, remaining: t.get_range(buf, offset, self.seen, remaining))
 
 
+class Read:
+    """One client read on the multi handle (``MultiDriver``): where the data goes, the
+    object as the client saw it, where to report, and how far its attempts got."""
+
+    __slots__ = ("buf", "deadline", "number", "offset", "seen", "sink", "tag", "what")
+
+    def __init__(self, buf: memoryview, offset: int, seen: Seen, tag: object, sink: ReadCompletions,
+                 deadline: float | None) -> None:
+        self.buf = buf
+        self.offset = offset
+        self.seen = seen
+        self.tag = tag
+        self.sink = sink
+        self.deadline = deadline
+        self.number = 1  # the attempt under way
+        self.what = ""
+
+
+class MultiDriver:
+    """Reads answered later: one thread runs a libcurl multi handle over all of them.
+
+    ``start`` queues a read; ``wake`` (the server's ``send_started``) tells the
+    thread, which gives each read a handle of its own pool (at most
+    ``connections=`` transfers at once; the rest wait their turn) and lets
+    libcurl run every transfer on its kept-alive connections, driven by
+    ``socket_action`` from one epoll set. Each finished read is checked as a
+    synchronous one is (``Transfer.outcome``, ``check_range``) and reported
+    to the server; after each round the servers' ``reads_done`` sends their
+    replies together. A transient failure is tried again after the same
+    pause and within the same limits (``retry_pause``, timeout=) as a
+    synchronous read, without holding a handle meanwhile.
+    """
+
+    def __init__(self, plugin: CurlPlugin) -> None:
+        self.plugin = plugin
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self.on_socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self.on_timer)
+        self.epoll = select.epoll()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.epoll.register(self.wake_fd, select.EPOLLIN)
+        self.watched: set[int] = set()
+        self.timer_at: float | None = None  # when libcurl wants socket_action(SOCKET_TIMEOUT)
+        self.incoming: collections.deque[Read] = collections.deque()  # started, not yet seen
+        self.waiting: collections.deque[Read] = collections.deque()  # seen, no handle free yet
+        self.retries: list[tuple[float, int, Read]] = []  # (when, order, read), a heap
+        self.order = itertools.count()
+        self.active: dict[pycurl.Curl, tuple[Transfer, Read]] = {}
+        self.free: list[Transfer] = []
+        self.made: list[Transfer] = []
+        self.touched: list[ReadCompletions] = []
+        self.signalled = False
+        self.closing = False
+        self.thread = threading.Thread(target=self.run, daemon=True, name="curl-multi")
+        self.thread.start()
+
+    # ---- any thread
+    def start(self, read: Read) -> None:
+        self.incoming.append(read)
+
+    def wake(self) -> None:
+        if self.incoming and not self.signalled:
+            self.signalled = True
+            os.eventfd_write(self.wake_fd, 1)
+
+    def close(self) -> None:
+        self.closing = True
+        os.eventfd_write(self.wake_fd, 1)
+        self.thread.join()
+        gone = OSError(errno.EIO, "curl: the server is shutting down")
+        for curl, (_transfer, read) in self.active.items():
+            self.multi.remove_handle(curl)
+            read.sink.read_done(read.tag, gone)
+            read.sink.reads_done()
+        for transfer in self.made:
+            transfer.close()
+        self.multi.close()
+        self.epoll.close()
+        os.close(self.wake_fd)
+
+    # ---- libcurl's callbacks (on the thread)
+    def on_socket(self, what: int, fd: int, multi: object, data: object) -> None:
+        if what == pycurl.POLL_REMOVE:
+            if fd in self.watched:
+                self.watched.discard(fd)
+                with contextlib.suppress(OSError):  # libcurl may have closed it
+                    self.epoll.unregister(fd)
+            return
+        mask = (select.EPOLLIN if what & pycurl.POLL_IN else 0) | \
+            (select.EPOLLOUT if what & pycurl.POLL_OUT else 0)
+        if fd in self.watched:
+            self.epoll.modify(fd, mask)
+        else:
+            self.epoll.register(fd, mask)
+            self.watched.add(fd)
+
+    def on_timer(self, ms: int) -> None:
+        self.timer_at = None if ms < 0 else time.monotonic() + ms / 1000
+
+    # ---- the thread
+    def run(self) -> None:
+        multi = self.multi
+        poll = self.epoll.poll
+        wake_fd = self.wake_fd
+        while not self.closing:
+            events = poll(self.wait())
+            for fd, event in events:
+                if fd == wake_fd:
+                    self.signalled = False
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake_fd)
+                    continue
+                multi.socket_action(fd, (pycurl.CSELECT_IN if event & select.EPOLLIN else 0)
+                                    | (pycurl.CSELECT_OUT if event & select.EPOLLOUT else 0)
+                                    | (pycurl.CSELECT_ERR if event & (select.EPOLLERR | select.EPOLLHUP)
+                                       else 0))
+            if self.timer_at is not None and time.monotonic() >= self.timer_at:
+                self.timer_at = None
+                multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+            self.collect()
+            self.admit()
+
+    def wait(self) -> float:
+        """Seconds epoll may wait: until libcurl's timer or the next retry (-1: no limit)."""
+        due = [t for t in (self.timer_at, self.retries[0][0] if self.retries else None) if t is not None]
+        return max(0.0, min(due) - time.monotonic()) if due else -1
+
+    def admit(self) -> None:
+        """Give the reads that came (and retries now due) a handle each, while there are any."""
+        retries = self.retries
+        while retries and retries[0][0] <= time.monotonic():
+            self.waiting.append(heapq.heappop(retries)[2])
+        incoming, waiting = self.incoming, self.waiting
+        while incoming:
+            waiting.append(incoming.popleft())
+        added = False
+        while waiting and (self.free or len(self.made) < self.plugin.connections):
+            added = self.begin(waiting.popleft()) or added
+        if added:
+            self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        if added or self.touched:
+            self.collect()
+
+    def begin(self, read: Read) -> bool:
+        """Put ``read`` on a handle; whether it is on its way (False: it failed at once)."""
+        remaining = 0.0
+        if read.deadline is not None:
+            remaining = read.deadline - time.monotonic()
+            if remaining <= 0:
+                self.report(read, self.plugin.failure(
+                    RequestFailed(f"timed out after {self.plugin.timeout:g} s", False), read.number))
+                return False
+        if self.free:
+            transfer = self.free.pop()
+        else:
+            transfer = Transfer(self.plugin)
+            self.made.append(transfer)
+        read.what = transfer.set_range(read.buf, read.offset)
+        transfer.prepare(remaining, read.seen.etag)
+        self.active[transfer.curl] = (transfer, read)
+        self.multi.add_handle(transfer.curl)
+        return True
+
+    def collect(self) -> None:
+        """Report the transfers libcurl finished; then each server's ``reads_done``."""
+        multi = self.multi
+        while True:
+            queued, ok, failed = multi.info_read()
+            for curl in ok:
+                self.finish(curl, 0, "")
+            for curl, code, text in failed:
+                self.finish(curl, code, text)
+            if not queued:
+                break
+        touched, self.touched = self.touched, []
+        for sink in touched:
+            sink.reads_done()
+
+    def finish(self, curl: pycurl.Curl, code: int, text: str) -> None:
+        transfer, read = self.active.pop(curl)
+        self.multi.remove_handle(curl)
+        self.free.append(transfer)
+        etag = read.seen.etag
+        try:
+            transfer.check_range(read.what, transfer.outcome(read.what, etag, code, text),
+                                 read.offset, read.seen)
+        except RequestFailed as exc:
+            pause = self.plugin.retry_pause(exc, read.number, read.deadline)
+            if pause is not None:
+                read.number += 1
+                heapq.heappush(self.retries, (time.monotonic() + pause, next(self.order), read))
+                return
+            self.report(read, self.plugin.failure(exc, read.number))
+            return
+        self.report(read, None)
+
+    def report(self, read: Read, error: OSError | None) -> None:
+        sink = read.sink
+        sink.read_done(read.tag, error)
+        if sink not in self.touched:
+            self.touched.append(sink)
+
+
+class MultiCurlConnection(CurlConnection):
+    """A client's view whose reads the server may start and have answered later
+    (``AsyncReads``), on the plugin's ``MultiDriver``."""
+
+    def __init__(self, plugin: CurlPlugin, seen: Seen, driver: MultiDriver) -> None:
+        super().__init__(plugin, seen)
+        self.driver = driver
+        self.send_started = driver.wake
+
+    def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
+                    completions: ReadCompletions) -> None:
+        self.driver.start(Read(buf, offset, self.seen, tag, completions, self.plugin.deadline()))
+
+
 class CurlPlugin(Plugin):
     name = "curl"
     magic_param = "url"
@@ -419,6 +658,8 @@ class CurlPlugin(Plugin):
             ("cookie-script", self.cookie_script, self.cookie_script_renew)) if script]
         self.generation = 0
         self.pool = TransferPool(lambda: Transfer(self), self.connections)
+        self.driver: MultiDriver | None = None  # the reads answered later, once a client came
+        self.driver_lock = threading.Lock()
 
     def get_ready(self) -> None:
         try:
@@ -491,7 +732,7 @@ class CurlPlugin(Plugin):
         Failures are logged (the last as an error), unless ``quiet``: at start
         the error message is the whole story.
         """
-        deadline = time.monotonic() + self.timeout if self.timeout else None
+        deadline = self.deadline()
         for number in range(1, ATTEMPTS + 1):
             remaining = 0.0 if deadline is None else deadline - time.monotonic()
             try:
@@ -504,17 +745,32 @@ class CurlPlugin(Plugin):
                     self.pool.give(transfer)
                 return
             except RequestFailed as exc:
-                pause = _BACKOFF * 2 ** (number - 1)
-                again = exc.transient and number < ATTEMPTS and (
-                    deadline is None or time.monotonic() + pause < deadline)
-                if not again:
-                    tries = f" (after {number} attempts)" if number > 1 else ""
-                    if not quiet:
-                        log.error("curl: %s: %s%s", redact(self.url), exc, tries)
-                    raise OSError(errno.EIO, f"curl: {redact(self.url)}: {exc}{tries}") from None
-                log.log(logging.DEBUG if quiet else logging.WARNING, "curl: %s: %s; trying again",
-                        redact(self.url), exc)
+                pause = self.retry_pause(exc, number, deadline, quiet)
+                if pause is None:
+                    raise self.failure(exc, number, quiet) from None
                 time.sleep(pause)
+
+    def deadline(self) -> float | None:
+        """When a read starting now must be over (timeout=), or None."""
+        return time.monotonic() + self.timeout if self.timeout else None
+
+    def retry_pause(self, exc: RequestFailed, number: int, deadline: float | None,
+                    quiet: bool = False) -> float | None:
+        """Seconds to wait before trying attempt ``number`` + 1 after ``exc``; None: give up."""
+        pause = _BACKOFF * (1 << (number - 1))
+        if not exc.transient or number >= ATTEMPTS or (
+                deadline is not None and time.monotonic() + pause >= deadline):
+            return None
+        log.log(logging.DEBUG if quiet else logging.WARNING, "curl: %s: %s; trying again",
+                redact(self.url), exc)
+        return pause
+
+    def failure(self, exc: RequestFailed, number: int, quiet: bool = False) -> OSError:
+        """The EIO a read fails with after attempt ``number`` failed with ``exc`` (logged)."""
+        tries = f" (after {number} attempts)" if number > 1 else ""
+        if not quiet:
+            log.error("curl: %s: %s%s", redact(self.url), exc, tries)
+        return OSError(errno.EIO, f"curl: {redact(self.url)}: {exc}{tries}")
 
     def probe(self, quiet: bool = False) -> Seen:
         """The object's size and ETag now (see ``Transfer.probe``)."""
@@ -523,7 +779,15 @@ class CurlPlugin(Plugin):
         return seen[-1]
 
     def open(self, ctx: OpenContext) -> Connection:
-        return CurlConnection(self, self.probe())
+        seen = self.probe()
+        if self.scripts:  # (their renewal must not stall the other reads' thread)
+            return CurlConnection(self, seen)
+        with self.driver_lock:
+            if self.driver is None:
+                self.driver = MultiDriver(self)  # (made in the serving process, after any fork)
+        return MultiCurlConnection(self, seen, self.driver)
 
     def unload(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
         self.pool.close()
