@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import struct
@@ -12,6 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from pynbd.backend import FLAG_FUA, OpenContext
+from pynbd.backend.stack import Stack
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "server"))
 from rawnbd import (  # noqa: E402
@@ -185,6 +189,33 @@ def test_merge_and_delete(tmp_path):
         assert [c["name"] for c in ctl_json(srv.control, "checkpoint", "list")] == ["a", "c"]
         assert sorted(os.listdir(tmp_path / "bitmaps")) == ["a.bitmap", "c.bitmap", "checkpoints.json",
                                                            "in-use"]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_writes_reach_the_layer_below_checked_once(tmp_path, caplog, verbose):
+    """cbt hands writes to the layer below without checking them again, unless that
+    boundary adds something (-v logs each layer's calls)."""
+    if verbose:
+        caplog.set_level(logging.DEBUG, logger="pynbd.layer")
+    stack = Stack.from_args("memory", ["1M", f"bitmap-dir={tmp_path}"], ["cbt"])
+    stack.get_ready()
+    stack.filters[0].create("c1")
+    top = stack.open(OpenContext())
+    try:
+        top.pwrite(memoryview(b"x" * 100), 70000, 0)
+        top.pwrite(memoryview(b"y" * 70000), 200000, FLAG_FUA)
+        got = bytearray(3)
+        top.pread(memoryview(got), 70099, 0)
+        assert got == b"x\0\0"
+        assert list(top.block_status("qemu:dirty-bitmap:c1", 1 << 20, 0, 0)) == [
+            (0, 65536, 0), (65536, 65536, 1), (131072, 65536, 0), (196608, 131072, 1),
+            (327680, 720896, 0)]
+    finally:
+        top.close()
+        stack.unload()
+    below = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory: pwrite")]
+    assert below == (["memory: pwrite count=100 offset=70000 flags=0",
+                      f"memory: pwrite count=70000 offset=200000 flags={FLAG_FUA:#x}"] if verbose else [])
 
 
 def test_bad_input(tmp_path):
