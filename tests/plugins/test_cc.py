@@ -143,10 +143,12 @@ def test_peer_name_disconnect_and_shutdown():
     assert still.strip() == "3"
 
 
-def test_parallel_plugin_runs_requests_at_once():
+@pytest.mark.parametrize("options", [[], ["-t", "4"]], ids=["default", "t4"])
+def test_parallel_plugin_runs_requests_at_once(options):
     """Each pread waits until four run at the same time: only a server running the
-    PARALLEL plugin's requests in parallel (GIL released) answers them."""
-    with served("cc", FEATURES, "barrier=4", options=["-t", "4"]) as srv:
+    PARALLEL plugin's requests in parallel (GIL released) answers them. By default
+    too: the plugin waits on a condition variable, so its requests get a pool."""
+    with served("cc", FEATURES, "barrier=4", options=options) as srv:
         out = nbdsh(srv.uri, (
             "bufs = [nbd.Buffer(512) for _ in range(4)]\n"
             "cookies = [h.aio_pread(b, i * 512) for i, b in enumerate(bufs)]\n"
@@ -154,6 +156,29 @@ def test_parallel_plugin_runs_requests_at_once():
             "    h.poll(-1)\n"
             "print([b.to_bytearray()[1] for b in bufs])\n"))
     assert out.strip() == "[1, 1, 1, 1]"
+
+
+@pytest.mark.parametrize("source, reason", [
+    (RAMDISK, None), (FEATURES, "pthread_cond_timedwait"),
+    (os.path.join(DEBIAN_PLUGINS, "nbdkit-memory-plugin.so"), None),
+    (os.path.join(DEBIAN_PLUGINS, "nbdkit-file-plugin.so"), None),
+    (os.path.join(DEBIAN_PLUGINS, "nbdkit-sh-plugin.so"), "fork"),
+    (os.path.join(DEBIAN_PLUGINS, "nbdkit-nbd-plugin.so"), "libnbd.so"),
+], ids=["ramdisk.c", "features.c", "memory.so", "file.so", "sh.so", "nbd.so"])
+def test_requests_short_unless_the_plugin_imports_what_may_wait(tmp_path, source, reason):
+    """A plugin that calls nothing that may wait has its requests run on the reading
+    thread (short); one that polls, forks, waits on a condition or uses a network
+    library gets the pool. Decided from the shared object's ELF imports."""
+    from pynbd.plugins._cc_runtime import compile_c, waits
+    if source.endswith(".c"):
+        library = str(tmp_path / "plugin.so")
+        compile_c(source, library, "cc", ["-O2", "-fPIC", "-shared"])
+        source = library
+    elif not os.path.exists(source):
+        pytest.skip("Debian's nbdkit plugins are not installed")
+    why = waits(source)
+    assert why is None if reason is None else reason in why, why
+    assert waits(RAMDISK) == f"its imports are unknown ({RAMDISK}: not an ELF file)"
 
 
 def test_callback_failing_without_nbdkit_error_is_eio_and_logged():

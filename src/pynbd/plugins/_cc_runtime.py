@@ -6,6 +6,13 @@ plugin loaded afterwards finds its ``nbdkit_*`` functions there. ``compile_c``
 builds a plugin from source; ``load_plugin`` calls a shared object's
 ``plugin_init``. Calls into C go through cffi's ABI mode, which releases the
 GIL for the duration of each call.
+
+``waits(path)`` reads the plugin's dynamic imports from its ELF file (the
+libraries it needs and the functions it calls): a plugin that calls nothing
+that may wait (a sleep, a poll, sockets, pipes, a subprocess, a condition
+variable, or a library outside the C library and the compression ones) has
+short requests, which the server runs where it reads them (see
+``Plugin.short_requests``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import threading
@@ -98,6 +106,73 @@ def compile_c(source: str, output: str, cc: str, cflags: Sequence[str]) -> None:
     if result.returncode != 0:
         raise ConfigError(f"cc: {source}: compilation failed ({shlex.split(cc)[0]} exited "
                           f"with status {result.returncode}; its errors are above)")
+
+
+# ---------------------------------------------------------------- may the plugin wait?
+# Functions a plugin calls to wait on something open-ended: time, other processes,
+# the network, pipes (files are read with pread), other threads.
+WAITING_FUNCTIONS = frozenset("""
+    sleep usleep nanosleep clock_nanosleep nbdkit_nanosleep
+    poll ppoll select pselect epoll_wait epoll_pwait epoll_pwait2
+    connect accept accept4 recv recvfrom recvmsg recvmmsg send sendto sendmsg sendmmsg
+    read readv write writev getaddrinfo gethostbyname
+    fork vfork system popen posix_spawn posix_spawnp wait waitpid wait3 wait4 waitid
+    pthread_cond_wait pthread_cond_timedwait pthread_cond_clockwait pthread_join
+    sem_wait sem_timedwait sem_clockwait flock lockf
+""".split())
+# Libraries that compute and never wait (the C library's and the compressors).
+COMPUTING_LIBRARIES = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so",
+                       "libgcc_s.so", "ld-linux", "libzstd.so", "libz.so", "liblzma.so",
+                       "libbz2.so")
+_SHT_DYNAMIC, _SHT_DYNSYM, _DT_NEEDED = 6, 11, 1
+
+
+def elf_imports(path: str) -> tuple[list[str], set[str]]:
+    """The libraries a shared object needs (DT_NEEDED) and the symbols it imports."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        raise ValueError(f"{path}: not an ELF file")
+    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    addr = "Q" if wide else "I"
+    shoff, = struct.unpack_from(order + addr, data, 40 if wide else 32)
+    shentsize, shnum = struct.unpack_from(order + "HH", data, 58 if wide else 46)
+    # sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link
+    section = struct.Struct(order + ("IIQQQQI" if wide else "IIIIIII"))
+    sections = [section.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
+
+    def string(table: int, offset: int) -> str:
+        start = sections[table][4] + offset
+        return data[start:data.index(b"\0", start)].decode("utf-8", "replace")
+
+    needed: list[str] = []
+    symbols: set[str] = set()
+    # Elf64_Dyn: d_tag, d_val; Elf64_Sym: st_name, st_info, st_other, st_shndx, ...
+    dyn = struct.Struct(order + ("qQ" if wide else "iI"))
+    sym = struct.Struct(order + ("IBBH16x" if wide else "I8xBBH"))
+    for _, kind, _, _, offset, size, link in sections:
+        if kind == _SHT_DYNAMIC:
+            for tag, value in dyn.iter_unpack(data[offset:offset + size]):
+                if tag == _DT_NEEDED:
+                    needed.append(string(link, value))
+        elif kind == _SHT_DYNSYM:
+            for name, _, _, index in sym.iter_unpack(data[offset:offset + size]):
+                if name and index == 0:  # SHN_UNDEF: defined elsewhere
+                    symbols.add(string(link, name))
+    return needed, symbols
+
+
+def waits(path: str) -> str | None:
+    """Why the plugin's requests may wait (what it imports), or None: they never do."""
+    try:
+        needed, symbols = elf_imports(path)
+    except (OSError, ValueError, struct.error) as exc:
+        return f"its imports are unknown ({exc})"
+    libraries = [name for name in needed if not name.startswith(COMPUTING_LIBRARIES)]
+    if libraries:
+        return "it uses " + ", ".join(libraries)
+    functions = sorted(symbols & WAITING_FUNCTIONS)
+    return "it calls " + ", ".join(functions) if functions else None
 
 
 # ---------------------------------------------------------------- Python's side of the shim
@@ -243,6 +318,7 @@ class LoadedPlugin:
         self.callbacks = frozenset(name for name in OPS if lib.pynbd_cc_has(self.struct, OP[name]))
         self.name = self.string(NAME) or os.path.basename(path)
         self.global_conn = lib.pynbd_cc_conn_new(self.struct, b"", 0, 0, ffi.NULL, 0, -1, -1, -1)
+        self.waits = waits(path)
 
     def string(self, which: int) -> str:
         return text(self.lib.pynbd_cc_string(self.struct, which))

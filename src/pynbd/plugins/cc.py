@@ -62,11 +62,17 @@ failing config, config_complete or get_ready stops the server with the
 plugin's message.
 
 Threads: the plugin's THREAD_MODEL (lowered by its thread_model callback) is
-honoured; C code runs with Python's GIL released, so a PARALLEL plugin's
-requests run in parallel on the server's threads (``-t``, 16 by default).
-For a plugin whose requests never wait (a RAM disk), ``-t 1`` runs each
-connection's requests on its reading thread instead: about three times
-the IOPS for small writes, at nbdkit's rate.
+honoured; C code runs with Python's GIL released. Where a PARALLEL plugin's
+requests run depends on what it may wait for, read from the functions and
+libraries its shared object imports: a plugin that calls nothing that waits
+(no sleep, poll, socket, pipe read or write, subprocess, condition variable
+or semaphore, and no library besides the C library and zlib, zstd, xz and
+bzip2: a RAM disk, a file) has short requests, run on each connection's
+reading thread as the server's own memory and file plugins are (a thread
+hand-off per request would cost several times the request); any other
+PARALLEL plugin's requests run at once on the server's threads (``-t``, 16
+by default). ``-v`` logs the reason. ``-t N`` (N > 1) always gives a pool
+of N threads, and ``-t 1`` always the reading thread.
 
 Limits: nbdkit_peer_pid / uid / gid answer for clients on a Unix socket
 only (as in nbdkit); nbdkit_peer_name works for TCP and Unix sockets;
@@ -78,6 +84,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import shlex
 import shutil
@@ -120,6 +127,7 @@ from ._cc_runtime import (
     text,
 )
 
+log = logging.getLogger("pynbd.plugins.cc")
 _FALLBACK = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
@@ -323,6 +331,12 @@ class CcPlugin(Plugin):
 
     def get_thread_model(self) -> ThreadModel:
         return self._thread_model
+
+    def requests_are_short(self) -> bool:
+        """Short unless the plugin imports something that may wait (see the manual)."""
+        if self.plugin.waits:
+            log.debug("%s: requests may wait: %s", self.plugin.name, self.plugin.waits)
+        return self.plugin.waits is None
 
     def get_ready(self) -> None:
         if self.plugin.has("get_ready"):
