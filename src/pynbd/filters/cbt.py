@@ -32,8 +32,9 @@ Control commands (``pynbd ctl SOCKET …``, ``--json`` for scripts)
                              block-dirty-bitmap-merge of A into B)
 
 Persistence: DIR holds ``checkpoints.json`` and one compressed bitmap per
-checkpoint (``NAME.bitmap``), each replaced atomically; they are written when
-a checkpoint is created and when the server stops cleanly. While the server
+checkpoint (``NAME.bitmap``), each replaced atomically; the list is written
+when a checkpoint is created or deleted, the bitmaps when the server stops
+cleanly (a merge's target also at once). While the server
 runs, DIR holds ``in-use``; finding it at start means the last stop was
 unclean (SIGKILL, power loss), so every bitmap may have missed writes: they
 are marked inconsistent, shown so by ``checkpoint list``, and no longer
@@ -306,8 +307,8 @@ class CbtFilter(Filter):
             self.marking = [*self.marking, checkpoint.bits]
             self.epoch += 1  # writes in flight now mark the new bitmap too when they finish
             try:
-                for c in self.checkpoints.values():
-                    self._save_bitmap(c)
+                # Only the list: the bitmaps are saved at a clean stop, and after an unclean
+                # one every checkpoint is inconsistent whatever its file holds.
                 self._save_manifest()
             except OSError as exc:
                 log.error("cbt: saving checkpoint %r failed: %s", name, exc)

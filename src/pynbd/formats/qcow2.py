@@ -63,8 +63,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import zstandard
-
 from ..backend.blocks import fill_zero
 
 MAGIC = b"QFI\xfb"
@@ -607,14 +605,13 @@ class Qcow2Reader:
         length = min((sectors + 1) * 512 - (host & 511), self.file_size - host)
         raw = _read(self.file_pread, host, length, self.file_size, "compressed cluster")
         size = self.cluster_size
-        try:
-            if self.zstd:
-                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
-            else:
+        if self.zstd:
+            data = _unzstd(raw, size, host)
+        else:
+            try:
                 data = zlib.decompressobj(-15).decompress(raw, need)
-        except (zlib.error, zstandard.ZstdError) as exc:
-            raise Qcow2Error(f"qcow2: compressed cluster at offset {host} is corrupt: "
-                             f"{exc}") from None
+            except zlib.error as exc:
+                raise _corrupt(host, exc) from None
         if len(data) < need or (self.zstd and len(data) != size):
             raise Qcow2Error(f"qcow2: compressed cluster at offset {host} decompressed to "
                              f"{len(data)} bytes, not {size}: corrupt image")
@@ -661,3 +658,19 @@ class Qcow2Reader:
             stop, hole = guest + length, is_hole
         if stop > start:
             yield start, stop - start, hole, hole
+
+
+def _corrupt(host: int, exc: Exception) -> Qcow2Error:
+    return Qcow2Error(f"qcow2: compressed cluster at offset {host} is corrupt: {exc}")
+
+
+def _unzstd(raw: bytes, size: int, host: int) -> bytes:
+    """One zstd-compressed cluster (zstandard is imported here, when an image first needs it:
+    a backup, which only writes, starts without it)."""
+    import zstandard
+
+    try:
+        data: bytes = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(host, exc) from None
+    return data

@@ -80,9 +80,6 @@ from ..proto.errors import ProtocolError
 from .backups.manifest import BackupError, Directory, Manifest
 from .backups.take import TakeOptions, take_backup
 from .copying.endpoint import CopyError
-from .copying.options import CopyOptions, spec_for
-from .copying.run import run_copy
-from .ctl import readable
 
 PROG = "pynbd backup"
 
@@ -153,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def restore(directory: str, target: str, at: str | None, connections: int, progress: bool) -> None:
-    from .backups.chain import ChainEndpoint  # the qcow2 reader: only restore needs it
+    # Imported here, not at start-up: a backup (timed against its peers) needs none of them.
+    from .backups.chain import ChainEndpoint
+    from .copying.options import CopyOptions, spec_for
+    from .copying.run import run_copy
 
     where = Directory(directory)
     manifest = where.load()
@@ -166,6 +166,7 @@ def restore(directory: str, target: str, at: str | None, connections: int, progr
 
 
 def listing(manifest: Manifest, as_json: bool) -> str:
+    from .ctl import readable
     if as_json:
         return json.dumps({"export": manifest.export,
                            "backups": [asdict(b) for b in manifest.backups]}, indent=2)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -310,7 +309,7 @@ def take_backup(opts: TakeOptions, err: TextIO) -> Backup:
                 if _count(current) != _count(manifest):
                     raise BackupError(f"{opts.directory} changed while the backup started; "
                                       "try again")
-                manifest = current or Manifest(uuid.uuid4().hex, export)
+                manifest = current or Manifest(os.urandom(16).hex(), export)
                 directory.remove_leftovers()
                 return _take(opts, directory, manifest, src, since, err)
         except BaseException:
