@@ -19,14 +19,16 @@ def image(tmp_path, size: int = 32 * MiB) -> str:
     return path
 
 
-def serve_run(*args: str, command: str, check: bool = True):
-    return run([*SERVE, "-U", "-", "blkio", "io_uring", *args, "--run", command], check=check)
+def serve_run(*args: str, command: str, check: bool = True, options: tuple[str, ...] = ()):
+    return run([*SERVE, "-U", "-", *options, "blkio", "io_uring", *args, "--run", command],
+               check=check)
 
 
 @pytest.mark.parametrize("direct", ["false", "true"])
 def test_copy_in_and_compare(tmp_path, direct):
-    """nbdcopy writes a random image through the ring (many requests in flight);
-    qemu-img compare reads it back through the ring and from the file."""
+    """nbdcopy writes a random image through the ring (16 worker threads sharing a ring
+    of 8 entries: requests wait for room); qemu-img compare reads it back through the
+    ring and from the file."""
     source = str(tmp_path / "source.img")
     with open(source, "wb") as f:
         f.truncate(32 * MiB)
@@ -34,16 +36,18 @@ def test_copy_in_and_compare(tmp_path, direct):
             f.seek(where)
             f.write(os.urandom(MiB))
     disk = image(tmp_path)
-    serve_run(f"path={disk}", f"direct={direct}", "num-entries=8", command=(
+    serve_run(f"path={disk}", f"direct={direct}", "num-entries=8", options=("-t", "16"), command=(
         f"nbdcopy --requests=16 {source} \"$uri\" && qemu-img compare -f raw -F raw {source} \"$uri\""))
     with open(source, "rb") as a, open(disk, "rb") as b:
         assert a.read() == b.read()
 
 
-def test_many_requests_in_flight(tmp_path):
-    """fio at depth 16 for a few seconds, verifying what it wrote: the rings wrap many times."""
+@pytest.mark.parametrize("threads", ["1", "16"])
+def test_many_requests_in_flight(tmp_path, threads):
+    """fio at depth 16 for a few seconds, verifying what it wrote: the rings wrap many
+    times, with one request at a time (the default) and with 16 in flight (-t 16)."""
     disk = image(tmp_path, 64 * MiB)
-    serve_run(f"path={disk}", "num-entries=16", command=(
+    serve_run(f"path={disk}", "num-entries=16", options=("-t", threads), command=(
         "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randwrite --bs=4k --iodepth=16 "
         "--size=64M --time_based --runtime=3 --verify=crc32c --do_verify=1 --verify_state_save=0"))
 

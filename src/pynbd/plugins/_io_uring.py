@@ -1,14 +1,13 @@
 """A Linux io_uring in pure Python: the two system calls, the three shared rings.
 
-``Ring(entries)`` sets up an io_uring (``io_uring_setup``), maps its
-submission queue, completion queue and SQE array, and starts one thread that
-waits for completions (``io_uring_enter`` with GETEVENTS, the GIL released)
-and hands each result to the thread that submitted it. ``Ring.run(...)``
-fills an SQE, submits it and blocks until its completion: any number of
-threads may call it at once, so a connection served by a pool of threads
-keeps that many requests in flight. Struct layouts and constants are the
-kernel's (include/uapi/linux/io_uring.h); x86-64 and other little-endian,
-strongly ordered machines only need the plain stores used here.
+``Ring(entries)`` sets up an io_uring (``io_uring_setup``) and maps its
+submission queue, completion queue and SQE array. ``Ring.run(...)`` fills an
+SQE, submits it and blocks until its completion (``io_uring_enter`` with
+GETEVENTS, the GIL released): any number of threads may call it at once, so
+a connection served by a pool of threads keeps that many requests in flight.
+Struct layouts and constants are the kernel's (include/uapi/linux/io_uring.h);
+x86-64 and other little-endian, strongly ordered machines only need the plain
+stores used here.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
 IORING_ENTER_GETEVENTS = 1
 
-OP_NOP = 0
 OP_FSYNC = 3
 OP_FALLOCATE = 17
 OP_READ = 22
@@ -42,39 +40,55 @@ RWF_DSYNC = 2
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # 64 bytes
 _CQE = struct.Struct("<QiI")  # 16 bytes
 _U32 = struct.Struct("<I")
-_STOP = 0xFFFFFFFFFFFFFFFF
 
 _ffi = cffi.FFI()
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall: Any = _libc.syscall
 _syscall.restype = ctypes.c_long
+# io_uring_enter through cffi, whose calls cost less than ctypes' (declared with its
+# arguments' types: on x86-64 and arm64 Linux a variadic callee is called the same way).
+_ffi.cdef("long syscall (long number, unsigned int fd, unsigned int to_submit, "
+          "unsigned int min_complete, unsigned int flags, void *sig, size_t size);")
+_cffi_libc: Any = _ffi.dlopen(None)
+_enter_syscall: Any = _cffi_libc.syscall
 
 
 def _enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
     while True:
-        n = int(_syscall(SYS_IO_URING_ENTER, ctypes.c_int(fd), ctypes.c_uint(to_submit),
-                     ctypes.c_uint(min_complete), ctypes.c_uint(flags), None, ctypes.c_size_t(0)))
+        n = int(_enter_syscall(SYS_IO_URING_ENTER, fd, to_submit, min_complete, flags,
+                               _ffi.NULL, 0))
         if n >= 0:
             return n
-        err = ctypes.get_errno()
+        err = _ffi.errno
         if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
             raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
 
 
 class _Waiter:
-    """One request in flight: a lock held until its completion arrives."""
+    """One request in flight: its result, and a lock its thread sleeps on when
+    another thread is waiting on the ring (the leader) for the completions."""
 
-    __slots__ = ("done", "result", "keep")
+    __slots__ = ("done", "finished", "signalled", "result", "keep")
 
     def __init__(self, keep: object) -> None:
         self.done = threading.Lock()
         self.done.acquire()
+        self.finished = False
+        self.signalled = False  # ``done`` is released (or about to be taken)
         self.result = 0
         self.keep = keep  # the buffer the kernel reads or writes, alive until then
 
 
 class Ring:
-    """An io_uring of ``entries`` submission slots, used by many threads."""
+    """An io_uring of ``entries`` submission slots, used by any number of threads.
+
+    No thread is dedicated to completions: the thread holding the leader lock
+    waits for them in ``io_uring_enter`` (GETEVENTS, the GIL released) and
+    hands out what arrives; when its own has come it passes the role to a
+    thread still waiting. A lone caller (a connection whose requests run one
+    at a time) thus submits and waits in one system call, with no thread
+    switch, and ``n`` callers keep ``n`` requests in flight.
+    """
 
     def __init__(self, entries: int) -> None:
         params = ctypes.create_string_buffer(120)
@@ -108,24 +122,14 @@ class Ring:
         self._cq_tail_ref = ctypes.c_uint32.from_buffer(self.cq, cq_tail)
         self._tail = self._sq_tail_ref.value
         self._head = self._cq_head_ref.value
-        self._submit_lock = threading.Lock()
-        self._reap_lock = threading.Lock()
-        self._slots = threading.Semaphore(sq_entries)  # never more in flight than the rings hold
+        self._lock = threading.Lock()  # the SQ tail, the waiters and their wake-ups
+        self._leader = threading.Lock()  # held by the thread reaping completions
+        # Never more in flight than the rings hold: a caller past that waits for room.
+        self._room = threading.Condition(self._lock)
+        self._full = 0  # callers waiting for room
         self._waiters: dict[int, _Waiter] = {}
         self._next = 1
         self._closed = False
-        self._reaper = threading.Thread(target=self._reap, name="io_uring", daemon=True)
-        self._reaper.start()
-
-    def _push(self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int,
-              user_data: int) -> None:
-        with self._submit_lock:
-            index = self._tail & self._sq_mask
-            _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
-                           op_flags, user_data, 0, 0, 0, 0, 0)
-            self._tail = (self._tail + 1) & 0xFFFFFFFF
-            self._sq_tail_ref.value = self._tail
-        _enter(self.fd, 1, 0, 0)
 
     def run(self, opcode: int, fd: int, offset: int = 0, addr: int = 0, length: int = 0,
             op_flags: int = 0, keep: object = None) -> int:
@@ -133,62 +137,87 @@ class Ring:
         if self._closed:
             raise OSError(errno.EBADF, "io_uring: the ring is closed")
         waiter = _Waiter(keep)
-        self._slots.acquire()
+        user_data = 0
         try:
-            with self._submit_lock:
+            with self._lock:
+                while len(self._waiters) >= self.entries:
+                    self._full += 1
+                    self._room.wait()
+                    self._full -= 1
                 user_data = self._next
                 self._next += 1
                 self._waiters[user_data] = waiter
-            self._push(opcode, fd, offset, addr, length, op_flags, user_data)
-            # Most operations on cached data complete during the submission:
-            # take the result here rather than wait for the completion thread.
-            if self._reap_lock.acquire(blocking=False):
-                try:
-                    self._drain()
-                finally:
-                    self._reap_lock.release()
-            waiter.done.acquire()
+                index = self._tail & self._sq_mask
+                _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
+                               op_flags, user_data, 0, 0, 0, 0, 0)
+                self._tail = (self._tail + 1) & 0xFFFFFFFF
+                self._sq_tail_ref.value = self._tail
+            submit = 1  # each caller submits one entry (not necessarily its own)
+            while not waiter.finished:
+                if self._leader.acquire(blocking=False):
+                    try:
+                        while not waiter.finished:
+                            _enter(self.fd, submit, 1, IORING_ENTER_GETEVENTS)
+                            submit = 0
+                            self._drain()
+                    finally:
+                        self._leader.release()
+                        self._promote()
+                else:
+                    if submit:
+                        _enter(self.fd, submit, 0, 0)
+                        submit = 0
+                    waiter.done.acquire()
+                    waiter.signalled = False
         finally:
-            self._slots.release()
+            if not waiter.finished:  # io_uring_enter failed: no one is to wake this thread
+                with self._lock:
+                    self._waiters.pop(user_data, None)
         if waiter.result < 0:
             raise OSError(-waiter.result, os.strerror(-waiter.result))
         return waiter.result
 
-    def _drain(self) -> bool:
-        """Hand out the completions in the ring (under ``_reap_lock``); False on the stop marker."""
+    @staticmethod
+    def _wake(waiter: _Waiter) -> None:
+        """Wake ``waiter``'s thread (under ``_lock``); a wake-up already pending suffices."""
+        if not waiter.signalled:
+            waiter.signalled = True
+            waiter.done.release()
+
+    def _promote(self) -> None:
+        """After leading: wake a thread still waiting, to take the leader's place. (One
+        that starts waiting after this look tries to lead itself.)"""
+        if not self._waiters:
+            return
+        with self._lock:
+            for waiter in self._waiters.values():
+                self._wake(waiter)
+                return
+
+    def _drain(self) -> None:
+        """Hand out the completions in the ring (the leader does)."""
         cq, mask, cqes = self.cq, self._cq_mask, self._cqes
         head = self._head
         tail = self._cq_tail_ref.value
-        running = True
-        while head != tail:
-            user_data, result, _ = _CQE.unpack_from(cq, cqes + 16 * (head & mask))
-            head = (head + 1) & 0xFFFFFFFF
-            if user_data == _STOP:
-                running = False
-                continue
-            with self._submit_lock:
+        with self._lock:
+            while head != tail:
+                user_data, result, _ = _CQE.unpack_from(cq, cqes + 16 * (head & mask))
+                head = (head + 1) & 0xFFFFFFFF
                 waiter = self._waiters.pop(user_data, None)
-            if waiter is not None:
-                waiter.result = result
-                waiter.done.release()
+                if waiter is not None:
+                    waiter.result = result
+                    waiter.finished = True
+                    self._wake(waiter)
+            if self._full:
+                self._room.notify(self._full)
         self._head = head
         self._cq_head_ref.value = head
-        return running
-
-    def _reap(self) -> None:
-        while True:
-            _enter(self.fd, 0, 1, IORING_ENTER_GETEVENTS)
-            with self._reap_lock:
-                if not self._drain():
-                    return
 
     def close(self) -> None:
-        """Stop the completion thread (after the requests in flight) and unmap the rings."""
+        """Unmap the rings (no request may be in flight)."""
         if self._closed:
             return
         self._closed = True
-        self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
-        self._reaper.join()
         del self._sq_tail_ref, self._cq_head_ref, self._cq_tail_ref
         for area in (self.sq, self.cq, self.sqes):
             area.close()

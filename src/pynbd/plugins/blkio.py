@@ -19,11 +19,15 @@ Parameters
     read-only=BOOL   serve the disk read-only (as -r does)
 
 io_uring
-    Each client connection gets its own io_uring. The server's worker
-    threads (``-t``, 16 by default) submit requests to it at the same time,
-    so up to that many are in flight per connection; a completion is taken
-    by the thread that submitted it when it is already there (cached reads
-    usually are), else handed over by the ring's completion thread. Reads
+    Each client connection gets its own io_uring. Its requests are short, as
+    the file plugin's are: by default each connection's requests run on its
+    reading thread, which submits one and waits for its completion in a
+    single io_uring_enter (no thread switch). With ``-t N`` (N > 1), N
+    worker threads submit to the ring at the same time, so up to N requests
+    are in flight per connection; whichever of them waits on the ring hands
+    the others their completions. Clients that want more parallelism at the
+    default open several connections (fio ``numjobs``, ``nbdcopy
+    --connections``). Reads
     and writes are IORING_OP_READ / WRITE into the request buffers (no
     copies without direct=true); FUA writes carry RWF_DSYNC; flush is
     IORING_OP_FSYNC; trim punches a hole and write-zeroes uses ZERO_RANGE
@@ -327,6 +331,9 @@ class BlkioPlugin(Plugin):
             Ring(1).close()
         except OSError as exc:
             raise ConfigError(f"blkio: io_uring is not available here: {exc.strerror}") from None
+
+    def requests_are_short(self) -> bool:
+        return self.driver == "io_uring"
 
     def _device_gone(self) -> None:
         log.error("blkio: the vhost-user backend at %s has gone away: shutting down", self.path)
