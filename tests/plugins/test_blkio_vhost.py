@@ -92,15 +92,20 @@ def test_seed_one_liner_zero_trim_and_flush(tmp_path):
     assert data[131072:MiB] == b"\x5a" * (MiB - 131072)
 
 
-def test_many_requests_in_flight(tmp_path):
-    """fio at depth 16 for a few seconds: tens of thousands of requests, the ring indexes
-    wrapping many times while the backend reads them (it panics on a torn index)."""
+@pytest.mark.parametrize("threads", ["1", "16"])
+def test_many_requests_in_flight(tmp_path, threads):
+    """fio at depth 16 for a few seconds, verifying what it wrote: tens of thousands of
+    requests, the ring indexes wrapping many times while the backend reads them (it
+    panics on a torn index); one request at a time (the default) and 16 (-t 16), whose
+    threads hand each other their completions."""
     image = str(tmp_path / "disk.img")
     random_image(image, 64 * MiB)
     with storage_daemon(tmp_path, image, "raw", "writable=on") as daemon:
-        run([*SERVE, "-U", "-", "blkio", "virtio-blk-vhost-user", f"path={tmp_path}/vhost.sock",
-             "--run", "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randrw --bs=4k "
-                      "--iodepth=16 --size=64M --time_based --runtime=3"])
+        run([*SERVE, "-U", "-", "-t", threads, "blkio", "virtio-blk-vhost-user",
+             f"path={tmp_path}/vhost.sock",
+             "--run", "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randwrite --bs=4k "
+                      "--iodepth=16 --size=64M --time_based --runtime=3 --verify=crc32c "
+                      "--do_verify=1 --verify_state_save=0"])
         assert daemon.poll() is None
 
 

@@ -9,13 +9,17 @@ back. ``request(kind, offset, buf)`` then runs one virtio-blk request (IN,
 OUT, FLUSH, DISCARD, WRITE_ZEROES, GET_ID). The descriptors of each request
 slot are linked once, up front; data is copied between the caller's buffer
 and the slot's area of shared memory. Many threads may call ``request`` at
-once: each queue holds ``SLOTS`` requests in flight, and a thread per queue
-waits on its call eventfd and hands out completions. Message and structure
+once: each queue holds ``SLOTS`` requests in flight. No thread is dedicated
+to completions: of the threads waiting on a queue, one (the leader) waits on
+its call eventfd and hands the others their completions, so a lone caller
+kicks and waits with no thread switch. One thread watches the socket, to
+fail every request when the backend goes away. Message and structure
 layouts are the vhost-user specification's and virtio 1.x's (little-endian).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -59,6 +63,8 @@ RING_BYTES = 4096  # desc (16 * 128) + avail (6 + 2 * 128) + used (6 + 8 * 128),
 _HEADER = struct.Struct("<III")
 _DESC = struct.Struct("<QIHH")
 _U64 = struct.Struct("<Q")
+_REQUEST = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, ioprio, sector
+_USED = struct.Struct("<II")  # vring_used_elem: id, len
 
 
 class DeviceGone(OSError):
@@ -66,12 +72,17 @@ class DeviceGone(OSError):
 
 
 class _Slot:
-    __slots__ = ("index", "done", "status")
+    """One request in flight: its status, and a lock its thread sleeps on while
+    another thread of the queue (the leader) waits for the backend's calls."""
+
+    __slots__ = ("index", "done", "finished", "signalled", "status")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.done = threading.Lock()
         self.done.acquire()
+        self.finished = False
+        self.signalled = False  # ``done`` is released (or about to be taken)
         self.status = S_IOERR
 
 
@@ -85,9 +96,15 @@ class _Queue:
         self.data_base = data_base
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the slots, the avail ring and the wake-ups
+        self.room = threading.Condition(self.lock)  # for a free slot
+        self.full = 0  # threads waiting for a free slot
+        self.leader = threading.Lock()  # held by the thread waiting on the call eventfd
+        # The backend makes the call eventfd non-blocking (a flag of the file both share):
+        # the leader polls it, then reads it.
+        self.call_poller = select.poll()
+        self.call_poller.register(self.call, select.POLLIN)
         self.free = list(range(SLOTS))
-        self.slots_free = threading.Semaphore(SLOTS)
         self.waiting: dict[int, _Slot] = {}
         self.avail_idx = 0
         self.used_idx = 0
@@ -103,23 +120,24 @@ class _Queue:
             _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 1)
             _DESC.pack_into(mem, self.desc + 16 * (d + 1), area + 64, 0, DESC_F_NEXT, d + 2)
             _DESC.pack_into(mem, self.desc + 16 * (d + 2), area + 32, 1, DESC_F_WRITE, 0)
-        self.thread = threading.Thread(target=self._complete, name=f"vhost-user-q{number}",
-                                       daemon=True)
 
     def area(self, slot: int) -> int:
         return self.data_base + slot * SLOT_BYTES
 
     def submit(self, kind: int, sector: int, length: int = 0, writable: bool = False,
-               fill: bytes | memoryview | None = None) -> tuple[int, memoryview]:
+               fill: bytes | memoryview | None = None, out: memoryview | None = None) -> int:
         """Run one request with at most CHUNK bytes of data in the slot's area (written
-        there from ``fill`` first); its status and a view of that area."""
+        there from ``fill`` first, read from there into ``out`` after); its status."""
         mem, view = self.device.mem, self.device.view
-        self.slots_free.acquire()
+        with self.lock:
+            while not self.free:
+                self.full += 1
+                self.room.wait()
+                self.full -= 1
+            slot = _Slot(self.free.pop())
         try:
-            with self.lock:
-                slot = _Slot(self.free.pop())
             area = self.area(slot.index)
-            struct.pack_into("<IIQ", mem, area, kind, 0, sector)
+            _REQUEST.pack_into(mem, area, kind, 0, sector)
             mem[area + 32] = 0xFF
             if fill is not None:
                 view[area + 64:area + 64 + len(fill)] = fill
@@ -132,48 +150,83 @@ class _Queue:
                 _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 2)
             with self.lock:
                 if self.device.gone:
-                    self.free.append(slot.index)
                     raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
                 self.waiting[d] = slot
                 self.avail_ring[self.avail_idx % QUEUE_SIZE] = d
                 self.avail_idx = (self.avail_idx + 1) & 0xFFFF
                 self.avail_idx_ref.value = self.avail_idx
             os.eventfd_write(self.kick, 1)
-            slot.done.acquire()
-            with self.lock:
-                self.free.append(slot.index)
+            self._wait(slot)
             if self.device.gone and slot.status == S_IOERR and mem[area + 32] == 0xFF:
                 raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
-            return slot.status, view[area + 64:area + 64 + length]
+            if out is not None and slot.status == S_OK:
+                out[:] = view[area + 64:area + 64 + len(out)]
+            return slot.status
         finally:
-            self.slots_free.release()
-
-    def _complete(self) -> None:
-        mem = self.device.mem
-        poller = select.poll()
-        poller.register(self.call, select.POLLIN)
-        poller.register(self.device.sock.fileno(), select.POLLIN | select.POLLHUP)
-        while True:
-            events = dict(poller.poll())
-            if self.call in events:
-                os.eventfd_read(self.call)
             with self.lock:
-                used = self.used_idx_ref.value
-                while self.used_idx != used:
-                    head, _ = struct.unpack_from("<II", mem, self.used + 4 + 8 * (self.used_idx % QUEUE_SIZE))
-                    self.used_idx = (self.used_idx + 1) & 0xFFFF
-                    slot = self.waiting.pop(head, None)
-                    if slot is not None:
-                        slot.status = mem[self.area(slot.index) + 32]
-                        slot.done.release()
-                if self.device.sock.fileno() in events or self.device.closing:
-                    self.device.gone = True
-                    for slot in self.waiting.values():
-                        slot.done.release()
-                    self.waiting.clear()
-                    break
-        if not self.device.closing and self.device.on_gone is not None:
-            self.device.on_gone()
+                if not slot.finished and self.waiting.get(3 * slot.index) is slot:
+                    del self.waiting[3 * slot.index]  # failed waiting: no one hands it out
+                self.free.append(slot.index)
+                if self.full:
+                    self.room.notify()
+
+    def _wait(self, slot: _Slot) -> None:
+        """Until ``slot`` completes: lead (wait on the call eventfd, the GIL released, and
+        hand out completions) or sleep until the leader hands this one out."""
+        while not slot.finished:
+            if self.leader.acquire(blocking=False):
+                try:
+                    while not slot.finished:
+                        self.call_poller.poll()
+                        with contextlib.suppress(BlockingIOError):  # taken: reap anyway
+                            os.eventfd_read(self.call)
+                        self._reap()
+                finally:
+                    self.leader.release()
+                    self._promote()
+            else:
+                slot.done.acquire()
+                slot.signalled = False
+
+    @staticmethod
+    def _wake(slot: _Slot) -> None:
+        """Wake ``slot``'s thread (under ``lock``); a wake-up already pending suffices."""
+        if not slot.signalled:
+            slot.signalled = True
+            slot.done.release()
+
+    def _promote(self) -> None:
+        """After leading: wake a thread still waiting, to lead in its turn. (One that
+        starts waiting after this look tries to lead itself.)"""
+        if not self.waiting:
+            return
+        with self.lock:
+            for slot in self.waiting.values():
+                self._wake(slot)
+                return
+
+    def _reap(self) -> None:
+        """Hand out the completions in the used ring."""
+        mem = self.device.mem
+        with self.lock:
+            used = self.used_idx_ref.value
+            while self.used_idx != used:
+                head, _ = _USED.unpack_from(mem, self.used + 4 + 8 * (self.used_idx % QUEUE_SIZE))
+                self.used_idx = (self.used_idx + 1) & 0xFFFF
+                slot = self.waiting.pop(head, None)
+                if slot is not None:
+                    slot.status = mem[self.area(slot.index) + 32]
+                    slot.finished = True
+                    self._wake(slot)
+
+    def fail_all(self) -> None:
+        """The backend is gone: every request waiting fails (and a leader wakes up)."""
+        with self.lock:
+            for slot in self.waiting.values():
+                slot.finished = True
+                self._wake(slot)
+            self.waiting.clear()
+        os.eventfd_write(self.call, 1)
 
 
 class VhostUserBlk:
@@ -186,6 +239,7 @@ class VhostUserBlk:
         self.on_gone = on_gone
         self._started = False
         self._start_lock = threading.Lock()
+        self._monitor = threading.Thread(target=self._watch, name="vhost-user", daemon=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)
@@ -275,12 +329,23 @@ class VhostUserBlk:
         self._u64(GET_FEATURES)  # a round trip: the backend has taken every message above
 
     def start(self) -> None:
-        """Start the completion threads (after the server forked into the background)."""
+        """Start watching the backend's socket (after the server forked into the background)."""
         with self._start_lock:
             if not self._started:
                 self._started = True
-                for q in self.queues:
-                    q.thread.start()
+                self._monitor.start()
+
+    def _watch(self) -> None:
+        """Wait for the backend to close its socket (or for ``close``): then every
+        request fails, and ``on_gone`` is told unless we are closing."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLHUP)
+        poller.poll()
+        self.gone = True
+        for q in self.queues:
+            q.fail_all()
+        if not self.closing and self.on_gone is not None:
+            self.on_gone()
 
     # ------------------------------------------------------------ requests
     @property
@@ -295,7 +360,7 @@ class VhostUserBlk:
         """One NBD request as virtio-blk requests (split into CHUNK-sized parts)."""
         queue = next(self._next_queue)
         if kind == T_FLUSH:
-            self._check(queue.submit(T_FLUSH, 0)[0])
+            self._check(queue.submit(T_FLUSH, 0))
             return
         if kind in (T_DISCARD, T_WRITE_ZEROES):
             limit = (1 << 32) - self.block_size // SECTOR
@@ -304,7 +369,7 @@ class VhostUserBlk:
                 sectors = min((count - done) // SECTOR, limit)
                 segment = struct.pack("<QII", (offset + done) // SECTOR, sectors,
                                       WRITE_ZEROES_UNMAP if unmap else 0)
-                self._check(queue.submit(kind, 0, len(segment), False, segment)[0])
+                self._check(queue.submit(kind, 0, len(segment), False, segment))
                 done += sectors * SECTOR
             return
         assert buf is not None
@@ -313,17 +378,15 @@ class VhostUserBlk:
             part = buf[done:done + CHUNK]
             sector = (offset + done) // SECTOR
             if kind == T_OUT:
-                self._check(queue.submit(T_OUT, sector, len(part), False, part)[0])
+                self._check(queue.submit(T_OUT, sector, len(part), False, part))
             else:
-                status, data = queue.submit(kind, sector, len(part), True)
-                self._check(status)
-                part[:] = data
+                self._check(queue.submit(kind, sector, len(part), True, out=part))
             done += len(part)
 
     def serial(self) -> str:
         """The device's ID string (GET_ID: up to 20 bytes)."""
-        status, data = next(self._next_queue).submit(T_GET_ID, 0, 20, True)
-        self._check(status)
+        data = memoryview(bytearray(20))
+        self._check(next(self._next_queue).submit(T_GET_ID, 0, 20, True, out=data))
         return bytes(data).rstrip(b"\0").decode("ascii", "replace")
 
     def _check(self, status: int) -> None:
@@ -339,10 +402,9 @@ class VhostUserBlk:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             self.closing = True
+        if self._monitor.is_alive():
+            self._monitor.join()
         for q in self.queues:
-            os.eventfd_write(q.call, 1)
-            if q.thread.is_alive():
-                q.thread.join()
             os.close(q.kick)
             os.close(q.call)
             del q.avail_idx_ref, q.avail_ring, q.used_idx_ref

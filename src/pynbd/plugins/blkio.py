@@ -51,7 +51,11 @@ virtio-blk-vhost-user
     with ENOTSUP); a read-only device is served read-only. Every client
     shares the one device (a backend serves one frontend at a time), up to
     32 requests in flight per virtqueue; data is copied through the shared
-    memory. If the backend goes away, requests in flight and later fail with
+    memory. As with io_uring, each connection's requests run on its reading
+    thread by default (it kicks the queue and waits on the call eventfd
+    itself: no thread switch in pynbd); ``-t N`` (N > 1) keeps up to N
+    requests of a connection in flight, the thread waiting on the queue
+    handing the others their completions. If the backend goes away, requests in flight and later fail with
     EIO and the server shuts down (it does not reconnect).
 
 Limits: no extents (the whole disk reads as data).
@@ -282,6 +286,7 @@ class BlkioPlugin(Plugin):
     name = "blkio"
     magic_param = "driver"
     thread_model = ThreadModel.PARALLEL
+    short_requests = True  # a local disk, directly or behind shared memory (see the manual)
     params = (
         Param("driver", "str", "the libblkio driver", required=True,
               choices=("io_uring", VHOST_USER_BLK)),
@@ -331,9 +336,6 @@ class BlkioPlugin(Plugin):
             Ring(1).close()
         except OSError as exc:
             raise ConfigError(f"blkio: io_uring is not available here: {exc.strerror}") from None
-
-    def requests_are_short(self) -> bool:
-        return self.driver == "io_uring"
 
     def _device_gone(self) -> None:
         log.error("blkio: the vhost-user backend at %s has gone away: shutting down", self.path)
