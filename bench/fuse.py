@@ -80,9 +80,10 @@ def fuse_workloads(tmp: str, data1g: str, workload: Callable[..., object],
         workload("fuse sequential read 1G, 1M reads [unix]", "MiB/s", [
             variant("pynbd fuse", measure(pynbd_fuse)),
             variant("nbdfuse", measure(["nbdfuse"]))], 1.0),
-        # Bypassing the page cache, each 1 MiB read is one request instead of eight
-        # 128 KiB readaheads; nbdfuse refuses -o direct_io (libfuse 3 moved it out of
-        # the mount options), so its default is the best it can do.
+        # Bypassing the page cache, each 1 MiB read is one request, without read-ahead
+        # (pynbd fuse's default raises the mount's read-ahead to 4 MiB instead: 1 MiB
+        # requests, several in flight); nbdfuse refuses -o direct_io (libfuse 3 moved
+        # it out of the mount options), so its default is the best it can do.
         workload("fuse sequential read 1G, 1M reads, pynbd -o direct_io [unix]", "MiB/s", [
             variant("pynbd fuse -o direct_io", measure([*pynbd_fuse, "-o", "direct_io"])),
             variant("nbdfuse", measure(["nbdfuse"]))], 1.0),

@@ -57,9 +57,8 @@ Options:
                        ``kernel_cache``, ``uid=N`` ...); repeatable, or
                        several separated by commas. ``-o direct_io`` bypasses
                        the page cache: each read or write is one request of
-                       the size the program asked for (up to 1 MiB) instead of
-                       128 KiB readaheads, about twice as fast for large
-                       sequential I/O (no shared mmap of the file then)
+                       the size the program asked for (up to 1 MiB), with no
+                       read-ahead (and no shared mmap of the file)
     -P, --pidfile=FILE write the process id to FILE once the file system is
                        mounted and its read-ahead set (scripts wait for it)
     --readahead=SIZE   the mount's read-ahead (``4M``, ``1024K``; 0 keeps the

@@ -23,18 +23,28 @@ The first failure anywhere stops every lane, which then waits for its
 requests in flight; a copy is reported as done only when every write (and
 ``--flush``) succeeded.
 
-Where the time goes (py-spy, strace -c and /usr/bin/time over 1 GiB of
-random data between two ``nbdkit memory 1G``, 2026-11-30, a loaded 2-core
-machine): the copy is bound by the kernel's copies, as nbdcopy's is. Per
-GiB pynbd copy spends 0.4-0.55 s of system time (nbdcopy 0.35-0.5) and
-0.15-0.25 s of user time, 0.12 of which is the interpreter starting and
-importing (nbdcopy 0.02-0.05); with -C 4 no more than with -C 1. The
-threads sit in ``recv_into``, ``sendmsg`` and ``pread`` with the
-interpreter lock released; zero detection costs 15 ms per GiB of data
-(0.12 s per GiB of zeroes), ``--blkhash=sha256`` 0.6 s. What remains is
-hand-offs: about 28 futex calls and 3.5 ``recvfrom`` per request (a 1 MiB
-reply arrives in pieces), i.e. three times nbdcopy's voluntary context
-switches; on a loaded machine each hand-off waits for the scheduler.
+Where the time goes (perf record, perf stat, strace -c and process_time
+around ``main`` over 1 GiB of random data, 2026-11-30, a loaded 2-core
+machine; every pair of ``make bench``): the copy is bound by the kernel's
+copies and context switches, as nbdcopy's is (80-90% of either's samples;
+the interpreter's own work is ~50 ms per GiB). CPU per GiB of the engine
+(imports excluded) against nbdcopy's whole run, min-median of 5-7:
+
+    nbdkit -> nbdkit   -C 4  0.35-0.42 s   nbdcopy 0.37-0.39
+                       -C 1  0.40-0.48     0.32-0.38
+    file -> nbdkit     -C 4  0.44-0.47     0.33-0.36
+    nbdkit -> file     -C 4  0.65-0.66     0.71-0.78
+    pynbd -> nbdkit    -C 4  0.40-0.45     0.39-0.42
+    nbdkit -> pynbd    -C 4  0.49-0.51     0.37-0.42
+
+-C 4 costs no more than -C 1, and both make as many context switches
+as nbdcopy (~10,000 per GiB). What pynbd adds is its start-up: ~90 ms of
+CPU (and of wall time on an idle machine) before the first connection,
+~25 of them the interpreter's site hooks and 50-60 pynbd's imports (client,
+proto, backend: spread thin, no single module to defer), about 12% of a
+1 GiB copy at 1.4 GiB/s. Tried and dropped, no CPU gain measurable:
+MSG_WAITALL on data reads (a third of the recvfrom calls, same CPU),
+queue sizes of 4-16 MiB, request sizes of 256 KiB-4 MiB.
 """
 
 from __future__ import annotations
