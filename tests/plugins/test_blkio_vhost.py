@@ -96,8 +96,9 @@ def test_seed_one_liner_zero_trim_and_flush(tmp_path):
 def test_many_requests_in_flight(tmp_path, threads):
     """fio at depth 16 for a few seconds, verifying what it wrote: tens of thousands of
     requests, the ring indexes wrapping many times while the backend reads them (it
-    panics on a torn index); one request at a time (the default) and 16 (-t 16), whose
-    threads hand each other their completions."""
+    panics on a torn index). By default writes run one at a time on the reading thread
+    and the verifying reads are all started at once (answered later, from the queue's
+    completion thread); with -t 16, 16 threads hand each other their completions."""
     image = str(tmp_path / "disk.img")
     random_image(image, 64 * MiB)
     with storage_daemon(tmp_path, image, "raw", "writable=on") as daemon:

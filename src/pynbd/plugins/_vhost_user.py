@@ -12,8 +12,10 @@ and the slot's area of shared memory. Many threads may call ``request`` at
 once: each queue holds ``SLOTS`` requests in flight. No thread is dedicated
 to completions: of the threads waiting on a queue, one (the leader) waits on
 its call eventfd and hands the others their completions, so a lone caller
-kicks and waits with no thread switch. One thread watches the socket, to
-fail every request when the backend goes away. Message and structure
+kicks and waits with no thread switch. ``start_read`` and ``kick_started``
+start reads without waiting: a completion thread per queue reaps them while
+any are outstanding and calls each one's callback. One thread watches the
+socket, to fail every request when the backend goes away. Message and structure
 layouts are the vhost-user specification's and virtio 1.x's (little-endian).
 """
 
@@ -75,15 +77,20 @@ class _Slot:
     """One request in flight: its status, and a lock its thread sleeps on while
     another thread of the queue (the leader) waits for the backend's calls."""
 
-    __slots__ = ("index", "done", "finished", "signalled", "status")
+    __slots__ = ("index", "done", "finished", "signalled", "status", "out", "callback", "burst")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, out: memoryview | None = None,
+                 callback: Callable[[int], None] | None = None,
+                 burst: Callable[[], None] | None = None) -> None:
         self.index = index
         self.done = threading.Lock()
         self.done.acquire()
         self.finished = False
         self.signalled = False  # ``done`` is released (or about to be taken)
         self.status = S_IOERR
+        self.out = out  # a started read's destination
+        self.callback = callback  # a started request's: called with its status
+        self.burst = burst  # called once per burst of completions
 
 
 class _Queue:
@@ -106,6 +113,12 @@ class _Queue:
         self.call_poller.register(self.call, select.POLLIN)
         self.free = list(range(SLOTS))
         self.waiting: dict[int, _Slot] = {}
+        self.started = 0  # requests started without waiting (``start``), not completed
+        self.unkicked = False  # some of them are not kicked yet
+        self.reaping = False  # the completion thread is wanted
+        self.wanted = threading.Condition(self.lock)
+        self.reaper = threading.Thread(target=self._reap_started, name=f"vhost-user-q{number}",
+                                       daemon=True)
         self.avail_idx = 0
         self.used_idx = 0
         # The indexes the other side reads while they change are stored and loaded
@@ -124,37 +137,61 @@ class _Queue:
     def area(self, slot: int) -> int:
         return self.data_base + slot * SLOT_BYTES
 
+    def _take(self, out: memoryview | None = None, callback: Callable[[int], None] | None = None,
+              burst: Callable[[], None] | None = None) -> _Slot:
+        """A free slot (waiting for one if need be)."""
+        with self.lock:
+            if not self.free and self.unkicked:  # what was started must go, to free slots
+                self.unkicked = False
+                os.eventfd_write(self.kick, 1)
+                self._want_reaper()
+            while not self.free:
+                self.full += 1
+                self.room.wait()
+                self.full -= 1
+            return _Slot(self.free.pop(), out, callback, burst)
+
+    def _release(self, slot: _Slot) -> None:
+        """Give ``slot`` back (under ``lock``)."""
+        self.free.append(slot.index)
+        if self.full:
+            self.room.notify()
+
+    def _post(self, slot: _Slot, kind: int, sector: int, length: int, writable: bool,
+              fill: bytes | memoryview | None) -> None:
+        """Fill ``slot``'s header and descriptors and make it available to the backend."""
+        mem, view = self.device.mem, self.device.view
+        area = self.area(slot.index)
+        _REQUEST.pack_into(mem, area, kind, 0, sector)
+        mem[area + 32] = 0xFF
+        if fill is not None:
+            view[area + 64:area + 64 + len(fill)] = fill
+        d = 3 * slot.index
+        if length:
+            flags = DESC_F_NEXT | (DESC_F_WRITE if writable else 0)
+            _DESC.pack_into(mem, self.desc + 16 * (d + 1), area + 64, length, flags, d + 2)
+            _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 1)
+        else:  # flush: header -> status
+            _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 2)
+        with self.lock:
+            if self.device.gone:
+                raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
+            self.waiting[d] = slot
+            if slot.callback is not None:
+                self.started += 1
+            self.avail_ring[self.avail_idx % QUEUE_SIZE] = d
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+            self.avail_idx_ref.value = self.avail_idx
+
     def submit(self, kind: int, sector: int, length: int = 0, writable: bool = False,
                fill: bytes | memoryview | None = None, out: memoryview | None = None) -> int:
         """Run one request with at most CHUNK bytes of data in the slot's area (written
         there from ``fill`` first, read from there into ``out`` after); its status."""
         mem, view = self.device.mem, self.device.view
-        with self.lock:
-            while not self.free:
-                self.full += 1
-                self.room.wait()
-                self.full -= 1
-            slot = _Slot(self.free.pop())
+        slot = self._take()
         try:
             area = self.area(slot.index)
-            _REQUEST.pack_into(mem, area, kind, 0, sector)
-            mem[area + 32] = 0xFF
-            if fill is not None:
-                view[area + 64:area + 64 + len(fill)] = fill
-            d = 3 * slot.index
-            if length:
-                flags = DESC_F_NEXT | (DESC_F_WRITE if writable else 0)
-                _DESC.pack_into(mem, self.desc + 16 * (d + 1), area + 64, length, flags, d + 2)
-                _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 1)
-            else:  # flush: header -> status
-                _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 2)
-            with self.lock:
-                if self.device.gone:
-                    raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
-                self.waiting[d] = slot
-                self.avail_ring[self.avail_idx % QUEUE_SIZE] = d
-                self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-                self.avail_idx_ref.value = self.avail_idx
+            self._post(slot, kind, sector, length, writable, fill)
             os.eventfd_write(self.kick, 1)
             self._wait(slot)
             if self.device.gone and slot.status == S_IOERR and mem[area + 32] == 0xFF:
@@ -166,9 +203,73 @@ class _Queue:
             with self.lock:
                 if not slot.finished and self.waiting.get(3 * slot.index) is slot:
                     del self.waiting[3 * slot.index]  # failed waiting: no one hands it out
-                self.free.append(slot.index)
-                if self.full:
-                    self.room.notify()
+                self._release(slot)
+
+    # ------------------------------------------------------------ without waiting
+    def start(self, sector: int, out: memoryview, callback: Callable[[int], None],
+              burst: Callable[[], None] | None) -> None:
+        """Start a read of ``len(out)`` <= CHUNK bytes: ``callback(status)`` is called,
+        with ``out`` filled, from the thread that reaps it. ``kick_started`` sends it."""
+        slot = self._take(out, callback, burst)
+        try:
+            self._post(slot, T_IN, sector, len(out), True, None)
+        except BaseException:
+            with self.lock:
+                self._release(slot)
+            raise
+        self.unkicked = True
+
+    def kick_started(self) -> None:
+        """Kick the backend for the started requests, and have them reaped."""
+        if self.unkicked:
+            self.unkicked = False
+            os.eventfd_write(self.kick, 1)
+            with self.lock:
+                self._want_reaper()
+
+    def _want_reaper(self) -> None:
+        """(Under ``lock``.) Wake the completion thread if started requests are out."""
+        if self.started and not self.reaping:
+            self.reaping = True
+            self.wanted.notify()
+
+    def _reap_started(self) -> None:
+        """The completion thread: lead while started requests are outstanding."""
+        while True:
+            with self.lock:
+                while not self.reaping and not self.device.gone:
+                    self.wanted.wait()
+                if self.device.gone:
+                    return
+            with self.leader:
+                while True:
+                    with self.lock:
+                        if not self.started or self.device.gone:
+                            self.reaping = False
+                            break
+                    self.call_poller.poll()
+                    with contextlib.suppress(BlockingIOError):  # taken: reap anyway
+                        os.eventfd_read(self.call)
+                    self._reap()
+            self._promote()
+
+    def _finish_started(self, slots: list[_Slot]) -> None:
+        """Hand completed started requests their data and status, give their slots back."""
+        view = self.device.view
+        bursts: dict[Callable[[], None], None] = {}
+        for slot in slots:
+            out = slot.out
+            if out is not None and slot.status == S_OK:
+                area = self.area(slot.index) + 64
+                out[:] = view[area:area + len(out)]
+            with self.lock:
+                self._release(slot)
+            if slot.callback is not None:
+                slot.callback(slot.status)
+            if slot.burst is not None:
+                bursts[slot.burst] = None
+        for burst in bursts:
+            burst()
 
     def _wait(self, slot: _Slot) -> None:
         """Until ``slot`` completes: lead (wait on the call eventfd, the GIL released, and
@@ -208,6 +309,7 @@ class _Queue:
     def _reap(self) -> None:
         """Hand out the completions in the used ring."""
         mem = self.device.mem
+        started: list[_Slot] = []
         with self.lock:
             used = self.used_idx_ref.value
             while self.used_idx != used:
@@ -217,16 +319,29 @@ class _Queue:
                 if slot is not None:
                     slot.status = mem[self.area(slot.index) + 32]
                     slot.finished = True
-                    self._wake(slot)
+                    if slot.callback is None:
+                        self._wake(slot)
+                    else:
+                        started.append(slot)
+                        self.started -= 1
+        if started:
+            self._finish_started(started)
 
     def fail_all(self) -> None:
         """The backend is gone: every request waiting fails (and a leader wakes up)."""
+        started: list[_Slot] = []
         with self.lock:
             for slot in self.waiting.values():
                 slot.finished = True
-                self._wake(slot)
+                if slot.callback is None:
+                    self._wake(slot)
+                else:
+                    started.append(slot)
             self.waiting.clear()
+            self.started = 0
+            self.wanted.notify()
         os.eventfd_write(self.call, 1)
+        self._finish_started(started)
 
 
 class VhostUserBlk:
@@ -334,6 +449,8 @@ class VhostUserBlk:
             if not self._started:
                 self._started = True
                 self._monitor.start()
+                for q in self.queues:
+                    q.reaper.start()
 
     def _watch(self) -> None:
         """Wait for the backend to close its socket (or for ``close``): then every
@@ -383,6 +500,16 @@ class VhostUserBlk:
                 self._check(queue.submit(kind, sector, len(part), True, out=part))
             done += len(part)
 
+    def start_read(self, offset: int, buf: memoryview, callback: Callable[[int], None],
+                   burst: Callable[[], None] | None = None) -> None:
+        """Start reading ``len(buf)`` <= CHUNK bytes (whole sectors) at ``offset``:
+        ``callback(status)`` is called once they are in ``buf`` (``check`` the status)."""
+        next(self._next_queue).start(offset // SECTOR, buf, callback, burst)
+
+    def kick_started(self) -> None:
+        for q in self.queues:
+            q.kick_started()
+
     def serial(self) -> str:
         """The device's ID string (GET_ID: up to 20 bytes)."""
         data = memoryview(bytearray(20))
@@ -390,11 +517,19 @@ class VhostUserBlk:
         return bytes(data).rstrip(b"\0").decode("ascii", "replace")
 
     def _check(self, status: int) -> None:
+        error = self.error(status)
+        if error is not None:
+            raise error
+
+    def error(self, status: int) -> OSError | None:
+        """What a request's status means for the client: None for success."""
         if status == S_OK:
-            return
+            return None
+        if self.gone:
+            return DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
         if status == S_UNSUPP:
-            raise OSError(errno.ENOTSUP, "vhost-user: the device does not support this request")
-        raise OSError(errno.EIO, "vhost-user: the device failed the request")
+            return OSError(errno.ENOTSUP, "vhost-user: the device does not support this request")
+        return OSError(errno.EIO, "vhost-user: the device failed the request")
 
     def close(self) -> None:
         self.closing = True
@@ -405,6 +540,8 @@ class VhostUserBlk:
         if self._monitor.is_alive():
             self._monitor.join()
         for q in self.queues:
+            if q.reaper.is_alive():
+                q.reaper.join()
             os.close(q.kick)
             os.close(q.call)
             del q.avail_idx_ref, q.avail_ring, q.used_idx_ref

@@ -51,12 +51,17 @@ virtio-blk-vhost-user
     with ENOTSUP); a read-only device is served read-only. Every client
     shares the one device (a backend serves one frontend at a time), up to
     32 requests in flight per virtqueue; data is copied through the shared
-    memory. As with io_uring, each connection's requests run on its reading
-    thread by default (it kicks the queue and waits on the call eventfd
-    itself: no thread switch in pynbd); ``-t N`` (N > 1) keeps up to N
-    requests of a connection in flight, the thread waiting on the queue
-    handing the others their completions. If the backend goes away, requests in flight and later fail with
-    EIO and the server shuts down (it does not reconnect).
+    memory. Reads are answered later (the server's ``AsyncReads``, when
+    no filter above changes reads and ``-v`` is not given): the reading
+    thread starts every read of a batch of requests, kicks the queue once,
+    and a completion thread per queue reaps them and sends their replies,
+    so one connection keeps up to 32 reads in flight per queue. Other
+    requests run on each connection's reading thread by default (it kicks
+    the queue and waits on the call eventfd itself: no thread switch);
+    ``-t N`` (N > 1) keeps up to N of them in flight, the thread waiting on
+    the queue handing the others their completions. If the backend goes
+    away, requests in flight and later fail with EIO and the server shuts
+    down (it does not reconnect).
 
 Limits: no extents (the whole disk reads as data).
 """
@@ -84,9 +89,11 @@ from ..backend import (
     ThreadModel,
     io_error,
 )
+from ..backend.connection import ReadCompletions
 from ..backend.linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, is_not_supported
 from ._io_uring import OP_FALLOCATE, OP_FSYNC, OP_READ, OP_WRITE, RWF_DSYNC, Ring, address_of
 from ._vhost_user import (
+    CHUNK,
     F_DISCARD,
     F_FLUSH,
     F_WRITE_ZEROES,
@@ -253,6 +260,25 @@ class VhostUserConnection(Connection):
     def pread(self, buf: memoryview, offset: int, flags: int) -> None:
         self._aligned(offset, len(buf))
         self.device.request(T_IN, offset, buf)
+
+    # AsyncReads: reads the server starts and has answered later, many in flight.
+    def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
+                    completions: ReadCompletions) -> None:
+        self._aligned(offset, len(buf))
+        if len(buf) > CHUNK:  # more than one slot: read it now
+            self.device.request(T_IN, offset, buf)
+            completions.read_done(tag, None)
+            completions.reads_done()
+            return
+        error = self.device.error
+
+        def done(status: int) -> None:
+            completions.read_done(tag, error(status))
+
+        self.device.start_read(offset, buf, done, completions.reads_done)
+
+    def send_started(self) -> None:
+        self.device.kick_started()
 
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self._aligned(offset, len(buf))
