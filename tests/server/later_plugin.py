@@ -1,0 +1,97 @@
+"""later: a 2 MiB disk whose reads are answered later, from a thread of its own.
+
+A test plugin loaded by path (``pynbd serve tests/server/later_plugin.py``)
+offering ``backend.connection.AsyncReads``. The disk starts as nbdkit's
+pattern plugin (each 8 bytes hold their own offset, big-endian); writes are
+synchronous. Each ``send_started`` hands the reads started since the last one
+to the thread, which answers them in reverse order. Reads at ``EIO_OFFSET``
+fail with EIO, reads at ``BUG_OFFSET`` raise RuntimeError in ``start_pread``
+(a plugin bug), reads at ``HOLD_OFFSET`` are answered only when the
+connection closes (with an error). On close it logs how many reads were
+answered later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+
+from pynbd.backend import Connection, OpenContext, Plugin
+from pynbd.backend.connection import ReadCompletions
+
+SIZE = 2 << 20
+EIO_OFFSET = 4096
+BUG_OFFSET = 8192
+HOLD_OFFSET = 12288
+
+log = logging.getLogger("pynbd.plugins.later")
+
+Started = tuple[memoryview, int, object, ReadCompletions]
+
+
+class LaterConnection(Connection):
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+        self.started: list[Started] = []
+        self.held: list[Started] = []
+        self.answered = 0
+        self.batches: queue.SimpleQueue[list[Started] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.answer, daemon=True)
+        self.thread.start()
+
+    def get_size(self) -> int:
+        return len(self.data)
+
+    def pread(self, buf: memoryview, offset: int, flags: int) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
+
+    def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.data[offset:offset + len(buf)] = buf
+
+    def flush(self, flags: int) -> None:
+        """Nothing to make durable: the disk is in memory."""
+
+    def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
+                    completions: ReadCompletions) -> None:
+        if offset == BUG_OFFSET:
+            raise RuntimeError(f"plugin bug at {BUG_OFFSET}")
+        self.started.append((buf, offset, tag, completions))
+
+    def send_started(self) -> None:
+        if self.started:
+            batch, self.started = self.started, []
+            self.batches.put(batch)
+
+    def answer(self) -> None:
+        while (batch := self.batches.get()) is not None:
+            for buf, offset, tag, sink in reversed(batch):
+                if offset == HOLD_OFFSET:
+                    self.held.append((buf, offset, tag, sink))
+                    continue
+                self.answered += 1
+                if offset == EIO_OFFSET:
+                    sink.read_done(tag, OSError(errno.EIO, "later: a bad sector"))
+                else:
+                    buf[:] = self.data[offset:offset + len(buf)]
+                    sink.read_done(tag, None)
+            sink.reads_done()
+
+    def close(self) -> None:
+        self.batches.put(None)
+        self.thread.join()
+        for _buf, _offset, tag, sink in self.held:
+            sink.read_done(tag, OSError(errno.ESHUTDOWN, "later: closed"))
+            sink.reads_done()
+        log.warning("later: %d reads answered later", self.answered)
+
+
+class LaterPlugin(Plugin):
+    name = "later"
+
+    def get_ready(self) -> None:
+        self.data = bytearray(b"".join(i.to_bytes(8, "big") for i in range(0, SIZE, 8)))
+
+    def open(self, ctx: OpenContext) -> Connection:
+        return LaterConnection(self.data)
