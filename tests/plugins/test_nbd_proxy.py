@@ -241,3 +241,67 @@ def test_shared_connection_for_all_clients(tmp_path):
             assert listing["exports"][0]["export-size"] == 1 << 20
     finally:
         stop_process(proc)
+
+
+def test_reads_in_flight_when_the_server_dies_fail_then_reconnect(tmp_path):
+    sock = tmp_path / "up.sock"
+    proc = upstream(sock, "--filter=delay", "pattern", "1M", "rdelay=2")
+    code = """
+import time
+bufs = [nbd.Buffer(4096) for _ in range(16)]
+cookies = [h.aio_pread(buf, 4096 * i) for i, buf in enumerate(bufs)]
+time.sleep(0.5)  # all sent on, held by the server's delay
+print("sent", flush=True)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+errors = []
+for c in cookies:
+    try:
+        h.aio_command_completed(c)
+    except nbd.Error as exc:
+        errors.append(exc.errno)
+print(errors)
+"""
+    with served("nbd", uri_of(sock), "retry=3") as srv:
+        client = subprocess.Popen(["nbdsh", "-u", srv.uri, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline() == "sent\n"
+        proc.kill()
+        proc.wait()
+        assert client.stdout.read().strip() == str(["EIO"] * 16)
+        assert client.wait() == 0
+        proc = upstream(sock, "pattern", "1M")
+        try:
+            assert nbdsh(srv.uri, "print(h.pread(8, 64).hex())").strip() == (64).to_bytes(8, "big").hex()
+        finally:
+            proc.kill()
+            proc.wait()
+    log = srv.stderr()
+    assert "lost the connection" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("shared", ["true", "false"])
+def test_client_gone_with_reads_in_flight(tmp_path, shared):
+    sock = tmp_path / "up.sock"
+    proc = upstream(sock, "--filter=delay", "pattern", "1M", "rdelay=1")
+    try:
+        with served("nbd", uri_of(sock), f"shared={shared}") as srv:
+            code = "for i in range(16): h.aio_pread(nbd.Buffer(4096), 4096 * i)\nh.poll(0)\n"
+            nbdsh(srv.uri, code)  # exits (no NBD_CMD_DISC) with 16 reads in flight
+            assert nbdsh(srv.uri, "print(h.pread(8, 8).hex())").strip() == (8).to_bytes(8, "big").hex()
+        assert "Traceback" not in srv.stderr()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_fio_verify_through_the_proxy_at_depth_16(tmp_path):
+    sock = tmp_path / "up.sock"
+    proc = upstream(sock, "memory", "4M")
+    try:
+        with served("nbd", uri_of(sock)) as srv:
+            run(["fio", "--name=v", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randrw", "--bs=4k",
+                 "--iodepth=16", "--size=4M", "--verify=crc32c", "--verify_fatal=1", "--fsync=8",
+                 "--verify_state_save=0", "--do_verify=1", "--loops=2"])
+    finally:
+        proc.kill()
+        proc.wait()
