@@ -8,9 +8,13 @@
     pynbd serve curl https://host/disk.img.xz --filter=xz --run 'nbdinfo $uri'
 
 Every read is one ``GET`` with ``Range: bytes=FIRST-LAST``, made with libcurl
-(through pycurl) on a pool of kept-alive connections that all clients share:
-up to ``connections=`` requests are in flight at once, so a client that
-queues many reads (or several clients) get them served in parallel.
+(through pycurl) on kept-alive connections that all clients share: up to
+``connections=`` requests are in flight at once, so a client that queues
+many reads (or several clients) get them served in parallel. The reads of
+a client (when no filter above changes them, and without header-script= or
+cookie-script=) are answered later: one thread drives a libcurl multi
+handle over all of them and sends each reply as its transfer ends. Other
+reads (under a filter such as xz) each wait on a handle of their own.
 
 Parameters (nbdkit's names)
     url=URL                 the image (the magic parameter: ``pynbd serve curl URL``)

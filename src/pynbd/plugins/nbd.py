@@ -47,12 +47,19 @@ Behaviour
       with EIO; each later request tries to connect again (with retry=), and
       once the server is back, requests succeed again (the size must not have
       changed). A new client always gets a new connection (unless shared=true).
-    - Speed: a server on a Unix socket (or a captive command) answers in
-      microseconds, so each client's requests are passed on one at a time from
-      the thread that reads them, without handing them to worker threads
-      (``short_requests``); that is about twice as fast as a pool of threads
-      waiting on the answers. A server over TCP gets the worker pool (-t) and
-      several connections instead.
+    - Speed: the proxy answers reads later (``AsyncReads``): each read a
+      client sends is passed on as soon as it is read, many in flight on one
+      upstream connection, the requests read together sent in one ``sendmsg``;
+      a thread per upstream connection receives the answers and the replies
+      to the client leave from it, those of one receive in one send. Writes,
+      zeroes, trims, flushes, block status and cache wait for their answer,
+      so a FLUSH still covers every write answered before it. (Only when
+      every filter above passes reads through unchanged; otherwise reads
+      wait for their answer too.) Over TLS one command runs at a time per
+      upstream connection. With a server on a Unix socket (or a captive
+      command) the other commands run on the thread that reads them
+      (``short_requests``); over TCP on the worker pool (-t), with several
+      connections.
 """
 
 from __future__ import annotations
@@ -115,9 +122,6 @@ log = logging.getLogger("pynbd.plugins.nbd")
 
 NBD_PORT = 10809
 _TLS_MODES = {"off": TLS_DISABLE, "on": TLS_ALLOW, "require": TLS_REQUIRE}
-# Errors that mean the connection, not the request, failed.
-_LOST = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED,
-                   errno.ESHUTDOWN, errno.ETIMEDOUT, errno.ECONNREFUSED})
 _MAX_STATUS = 1 << 31  # the most one block-status request asks about
 READ, WRITE, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = (
     int(c) for c in (Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
