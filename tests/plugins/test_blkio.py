@@ -97,6 +97,22 @@ def test_read_past_a_shrunken_end_is_zeroes_and_read_only(tmp_path):
     assert out.split()[0] == "True" and int(out.split()[1]) in (errno.EPERM, errno.EROFS)
 
 
+@pytest.mark.parametrize("direct", ["false", "true"])
+def test_reads_across_a_shrunken_end(tmp_path, direct):
+    """The file shrinks under a connected client: what lies past its new end reads as
+    zeroes (a short read completed, whether started ahead or run at once)."""
+    disk = image(tmp_path, MiB)
+    with open(disk, "r+b") as f:
+        f.write(b"\x5a" * MiB)
+    with served("blkio", "io_uring", f"path={disk}", f"direct={direct}") as srv:
+        out = nbdsh(srv.uri, (
+            "import os\n"
+            f"os.truncate({disk!r}, 512 * 1024 - 2048)\n"
+            "data = h.pread(8192, 512 * 1024 - 4096)\n"
+            "print(data[:2048] == b'\\x5a' * 2048, data[2048:] == bytes(6144))\n"))
+    assert out.split() == ["True", "True"]
+
+
 @pytest.mark.parametrize("args, message", [
     (("io_uring", "path=/nonexistent/disk.img"), "No such file or directory"),
     (("virtio-vhost-vdpa", "path=/tmp/sock"), "is not one of io_uring, virtio-blk-vhost-user"),

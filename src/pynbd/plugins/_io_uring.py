@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import cffi
@@ -36,6 +37,11 @@ OP_WRITE = 23
 
 FSYNC_DATASYNC = 1
 RWF_DSYNC = 2
+
+# Operations started and not completed, at most: fewer than the reads a server
+# keeps in flight per client (256) before it waits, lock held, for room: it must
+# never wait on us while ``submit_started`` reports completions to it.
+MAX_STARTED = 128
 
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # 64 bytes
 _CQE = struct.Struct("<QiI")  # 16 bytes
@@ -66,17 +72,21 @@ def _enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
 
 class _Waiter:
     """One request in flight: its result, and a lock its thread sleeps on when
-    another thread is waiting on the ring (the leader) for the completions."""
+    another thread is waiting on the ring (the leader) for the completions; or,
+    for a request started without waiting (``Ring.start``), what to call."""
 
-    __slots__ = ("done", "finished", "signalled", "result", "keep")
+    __slots__ = ("done", "finished", "signalled", "result", "keep", "callback", "burst")
 
-    def __init__(self, keep: object) -> None:
+    def __init__(self, keep: object, callback: Callable[[int], None] | None = None,
+                 burst: Callable[[], None] | None = None) -> None:
         self.done = threading.Lock()
         self.done.acquire()
         self.finished = False
         self.signalled = False  # ``done`` is released (or about to be taken)
         self.result = 0
         self.keep = keep  # the buffer the kernel reads or writes, alive until then
+        self.callback = callback
+        self.burst = burst
 
 
 class Ring:
@@ -88,6 +98,13 @@ class Ring:
     thread still waiting. A lone caller (a connection whose requests run one
     at a time) thus submits and waits in one system call, with no thread
     switch, and ``n`` callers keep ``n`` requests in flight.
+
+    ``start`` queues an operation without waiting for it and ``submit_started``
+    submits what was queued in one system call, then hands out the completions
+    already there (reads of cached data complete during the submission); a
+    completion thread, started on first need, waits for the others while any
+    are outstanding. Each started operation's callback gets its result, then
+    its ``burst`` callable is called once per burst of completions.
     """
 
     def __init__(self, entries: int) -> None:
@@ -130,6 +147,10 @@ class Ring:
         self._waiters: dict[int, _Waiter] = {}
         self._next = 1
         self._closed = False
+        self._async = 0  # started operations not completed
+        self._reaping = False  # the completion thread is wanted
+        self._wanted = threading.Condition(self._lock)
+        self._reaper: threading.Thread | None = None
 
     def run(self, opcode: int, fd: int, offset: int = 0, addr: int = 0, length: int = 0,
             op_flags: int = 0, keep: object = None) -> int:
@@ -152,12 +173,13 @@ class Ring:
                                op_flags, user_data, 0, 0, 0, 0, 0)
                 self._tail = (self._tail + 1) & 0xFFFFFFFF
                 self._sq_tail_ref.value = self._tail
-            submit = 1  # each caller submits one entry (not necessarily its own)
+            # Each caller submits every entry queued so far (its own, and any started).
+            submit = 1
             while not waiter.finished:
                 if self._leader.acquire(blocking=False):
                     try:
                         while not waiter.finished:
-                            _enter(self.fd, submit, 1, IORING_ENTER_GETEVENTS)
+                            _enter(self.fd, submit and self.entries, 1, IORING_ENTER_GETEVENTS)
                             submit = 0
                             self._drain()
                     finally:
@@ -165,7 +187,7 @@ class Ring:
                         self._promote()
                 else:
                     if submit:
-                        _enter(self.fd, submit, 0, 0)
+                        _enter(self.fd, self.entries, 0, 0)
                         submit = 0
                     waiter.done.acquire()
                     waiter.signalled = False
@@ -195,10 +217,12 @@ class Ring:
                 return
 
     def _drain(self) -> None:
-        """Hand out the completions in the ring (the leader does)."""
+        """Hand out the completions in the ring (the leader does): wake the threads
+        waiting for theirs, then call the started operations' callbacks."""
         cq, mask, cqes = self.cq, self._cq_mask, self._cqes
         head = self._head
         tail = self._cq_tail_ref.value
+        started: list[tuple[Callable[[int], None], int, Callable[[], None] | None]] = []
         with self._lock:
             while head != tail:
                 user_data, result, _ = _CQE.unpack_from(cq, cqes + 16 * (head & mask))
@@ -207,17 +231,103 @@ class Ring:
                 if waiter is not None:
                     waiter.result = result
                     waiter.finished = True
-                    self._wake(waiter)
+                    if waiter.callback is None:
+                        self._wake(waiter)
+                    else:
+                        started.append((waiter.callback, result, waiter.burst))
+                        self._async -= 1
             if self._full:
                 self._room.notify(self._full)
         self._head = head
         self._cq_head_ref.value = head
+        if started:
+            bursts: dict[Callable[[], None], None] = {}
+            for callback, result, burst in started:
+                callback(result)
+                if burst is not None:
+                    bursts[burst] = None
+            for burst in bursts:
+                burst()
+
+    # ------------------------------------------------------------ without waiting
+    def start(self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int,
+              keep: object, callback: Callable[[int], None],
+              burst: Callable[[], None] | None = None) -> None:
+        """Queue one operation: ``callback(result)`` (>= 0, or -errno) is called when it
+        completes, from the thread that reaps it. ``submit_started`` submits it."""
+        if self._closed:
+            raise OSError(errno.EBADF, "io_uring: the ring is closed")
+        waiter = _Waiter(keep, callback, burst)
+        with self._lock:
+            full = len(self._waiters) >= self.entries or self._async >= MAX_STARTED
+        if full:  # make room: what is queued goes in, and its completions are reaped
+            self.submit_started()
+        with self._lock:
+            while len(self._waiters) >= self.entries or self._async >= MAX_STARTED:
+                self._full += 1
+                self._room.wait()
+                self._full -= 1
+            user_data = self._next
+            self._next += 1
+            self._waiters[user_data] = waiter
+            self._async += 1
+            index = self._tail & self._sq_mask
+            _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
+                           op_flags, user_data, 0, 0, 0, 0, 0)
+            self._tail = (self._tail + 1) & 0xFFFFFFFF
+            self._sq_tail_ref.value = self._tail
+
+    def submit_started(self) -> None:
+        """Submit the queued operations, hand out the completions already there, and
+        have the completion thread wait for the rest."""
+        _enter(self.fd, self.entries, 0, 0)
+        if self._leader.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._leader.release()
+                self._promote()
+        with self._lock:
+            if not self._async or self._reaping:
+                return
+            self._reaping = True
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="io_uring", daemon=True)
+                self._reaper.start()
+            self._wanted.notify()
+
+    def _reap(self) -> None:
+        """The completion thread: lead while started operations are outstanding."""
+        while True:
+            with self._lock:
+                while not self._reaping and not self._closed:
+                    self._wanted.wait()
+                if self._closed:
+                    return
+            with self._leader:
+                while True:
+                    with self._lock:
+                        if not self._async or self._closed:
+                            self._reaping = False
+                            break
+                    _enter(self.fd, self.entries, 1, IORING_ENTER_GETEVENTS)
+                    self._drain()
+            self._promote()
 
     def close(self) -> None:
-        """Unmap the rings (no request may be in flight)."""
+        """Wait for the started operations, then unmap the rings (no caller may be
+        waiting in ``run``)."""
         if self._closed:
             return
-        self._closed = True
+        with self._leader:
+            while self._async:
+                _enter(self.fd, self.entries, 1, IORING_ENTER_GETEVENTS)
+                self._drain()
+            with self._lock:
+                self._closed = True
+                self._wanted.notify()
+        if self._reaper is not None:
+            self._reaper.join()
         del self._sq_tail_ref, self._cq_head_ref, self._cq_tail_ref
         for area in (self.sq, self.cq, self.sqes):
             area.close()

@@ -19,15 +19,20 @@ Parameters
     read-only=BOOL   serve the disk read-only (as -r does)
 
 io_uring
-    Each client connection gets its own io_uring. Its requests are short, as
-    the file plugin's are: by default each connection's requests run on its
-    reading thread, which submits one and waits for its completion in a
-    single io_uring_enter (no thread switch). With ``-t N`` (N > 1), N
-    worker threads submit to the ring at the same time, so up to N requests
-    are in flight per connection; whichever of them waits on the ring hands
-    the others their completions. Clients that want more parallelism at the
-    default open several connections (fio ``numjobs``, ``nbdcopy
-    --connections``). Reads
+    Each client connection gets its own io_uring. Reads are answered later
+    (the server's ``AsyncReads``, when no filter above changes reads and
+    ``-v`` is not given; not with direct=true): the reading thread queues
+    every read of a batch of client requests on the ring, submits them in
+    one io_uring_enter and sends the replies of those already complete
+    (cached data usually is); a completion thread reaps the others, so up
+    to 128 reads are in flight per connection. Other requests are short, as
+    the file plugin's are: they run on the connection's reading thread,
+    which submits one and waits for it in a single io_uring_enter (no thread
+    switch). With ``-t N`` (N > 1), N worker threads submit to the ring at
+    the same time, so up to N of them are in flight; whichever waits on the
+    ring hands the others their completions. Buffered writes on a file
+    system without asynchronous buffered writes (ext4) complete in the
+    kernel's io-wq threads: a switch there per write. Reads
     and writes are IORING_OP_READ / WRITE into the request buffers (no
     copies without direct=true); FUA writes carry RWF_DSYNC; flush is
     IORING_OP_FSYNC; trim punches a hole and write-zeroes uses ZERO_RANGE
@@ -224,6 +229,44 @@ class IoUringConnection(Connection):
         self.ring.close()
 
 
+class AsyncIoUringConnection(IoUringConnection):
+    """An ``IoUringConnection`` whose reads the server may start and have answered later
+    (``backend.connection.AsyncReads``): each is queued on the ring, the ones a batch of
+    requests brings are submitted together, and completions are reported as they are
+    reaped. Not with direct=true (buffers need aligning there)."""
+
+    def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
+                    completions: ReadCompletions) -> None:
+        def done(result: int) -> None:
+            if result < 0:
+                completions.read_done(tag, OSError(-result, os.strerror(-result)))
+                return
+            try:
+                if result < len(buf):
+                    self._read_rest(buf[result:], offset + result)
+            except OSError as exc:
+                completions.read_done(tag, exc)
+                return
+            completions.read_done(tag, None)
+
+        address, keep = address_of(buf)
+        self.ring.start(OP_READ, self.fd, offset, address, len(buf), 0, keep, done,
+                        completions.reads_done)
+
+    def _read_rest(self, buf: memoryview, offset: int) -> None:
+        """After a short read (a file that shrank), on the reaping thread: the rest with
+        preadv (the ring is this thread's to reap), zeroes past the end."""
+        while len(buf):
+            n = os.preadv(self.fd, (buf,), offset)
+            if n == 0:
+                buf[:] = bytes(len(buf))
+                return
+            buf, offset = buf[n:], offset + n
+
+    def send_started(self) -> None:
+        self.ring.submit_started()
+
+
 class VhostUserConnection(Connection):
     """One client of the shared vhost-user-blk device."""
 
@@ -386,7 +429,9 @@ class BlkioPlugin(Plugin):
         if self.device is not None:
             self.device.start()
             return VhostUserConnection(self.device, ctx.readonly or self.read_only)
-        return IoUringConnection(self, ctx.readonly)
+        if self.direct:
+            return IoUringConnection(self, ctx.readonly)
+        return AsyncIoUringConnection(self, ctx.readonly)
 
     def unload(self) -> None:
         if self.device is not None:
