@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
 
 import pytest
 
 from pynbd.tools.copying.endpoint import Endpoint, Extent, Fanout
+from pynbd.tools.copying.engine import Slot
 from pynbd.tools.copying.local import file_extents
 from pynbd.tools.copying.options import UsageError, parse_args
 from pynbd.tools.copying.plan import SLICE, Plan, Slices
@@ -73,6 +76,22 @@ def test_zero_runs_looks_at_the_given_length_only():
     buf = bytearray(8 * K)
     buf[5 * K] = 1  # beyond the length asked about
     assert ZeroScanner(4 * K, 8 * K).runs(buf, 4 * K) == [(0, 4 * K, True)]
+
+
+def test_zero_runs_from_an_offset_in_the_buffer():
+    data = b"\1" * 4 * K + bytes(8 * K) + b"\1" + bytes(100)
+    buf = bytearray(b"\1" * 123) + bytearray(data) + bytearray(b"\1" * 77)
+    assert ZeroScanner(4 * K, len(data)).runs(buf, len(data), 123) == runs(data)
+    assert ZeroScanner(4 * K, 8 * K).runs(buf, 8 * K, 123 + 4 * K) == [(0, 8 * K, True)]
+
+
+def test_slots_start_on_a_page_boundary():
+    for size in (4 * K, 1024 * K):
+        slot = Slot(size)
+        assert len(slot.view) == size
+        assert ctypes.addressof(ctypes.c_char.from_buffer(slot.view)) % mmap.PAGESIZE == 0
+        slot.view[:4] = b"abcd"
+        assert slot.buf[slot.base:slot.base + 4] == b"abcd"
 
 
 # -------------------------------------------------------------- file extents

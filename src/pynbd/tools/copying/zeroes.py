@@ -35,8 +35,9 @@ class ZeroScanner:
         self.zero_block = bytes(block)
         self.zero_full = bytes(max_length) if block else b""
 
-    def runs(self, buf: bytearray, length: int) -> list[Run]:
-        """Runs of data and of all-zero blocks in ``buf[:length]``, in order.
+    def runs(self, buf: bytearray, length: int, base: int = 0) -> list[Run]:
+        """Runs of data and of all-zero blocks in ``buf[base:base + length]``, in
+        order, their starts counted from ``base``.
 
         A final partial block is judged on its own. With ``block`` 0 the whole
         buffer is one data run; there are no runs for ``length`` 0.
@@ -45,22 +46,23 @@ class ZeroScanner:
             return []
         if self.block <= 0:
             return [(0, length, False)]
-        firsts = buf[0:length:self.block]
+        firsts = buf[base:base + length:self.block]
         zero_firsts = firsts.count(0)
         if not zero_firsts:
             return [(0, length, False)]
-        if zero_firsts == len(firsts) and buf.startswith(self.zero_full[:length], 0, length):
+        if zero_firsts == len(firsts) and buf.startswith(self.zero_full[:length], base,
+                                                         base + length):
             return [(0, length, True)]
-        return _coalesce(self._flags(buf, length, firsts), self.block, length)
+        return _coalesce(self._flags(buf, base, length, firsts), self.block, length)
 
-    def _flags(self, buf: bytearray, length: int, firsts: bytearray) -> list[bool]:
+    def _flags(self, buf: bytearray, base: int, length: int, firsts: bytearray) -> list[bool]:
         block, tail = self.block, length % self.block
         flags = [False] * len(firsts)
         i = firsts.find(0)
         while i != -1:
-            start = i * block
+            start = base + i * block
             if tail and i == len(firsts) - 1:
-                flags[i] = buf.startswith(self.zero_block[:tail], start, length)
+                flags[i] = buf.startswith(self.zero_block[:tail], start, base + length)
             else:
                 flags[i] = buf.startswith(self.zero_block, start, start + block)
             i = firsts.find(0, i + 1)
