@@ -478,26 +478,33 @@ class MultiDriver:
 
     # ---- the thread
     def run(self) -> None:
-        multi = self.multi
-        poll = self.epoll.poll
-        wake_fd = self.wake_fd
         while not self.closing:
-            events = poll(self.wait())
-            for fd, event in events:
-                if fd == wake_fd:
-                    self.signalled = False
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(wake_fd)
-                    continue
-                multi.socket_action(fd, (pycurl.CSELECT_IN if event & select.EPOLLIN else 0)
-                                    | (pycurl.CSELECT_OUT if event & select.EPOLLOUT else 0)
-                                    | (pycurl.CSELECT_ERR if event & (select.EPOLLERR | select.EPOLLHUP)
-                                       else 0))
-            if self.timer_at is not None and time.monotonic() >= self.timer_at:
-                self.timer_at = None
-                multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-            self.collect()
-            self.admit()
+            try:
+                self.round()
+            except Exception:  # noqa: BLE001 (a bug here must not stop every later read)
+                log.exception("curl: the transfers' thread failed")
+                time.sleep(0.1)
+
+    def round(self) -> None:
+        """Wait for sockets, libcurl's timer, a retry or new reads; move every transfer on."""
+        multi = self.multi
+        wake_fd = self.wake_fd
+        events = self.epoll.poll(self.wait())
+        for fd, event in events:
+            if fd == wake_fd:
+                self.signalled = False
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(wake_fd)
+                continue
+            multi.socket_action(fd, (pycurl.CSELECT_IN if event & select.EPOLLIN else 0)
+                                | (pycurl.CSELECT_OUT if event & select.EPOLLOUT else 0)
+                                | (pycurl.CSELECT_ERR if event & (select.EPOLLERR | select.EPOLLHUP)
+                                   else 0))
+        if self.timer_at is not None and time.monotonic() >= self.timer_at:
+            self.timer_at = None
+            multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        self.collect()
+        self.admit()
 
     def wait(self) -> float:
         """Seconds epoll may wait: until libcurl's timer or the next retry (-1: no limit)."""
