@@ -206,3 +206,40 @@ def test_parallel_requests_up_to_connections(connections):
                 for h in handles:
                     h.close()
         assert bad.most == connections and bad.gets == 6
+
+
+def test_many_reads_in_flight_of_one_client(web):
+    """64 reads sent at once (answered later, on the multi handle), over HTTP and HTTPS."""
+    code = """
+import random
+rng = random.Random(5)
+size = h.get_size()
+reads = [(rng.randrange(0, size - 70000), rng.choice((1, 512, 4096, 65536))) for _ in range(64)]
+bufs = [nbd.Buffer(n) for _, n in reads]
+cookies = [h.aio_pread(buf, off) for buf, (off, _) in zip(bufs, reads)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+assert all(h.aio_command_completed(c) for c in cookies)
+for buf, (off, n) in zip(bufs, reads):
+    print(off, buf.to_bytearray().hex())
+"""
+    data = (web.root / "disk.img").read_bytes()
+    for args in ([web.http("disk.img"), "connections=4"],
+                 [web.https("auth/disk.img"), f"cainfo={web.ca}", f"user={USER}", f"password={PASSWORD}"]):
+        with served("curl", *args) as srv:
+            lines = nbdsh(srv.uri, code).split("\n")[:-1]
+        assert len(lines) == 64
+        for line in lines:
+            off, hexdata = line.split(" ")
+            assert bytes.fromhex(hexdata) == data[int(off):int(off) + len(hexdata) // 2]
+
+
+def test_client_gone_with_reads_in_flight():
+    with BadServer(65536, "gate") as bad:
+        with served("curl", bad.url) as srv:
+            nbdsh(srv.uri, "for i in range(8): h.aio_pread(nbd.Buffer(512), 512 * i)\nh.poll(0)\n")
+            wait_for(lambda: bad.active > 0, message="no GET arrived")
+            bad.release.set()  # their answers come when nobody waits for them any more
+            out = nbdsh(srv.uri, "print(h.pread(16, 256).hex())")
+            assert out.strip() == bad.data[256:272].hex()
+        assert "Traceback" not in srv.stderr()
