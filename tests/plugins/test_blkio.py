@@ -44,11 +44,12 @@ def test_copy_in_and_compare(tmp_path, direct):
 
 @pytest.mark.parametrize("threads", ["1", "16"])
 def test_many_requests_in_flight(tmp_path, threads):
-    """fio at depth 16 for a few seconds, verifying what it wrote: the rings wrap many
-    times, with one request at a time (the default) and with 16 in flight (-t 16)."""
+    """fio reads and writes at depth 16 for a few seconds, verifying what it wrote: the
+    rings wrap many times. Reads are started ahead (answered later) among writes run one
+    at a time (the default) or by 16 threads at once (-t 16) on the same ring."""
     disk = image(tmp_path, 64 * MiB)
     serve_run(f"path={disk}", "num-entries=16", options=("-t", threads), command=(
-        "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randwrite --bs=4k --iodepth=16 "
+        "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randrw --bs=4k --iodepth=16 "
         "--size=64M --time_based --runtime=3 --verify=crc32c --do_verify=1 --verify_state_save=0"))
 
 

@@ -94,17 +94,17 @@ def test_seed_one_liner_zero_trim_and_flush(tmp_path):
 
 @pytest.mark.parametrize("threads", ["1", "16"])
 def test_many_requests_in_flight(tmp_path, threads):
-    """fio at depth 16 for a few seconds, verifying what it wrote: tens of thousands of
-    requests, the ring indexes wrapping many times while the backend reads them (it
-    panics on a torn index). By default writes run one at a time on the reading thread
-    and the verifying reads are all started at once (answered later, from the queue's
-    completion thread); with -t 16, 16 threads hand each other their completions."""
+    """fio reads and writes at depth 16 for a few seconds, verifying what it wrote: tens
+    of thousands of requests, the ring indexes wrapping many times while the backend
+    reads them (it panics on a torn index). Reads are started ahead (answered later,
+    from the queue's completion thread) among writes run one at a time on the reading
+    thread (the default) or by 16 threads handing each other their completions."""
     image = str(tmp_path / "disk.img")
     random_image(image, 64 * MiB)
     with storage_daemon(tmp_path, image, "raw", "writable=on") as daemon:
         run([*SERVE, "-U", "-", "-t", threads, "blkio", "virtio-blk-vhost-user",
              f"path={tmp_path}/vhost.sock",
-             "--run", "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randwrite --bs=4k "
+             "--run", "fio --name=t --ioengine=nbd --uri=\"$uri\" --rw=randrw --bs=4k "
                       "--iodepth=16 --size=64M --time_based --runtime=3 --verify=crc32c "
                       "--do_verify=1 --verify_state_save=0"])
         assert daemon.poll() is None

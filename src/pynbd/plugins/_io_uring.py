@@ -79,8 +79,9 @@ class _Waiter:
 
     def __init__(self, keep: object, callback: Callable[[int], None] | None = None,
                  burst: Callable[[], None] | None = None) -> None:
-        self.done = threading.Lock()
-        self.done.acquire()
+        if callback is None:  # (a started operation's thread never sleeps on it)
+            self.done = threading.Lock()
+            self.done.acquire()
         self.finished = False
         self.signalled = False  # ``done`` is released (or about to be taken)
         self.result = 0
@@ -144,7 +145,8 @@ class Ring:
         # Never more in flight than the rings hold: a caller past that waits for room.
         self._room = threading.Condition(self._lock)
         self._full = 0  # callers waiting for room
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, _Waiter] = {}  # by user_data: every operation in flight
+        self._threads: dict[int, _Waiter] = {}  # those a thread waits for (in ``run``)
         self._next = 1
         self._closed = False
         self._async = 0  # started operations not completed
@@ -168,6 +170,7 @@ class Ring:
                 user_data = self._next
                 self._next += 1
                 self._waiters[user_data] = waiter
+                self._threads[user_data] = waiter
                 index = self._tail & self._sq_mask
                 _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
                                op_flags, user_data, 0, 0, 0, 0, 0)
@@ -195,6 +198,7 @@ class Ring:
             if not waiter.finished:  # io_uring_enter failed: no one is to wake this thread
                 with self._lock:
                     self._waiters.pop(user_data, None)
+                    self._threads.pop(user_data, None)
         if waiter.result < 0:
             raise OSError(-waiter.result, os.strerror(-waiter.result))
         return waiter.result
@@ -209,10 +213,10 @@ class Ring:
     def _promote(self) -> None:
         """After leading: wake a thread still waiting, to take the leader's place. (One
         that starts waiting after this look tries to lead itself.)"""
-        if not self._waiters:
+        if not self._threads:
             return
         with self._lock:
-            for waiter in self._waiters.values():
+            for waiter in self._threads.values():
                 self._wake(waiter)
                 return
 
@@ -232,6 +236,7 @@ class Ring:
                     waiter.result = result
                     waiter.finished = True
                     if waiter.callback is None:
+                        del self._threads[user_data]
                         self._wake(waiter)
                     else:
                         started.append((waiter.callback, result, waiter.burst))
@@ -258,28 +263,37 @@ class Ring:
         if self._closed:
             raise OSError(errno.EBADF, "io_uring: the ring is closed")
         waiter = _Waiter(keep, callback, burst)
-        with self._lock:
-            full = len(self._waiters) >= self.entries or self._async >= MAX_STARTED
-        if full:  # make room: what is queued goes in, and its completions are reaped
-            self.submit_started()
-        with self._lock:
-            while len(self._waiters) >= self.entries or self._async >= MAX_STARTED:
-                self._full += 1
-                self._room.wait()
-                self._full -= 1
+        lock = self._lock
+        lock.acquire()
+        try:
+            if len(self._waiters) >= self.entries or self._async >= MAX_STARTED:
+                # Make room: what is queued goes in, and its completions are reaped.
+                lock.release()
+                try:
+                    self.submit_started()
+                finally:
+                    lock.acquire()
+                while len(self._waiters) >= self.entries or self._async >= MAX_STARTED:
+                    self._full += 1
+                    self._room.wait()
+                    self._full -= 1
             user_data = self._next
-            self._next += 1
+            self._next = user_data + 1
             self._waiters[user_data] = waiter
             self._async += 1
-            index = self._tail & self._sq_mask
-            _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
-                           op_flags, user_data, 0, 0, 0, 0, 0)
-            self._tail = (self._tail + 1) & 0xFFFFFFFF
-            self._sq_tail_ref.value = self._tail
+            tail = self._tail
+            _SQE.pack_into(self.sqes, 64 * (tail & self._sq_mask), opcode, 0, 0, fd, offset,
+                           addr, length, op_flags, user_data, 0, 0, 0, 0, 0)
+            # (The kernel sees the new tail when the next submitter publishes it.)
+            self._tail = (tail + 1) & 0xFFFFFFFF
+        finally:
+            lock.release()
 
     def submit_started(self) -> None:
         """Submit the queued operations, hand out the completions already there, and
         have the completion thread wait for the rest."""
+        with self._lock:
+            self._sq_tail_ref.value = self._tail
         _enter(self.fd, self.entries, 0, 0)
         if self._leader.acquire(blocking=False):
             try:

@@ -303,8 +303,9 @@ class _Queue:
             return
         with self.lock:
             for slot in self.waiting.values():
-                self._wake(slot)
-                return
+                if slot.callback is None:  # (a started request has no thread)
+                    self._wake(slot)
+                    return
 
     def _reap(self) -> None:
         """Hand out the completions in the used ring."""
