@@ -26,9 +26,11 @@ requests in flight; a copy is reported as done only when every write (and
 Where the time goes (perf record, perf stat, strace -c and process_time
 around ``main`` over 1 GiB of random data, 2026-11-30, a loaded 2-core
 machine; every pair of ``make bench``): the copy is bound by the kernel's
-copies and context switches, as nbdcopy's is (80-90% of either's samples;
-the interpreter's own work is ~50 ms per GiB). CPU per GiB of the engine
-(imports excluded) against nbdcopy's whole run, min-median of 5-7:
+copies and context switches, as nbdcopy's is (nbdcopy: 88% of its
+samples in the kernel; pynbd copy -C 1: 62-67%, libpython 27-31%, about
+half of that the start-up). CPU per GiB of the engine (imports excluded)
+against nbdcopy's whole run, min-median of 5-7 (before ``Slot``'s
+alignment, below):
 
     nbdkit -> nbdkit   -C 4  0.35-0.42 s   nbdcopy 0.37-0.39
                        -C 1  0.40-0.48     0.32-0.38
@@ -37,7 +39,8 @@ the interpreter's own work is ~50 ms per GiB). CPU per GiB of the engine
     pynbd -> nbdkit    -C 4  0.40-0.45     0.39-0.42
     nbdkit -> pynbd    -C 4  0.49-0.51     0.37-0.42
 
--C 4 costs no more than -C 1, and both make as many context switches
+Between servers -C 4 costs no more than -C 1 (with a file at one end
+both tools spend more with -C 4), and both make as many context switches
 as nbdcopy (~10,000 per GiB). What pynbd adds is its start-up: ~90 ms of
 CPU (and of wall time on an idle machine) before the first connection,
 ~25 of them the interpreter's site hooks and 50-60 pynbd's imports (client,
@@ -46,7 +49,8 @@ proto, backend: spread thin, no single module to defer), about 12% of a
 out of a bytearray's bytes (16 bytes into a page) as on a page boundary,
 hence ``Slot``: file -> nbdkit went from 0.44-0.47 to 0.35-0.43 s (pread's
 copy from 0.26 to 0.15 s per GiB). Tried and dropped, no CPU gain measurable:
-MSG_WAITALL on data reads (a third of the recvfrom calls, same CPU),
+MSG_WAITALL on data reads (a third of the recvfrom calls, same CPU and
+libpython samples), garbage collection (one gen-0 pass per copy),
 queue sizes of 4-16 MiB, request sizes of 256 KiB-4 MiB.
 """
 
