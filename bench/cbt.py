@@ -3,6 +3,15 @@
 ``cbt_workloads`` is called by ``run.py``'s ``build()``. One checkpoint is
 taken through the control socket before each measurement, so every write
 marks a live bitmap (target: at most 10% slower).
+
+Where the cost is (2026-11-30, loaded two-core machine, so measured as CPU):
+in process, a 4 KiB write through the stack's top layer costs ~1.4 us over
+plain memory, 0.25 us more with cbt (0.33 before cbt handed writes to the
+layer below unchecked), and 0.06-0.15 us more with ``--filter=nofilter`` (one
+more boundary check per pass-through filter). The server's CPU per write over
+fio 4k randwrite qd16 (200k writes, 6 interleaved runs each): memory 9.9-14.3
+us (median 12.2), cbt 9.9-13.3 (median 11.3), no difference the noise lets
+through. Each consistent checkpoint kept adds one bitmap store per write.
 """
 
 from __future__ import annotations
