@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -216,6 +217,68 @@ def test_writes_reach_the_layer_below_checked_once(tmp_path, caplog, verbose):
     below = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory: pwrite")]
     assert below == (["memory: pwrite count=100 offset=70000 flags=0",
                       f"memory: pwrite count=70000 offset=200000 flags={FLAG_FUA:#x}"] if verbose else [])
+
+
+def test_many_periods_match_a_model_across_deletes_merges_and_a_clean_restart(tmp_path):
+    """Writes mark only the current period; every checkpoint still answers everything written
+    since it was created (its own bitmap OR'ed with the periods after it), through deletes,
+    a merge and a clean restart (the files then hold the whole answer)."""
+    rng = random.Random(7)
+    g, size = 65536, 4 << 20
+    granules = size // g
+    model: dict[str, set[int]] = {}
+
+    def stack_up() -> tuple[Stack, object]:
+        stack = Stack.from_args("memory", [str(size), f"bitmap-dir={tmp_path}"], ["cbt"])
+        stack.get_ready()
+        return stack, stack.open(OpenContext())
+
+    def write(top, n: int) -> None:
+        for _ in range(n):
+            offset = rng.randrange(size - 200000)
+            count = rng.choice([1, 512, 4096, g, 3 * g + 5])
+            top.pwrite(memoryview(b"w" * count), offset, 0)
+            for dirty in model.values():
+                dirty.update(range(offset // g, (offset + count - 1) // g + 1))
+
+    def check(top) -> None:
+        for name, dirty in model.items():
+            got = {i for lo, length, flags in top.block_status(f"qemu:dirty-bitmap:{name}", size, 0, 0)
+                   if flags for i in range(lo // g, (lo + length) // g)}
+            assert got == dirty, name
+            assert got <= set(range(granules))
+
+    stack, top = stack_up()
+    cbt = stack.filters[0]
+    write(top, 5)  # before any checkpoint: tracked by none
+    for round in range(6):
+        cbt.create(f"c{round}")
+        model[f"c{round}"] = set()
+        write(top, 8)
+        check(top)
+    cbt.delete("c2")
+    del model["c2"]
+    cbt.delete("c5")  # the newest: its period still counts for the older ones
+    del model["c5"]
+    write(top, 6)
+    check(top)
+    cbt.merge("c0", "c4")
+    model["c4"] |= model["c0"]
+    check(top)
+    top.close()
+    stack.unload()
+    stack, top = stack_up()
+    try:
+        check(top)
+        cbt = stack.filters[0]
+        write(top, 6)
+        cbt.create("after")
+        model["after"] = set()
+        write(top, 4)
+        check(top)
+    finally:
+        top.close()
+        stack.unload()
 
 
 def test_bad_input(tmp_path):

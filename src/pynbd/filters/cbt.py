@@ -31,6 +31,11 @@ Control commands (``pynbd ctl SOCKET …``, ``--json`` for scripts)
     checkpoint merge A B     B also reports what A reports (qemu's
                              block-dirty-bitmap-merge of A into B)
 
+Cost: a write marks one bitmap, the current period's, however many
+checkpoints are kept; a checkpoint's answer is its own bitmap OR'ed with the
+current period's, and creating a checkpoint folds the period that ends into
+the older checkpoints' bitmaps.
+
 Persistence: DIR holds ``checkpoints.json`` and one compressed bitmap per
 checkpoint (``NAME.bitmap``), each replaced atomically; the list is written
 when a checkpoint is created or deleted, the bitmaps when the server stops
@@ -79,8 +84,14 @@ IN_USE = "in-use"
 DIRTY = b"\x01"
 
 
+def union(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    """Two runs of 0/1 bytes of one length OR'ed together (through integers: no byte loop)."""
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
 class Checkpoint:
-    """A checkpoint's bitmap: one byte per granule, 1 where written since it was created."""
+    """A checkpoint's bitmap: one byte per granule, 1 where written since it was created
+    and before the current period began (the filter's ``active`` holds the rest)."""
 
     def __init__(self, name: str, granules: int, created: float, consistent: bool = True,
                  bits: bytearray | None = None) -> None:
@@ -109,7 +120,8 @@ class CbtConnection(FilterConnection["CbtFilter"]):
         count = len(buf)
         first = offset >> shift
         if count and (offset + count - 1) >> shift == first:
-            for bits in flt.marking:
+            bits = flt.active
+            if bits is not None:
                 bits[first] = 1
         else:
             flt.mark(offset, count)
@@ -135,7 +147,7 @@ class CbtConnection(FilterConnection["CbtFilter"]):
         g = self.filter.granularity
         size = self.filter.size
         first, end = offset // g, -(-(offset + count) // g)
-        for state, lo, hi in state_runs(checkpoint.bits[first:end], first):
+        for state, lo, hi in state_runs(self.filter.dirty(checkpoint, first, end), first):
             yield ContextExtent(lo * g, min(hi * g, size) - lo * g, 1 if state else 0)
 
 
@@ -155,7 +167,11 @@ class CbtFilter(Filter):
         if g < 512 or g & (g - 1):
             raise ConfigError(f"cbt: granularity={g}: must be a power of 2, at least 512")
         self.checkpoints: dict[str, Checkpoint] = {}
-        self.marking: list[bytearray] = []  # the consistent checkpoints' bitmaps, marked by writes
+        # The current period's marks (writes since the newest checkpoint was created or
+        # the server started), part of every consistent checkpoint's answer; None while
+        # no checkpoint is consistent (nothing to track).
+        self.active: bytearray | None = None
+        self.ending: bytearray | None = None  # the period a checkpoint creation is folding in
         self.epoch = 0  # checkpoints created since start: a write in flight compares it
         self.shift = g.bit_length() - 1  # offset >> shift is the granule
         self.lock = threading.Lock()  # commands and the files in bitmap-dir
@@ -185,6 +201,7 @@ class CbtFilter(Filter):
             return
         with self.lock:
             try:
+                self._fold(self.active)
                 for checkpoint in self.checkpoints.values():
                     self._save_bitmap(checkpoint)
                 self._save_manifest()
@@ -216,7 +233,14 @@ class CbtFilter(Filter):
         if unclean and entries:
             log.warning("cbt: the server stopped uncleanly; checkpoints %s may have missed writes and "
                         "are now inconsistent (take a full backup)", ", ".join(e["name"] for e in entries))
-        self.marking = [c.bits for c in self.checkpoints.values() if c.consistent]
+        self._track_if_consistent()
+
+    def _track_if_consistent(self) -> None:
+        """A current period while any checkpoint is consistent, none otherwise."""
+        if not any(c.consistent for c in self.checkpoints.values()):
+            self.active = None
+        elif self.active is None:
+            self.active = bytearray(self.granules)
 
     def _load_bitmap(self, name: str) -> bytearray | None:
         try:
@@ -227,8 +251,10 @@ class CbtFilter(Filter):
         return bits if len(bits) == self.granules else None
 
     def _save_bitmap(self, checkpoint: Checkpoint) -> None:
+        """The file holds everything written since the checkpoint (current period included)."""
         if checkpoint.consistent:
-            replace_file(self._path(f"{checkpoint.name}.bitmap"), zlib.compress(bytes(checkpoint.bits), 1))
+            replace_file(self._path(f"{checkpoint.name}.bitmap"),
+                         zlib.compress(self.dirty(checkpoint), 1))
 
     def _save_manifest(self) -> None:
         write_manifest(self._path(MANIFEST), self._facts(), "checkpoints",
@@ -241,25 +267,42 @@ class CbtFilter(Filter):
     # -- the data path ----------------------------------------------------------------------
 
     def mark(self, offset: int, count: int) -> int:
-        """Mark [offset, offset+count) dirty in every consistent checkpoint; the epoch
-        (how many checkpoints were created so far) for ``mark_again``."""
+        """Mark [offset, offset+count) dirty in the current period; the epoch (how many
+        checkpoints were created so far) for ``mark_again``. (The epoch is read before
+        the period: ``create`` replaces the period before it moves the epoch on.)"""
         epoch = self.epoch
-        if count:
+        bits = self.active
+        if count and bits is not None:
             g = self.granularity
             first, end = offset // g, -(-(offset + count) // g)
             if end - first == 1:  # the common case, without building a slice
-                for bits in self.marking:
-                    bits[first] = 1
+                bits[first] = 1
             else:
-                ones = DIRTY * (end - first)
-                for bits in self.marking:
-                    bits[first:end] = ones
+                bits[first:end] = DIRTY * (end - first)
         return epoch
 
     def mark_again(self, epoch: int, offset: int, count: int) -> None:
         """After the change: mark it in checkpoints created while it was in flight."""
         if self.epoch != epoch:
             self.mark(offset, count)
+
+    def dirty(self, checkpoint: Checkpoint, first: int = 0, end: int | None = None) -> bytes:
+        """Granules ``first`` to ``end`` written since ``checkpoint``: its bitmap and the
+        current period's."""
+        # (In this order: a period read as ending or active is in ``bits`` once it is neither.)
+        periods = [p[first:end] for p in (self.active, self.ending) if p is not None]
+        own = bytes(checkpoint.bits[first:end])
+        for period in periods:
+            own = union(own, period)
+        return own
+
+    def _fold(self, period: bytearray | None) -> None:
+        """A period's marks join every consistent checkpoint's bitmap (under ``lock``)."""
+        if period is None:
+            return
+        for c in self.checkpoints.values():
+            if c.consistent:
+                c.bits[:] = union(c.bits, period)
 
     def served(self, context: str) -> Checkpoint | None:
         """The checkpoint behind ``context``, if it is one of ours and consistent."""
@@ -293,8 +336,8 @@ class CbtFilter(Filter):
     def _describe(self, c: Checkpoint) -> dict[str, object]:
         return {"name": c.name, "state": "consistent" if c.consistent else "inconsistent",
                 "granularity": self.granularity,
-                "dirty_bytes": min(c.bits.count(DIRTY) * self.granularity, self.size) if c.consistent
-                else None,
+                "dirty_bytes": min(self.dirty(c).count(DIRTY) * self.granularity, self.size)
+                if c.consistent else None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.created))}
 
     def create(self, name: str) -> object:
@@ -302,10 +345,16 @@ class CbtFilter(Filter):
         with self.lock:
             if name in self.checkpoints:
                 raise ControlError(f"checkpoint {name!r} already exists")
+            # A new period first, then the epoch: a write that sees the new epoch marks
+            # the new period; one in flight marks it again when it finishes. The period
+            # that ends stays part of every answer until it is folded in.
+            self.ending = self.active
+            self.active = bytearray(self.granules)
+            self.epoch += 1
+            self._fold(self.ending)
+            self.ending = None
             checkpoint = Checkpoint(name, self.granules, time.time())
             self.checkpoints[name] = checkpoint
-            self.marking = [*self.marking, checkpoint.bits]
-            self.epoch += 1  # writes in flight now mark the new bitmap too when they finish
             try:
                 # Only the list: the bitmaps are saved at a clean stop, and after an unclean
                 # one every checkpoint is inconsistent whatever its file holds.
@@ -325,7 +374,7 @@ class CbtFilter(Filter):
         with self.lock:
             checkpoint = self._get(name)
             del self.checkpoints[name]
-            self.marking = [c.bits for c in self.checkpoints.values() if c.consistent]
+            self._track_if_consistent()
             self._save_manifest()
             try:
                 os.unlink(self._path(f"{name}.bitmap"))
@@ -339,9 +388,7 @@ class CbtFilter(Filter):
             if not (a.consistent and b.consistent):
                 bad = source if not a.consistent else target
                 raise ControlError(f"checkpoint {bad!r} is inconsistent; it cannot be merged")
-            for state, lo, hi in state_runs(a.bits):  # only ever sets bits: no write's mark is lost
-                if state:
-                    b.bits[lo:hi] = DIRTY * (hi - lo)
+            b.bits[:] = union(b.bits, a.bits)  # (the current period is part of both already)
             self._save_bitmap(b)
         return self._describe(b)
 
