@@ -492,9 +492,9 @@ class MultiDriver:
         events = self.epoll.poll(self.wait())
         for fd, event in events:
             if fd == wake_fd:
-                self.signalled = False
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(wake_fd)
+                self.signalled = False  # (after the read: a wake that came meanwhile is not lost)
                 continue
             multi.socket_action(fd, (pycurl.CSELECT_IN if event & select.EPOLLIN else 0)
                                 | (pycurl.CSELECT_OUT if event & select.EPOLLOUT else 0)
@@ -519,13 +519,17 @@ class MultiDriver:
         incoming, waiting = self.incoming, self.waiting
         while incoming:
             waiting.append(incoming.popleft())
-        added = False
-        while waiting and (self.free or len(self.made) < self.plugin.connections):
-            added = self.begin(waiting.popleft()) or added
-        if added:
-            self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-        if added or self.touched:
+        while True:
+            added = False
+            while waiting and (self.free or len(self.made) < self.plugin.connections):
+                added = self.begin(waiting.popleft()) or added
+            if added:
+                self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+            if not added and not self.touched:
+                return
             self.collect()
+            if not (waiting and self.free):  # (transfers that just ended free handles for more)
+                return
 
     def begin(self, read: Read) -> bool:
         """Put ``read`` on a handle; whether it is on its way (False: it failed at once)."""
