@@ -468,9 +468,15 @@ class MultiDriver:
         mask = (select.EPOLLIN if what & pycurl.POLL_IN else 0) | \
             (select.EPOLLOUT if what & pycurl.POLL_OUT else 0)
         if fd in self.watched:
-            self.epoll.modify(fd, mask)
+            try:
+                self.epoll.modify(fd, mask)
+            except FileNotFoundError:  # closed without POLL_REMOVE, and the number reused
+                self.epoll.register(fd, mask)
         else:
-            self.epoll.register(fd, mask)
+            try:
+                self.epoll.register(fd, mask)
+            except FileExistsError:
+                self.epoll.modify(fd, mask)
             self.watched.add(fd)
 
     def on_timer(self, ms: int) -> None:
