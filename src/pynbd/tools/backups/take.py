@@ -3,8 +3,12 @@
 ``full`` reads every allocated cluster (``base:allocation``); ``inc`` reads
 the clusters that changed since the previous backup's checkpoint (the
 union of ``qemu:dirty-bitmap:NAME`` for that checkpoint and any taken after
-it, so a checkpoint left by a failed backup loses nothing) and are allocated,
-and marks changed clusters that now read as zeroes with qcow2's zero flag.
+it, so a checkpoint left by a failed backup loses nothing), whatever they
+hold, and marks changed clusters that now read as zeroes (a hole included)
+with qcow2's zero flag. It asks for the bitmaps alone, on a connection of
+its own that negotiates no ``base:allocation``: the server's block status
+costs half as much, and a changed hole is read as zeroes (cheap to serve)
+rather than planned as one.
 Unchanged clusters are left unallocated: they read from the backing file,
 the previous backup.
 
@@ -14,9 +18,9 @@ the server and every bitmap to read consistent. Then the server takes the
 new checkpoint (``--control``: ``checkpoint create``), so writes that
 arrive while the backup runs belong to the next one.
 
-Reading: the changed ranges are planned first (block status over the whole
-disk, cut into 64 KiB clusters: a cluster is data if any of it is, zero if
-it changed and reads as zeroes), then read in requests of up to 1 MiB over
+Reading: the ranges are planned first (block status over the whole disk,
+cut into 64 KiB clusters: a cluster is read if any of it is allocated (full)
+or changed (inc)), then read in requests of up to 1 MiB over
 as many connections as the server allows (multi-conn, ``-C``), several
 requests in flight on each, and handed to the qcow2 writer in order as they
 complete; a cluster that reads as zeroes is stored as a zero cluster (inc)
@@ -34,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ...client.blocking import connect
 from ...client.errors import NBDError
 from ...control.protocol import ControlProtocolError
 from ...formats.qcow2 import Qcow2Error, write_image
 from ...proto.errors import ProtocolError
-from ..copying.dirty import DATA, ZERO
+from ..copying.dirty import CLEAN, DATA, STATE_DIRTY, bitmap_context, covered, merged, union
 from ..copying.endpoint import CopyError
 from ..copying.local import pwrite_full
 from ..copying.nbd import NBDEndpoint
@@ -158,29 +163,58 @@ def _run(first: int, end: int, kind: int, size: int) -> tuple[int, int, int]:
     return start, min(size, end << CLUSTER_BITS) - start, kind
 
 
-def plan_backup(src: NBDEndpoint, incremental: bool) -> list[tuple[int, int, int]]:
-    """The runs to store: DATA to read, ZERO to mark (inc only); nothing else."""
+def plan_full(src: NBDEndpoint) -> list[tuple[int, int, int]]:
+    """A full backup's runs: the allocated clusters (DATA)."""
     assert src.size is not None
-    plan = Plan(src, Slices(src.size, PLAN_SLICE), PLAN_SLICE, PLAN_SLICE, use_extents=True,
-                dirty=incremental)
-    ops = iter(lambda: plan.next(0), None)
-    keep = (DATA, ZERO) if incremental else (DATA,)
-    return [run for run in cluster_runs(ops, src.size) if run[2] in keep]
+    plan = Plan(src, Slices(src.size, PLAN_SLICE), PLAN_SLICE, PLAN_SLICE, use_extents=True)
+    return [run for run in cluster_runs(iter(lambda: plan.next(0), None), src.size)
+            if run[2] == DATA]
+
+
+def plan_changes(uri: str, bitmaps: list[str], size: int) -> list[tuple[int, int, int]]:
+    """An incremental's runs: the changed clusters (DATA), whatever they hold.
+
+    Asked on a connection that negotiates the bitmaps alone: the server
+    answers no ``base:allocation`` (half the block-status work). A changed
+    cluster that is now a hole is read anyway and, reading as zeroes, is
+    stored as a zero cluster (as it must: the backing file's data is gone).
+    """
+    contexts = [bitmap_context(name) for name in bitmaps]
+    changed: list[tuple[int, int, bool]] = []
+    with connect(uri, meta_contexts=contexts) as h:
+        offset = 0
+        while offset < size:
+            reply = h.block_status(min(PLAN_SLICE, size - offset), offset)
+            got = union([list(_flagged(reply.get(c, []), offset, size)) for c in contexts])
+            if covered(got) <= offset:
+                raise BackupError(f"no changed-block map at offset {offset}")
+            changed.extend(got)
+            offset = covered(got)
+    ops = merged((o, n, DATA if dirty else CLEAN) for o, n, dirty in changed)
+    return [run for run in cluster_runs(ops, size) if run[2] == DATA]
+
+
+def _flagged(entries: list[int], offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """A dirty-bitmap chunk's ``[length, flags, ...]`` as ``(offset, length, dirty)`` to ``end``."""
+    for i in range(0, len(entries) - 1, 2):
+        length = min(entries[i], end - offset)
+        if length <= 0:
+            return
+        yield offset, length, bool(entries[i + 1] & STATE_DIRTY)
+        offset += length
 
 
 # ------------------------------------------------------------------ reading
 
 class Job:
-    """One read request (or a run of zero clusters) on its way to the writer."""
+    """One read request on its way to the writer."""
 
     __slots__ = ("offset", "length", "buf", "done", "error")
 
-    def __init__(self, offset: int, length: int, buf: bytearray | None) -> None:
+    def __init__(self, offset: int, length: int, buf: bytearray) -> None:
         self.offset, self.length, self.buf = offset, length, buf
         self.done = threading.Event()
         self.error: BaseException | None = None
-        if buf is None:
-            self.done.set()
 
     def finished(self, n: int, error: BaseException | None) -> None:
         self.error = error
@@ -210,12 +244,11 @@ class Reader:
                 if piece is None:
                     more = False
                     break
-                offset, length, kind = piece
-                job = Job(offset, length, self._buffer(length) if kind == DATA else None)
+                offset, length = piece
+                job = Job(offset, length, self._buffer(length))
                 pending.append(job)
-                if job.buf is not None:
-                    self.src.read(lane, memoryview(job.buf)[:length], offset, job.finished)
-                    lane = (lane + 1) % self.lanes
+                self.src.read(lane, memoryview(job.buf)[:length], offset, job.finished)
+                lane = (lane + 1) % self.lanes
             if not pending:
                 break  # nothing (more) to read
             job = pending.popleft()
@@ -223,8 +256,7 @@ class Reader:
             if job.error is not None:
                 raise job.error
             yield from self._clusters_of(job)
-            if job.buf is not None:
-                self.free.append(job.buf)
+            self.free.append(job.buf)
             self.progress.advance(job.length)
 
     def _buffer(self, length: int) -> bytearray:
@@ -232,11 +264,6 @@ class Reader:
         return buf if buf is not None and len(buf) >= length else bytearray(length)
 
     def _clusters_of(self, job: Job) -> Iterator[Cluster]:
-        if job.buf is None:
-            self.zero += job.length
-            for offset in range(job.offset, job.offset + job.length, CLUSTER):
-                yield offset, None
-            return
         view = memoryview(job.buf)
         for start, length, zero in self.scanner.runs(job.buf, job.length):
             if zero:
@@ -249,12 +276,11 @@ class Reader:
                 yield job.offset + at, None if zero else view[at:min(at + CLUSTER, start + length)]
 
 
-def _pieces(runs: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
-    """Runs with DATA cut into requests."""
-    for offset, length, kind in runs:
-        piece = REQUEST if kind == DATA else length
-        for at in range(offset, offset + length, piece):
-            yield at, min(piece, offset + length - at), kind
+def _pieces(runs: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int]]:
+    """Runs cut into requests."""
+    for offset, length, _kind in runs:
+        for at in range(offset, offset + length, REQUEST):
+            yield at, min(REQUEST, offset + length - at)
 
 
 # ------------------------------------------------------------------ the whole backup
@@ -340,7 +366,7 @@ def _take(opts: TakeOptions, directory: Directory, manifest: Manifest, src: NBDE
         checkpoint = checkpoint or f"backup-{manifest.id[:8]}-{number:04d}"
         control(opts.control, "checkpoint", "create", checkpoint)
     lanes = max(1, min(opts.connections, src.max_connections()))
-    runs = plan_backup(src, opts.incremental)
+    runs = (plan_changes(opts.uri, since, src.size or 0) if opts.incremental else plan_full(src))
     progress = Progress(sum(n for _, n, _ in runs), bar=opts.progress, stream=err)
     backing = manifest.backups[-1].file if opts.incremental else None
     part = directory.path / (name + ".part")
