@@ -21,7 +21,7 @@ import pytest
 
 from nbdtest import PYNBD, Served, run, served, wait_for
 from pynbd.client.sync import connect
-from pynbd.tools.backups.take import cluster_runs
+from pynbd.tools.backups.take import LANE_BYTES, cluster_runs, lanes_for
 from pynbd.tools.copying.dirty import CLEAN, DATA, ZERO
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing")
@@ -225,3 +225,20 @@ def test_a_killed_backup_leaves_the_directory_as_it_was(tmp_path):
     restored = tmp_path / "restored.raw"
     pynbd("backup", "restore", str(backups), str(restored))
     assert restored.read_bytes() == disk.read_bytes()
+
+
+def test_connections_follow_the_bytes_to_read():
+    assert lanes_for(0, 4) == lanes_for(100 * MiB, 4) == lanes_for(LANE_BYTES, 4) == 1
+    assert lanes_for(LANE_BYTES + 1, 4) == 2
+    assert lanes_for(10 * LANE_BYTES, 4) == 4
+    assert lanes_for(10 * LANE_BYTES, 1) == 1
+
+
+def test_a_backup_read_over_several_connections(tmp_path):
+    """More than 2 x LANE_BYTES to read: three connections; the image holds every byte."""
+    size = 2 * LANE_BYTES + 64 * MiB
+    backups = tmp_path / "backups"
+    with served("pattern", str(size)) as srv:
+        pynbd("backup", "full", srv.uri, str(backups), "-C", "3")
+        run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw",
+             str(backups / "0000.qcow2"), srv.uri])

@@ -19,12 +19,13 @@ new checkpoint (``--control``: ``checkpoint create``), so writes that
 arrive while the backup runs belong to the next one.
 
 Reading: the ranges are planned first (block status over the whole disk,
-cut into 64 KiB clusters: a cluster is read if any of it is allocated (full)
-or changed (inc)), then read in requests of up to 1 MiB over
-as many connections as the server allows (multi-conn, ``-C``), several
-requests in flight on each, and handed to the qcow2 writer in order as they
-complete; a cluster that reads as zeroes is stored as a zero cluster (inc)
-or not at all (full).
+cut into 64 KiB clusters: a cluster is read if any of it is allocated
+(full) or changed (inc)), then read in requests of up to 1 MiB over as
+many connections as the server allows (multi-conn, ``-C``) but no more
+than one per 256 MiB to read (a small incremental reads on one: each
+connection costs both sides CPU), several requests in flight on each, and
+handed to the qcow2 writer in order as they complete; a cluster that reads
+as zeroes is stored as a zero cluster (inc) or not at all (full).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS  # qemu-img's default cluster size
 REQUEST = 1 << 20  # bytes per read
 REQUESTS_PER_LANE = 8
+LANE_BYTES = 256 << 20  # a connection per 256 MiB to read, up to -C: each costs both sides CPU
 PLAN_SLICE = 8 * SLICE  # block status asked for 1 GiB at a time
 CONTROL_TIMEOUT = 60.0
 WRITEBACK = 8 << 20  # the kernel starts writing every 8 MiB written: the final fsync waits less
@@ -207,6 +209,11 @@ def _flagged(entries: list[int], offset: int, end: int) -> Iterator[tuple[int, i
 
 
 # ------------------------------------------------------------------ reading
+
+def lanes_for(total: int, allowed: int) -> int:
+    """Connections to read ``total`` bytes on: one per ``LANE_BYTES``, 1 to ``allowed``."""
+    return max(1, min(allowed, -(-total // LANE_BYTES)))
+
 
 class Job:
     """One read request on its way to the writer."""
@@ -367,9 +374,10 @@ def _take(opts: TakeOptions, directory: Directory, manifest: Manifest, src: NBDE
     if opts.control is not None:
         checkpoint = checkpoint or f"backup-{manifest.id[:8]}-{number:04d}"
         control(opts.control, "checkpoint", "create", checkpoint)
-    lanes = max(1, min(opts.connections, src.max_connections()))
     runs = (plan_changes(opts.uri, since, src.size or 0) if opts.incremental else plan_full(src))
-    progress = Progress(sum(n for _, n, _ in runs), bar=opts.progress, stream=err)
+    total = sum(n for _, n, _ in runs)
+    lanes = lanes_for(total, min(opts.connections, src.max_connections()))
+    progress = Progress(total, bar=opts.progress, stream=err)
     backing = manifest.backups[-1].file if opts.incremental else None
     part = directory.path / (name + ".part")
     reader = Reader(src, lanes, opts.incremental, progress)
