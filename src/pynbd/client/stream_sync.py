@@ -31,15 +31,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import ssl
 import threading
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from ..proto.client_transmission import Command, Transmission
 from ..proto.constants import Cmd
-from .common import closed_error, connect_error, tls_error
+from .common import closed_error, connect_error, is_tls, tls_error
 from .errors import NBDError
+
+if TYPE_CHECKING:
+    import ssl
 
 Lock = threading.Lock
 
@@ -106,6 +108,7 @@ class Stream:
         self.sock.sendall(data)
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        import ssl  # loaded already: the context is one of its
         try:
             self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
         except ssl.SSLError as exc:
@@ -171,7 +174,7 @@ def send_request(sock: socket.socket, header: bytes, payload: memoryview | None)
     """Send a request header and its payload (WRITE), in one ``sendmsg`` where TLS allows."""
     if payload is None:
         sock.sendall(header)
-    elif isinstance(sock, ssl.SSLSocket):
+    elif is_tls(sock):
         sock.sendall(header)
         sock.sendall(payload)
     else:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import threading
 from collections.abc import Callable
 
@@ -46,7 +45,7 @@ from ..proto.client_transmission import Command
 from ..proto.constants import Cmd
 from ..proto.errors import ProtocolError
 from .blocking import NBD, connect
-from .common import command_error, lost_error
+from .common import command_error, is_tls, lost_error
 from .stream_sync import send_request
 
 __all__ = ["NBD", "Pipeline", "connect"]
@@ -69,7 +68,7 @@ class Pipeline:
         self._dead: BaseException | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
-        if not isinstance(self._sock, ssl.SSLSocket):
+        if not is_tls(self._sock):
             self._thread = threading.Thread(target=self._receive, daemon=True,
                                             name=f"nbd-receive {self._where}")
             self._thread.start()
