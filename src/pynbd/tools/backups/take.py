@@ -45,7 +45,7 @@ from ...client.errors import NBDError
 from ...control.protocol import ControlProtocolError
 from ...formats.qcow2 import Qcow2Error, write_image
 from ...proto.errors import ProtocolError
-from ..copying.dirty import CLEAN, DATA, STATE_DIRTY, bitmap_context, covered, merged, union
+from ..copying.dirty import DATA, STATE_DIRTY, bitmap_context
 from ..copying.endpoint import CopyError
 from ..copying.local import pwrite_full
 from ..copying.nbd import NBDEndpoint
@@ -182,30 +182,40 @@ def plan_changes(uri: str, bitmaps: list[str], size: int) -> list[tuple[int, int
     answers no ``base:allocation`` (half the block-status work). A changed
     cluster that is now a hole is read anyway and, reading as zeroes, is
     stored as a zero cluster (as it must: the backing file's data is gone).
+    A cluster is changed if any bitmap marks any of it: each dirty extent
+    is rounded out to clusters, and the clusters of all are merged.
     """
     contexts = [bitmap_context(name) for name in bitmaps]
-    changed: list[tuple[int, int, bool]] = []
+    changed: list[tuple[int, int]] = []  # clusters [first, end) marked dirty, in any order
     with connect(uri, meta_contexts=contexts) as h:
         offset = 0
         while offset < size:
             reply = h.block_status(min(PLAN_SLICE, size - offset), offset)
-            got = union([list(_flagged(reply.get(c, []), offset, size)) for c in contexts])
-            if covered(got) <= offset:
+            reached = size  # how far every bitmap answered
+            for context in contexts:
+                at = offset
+                entries = reply.get(context, [])
+                for i in range(0, len(entries) - 1, 2):
+                    end = min(at + entries[i], size)
+                    if entries[i + 1] & STATE_DIRTY and end > at:
+                        changed.append((at >> CLUSTER_BITS, ((end - 1) >> CLUSTER_BITS) + 1))
+                    at = end
+                reached = min(reached, at)
+            if reached <= offset:
                 raise BackupError(f"no changed-block map at offset {offset}")
-            changed.extend(got)
-            offset = covered(got)
-    ops = merged((o, n, DATA if dirty else CLEAN) for o, n, dirty in changed)
-    return [run for run in cluster_runs(ops, size) if run[2] == DATA]
-
-
-def _flagged(entries: list[int], offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
-    """A dirty-bitmap chunk's ``[length, flags, ...]`` as ``(offset, length, dirty)`` to ``end``."""
-    for i in range(0, len(entries) - 1, 2):
-        length = min(entries[i], end - offset)
-        if length <= 0:
-            return
-        yield offset, length, bool(entries[i + 1] & STATE_DIRTY)
-        offset += length
+            offset = reached
+    changed.sort()
+    runs: list[tuple[int, int, int]] = []
+    first = end = -1
+    for lo, hi in changed:
+        if lo > end:
+            if end > first:
+                runs.append(_run(first, end, DATA, size))
+            first = lo
+        end = max(end, hi)
+    if end > first:
+        runs.append(_run(first, end, DATA, size))
+    return runs
 
 
 # ------------------------------------------------------------------ reading
