@@ -27,7 +27,7 @@ on the server and consistent, has the server take the next checkpoint,
 then copies what changed since the previous one (the union of its bitmap
 and those of any checkpoint taken since, say by a backup that failed), over
 up to ``-C`` connections (4 by default) when the server allows several
-(multi-conn). A backup that fails or is killed leaves DIR as it was.
+(multi-conn) and there is enough to read (one per 256 MiB). A backup that fails or is killed leaves DIR as it was.
 Checkpoints are named ``backup-ID-NNNN`` unless ``--checkpoint`` says
 otherwise. Without a control socket (qemu-nbd), you start the bitmaps
 yourself (``qemu-img bitmap --add disk.qcow2 NAME``) and name with
@@ -54,7 +54,8 @@ URI, ``-``. ``list`` prints the backups (``--json``: the manifest's list).
 Options:
     --control=SOCKET   the server's control socket (``pynbd serve --control``)
     --checkpoint=NAME  the checkpoint this backup starts (see above)
-    -C, --connections=N  connections to read with (default 4; 1 unless multi-conn)
+    -C, --connections=N  at most N connections to read with (default 4; one per
+                       256 MiB to read; 1 unless the server offers multi-conn)
     -p, --progress     a progress bar on stderr
     --at=CHECKPOINT    restore the disk as it was at this checkpoint (or backup number)
     --json             list as JSON
