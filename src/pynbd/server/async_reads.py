@@ -95,11 +95,13 @@ class AsyncReadPath:
             self.others(flags, cmd, cookie, offset, length, payload, scratch)
             return
         lock = self.lock
+        if self.in_flight >= MAX_IN_FLIGHT:
+            # Outside the lock: a plugin may answer reads (read_done) while it sends them.
+            # Only this thread adds reads, so the count can only have fallen meanwhile.
+            self.kick()
         with lock:
-            if self.in_flight >= MAX_IN_FLIGHT:
-                self.kick()
-                while self.in_flight >= MAX_IN_FLIGHT and not self.gone:
-                    lock.wait()
+            while self.in_flight >= MAX_IN_FLIGHT and not self.gone:
+                lock.wait()
             self.in_flight += 1
         pool = self.pool
         buf = pool.pop() if pool and length <= POOL_BUFFER else \
