@@ -25,14 +25,15 @@ server take a checkpoint (``checkpoint create``), from which the next
 ``inc`` continues. ``inc`` checks that the previous backup's checkpoint is
 on the server and consistent, has the server take the next checkpoint,
 then copies what changed since the previous one (the union of its bitmap
-and those of any checkpoint taken since, say by a backup that failed), over
-up to ``-C`` connections (4 by default) when the server allows several
-(multi-conn) and there is enough to read (one per 256 MiB). A backup that fails or is killed leaves DIR as it was.
-Checkpoints are named ``backup-ID-NNNN`` unless ``--checkpoint`` says
-otherwise. Without a control socket (qemu-nbd), you start the bitmaps
-yourself (``qemu-img bitmap --add disk.qcow2 NAME``) and name with
-``--checkpoint=NAME`` the one that starts with this backup; ``inc`` reads
-the previous backup's bitmap, which the server must export (``-B NAME``).
+and those of any checkpoint taken since, say by a backup that failed),
+over up to ``-C`` connections (4 by default) when the server allows
+several (multi-conn) and there is enough to read (one per 256 MiB). A
+backup that fails or is killed leaves DIR as it was. Checkpoints are named
+``backup-ID-NNNN`` unless ``--checkpoint`` says otherwise. Without a
+control socket (qemu-nbd), you start the bitmaps yourself (``qemu-img
+bitmap --add disk.qcow2 NAME``) and name with ``--checkpoint=NAME`` the
+one that starts with this backup; ``inc`` reads the previous backup's
+bitmap, which the server must export (``-B NAME``).
 
 For a backup of one instant, write nothing while it runs, or back up a
 snapshot export: writes that land during a backup are in the next
