@@ -23,6 +23,8 @@ from typing import Any
 
 import cffi
 
+from ._wakeup import Sleeper
+
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
 IORING_OFF_SQ_RING = 0
@@ -70,20 +72,17 @@ def _enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
             raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
 
 
-class _Waiter:
+class _Waiter(Sleeper):
     """One request in flight: its result, and a lock its thread sleeps on when
     another thread is waiting on the ring (the leader) for the completions; or,
     for a request started without waiting (``Ring.start``), what to call."""
 
-    __slots__ = ("done", "finished", "signalled", "result", "keep", "callback", "burst")
+    __slots__ = ("finished", "result", "keep", "callback", "burst")
 
     def __init__(self, keep: object, callback: Callable[[int], None] | None = None,
                  burst: Callable[[], None] | None = None) -> None:
-        if callback is None:  # (a started operation's thread never sleeps on it)
-            self.done = threading.Lock()
-            self.done.acquire()
+        super().__init__(sleeps=callback is None)  # (a started operation has no thread)
         self.finished = False
-        self.signalled = False  # ``done`` is released (or about to be taken)
         self.result = 0
         self.keep = keep  # the buffer the kernel reads or writes, alive until then
         self.callback = callback
@@ -192,8 +191,7 @@ class Ring:
                     if submit:
                         _enter(self.fd, self.entries, 0, 0)
                         submit = 0
-                    waiter.done.acquire()
-                    waiter.signalled = False
+                    waiter.sleep()
         finally:
             if not waiter.finished:  # io_uring_enter failed: no one is to wake this thread
                 with self._lock:
@@ -203,13 +201,6 @@ class Ring:
             raise OSError(-waiter.result, os.strerror(-waiter.result))
         return waiter.result
 
-    @staticmethod
-    def _wake(waiter: _Waiter) -> None:
-        """Wake ``waiter``'s thread (under ``_lock``); a wake-up already pending suffices."""
-        if not waiter.signalled:
-            waiter.signalled = True
-            waiter.done.release()
-
     def _promote(self) -> None:
         """After leading: wake a thread still waiting, to take the leader's place. (One
         that starts waiting after this look tries to lead itself.)"""
@@ -217,7 +208,7 @@ class Ring:
             return
         with self._lock:
             for waiter in self._threads.values():
-                self._wake(waiter)
+                waiter.wake()
                 return
 
     def _drain(self) -> None:
@@ -237,7 +228,7 @@ class Ring:
                     waiter.finished = True
                     if waiter.callback is None:
                         del self._threads[user_data]
-                        self._wake(waiter)
+                        waiter.wake()
                     else:
                         started.append((waiter.callback, result, waiter.burst))
                         self._async -= 1

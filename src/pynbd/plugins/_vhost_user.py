@@ -33,6 +33,8 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 
+from ._wakeup import Sleeper
+
 # vhost-user requests
 GET_FEATURES, SET_FEATURES, SET_OWNER = 1, 2, 3
 SET_MEM_TABLE = 5
@@ -73,20 +75,18 @@ class DeviceGone(OSError):
     """The backend closed its socket: every request fails with EIO from now on."""
 
 
-class _Slot:
+class _Slot(Sleeper):
     """One request in flight: its status, and a lock its thread sleeps on while
     another thread of the queue (the leader) waits for the backend's calls."""
 
-    __slots__ = ("index", "done", "finished", "signalled", "status", "out", "callback", "burst")
+    __slots__ = ("index", "finished", "status", "out", "callback", "burst")
 
     def __init__(self, index: int, out: memoryview | None = None,
                  callback: Callable[[int], None] | None = None,
                  burst: Callable[[], None] | None = None) -> None:
+        super().__init__()
         self.index = index
-        self.done = threading.Lock()
-        self.done.acquire()
         self.finished = False
-        self.signalled = False  # ``done`` is released (or about to be taken)
         self.status = S_IOERR
         self.out = out  # a started read's destination
         self.callback = callback  # a started request's: called with its status
@@ -286,15 +286,7 @@ class _Queue:
                     self.leader.release()
                     self._promote()
             else:
-                slot.done.acquire()
-                slot.signalled = False
-
-    @staticmethod
-    def _wake(slot: _Slot) -> None:
-        """Wake ``slot``'s thread (under ``lock``); a wake-up already pending suffices."""
-        if not slot.signalled:
-            slot.signalled = True
-            slot.done.release()
+                slot.sleep()
 
     def _promote(self) -> None:
         """After leading: wake a thread still waiting, to lead in its turn. (One that
@@ -304,7 +296,7 @@ class _Queue:
         with self.lock:
             for slot in self.waiting.values():
                 if slot.callback is None:  # (a started request has no thread)
-                    self._wake(slot)
+                    slot.wake()
                     return
 
     def _reap(self) -> None:
@@ -321,7 +313,7 @@ class _Queue:
                     slot.status = mem[self.area(slot.index) + 32]
                     slot.finished = True
                     if slot.callback is None:
-                        self._wake(slot)
+                        slot.wake()
                     else:
                         started.append(slot)
                         self.started -= 1
@@ -335,7 +327,7 @@ class _Queue:
             for slot in self.waiting.values():
                 slot.finished = True
                 if slot.callback is None:
-                    self._wake(slot)
+                    slot.wake()
                 else:
                     started.append(slot)
             self.waiting.clear()
