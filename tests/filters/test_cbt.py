@@ -193,9 +193,9 @@ def test_merge_and_delete(tmp_path):
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_writes_reach_the_layer_below_checked_once(tmp_path, caplog, verbose):
-    """cbt hands writes to the layer below without checking them again, unless that
-    boundary adds something (-v logs each layer's calls)."""
+def test_writes_reach_the_layer_below_unchanged(tmp_path, caplog, verbose):
+    """cbt hands each write, FUA flag included, to the layer below as it came and marks its
+    granules; with -v the layer below's boundary logs it."""
     if verbose:
         caplog.set_level(logging.DEBUG, logger="pynbd.layer")
     stack = Stack.from_args("memory", ["1M", f"bitmap-dir={tmp_path}"], ["cbt"])

@@ -196,15 +196,6 @@ class Layer(Connection):
             self._check("pread", len(buf), offset, flags, 0)
         self._pread(buf, offset, flags)
 
-    def unchecked_pwrite(self) -> Callable[[memoryview, int, int], None]:
-        """What does this layer's writes, for a filter whose own boundary has already
-        checked the same write against the same answers (one that changes neither
-        offsets, sizes nor flags, such as cbt): the layer's own callable, or the
-        checked ``pwrite`` where this boundary adds to a valid write (``-v``, emulated FUA)."""
-        if type(self) is Layer and not self.emulated_fua:
-            return self._pwrite
-        return self.pwrite
-
     def pread_buffers(self, count: int, offset: int, flags: int) -> Sequence[Buffer] | None:
         if offset < 0 or offset + count > self.size or flags:
             self._check("pread", count, offset, flags, 0)

@@ -64,12 +64,10 @@ from typing import Any
 from ..backend import (
     Command,
     ConfigError,
-    Connection,
     ContextExtent,
     ControlError,
     Filter,
     FilterConnection,
-    Layer,
     OpenContext,
     Param,
 )
@@ -105,12 +103,6 @@ class CbtConnection(FilterConnection["CbtFilter"]):
     """Marks before each change, and again after it if a checkpoint was created meanwhile,
     so a change in flight at a checkpoint is never missed by the new period."""
 
-    def __init__(self, next: Connection, filter: CbtFilter, ctx: OpenContext) -> None:
-        super().__init__(next, filter, ctx)
-        # Writes reach the layer below unchecked: this layer's boundary checked them
-        # against the same size and flags (cbt changes neither).
-        self.write_below = next.unchecked_pwrite() if isinstance(next, Layer) else next.pwrite
-
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         # The hot path (a write inside one granule) spelled out: mark, write, mark again
         # only if a checkpoint was created meanwhile.
@@ -125,7 +117,7 @@ class CbtConnection(FilterConnection["CbtFilter"]):
                 bits[first] = 1
         else:
             flt.mark(offset, count)
-        self.write_below(buf, offset, flags)
+        self.next.pwrite(buf, offset, flags)
         if flt.epoch != epoch:
             flt.mark(offset, count)
 
