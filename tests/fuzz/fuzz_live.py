@@ -377,7 +377,8 @@ class ToolTarget:
         lines = err.getvalue().strip().splitlines()
         if status not in (0, 1) or (status == 1 and len(lines) != 1):
             raise Finding(f"exit status {status} with stderr {err.getvalue()[:300]!r}")
-        words = lines[0].split(": ", 1)[-1] if lines else ""
+        # the message without the tool's name and the (random) socket path of the source
+        words = lines[0].replace(self.fake.uri, "URI").split(": ", 1)[-1] if lines else ""
         return (status, "".join(c for c in words if not c.isdigit())[:60])
 
     def close(self) -> None:
