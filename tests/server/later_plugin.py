@@ -19,7 +19,7 @@ import queue
 import threading
 
 from pynbd.backend import Connection, OpenContext, Plugin
-from pynbd.backend.connection import ReadCompletions
+from pynbd.backend.connection import Completions
 
 SIZE = 2 << 20
 EIO_OFFSET = 4096
@@ -28,7 +28,7 @@ HOLD_OFFSET = 12288
 
 log = logging.getLogger("pynbd.plugins.later")
 
-Started = tuple[memoryview, int, object, ReadCompletions]
+Started = tuple[memoryview, int, object, Completions]
 
 
 class LaterConnection(Connection):
@@ -54,7 +54,7 @@ class LaterConnection(Connection):
         """Nothing to make durable: the disk is in memory."""
 
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
-                    completions: ReadCompletions) -> None:
+                    completions: Completions) -> None:
         if offset == BUG_OFFSET:
             raise RuntimeError(f"plugin bug at {BUG_OFFSET}")
         self.started.append((buf, offset, tag, completions))
@@ -76,14 +76,14 @@ class LaterConnection(Connection):
                 else:
                     buf[:] = self.data[offset:offset + len(buf)]
                     sink.read_done(tag, None)
-            sink.reads_done()
+            sink.burst_done()
 
     def close(self) -> None:
         self.batches.put(None)
         self.thread.join()
         for _buf, _offset, tag, sink in self.held:
             sink.read_done(tag, OSError(errno.ESHUTDOWN, "later: closed"))
-            sink.reads_done()
+            sink.burst_done()
         log.warning("later: %d reads answered later", self.answered)
 
 

@@ -1,4 +1,4 @@
-"""Reads answered later (``server.async_reads``), with a plugin that answers them from its own
+"""Reads answered later (``server.async_requests``), with a plugin that answers them from its own
 thread in reverse order (``later_plugin.py``): data, errors, writes and flushes among them,
 NBD_CMD_DISC and a vanishing client with reads in flight, and which stacks take the path."""
 
@@ -14,7 +14,7 @@ from pynbd.backend import OpenContext
 from pynbd.backend.stack import Stack
 from pynbd.client import NBD
 from pynbd.client.sync import Pipeline
-from pynbd.server.async_reads import async_reader
+from pynbd.server.async_requests import async_plugin
 
 LATER = str(Path(__file__).with_name("later_plugin.py"))
 
@@ -89,12 +89,12 @@ def test_client_gone_with_reads_in_flight():
 
 
 def opened(*filters: str, args: tuple[str, ...] = ()) -> object:
-    """The layer whose reads the server would start (``async_reader``) for this stack, or None."""
+    """The layer whose reads the server would start (``async_plugin``) for this stack, or None."""
     stack = Stack.from_args(LATER, list(args), list(filters))
     stack.get_ready()
     top = stack.open(OpenContext())
     try:
-        return async_reader(stack, top)
+        return async_plugin(stack, top)[0]
     finally:
         top.close()
 

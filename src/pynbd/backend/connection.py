@@ -189,19 +189,23 @@ class Connection:
         """Release what open() took."""
 
 
-class ReadCompletions(Protocol):
-    """Where a layer that answers reads later (``AsyncReads``) reports them: the server.
+class Completions(Protocol):
+    """Where a layer that answers requests later (``AsyncReads``, ``AsyncWrites``)
+    reports them: the server.
 
-    ``read_done`` is called exactly once per started read, from any thread
-    (usually the one that receives the answers), with None when the buffer
-    is filled or the OSError the read failed with. ``reads_done`` follows a
-    burst of ``read_done`` calls (the answers one receive brought), so that
-    their replies leave together.
+    ``read_done`` / ``write_done`` is called exactly once per started read /
+    write, from any thread (usually the one that learns of the outcome), with
+    None on success or the OSError the request failed with (its errno goes to
+    the client). ``burst_done`` follows a burst of those calls (what one
+    receive or one reap brought), so that their replies leave together; a
+    layer that reports one completion at a time calls it after each.
     """
 
     def read_done(self, tag: object, error: OSError | None) -> None: ...
 
-    def reads_done(self) -> None: ...
+    def write_done(self, tag: object, error: OSError | None) -> None: ...
+
+    def burst_done(self) -> None: ...
 
 
 @runtime_checkable
@@ -209,24 +213,59 @@ class AsyncReads(Protocol):
     """An optional capability of a plugin's connection: reads answered later.
 
     A layer whose reads wait on something else that answers many requests
-    at once (the nbd proxy: another server) may offer it. The server then
-    starts every read of a client with ``start_pread`` as soon as it is
-    read, instead of holding a thread until it is answered, and sends each
-    reply when ``completions.read_done(tag, error)`` is called. It is used
-    only when every layer above passes reads through unchanged (see
-    ``server.async_reads``); every other call, and every other stack, keeps
-    the synchronous contract.
+    at once (the nbd proxy: another server; io_uring; vhost-user) may offer
+    it. The server then starts every read of a client with ``start_pread``
+    as soon as it is read, instead of holding a thread until it is answered,
+    and sends each reply when ``completions.read_done(tag, error)`` is
+    called. It is used only when every layer above passes reads through
+    unchanged (see ``server.async_requests``); every other call, and every
+    other stack, keeps the synchronous contract.
 
     - ``start_pread(buf, offset, flags, tag, completions)``: fill ``buf``
       later; the buffer is the caller's until ``read_done`` is called. It
       may queue the read without sending it; it may raise OSError (then
       ``read_done`` is never called for it).
     - ``send_started()``: the caller is about to wait for its client:
-      send what ``start_pread`` queued (several requests in one send).
+      send what was started and queued (several requests in one send).
     """
 
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
-                    completions: ReadCompletions) -> None: ...
+                    completions: Completions) -> None: ...
+
+    def send_started(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncWrites(Protocol):
+    """An optional capability of a plugin's connection: writes answered later.
+
+    For a layer whose writes complete elsewhere (io_uring's kernel workers,
+    a vhost-user backend): the server starts a client's writes one after
+    another, without waiting, and replies to each when it is done. It is
+    used only when every layer above passes writes through unchanged; the
+    contract, as the plugin sees it:
+
+    - ``start_pwrite(buf, offset, flags, tag, completions)``: write ``buf``
+      at ``offset`` later and call ``completions.write_done(tag, error)``
+      once it is done (the data is where a later ``flush`` makes it durable)
+      or failed (an OSError: its errno is the client's). ``buf`` is the
+      plugin's until then: the server neither changes nor reuses it. The
+      range was checked (within the size, writable). ``flags`` may hold
+      ``FLAG_FUA``: then the data must be durable before ``write_done`` —
+      the plugin honours it itself, whatever its ``can_fua`` says. It may
+      queue the write until ``send_started``; it may raise OSError (then
+      ``write_done`` is never called for it).
+    - ``send_started()``: as for ``AsyncReads``: send what was queued.
+    - Ordering is the server's business: before any other request (flush,
+      zero, trim, a read or write it does not start, ...) reaches the
+      connection, every started write has been reported done, so ``flush``
+      covers every write the client was answered. Writes in flight may be
+      done in any order (NBD allows it). A connection's ``close`` is called
+      only after every started write was reported.
+    """
+
+    def start_pwrite(self, buf: memoryview, offset: int, flags: int, tag: object,
+                     completions: Completions) -> None: ...
 
     def send_started(self) -> None: ...
 

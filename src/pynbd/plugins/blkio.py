@@ -94,7 +94,7 @@ from ..backend import (
     ThreadModel,
     io_error,
 )
-from ..backend.connection import ReadCompletions
+from ..backend.connection import Completions
 from ..backend.linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, is_not_supported
 from ._io_uring import OP_FALLOCATE, OP_FSYNC, OP_READ, OP_WRITE, RWF_DSYNC, Ring, address_of
 from ._vhost_user import (
@@ -236,7 +236,7 @@ class AsyncIoUringConnection(IoUringConnection):
     reaped. Not with direct=true (buffers need aligning there)."""
 
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
-                    completions: ReadCompletions) -> None:
+                    completions: Completions) -> None:
         def done(result: int) -> None:
             if result < 0:
                 completions.read_done(tag, OSError(-result, os.strerror(-result)))
@@ -251,7 +251,7 @@ class AsyncIoUringConnection(IoUringConnection):
 
         address, keep = address_of(buf)
         self.ring.start(OP_READ, self.fd, offset, address, len(buf), 0, keep, done,
-                        completions.reads_done)
+                        completions.burst_done)
 
     def _read_rest(self, buf: memoryview, offset: int) -> None:
         """After a short read (a file that shrank), on the reaping thread: the rest with
@@ -306,19 +306,19 @@ class VhostUserConnection(Connection):
 
     # AsyncReads: reads the server starts and has answered later, many in flight.
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
-                    completions: ReadCompletions) -> None:
+                    completions: Completions) -> None:
         self._aligned(offset, len(buf))
         if len(buf) > CHUNK:  # more than one slot: read it now
             self.device.request(T_IN, offset, buf)
             completions.read_done(tag, None)
-            completions.reads_done()
+            completions.burst_done()
             return
         error = self.device.error
 
         def done(status: int) -> None:
             completions.read_done(tag, error(status))
 
-        self.device.start_read(offset, buf, done, completions.reads_done)
+        self.device.start_read(offset, buf, done, completions.burst_done)
 
     def send_started(self) -> None:
         self.device.kick_started()

@@ -86,7 +86,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pycurl
 
 from ..backend import ConfigError, Connection, OpenContext, Param, Plugin
-from ..backend.connection import ReadCompletions
+from ..backend.connection import Completions
 
 log = logging.getLogger("pynbd.plugins.curl")
 
@@ -383,7 +383,7 @@ class Read:
 
     __slots__ = ("buf", "deadline", "number", "offset", "seen", "sink", "tag", "what")
 
-    def __init__(self, buf: memoryview, offset: int, seen: Seen, tag: object, sink: ReadCompletions,
+    def __init__(self, buf: memoryview, offset: int, seen: Seen, tag: object, sink: Completions,
                  deadline: float | None) -> None:
         self.buf = buf
         self.offset = offset
@@ -404,7 +404,7 @@ class MultiDriver:
     libcurl run every transfer on its kept-alive connections, driven by
     ``socket_action`` from one epoll set. Each finished read is checked as a
     synchronous one is (``Transfer.outcome``, ``check_range``) and reported
-    to the server; after each round the servers' ``reads_done`` sends their
+    to the server; after each round the servers' ``burst_done`` sends their
     replies together. A transient failure is tried again after the same
     pause and within the same limits (``retry_pause``, timeout=) as a
     synchronous read, without holding a handle meanwhile.
@@ -427,7 +427,7 @@ class MultiDriver:
         self.active: dict[pycurl.Curl, tuple[Transfer, Read]] = {}
         self.free: list[Transfer] = []
         self.made: list[Transfer] = []
-        self.touched: list[ReadCompletions] = []
+        self.touched: list[Completions] = []
         self.signalled = False
         self.closing = False
         self.thread = threading.Thread(target=self.run, daemon=True, name="curl-multi")
@@ -450,7 +450,7 @@ class MultiDriver:
         for curl, (_transfer, read) in self.active.items():
             self.multi.remove_handle(curl)
             read.sink.read_done(read.tag, gone)
-            read.sink.reads_done()
+            read.sink.burst_done()
         for transfer in self.made:
             transfer.close()
         self.multi.close()
@@ -558,7 +558,7 @@ class MultiDriver:
         return True
 
     def collect(self) -> None:
-        """Report the transfers libcurl finished; then each server's ``reads_done``."""
+        """Report the transfers libcurl finished; then each server's ``burst_done``."""
         multi = self.multi
         while True:
             queued, ok, failed = multi.info_read()
@@ -570,7 +570,7 @@ class MultiDriver:
                 break
         touched, self.touched = self.touched, []
         for sink in touched:
-            sink.reads_done()
+            sink.burst_done()
 
     def finish(self, curl: pycurl.Curl, code: int, text: str) -> None:
         transfer, read = self.active.pop(curl)
@@ -607,7 +607,7 @@ class MultiCurlConnection(CurlConnection):
         self.send_started = driver.wake
 
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
-                    completions: ReadCompletions) -> None:
+                    completions: Completions) -> None:
         self.driver.start(Read(buf, offset, self.seen, tag, completions, self.plugin.deadline()))
 
 

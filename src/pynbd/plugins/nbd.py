@@ -91,7 +91,7 @@ from ..backend import (
     Param,
     Plugin,
 )
-from ..backend.connection import ReadCompletions
+from ..backend.connection import Completions
 from ..client import (
     CMD_FLAG_FAST_ZERO,
     CMD_FLAG_FUA,
@@ -141,7 +141,7 @@ def command_flags(flags: int) -> int:
 
 
 class Waiter:
-    """The ``ReadCompletions`` of one command whose caller waits for it (``Link.run``)."""
+    """The ``Completions`` of one command whose caller waits for it (``Link.run``)."""
 
     __slots__ = ("error", "lock")
 
@@ -154,7 +154,9 @@ class Waiter:
         self.error = error
         self.lock.release()
 
-    def reads_done(self) -> None:
+    write_done = read_done  # (the same for any command)
+
+    def burst_done(self) -> None:
         """Nothing to gather: the caller was woken by ``read_done``."""
 
     def wait(self) -> None:
@@ -167,16 +169,16 @@ LostCallback = Callable[["Link | LockstepLink", BaseException], None]
 
 
 def deliver(commands: Sequence[Command], failure: OSError | None = None) -> None:
-    """Report finished commands to their ``ReadCompletions`` (``command.token``: (sink, tag)),
+    """Report finished commands to their ``Completions`` (``command.token``: (sink, tag)),
     then tell each sink that got one that this burst is over."""
-    touched: list[ReadCompletions] = []
+    touched: list[Completions] = []
     for command in commands:
-        sink, tag = cast("tuple[ReadCompletions, object]", command.token)
+        sink, tag = cast("tuple[Completions, object]", command.token)
         sink.read_done(tag, failure or (command_error(command) if command.error else None))
         if not touched or touched[-1] is not sink and sink not in touched:
             touched.append(sink)
     for sink in touched:
-        sink.reads_done()
+        sink.burst_done()
 
 
 class Link:
@@ -186,7 +188,7 @@ class Link:
     land in the caller's buffer); ``push`` sends every request queued since
     the last push in one ``sendmsg`` (write payloads included, not copied).
     A receiving thread takes the replies in any order, reports each command
-    to its ``ReadCompletions`` and, after each receive, calls ``reads_done``
+    to its ``Completions`` and, after each receive, calls ``burst_done``
     on those it reported to, so a burst of answers leaves as one burst.
     ``run`` is start, push and wait, raising the command's error.
 
@@ -212,7 +214,7 @@ class Link:
         self.thread.start()
 
     def start(self, cmd: int, offset: int, count: int, flags: int, buf: memoryview | None,
-              sink: ReadCompletions, tag: object) -> Command:
+              sink: Completions, tag: object) -> Command:
         with self.lock:
             if self.dead is not None:
                 raise self.dead
@@ -316,14 +318,14 @@ class LockstepLink:
         return command
 
     def start(self, cmd: int, offset: int, count: int, flags: int, buf: memoryview | None,
-              sink: ReadCompletions, tag: object) -> None:
+              sink: Completions, tag: object) -> None:
         try:
             self.run(cmd, offset, count, flags, buf)
         except OSError as exc:
             sink.read_done(tag, exc)
         else:
             sink.read_done(tag, None)
-        sink.reads_done()
+        sink.burst_done()
 
     def push(self) -> None:
         """Nothing is ever queued."""
@@ -472,7 +474,7 @@ class NbdConnection(Connection):
         self.run(READ, offset, len(buf), 0, buf)
 
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
-                    completions: ReadCompletions) -> None:
+                    completions: Completions) -> None:
         self.upstream.next_link().start(READ, offset, len(buf), 0, buf, completions, tag)
 
     def send_started(self) -> None:

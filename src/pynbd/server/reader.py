@@ -49,8 +49,8 @@ class RequestReader:
     """Reads one connection's requests until NBD_CMD_DISC or the end of the stream.
 
     ``batch`` is the inline replies' arena (None when workers send replies).
-    ``kick``, when reads are answered later (``async_reads``), is called
-    whenever the batch is flushed: it sends the reads started meanwhile.
+    ``kick``, when requests are answered later (``async_requests``), is called
+    whenever the batch is flushed: it sends the requests started meanwhile.
     """
 
     def __init__(self, channel: Channel, tx: ServerTransmission, execute: Execute,
@@ -80,7 +80,7 @@ class RequestReader:
         execute = self.execute
         scratch = self.scratch
         batch = self.batch
-        # (Not while reads are answered on another thread: polling would take the GIL from it.)
+        # (Not while requests are answered on another thread: polling would take the GIL from it.)
         can_probe = batch is not None and channel.can_probe and self.kick is None
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)

@@ -10,9 +10,9 @@ builds the transmission phase from three parts:
   stack's top layer;
 - a ``RequestReader`` that receives requests in batches and hands each to the
   runner directly (inline) or to a ``WorkerPool`` (see ``dispatch.plan``, the
-  one rule that decides) — except reads, when the stack ends in a plugin that
-  answers them later (``async_reads``): those are started at once and
-  answered from the plugin's thread.
+  one rule that decides) — except reads and writes, when the stack ends in a
+  plugin that answers them later (``async_requests``): those are started at
+  once and answered from the plugin's thread.
 
 It ends when the client disconnects or breaks the protocol, and always
 closes the stack's layers and the socket. Nothing in a session's failure
@@ -45,7 +45,7 @@ from ..proto.server_handshake import (
     StartTLS,
 )
 from ..proto.server_transmission import ServerTransmission, Terms
-from .async_reads import AsyncReadPath, async_reader
+from .async_requests import AsyncRequestPath, async_plugin
 from .catalog import StackCatalog, UnknownExport
 from .channel import Channel, ClientGone, ReplyBatch
 from .dispatch import Dispatch, WorkerPool, serialized
@@ -208,8 +208,9 @@ class Session:
             pool = WorkerPool(dispatch.workers, RequestRunner(top, tx, channel.send, self.address).run,
                               on_gone=self.stop, name=f"nbd-worker-{self.address}")
             execute = pool.submit
-        reads = async_reader(self.config.stack, top)
-        later = None if reads is None else AsyncReadPath(reads, tx, channel, execute, self.address)
+        reads, writes = async_plugin(self.config.stack, top)
+        later = None if reads is None and writes is None else \
+            AsyncRequestPath(reads, writes, tx, channel, execute, self.address)
         disconnected = False
         try:
             if later is None:

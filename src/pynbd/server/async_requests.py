@@ -1,0 +1,223 @@
+"""Requests answered later: the server's side of ``AsyncReads`` and ``AsyncWrites``.
+
+A plugin whose reads or writes complete elsewhere (the nbd proxy and curl:
+another server; blkio: io_uring's kernel workers, a vhost-user backend) may
+offer ``backend.connection.AsyncReads`` and/or ``AsyncWrites``. When the
+stack passes those calls straight down to it (``async_plugin``: every filter
+above leaves ``pread`` / ``pwrite`` unchanged, no layer changes the size,
+``-v`` is not logging each call, and the stack's thread model is parallel),
+a session routes its clients' reads and writes through an
+``AsyncRequestPath`` instead of the ``RequestRunner``:
+
+- the reading thread checks each one as the runner would
+  (``ServerTransmission.check``), takes a buffer from the session's pool
+  (a write's payload is copied into it: the receive buffer is reused at
+  once) and calls ``start_pread`` / ``start_pwrite``; it does not wait.
+  Before the reader waits for its client (and every few requests within a
+  batch) it calls ``kick``, and the plugin sends what was started, several
+  requests in one system call or one send;
+- the plugin calls ``read_done`` / ``write_done`` from the thread that
+  learns of the outcome; the reply (data, success, or the request's errno
+  as for any failed request) is copied into this path's own ``ReplyBatch``,
+  and ``burst_done`` sends the batch: the answers one receive or one reap
+  brought leave in one send. The buffer goes back to the pool.
+
+Every other command (zero, trim, flush, block status, cache; a read or
+write the plugin does not start) goes to the runner as before, on the
+reading thread or the worker pool — but only once every write started
+before it has been answered (``_drain_writes``): so a FLUSH covers every
+write answered before it, and a zero or trim never overtakes a write the
+client sent first. Reads are not waited for: NBD lets replies arrive in any
+order and a read never needs flushing. At most ``MAX_IN_FLIGHT`` requests
+of one client are in flight; the reader waits for room beyond that.
+
+The end: after NBD_CMD_DISC the session waits until every request in
+flight is answered (``finish``). A client that vanished gets nothing more —
+its reads still in flight are dropped as they complete, and closing the
+stack fails the rest — but its started writes are waited for before the
+stack closes: each one lands, and nothing the client was answered is lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from typing import cast
+
+from ..backend import FLAG_FUA, ThreadModel
+from ..backend.connection import AsyncReads, AsyncWrites, Completions, FilterConnection
+from ..backend.layer import Layer
+from ..backend.stack import Stack
+from ..proto.server_transmission import F_FUA, READ, WRITE, ServerTransmission
+from .channel import Buffer, Channel, ClientGone, ReplyBatch
+from .dispatch import Execute
+
+log = logging.getLogger("pynbd.server")
+
+MAX_IN_FLIGHT = 256  # requests of one client started and not answered before the reader waits
+POOL_BUFFER = 256 * 1024  # requests up to this size use the session's pooled buffers
+_READS = frozenset({"pread", "pread_buffers"})
+_WRITES = frozenset({"pwrite"})
+
+# A started request: (command, cookie, offset, its view of the buffer, the buffer)
+Tag = tuple[int, int, int, memoryview, bytearray]
+Start = Callable[[memoryview, int, int, object, Completions], None]  # start_pread, start_pwrite
+
+
+def async_plugin(stack: Stack, top: Layer) -> tuple[AsyncReads | None, AsyncWrites | None]:
+    """The plugin connection whose ``start_pread`` / ``start_pwrite`` may serve the top
+    layer's reads / writes (None where it may not).
+
+    Only when the stack runs requests in parallel and each filter layer passes
+    those calls to the layer below unchanged, every layer has the top's size
+    (so the top's range check is theirs too) and none is logging its calls (-v).
+    """
+    if stack.thread_model() != ThreadModel.PARALLEL:
+        return None, None
+    reads = writes = True
+    layer = top
+    while type(layer) is Layer and layer.size == top.size:
+        conn = layer.conn
+        if not isinstance(conn, FilterConnection):
+            return (conn if reads and isinstance(conn, AsyncReads) else None,
+                    conn if writes and isinstance(conn, AsyncWrites) else None)
+        passed = conn.passes_through()
+        reads = reads and _READS <= passed
+        writes = writes and _WRITES <= passed
+        if not (reads or writes) or not isinstance(conn.next, Layer):
+            break
+        layer = conn.next
+    return None, None
+
+
+class AsyncRequestPath:
+    """One session's requests in flight (see the module's manual); the plugin's ``Completions``."""
+
+    def __init__(self, reads: AsyncReads | None, writes: AsyncWrites | None, tx: ServerTransmission,
+                 channel: Channel, execute: Execute, address: object) -> None:
+        self.reads = reads
+        self.writes = writes
+        self.tx = tx
+        self.others = execute  # every command not started here
+        self.address = address
+        self.batch = ReplyBatch(channel)
+        self.lock = threading.Condition(threading.Lock())
+        self.in_flight = 0
+        self.writes_in_flight = 0
+        self.gone = False  # the client is gone: replies are dropped
+        self.pool: list[bytearray] = []  # free buffers of POOL_BUFFER bytes
+        plugin = reads if reads is not None else writes
+        assert plugin is not None, "an AsyncRequestPath with nothing to start"
+        self.kick = plugin.send_started
+
+    def execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                payload: memoryview | None, scratch: bytearray) -> None:
+        """``Execute`` for the reader: start a read or write, or hand anything else to
+        ``others`` (once the writes started before it are answered)."""
+        if cmd == READ:
+            if self.reads is not None and self.tx.check(flags, cmd, offset, length) is None:
+                tag = self._take(cmd, cookie, offset, length)
+                self._start(self.reads.start_pread, tag, 0)
+                return
+        elif cmd == WRITE and self.writes is not None and payload is not None \
+                and self.tx.check(flags, cmd, offset, length) is None:
+            tag = self._take(cmd, cookie, offset, length)
+            tag[3][:] = payload
+            self._start(self.writes.start_pwrite, tag, FLAG_FUA if flags & F_FUA else 0)
+            return
+        if self.writes_in_flight:
+            self._drain_writes()
+        self.others(flags, cmd, cookie, offset, length, payload, scratch)
+
+    def _take(self, cmd: int, cookie: int, offset: int, length: int) -> Tag:
+        """Room for one more request in flight, and its buffer."""
+        lock = self.lock
+        if self.in_flight >= MAX_IN_FLIGHT:
+            # Outside the lock: a plugin may answer requests while it sends them.
+            # Only this thread adds requests, so the count can only have fallen meanwhile.
+            self.kick()
+        with lock:
+            while self.in_flight >= MAX_IN_FLIGHT and not self.gone:
+                lock.wait()
+            self.in_flight += 1
+            if cmd == WRITE:
+                self.writes_in_flight += 1
+        pool = self.pool
+        buf = pool.pop() if pool and length <= POOL_BUFFER else \
+            bytearray(POOL_BUFFER if length <= POOL_BUFFER else length)
+        return (cmd, cookie, offset, memoryview(buf)[:length], buf)
+
+    def _start(self, start: Start, tag: Tag, flags: int) -> None:
+        """``start(view, offset, flags, tag, self)``; a failure to start fails that request only."""
+        try:
+            start(tag[3], tag[2], flags, tag, self)
+        except Exception as exc:  # noqa: BLE001 (a failed start fails that request only)
+            if not isinstance(exc, OSError):
+                log.error("client %s: command %d at %d+%d raised", self.address, tag[0], tag[2],
+                          len(tag[3]), exc_info=exc)
+                exc = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+            self.read_done(tag, exc)
+            self.burst_done()
+
+    def _drain_writes(self) -> None:
+        """Wait until every write started is answered."""
+        self.kick()
+        with self.lock:
+            while self.writes_in_flight:
+                self.lock.wait()
+
+    # ---- Completions (called from the plugin's completing thread)
+    def read_done(self, tag: object, error: OSError | None) -> None:
+        cmd, cookie, offset, view, buf = cast("Tag", tag)
+        tx = self.tx
+        parts: tuple[Buffer, ...]
+        if error is not None:
+            log.debug("client %s: command %d at %d+%d failed: %s", self.address, cmd, offset,
+                      len(view), error)
+            parts = (tx.error(cookie, cmd, error.errno or errno.EIO, error.strerror or str(error),
+                              offset),)
+        elif cmd == READ:
+            parts = (tx.read_header(cookie, offset, len(view)), view)
+        else:
+            parts = (tx.ok(cookie, offset),)
+        with self.lock:
+            self.in_flight -= 1
+            if cmd == WRITE:
+                self.writes_in_flight -= 1
+            if not self.gone:
+                try:
+                    self.batch.send(parts)
+                except ClientGone:
+                    self.gone = True
+            self.lock.notify_all()
+        if len(buf) == POOL_BUFFER:
+            self.pool.append(buf)
+
+    write_done = read_done  # (the tag says which command it was)
+
+    def burst_done(self) -> None:
+        with self.lock:
+            if not self.gone:
+                try:
+                    self.batch.flush()
+                except ClientGone:
+                    self.gone = True
+
+    # ---- the end
+    def finish(self, disconnected: bool) -> None:
+        """After NBD_CMD_DISC (``disconnected``): answer every request in flight first.
+        Otherwise the client is gone: drop what is still to come. Either way, every
+        started write is done before the session closes the stack."""
+        lock = self.lock
+        self.kick()
+        if disconnected:
+            with lock:
+                while self.in_flight and not self.gone:
+                    lock.wait()
+        with lock:
+            self.gone = True
+            lock.notify_all()
+            while self.writes_in_flight:
+                lock.wait()
