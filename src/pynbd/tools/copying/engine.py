@@ -59,8 +59,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, fields
 
@@ -68,10 +66,11 @@ from ...proto.errors import ProtocolError
 from .blkhash import BlockHash
 from .dirty import CLEAN, ZERO
 from .endpoint import CopyError, Done, Endpoint, Fanout, start
+from .loop import Loop
 from .options import CopyOptions
 from .plan import SLICE, Plan, Slices
 from .progress import Progress
-from .zeroes import ZeroScanner
+from .zeroes import Run, ZeroScanner
 
 _IO_ERRORS = (OSError, ProtocolError)
 
@@ -131,12 +130,12 @@ def wrap(endpoint: Endpoint, exc: BaseException) -> CopyError:
 
 
 class Copier:
-    """Runs one copy with a fixed layout."""
+    """Runs one copy with a fixed layout, every lane from the calling thread."""
 
     def __init__(self, opts: CopyOptions, src: Endpoint, dst: Endpoint, layout: Layout,
-                 progress: Progress) -> None:
+                 progress: Progress, loop: Loop) -> None:
         self.opts, self.src, self.dst, self.layout = opts, src, dst, layout
-        self.progress = progress
+        self.progress, self.loop = progress, loop
         self.slices = Slices(layout.length)
         self.lanes = [Lane(self, i) for i in range(layout.connections)]
         self.skip_zeroes = dst.reads_as_zero and not opts.allocated
@@ -157,7 +156,7 @@ class Copier:
                      if lane.plan.extents_failed), None)
 
     def fail(self, exc: BaseException) -> None:
-        """Record a failure (any thread) and make every lane stop."""
+        """Record a failure and make every lane stop."""
         self.failures.append(exc)
         self.slices.abort()
 
@@ -165,18 +164,18 @@ class Copier:
         """Copy everything; return the number of bytes copied."""
         started = time.monotonic()
         self.progress.start()
-        threads = [threading.Thread(target=lane.run, name=f"copy-lane-{lane.index}",
-                                    daemon=True) for lane in self.lanes[1:]]
-        for thread in threads:
-            thread.start()
+        opened: list[Lane] = []
         try:
-            self.lanes[0].run()
-        except BaseException:
-            self.slices.abort()  # interrupted: the other lanes stop at their next operation
-            raise
+            for lane in self.lanes:
+                lane.connect()
+                opened.append(lane)
+            self._drive()
+        except (CopyError, *_IO_ERRORS) as exc:
+            self.fail(exc)
+            self.loop.run_until(lambda: all(lane.idle for lane in opened))
         finally:
-            for thread in threads:
-                thread.join()
+            for lane in opened:
+                lane.close()
         if self.failures:
             raise self.failures[0]
         length = self.slices.length
@@ -187,6 +186,16 @@ class Copier:
         self.progress.finish()
         self.elapsed = time.monotonic() - started
         return length
+
+    def _drive(self) -> None:
+        """Start work on every lane while it has free slots; poll for replies between."""
+        busy = list(self.lanes)
+        while busy:
+            for lane in busy:
+                lane.fill()
+            busy = [lane for lane in busy if not lane.finished]
+            if busy:
+                self.loop.poll()
 
 
 class Slot:
@@ -219,53 +228,50 @@ class Lane:
         self.scanner = ZeroScanner(layout.sparse, layout.request_size)
         self.counters = Counters()
         self.allocate = copier.opts.allocated
-        self.free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # counters, updated from the threads finishing requests
+        self.slots = layout.requests
+        self.free: list[Slot] = []
+        self.planned = False  # the plan has run dry
 
-    def run(self) -> None:
-        """Connect (lanes after the first), copy, wait, disconnect; never raises but
-        for an interrupt, which stops the copy (and the lane) where it is."""
-        opened: list[Endpoint] = []
-        try:
-            for endpoint in (self.src, self.dst) if self.index else ():
-                endpoint.connect_lane(self.index)
-                opened.append(endpoint)
-            self._copy()
-        except (CopyError, *_IO_ERRORS) as exc:
-            self.copier.fail(exc)
-        finally:
-            for endpoint in opened:
-                self._close_lane(endpoint)
+    def connect(self) -> None:
+        """Open this lane's connections (lane 0 uses the endpoints' first)."""
+        self.free = [Slot(self.copier.layout.request_size) for _ in range(self.slots)]
+        for endpoint in (self.src, self.dst) if self.index else ():
+            endpoint.connect_lane(self.index)
 
-    def _close_lane(self, endpoint: Endpoint) -> None:
-        try:
-            endpoint.close_lane(self.index)
-        except _IO_ERRORS:
-            return  # closing a connection that failed: the failure is already recorded
+    def close(self) -> None:
+        for endpoint in (self.src, self.dst) if self.index else ():
+            try:
+                endpoint.close_lane(self.index)
+            except _IO_ERRORS:
+                continue  # closing a connection that failed: the failure is already recorded
 
-    def _copy(self) -> None:
-        size, slots = self.copier.layout.request_size, self.copier.layout.requests
-        for _ in range(slots):
-            self.free.put(Slot(size))
-        try:
-            while (op := self.plan.next(self.index)) is not None:
-                slot = self.free.get()
-                if self.copier.slices.aborted:
-                    self.free.put(slot)
-                    break
-                offset, length, kind = op
-                if kind == CLEAN:
-                    self._count("unchanged", length)
-                    self._releaser(slot)(length, None)
-                elif kind == ZERO:
-                    if self.copier.blkhash is not None:
-                        self.copier.blkhash.zero(offset, length)
-                    self._zero(offset, length, self._releaser(slot))
-                else:
-                    self._read(slot, offset, length)
-        finally:
-            for _ in range(slots):
-                self.free.get()  # every request in flight has finished
+    @property
+    def idle(self) -> bool:
+        """No request of this lane is in flight."""
+        return len(self.free) == self.slots
+
+    @property
+    def finished(self) -> bool:
+        return self.planned and self.idle
+
+    def fill(self) -> None:
+        """Start operations while a slot is free (those that finish at once free it again)."""
+        while self.free and not self.planned:
+            op = self.plan.next(self.index)
+            if op is None:
+                self.planned = True
+                return
+            slot = self.free.pop()
+            offset, length, kind = op
+            if kind == CLEAN:
+                self.counters.unchanged += length
+                self._releaser(slot)(length, None)
+            elif kind == ZERO:
+                if self.copier.blkhash is not None:
+                    self.copier.blkhash.zero(offset, length)
+                self._zero(offset, length, self._releaser(slot))
+            else:
+                self._read(slot, offset, length)
 
     def _releaser(self, slot: Slot) -> Done:
         """The completion that ends a slot's work: count it, report it, free the slot."""
@@ -274,19 +280,15 @@ class Lane:
                 self.copier.progress.advance(n)
             else:
                 self.copier.fail(error)
-            self.free.put(slot)
+            self.free.append(slot)
         return release
-
-    def _count(self, name: str, n: int) -> None:
-        with self._lock:
-            setattr(self.counters, name, getattr(self.counters, name) + n)
 
     def _zero(self, offset: int, length: int, done: Done) -> None:
         if self.copier.skip_zeroes:
-            self._count("skipped", length)
+            self.counters.skipped += length
             done(length, None)
             return
-        self._count("zeroed", length)
+        self.counters.zeroed += length
         start(self.dst.zero, _blaming(self.dst, done), self.index, length, offset, self.allocate)
 
     def _read(self, slot: Slot, offset: int, length: int) -> None:
@@ -296,46 +298,74 @@ class Lane:
             if error is not None:
                 release(0, error)
                 return
-            fan = Fanout(n, release)
             try:
-                self._write_runs(slot, offset, n, length, fan)
-                if self.copier.blkhash is not None:  # while the writes are in flight
-                    self.copier.blkhash.data(offset, slot.view[:n])
+                runs = self._runs(slot, offset, n, length)
             except CopyError as exc:
-                fan.close(exc)
-            else:
-                fan.close()
+                release(0, exc)
+                return
+            if self.copier.blkhash is not None:
+                self.copier.blkhash.data(offset, slot.view[:n])
+            if self.slots == 1:  # --synchronous, streams, -R 1: one request at a time
+                Chain(self, slot, offset, runs, n, release).step()
+                return
+            fan = Fanout(n, release)
+            for run in runs:
+                self.write_run(slot, offset, run, fan.part())
+            fan.close()
 
         start(self.src.read, _blaming(self.src, read_done), self.index, slot.view[:length], offset)
 
-    def _write_runs(self, slot: Slot, offset: int, n: int, length: int, fan: Fanout) -> None:
+    def _runs(self, slot: Slot, offset: int, n: int, length: int) -> list[Run]:
         if n < length:
             self.plan.stop(offset + n)
         if n and self.dst.size is not None and offset + n > self.dst.size:
             raise CopyError(self.dst.label, f"the source is larger than the destination "
                                             f"({self.dst.size} bytes)")
-        one_at_a_time = self.copier.layout.requests == 1  # --synchronous, streams, -R 1
-        for begin, run, zero in self.scanner.runs(slot.buf, n, slot.base):
-            over = threading.Event() if one_at_a_time else None
-            part = fan.part() if over is None else _signalling(fan.part(), over)
-            if zero:
-                self._zero(offset + begin, run, part)
-            else:
-                self._count("written", run)
-                start(self.dst.write, _blaming(self.dst, part), self.index,
-                      slot.view[begin:begin + run], offset + begin)
-            if over is not None:
-                over.wait()
-                if fan.error is not None:
-                    return
+        return self.scanner.runs(slot.buf, n, slot.base)
+
+    def write_run(self, slot: Slot, offset: int, run: Run, done: Done) -> None:
+        begin, length, zero = run
+        if zero:
+            self._zero(offset + begin, length, done)
+        else:
+            self.counters.written += length
+            start(self.dst.write, _blaming(self.dst, done), self.index,
+                  slot.view[begin:begin + length], offset + begin)
 
 
-def _signalling(done: Done, over: threading.Event) -> Done:
-    """``done``, then ``over`` set: for waiting until a request has finished."""
-    def finished(n: int, error: BaseException | None) -> None:
-        done(n, error)
-        over.set()
-    return finished
+class Chain:
+    """A read's runs written one after the other, each once the last is done.
+
+    A write that finishes at once (files) starts the next from ``step``'s
+    own loop, not from inside its completion, so a long chain never recurses.
+    """
+
+    def __init__(self, lane: Lane, slot: Slot, offset: int, runs: list[Run], n: int,
+                 done: Done) -> None:
+        self.lane, self.slot, self.offset, self.runs = lane, slot, offset, runs
+        self.n, self.done = n, done
+        self.next = 0
+        self.waiting = self.stepping = False
+
+    def step(self) -> None:
+        self.stepping = True
+        while not self.waiting and self.next < len(self.runs):
+            run = self.runs[self.next]
+            self.next += 1
+            self.waiting = True
+            self.lane.write_run(self.slot, self.offset, run, self._finished)
+        self.stepping = False
+        if not self.waiting and self.next == len(self.runs):
+            self.next += 1  # finished exactly once
+            self.done(self.n, None)
+
+    def _finished(self, n: int, error: BaseException | None) -> None:
+        self.waiting = False
+        if error is not None:
+            self.next = len(self.runs) + 1
+            self.done(0, error)
+        elif not self.stepping:
+            self.step()
 
 
 def _blaming(endpoint: Endpoint, done: Done) -> Done:

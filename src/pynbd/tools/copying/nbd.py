@@ -1,22 +1,27 @@
 """NBD endpoints: a URI or a captive ``[ CMD ARGS ... ]`` server.
 
-One blocking connection per lane, driven as a ``Pipeline``: the lane's
-thread sends requests (header and data in one ``sendmsg``) and a receiver
-thread per connection reads the replies, read data straight into the lane's
-buffers, and finishes each request from there. The first connection is
-opened by the main thread, the others by their lanes. More than one is
-opened only when the server advertises multi-conn and it is not captive (a
-captive server is started per connection, so it gets exactly one). Extents
-come from ``base:allocation``, changed ranges (``--dirty-bitmap``, ``pynbd
-backup``) from ``qemu:dirty-bitmap:NAME`` (several bitmaps: their union);
-zeroing uses WRITE_ZEROES (with NO_HOLE for ``--allocated``) where the
-server offers it, else writes of zero bytes.
-Over TLS each connection has one request in flight at a time.
+One connection per lane. In a copy, every connection is a ``Channel`` of
+the copy's ``Loop`` (``loop.py``): one thread sends the requests of all
+of them (header and data, several requests in one ``sendmsg``) and reads
+the replies, read data straight into the lane's buffers. Without a loop
+(``pynbd backup``) each connection is a ``Pipeline`` with a receiver thread
+of its own. The first connection is opened with the endpoint, the others
+by the copy's lanes. More than one is opened only when the server
+advertises multi-conn and it is not captive (a captive server is started
+per connection, so it gets exactly one). Extents come from
+``base:allocation``, changed ranges (``--dirty-bitmap``, ``pynbd backup``)
+from ``qemu:dirty-bitmap:NAME`` (several bitmaps: their union); zeroing
+uses WRITE_ZEROES (with NO_HOLE for ``--allocated``) where the server
+offers it, else writes of zero bytes. Over TLS each connection is a
+``Pipeline`` with one request in flight at a time, which finishes before
+``submit`` returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 from ...client.common import (
     CMD_FLAG_NO_HOLE,
@@ -25,6 +30,7 @@ from ...client.common import (
     SIZE_PREFERRED,
     STATE_ZERO,
     extents_by_name,
+    is_tls,
 )
 from ...client.errors import NBDError
 from ...client.sync import NBD, Pipeline, connect
@@ -33,20 +39,39 @@ from ...proto.constants import Cmd
 from ...proto.errors import ProtocolError
 from .dirty import STATE_DIRTY, bitmap_context, union
 from .endpoint import UNLIMITED, CopyError, Done, Endpoint, Extent, Facts
+from .loop import Channel, Loop
 from .options import MAX_REQUEST, Spec
 
 MAX_STATUS = 0xFFFF_F000  # one block status request (fits a 32-bit length, 4 KiB aligned)
 ZERO_PROBES = 64  # block status requests spent deciding whether a destination reads as zero
 
 
+class Connection(Protocol):
+    """What a lane's connection is: a ``Channel`` of the copy's loop or a ``Pipeline``."""
+
+    handle: NBD
+
+    def submit(self, cmd: int, offset: int, count: int, flags: int,
+               buf: memoryview | None, done: Callable[[Command, BaseException | None], None],
+               ) -> None: ...
+
+    def call(self, cmd: int, offset: int = 0, count: int = 0, flags: int = 0,
+             buf: memoryview | None = None) -> Command: ...
+
+    def corked(self) -> AbstractContextManager[None]: ...
+
+    def close(self) -> None: ...
+
+
 class NBDEndpoint(Endpoint):
     """An NBD export reached over one or more connections."""
 
-    def __init__(self, spec: Spec, writing: bool, bitmaps: Sequence[str] = ()) -> None:
+    def __init__(self, spec: Spec, writing: bool, bitmaps: Sequence[str] = (),
+                 loop: Loop | None = None) -> None:
         super().__init__(spec.label)
-        self.spec, self.writing = spec, writing
+        self.spec, self.writing, self.loop = spec, writing, loop
         self.bitmaps = [bitmap_context(name) for name in bitmaps]
-        self.pipes: dict[int, Pipeline] = {}  # lane -> its connection
+        self.pipes: dict[int, Connection] = {}  # lane -> its connection
         # lane -> (offset, count, reply) of its last block status: one request answers every
         # context, so extents() and changes() over the same range share it
         self._status: dict[int, tuple[int, int, dict[str, list[int]]]] = {}
@@ -55,12 +80,14 @@ class NBDEndpoint(Endpoint):
     def _target(self) -> str | list[str]:
         return list(self.spec.command) if self.spec.kind == "captive" else self.spec.text
 
-    def _connect(self) -> Pipeline:
+    def _connect(self) -> Connection:
         try:
             h = connect(self._target, meta_contexts=[CONTEXT_BASE_ALLOCATION, *self.bitmaps])
         except (NBDError, ProtocolError) as exc:
             raise CopyError(self.label, exc) from None
-        return Pipeline(h)
+        if self.loop is None or is_tls(h.stream().sock):
+            return Pipeline(h)
+        return Channel(h, self.loop)
 
     @property
     def handle(self) -> NBD:

@@ -22,16 +22,18 @@ from ...proto.errors import ProtocolError
 from .endpoint import CopyError, Endpoint, NullEndpoint
 from .engine import Copier, Layout, plan_layout
 from .local import open_local
+from .loop import Loop
 from .nbd import NBDEndpoint
 from .options import CopyOptions, Spec
 from .progress import Progress
 
 
-def open_endpoint(spec: Spec, writing: bool, bitmaps: Sequence[str] = ()) -> Endpoint:
-    """The endpoint for ``spec``, connected or opened; ``bitmaps`` (dirty bitmaps to
-    read changed ranges from) need an NBD server."""
+def open_endpoint(spec: Spec, writing: bool, loop: Loop, bitmaps: Sequence[str] = ()) -> Endpoint:
+    """The endpoint for ``spec``, connected or opened (an NBD server's connections
+    driven by ``loop``); ``bitmaps`` (dirty bitmaps to read changed ranges from)
+    need an NBD server."""
     if spec.kind in ("nbd", "captive"):
-        endpoint = NBDEndpoint(spec, writing, bitmaps)
+        endpoint = NBDEndpoint(spec, writing, bitmaps, loop)
         try:
             endpoint.open()
         except BaseException:
@@ -80,14 +82,15 @@ def run_copy(opts: CopyOptions, err: TextIO = sys.stderr, source: Endpoint | Non
     """
     assert opts.destination is not None
     opened: list[Endpoint] = []
+    loop = Loop()
     try:
         if source is None:
             assert opts.source is not None
             bitmaps = [opts.dirty_bitmap] if opts.dirty_bitmap is not None else []
-            source = open_endpoint(opts.source, writing=False, bitmaps=bitmaps)
+            source = open_endpoint(opts.source, False, loop, bitmaps)
         src = source
         opened.append(src)
-        dst = open_endpoint(opts.destination, writing=True)
+        dst = open_endpoint(opts.destination, True, loop)
         opened.append(dst)
         dst.prepare(src.size, src, keep=opts.dirty_bitmap is not None)
         check_sizes(src, dst)
@@ -97,7 +100,7 @@ def run_copy(opts: CopyOptions, err: TextIO = sys.stderr, source: Endpoint | Non
             _verbose(err, opts, src, dst, layout)
         progress = Progress(src.size, bar=opts.progress and opts.progress_fd is None,
                             fd=opts.progress_fd, stream=err)
-        copier = Copier(opts, src, dst, layout, progress)
+        copier = Copier(opts, src, dst, layout, progress, loop)
         length = copier.run()
         if copier.blkhash is not None:
             write_blkhash(opts, copier.blkhash.hexdigest(length))
@@ -112,6 +115,7 @@ def run_copy(opts: CopyOptions, err: TextIO = sys.stderr, source: Endpoint | Non
     finally:
         for endpoint in reversed(opened):
             _quiet_close(endpoint)
+        loop.close()
 
 
 def write_blkhash(opts: CopyOptions, digest: str) -> None:
