@@ -12,8 +12,8 @@ and the slot's area of shared memory. Many threads may call ``request`` at
 once: each queue holds ``SLOTS`` requests in flight. No thread is dedicated
 to completions: of the threads waiting on a queue, one (the leader) waits on
 its call eventfd and hands the others their completions, so a lone caller
-kicks and waits with no thread switch. ``start_read`` and ``kick_started``
-start reads without waiting: a completion thread per queue reaps them while
+kicks and waits with no thread switch. ``start_request`` and ``kick_started``
+start reads and writes without waiting: a completion thread per queue reaps them while
 any are outstanding and calls each one's callback. One thread watches the
 socket, to fail every request when the backend goes away. Message and structure
 layouts are the vhost-user specification's and virtio 1.x's (little-endian).
@@ -206,13 +206,15 @@ class _Queue:
                 self._release(slot)
 
     # ------------------------------------------------------------ without waiting
-    def start(self, sector: int, out: memoryview, callback: Callable[[int], None],
+    def start(self, kind: int, sector: int, data: memoryview, callback: Callable[[int], None],
               burst: Callable[[], None] | None) -> None:
-        """Start a read of ``len(out)`` <= CHUNK bytes: ``callback(status)`` is called,
-        with ``out`` filled, from the thread that reaps it. ``kick_started`` sends it."""
-        slot = self._take(out, callback, burst)
+        """Start a read (T_IN, into ``data``) or a write (T_OUT, from ``data``, copied
+        now) of ``len(data)`` <= CHUNK bytes: ``callback(status)`` is called, a read's
+        ``data`` filled, from the thread that reaps it. ``kick_started`` sends it."""
+        reading = kind == T_IN
+        slot = self._take(data if reading else None, callback, burst)
         try:
-            self._post(slot, T_IN, sector, len(out), True, None)
+            self._post(slot, kind, sector, len(data), reading, None if reading else data)
         except BaseException:
             with self.lock:
                 self._release(slot)
@@ -493,11 +495,13 @@ class VhostUserBlk:
                 self._check(queue.submit(kind, sector, len(part), True, out=part))
             done += len(part)
 
-    def start_read(self, offset: int, buf: memoryview, callback: Callable[[int], None],
-                   burst: Callable[[], None] | None = None) -> None:
-        """Start reading ``len(buf)`` <= CHUNK bytes (whole sectors) at ``offset``:
-        ``callback(status)`` is called once they are in ``buf`` (``check`` the status)."""
-        next(self._next_queue).start(offset // SECTOR, buf, callback, burst)
+    def start_request(self, kind: int, offset: int, buf: memoryview,
+                      callback: Callable[[int], None], burst: Callable[[], None] | None = None
+                      ) -> None:
+        """Start reading (T_IN) or writing (T_OUT) ``len(buf)`` <= CHUNK bytes (whole
+        sectors) at ``offset``: ``callback(status)`` is called once done, a read's data
+        in ``buf`` (``check`` the status)."""
+        next(self._next_queue).start(kind, offset // SECTOR, buf, callback, burst)
 
     def kick_started(self) -> None:
         for q in self.queues:

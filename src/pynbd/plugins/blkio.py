@@ -19,20 +19,22 @@ Parameters
     read-only=BOOL   serve the disk read-only (as -r does)
 
 io_uring
-    Each client connection gets its own io_uring. Reads are answered later
-    (the server's ``AsyncReads``, when no filter above changes reads and
-    ``-v`` is not given; not with direct=true): the reading thread queues
-    every read of a batch of client requests on the ring, submits them in
-    one io_uring_enter and sends the replies of those already complete
-    (cached data usually is); a completion thread reaps the others, so up
-    to 128 reads are in flight per connection. Other requests are short, as
-    the file plugin's are: they run on the connection's reading thread,
-    which submits one and waits for it in a single io_uring_enter (no thread
-    switch). With ``-t N`` (N > 1), N worker threads submit to the ring at
-    the same time, so up to N of them are in flight; whichever waits on the
-    ring hands the others their completions. Buffered writes on a file
-    system without asynchronous buffered writes (ext4) complete in the
-    kernel's io-wq threads: a switch there per write. Reads
+    Each client connection gets its own io_uring. Reads and writes are
+    answered later (the server's ``AsyncReads`` / ``AsyncWrites``, when no
+    filter above changes them and ``-v`` is not given; not with
+    direct=true): the reading thread queues every read and write of a batch
+    of client requests on the ring (a write's data in a buffer of its own),
+    submits them in one io_uring_enter and sends the replies of those
+    already complete (cached data usually is); a completion thread reaps
+    the others, so up to 128 requests are in flight per connection. A
+    flush, zero or trim waits until the writes started before it are done.
+    Other requests are short, as the file plugin's are: they run on the
+    connection's reading thread, which submits one and waits for it in a
+    single io_uring_enter (no thread switch). With ``-t N`` (N > 1), N
+    worker threads submit to the ring at the same time, so up to N of them
+    are in flight; whichever waits on the ring hands the others their
+    completions. Buffered writes on a file system without asynchronous
+    buffered writes (ext4) complete in the kernel's io-wq threads. Reads
     and writes are IORING_OP_READ / WRITE into the request buffers (no
     copies without direct=true); FUA writes carry RWF_DSYNC; flush is
     IORING_OP_FSYNC; trim punches a hole and write-zeroes uses ZERO_RANGE
@@ -56,13 +58,16 @@ virtio-blk-vhost-user
     with ENOTSUP); a read-only device is served read-only. Every client
     shares the one device (a backend serves one frontend at a time), up to
     32 requests in flight per virtqueue; data is copied through the shared
-    memory. Reads are answered later (the server's ``AsyncReads``, when
-    no filter above changes reads and ``-v`` is not given): the reading
-    thread starts every read of a batch of requests, kicks the queue once,
-    and a completion thread per queue reaps them and sends their replies,
-    so one connection keeps up to 32 reads in flight per queue. Other
-    requests run on each connection's reading thread by default (it kicks
-    the queue and waits on the call eventfd itself: no thread switch);
+    memory. Reads and writes of up to 128 KiB are answered later (the
+    server's ``AsyncReads`` / ``AsyncWrites``, when no filter above changes
+    them and ``-v`` is not given): the reading thread starts every read and
+    write of a batch of requests, kicks the queue once, and a completion
+    thread per queue reaps them and sends their replies, so one connection
+    keeps up to 32 requests in flight per queue (a FUA write runs at once:
+    the write, then FLUSH; a flush, zero or trim waits until the writes
+    started before it are done). Other requests run on each connection's
+    reading thread by default (it kicks the queue and waits on the call
+    eventfd itself: no thread switch);
     ``-t N`` (N > 1) keeps up to N of them in flight, the thread waiting on
     the queue handing the others their completions. If the backend goes
     away, requests in flight and later fail with EIO and the server shuts
@@ -79,6 +84,7 @@ import mmap
 import os
 import signal
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from ..backend import (
@@ -230,37 +236,53 @@ class IoUringConnection(Connection):
 
 
 class AsyncIoUringConnection(IoUringConnection):
-    """An ``IoUringConnection`` whose reads the server may start and have answered later
-    (``backend.connection.AsyncReads``): each is queued on the ring, the ones a batch of
-    requests brings are submitted together, and completions are reported as they are
-    reaped. Not with direct=true (buffers need aligning there)."""
+    """An ``IoUringConnection`` whose reads and writes the server may start and have
+    answered later (``backend.connection.AsyncReads`` and ``AsyncWrites``): each is
+    queued on the ring, the ones a batch of requests brings are submitted together,
+    and completions are reported as they are reaped. Not with direct=true (buffers
+    need aligning there)."""
 
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
                     completions: Completions) -> None:
+        self._start(OP_READ, buf, offset, 0, tag, completions.read_done, completions)
+
+    def start_pwrite(self, buf: memoryview, offset: int, flags: int, tag: object,
+                     completions: Completions) -> None:
+        self._start(OP_WRITE, buf, offset, RWF_DSYNC if flags & FLAG_FUA else 0, tag,
+                    completions.write_done, completions)
+
+    def _start(self, opcode: int, buf: memoryview, offset: int, op_flags: int, tag: object,
+               report: Callable[[object, OSError | None], None], completions: Completions) -> None:
         def done(result: int) -> None:
             if result < 0:
-                completions.read_done(tag, OSError(-result, os.strerror(-result)))
+                report(tag, OSError(-result, os.strerror(-result)))
                 return
             try:
                 if result < len(buf):
-                    self._read_rest(buf[result:], offset + result)
+                    self._rest(opcode, buf[result:], offset + result, op_flags)
             except OSError as exc:
-                completions.read_done(tag, exc)
+                report(tag, exc)
                 return
-            completions.read_done(tag, None)
+            report(tag, None)
 
         address, keep = address_of(buf)
-        self.ring.start(OP_READ, self.fd, offset, address, len(buf), 0, keep, done,
+        self.ring.start(opcode, self.fd, offset, address, len(buf), op_flags, keep, done,
                         completions.burst_done)
 
-    def _read_rest(self, buf: memoryview, offset: int) -> None:
-        """After a short read (a file that shrank), on the reaping thread: the rest with
-        preadv (the ring is this thread's to reap), zeroes past the end."""
+    def _rest(self, opcode: int, buf: memoryview, offset: int, op_flags: int) -> None:
+        """After a short transfer, on the reaping thread: the rest with preadv / pwritev
+        (the ring is this thread's to reap); reads past the end of a file that shrank
+        are zeroes."""
         while len(buf):
-            n = os.preadv(self.fd, (buf,), offset)
-            if n == 0:
-                buf[:] = bytes(len(buf))
-                return
+            if opcode == OP_READ:
+                n = os.preadv(self.fd, (buf,), offset)
+                if n == 0:
+                    buf[:] = bytes(len(buf))
+                    return
+            else:
+                n = os.pwritev(self.fd, (buf,), offset, os.RWF_DSYNC if op_flags else 0)
+                if n == 0:
+                    raise io_error(errno.EIO, "io_uring: a write made no progress")
             buf, offset = buf[n:], offset + n
 
     def send_started(self) -> None:
@@ -304,21 +326,32 @@ class VhostUserConnection(Connection):
         self._aligned(offset, len(buf))
         self.device.request(T_IN, offset, buf)
 
-    # AsyncReads: reads the server starts and has answered later, many in flight.
+    # AsyncReads, AsyncWrites: reads and writes the server starts and has answered later.
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
                     completions: Completions) -> None:
-        self._aligned(offset, len(buf))
-        if len(buf) > CHUNK:  # more than one slot: read it now
-            self.device.request(T_IN, offset, buf)
-            completions.read_done(tag, None)
+        self._start(T_IN, buf, offset, flags, tag, completions.read_done, completions)
+
+    def start_pwrite(self, buf: memoryview, offset: int, flags: int, tag: object,
+                     completions: Completions) -> None:
+        self._start(T_OUT, buf, offset, flags, tag, completions.write_done, completions)
+
+    def _start(self, kind: int, buf: memoryview, offset: int, flags: int, tag: object,
+               report: Callable[[object, OSError | None], None], completions: Completions) -> None:
+        if len(buf) > CHUNK or flags & FLAG_FUA:  # more than one slot, or a flush after: now
+            if kind == T_IN:
+                self.pread(buf, offset, flags)
+            else:
+                self.pwrite(buf, offset, flags)
+            report(tag, None)
             completions.burst_done()
             return
+        self._aligned(offset, len(buf))
         error = self.device.error
 
         def done(status: int) -> None:
-            completions.read_done(tag, error(status))
+            report(tag, error(status))
 
-        self.device.start_read(offset, buf, done, completions.burst_done)
+        self.device.start_request(kind, offset, buf, done, completions.burst_done)
 
     def send_started(self) -> None:
         self.device.kick_started()
