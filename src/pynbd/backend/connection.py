@@ -258,10 +258,12 @@ class AsyncWrites(Protocol):
     - ``send_started()``: as for ``AsyncReads``: send what was queued.
     - Ordering is the server's business: before any other request (flush,
       zero, trim, a read or write it does not start, ...) reaches the
-      connection, every started write has been reported done, so ``flush``
-      covers every write the client was answered. Writes in flight may be
-      done in any order (NBD allows it). A connection's ``close`` is called
-      only after every started write was reported.
+      connection, every write started before it has been reported done, so
+      ``flush`` covers every write the client was answered. (Writes the
+      client sends after a flush may be started while a worker thread runs
+      it.) Writes in flight may be done in any order, as NBD allows. A
+      connection's ``close`` is called only after every started write was
+      reported.
     """
 
     def start_pwrite(self, buf: memoryview, offset: int, flags: int, tag: object,
