@@ -6,14 +6,16 @@ bytes (the last one may be shorter), each block is hashed with ALGO, and
 the blkhash is ALGO over those digests in order followed by the image's
 length as 8 bytes little-endian, printed as lowercase hex and a newline.
 Ranges that read as zero (from the source's extents) are not read: their
-blocks take the digest of a zero block, computed once. Blocks are hashed by
-whichever thread finished reading them (``hashlib`` lets go of the
-interpreter lock on large buffers), while their writes are in flight.
+blocks take the digest of a zero block, computed once. Blocks read are
+hashed by a ``Hasher``'s worker threads (``hashlib`` lets go of the
+interpreter lock on large buffers) while their writes are in flight: the
+copy's own thread goes on sending and receiving meanwhile.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -103,3 +105,38 @@ class BlockHash:
             final.update(digest or zero)
         final.update(length.to_bytes(8, "little"))
         return final.hexdigest()
+
+
+class Hasher:
+    """Worker threads that hash read buffers into a ``BlockHash``.
+
+    ``data(offset, view, done)`` queues the buffer; once hashed,
+    ``deliver(done)`` is called from the worker (the copy's loop then calls
+    ``done`` from its own thread).
+    """
+
+    def __init__(self, blkhash: BlockHash, workers: int,
+                 deliver: Callable[[Callable[[], None]], None]) -> None:
+        self.blkhash, self.deliver = blkhash, deliver
+        self._jobs: queue.SimpleQueue[tuple[int, memoryview, Callable[[], None]] | None] = \
+            queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"blkhash-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
+
+    def data(self, offset: int, view: memoryview, done: Callable[[], None]) -> None:
+        self._jobs.put((offset, view, done))
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            offset, view, done = job
+            self.blkhash.data(offset, view)
+            self.deliver(done)
+
+    def close(self) -> None:
+        """Stop the workers once the jobs queued are done."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()

@@ -60,10 +60,11 @@ import ctypes
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from ...proto.errors import ProtocolError
-from .blkhash import BlockHash
+from .blkhash import BlockHash, Hasher
 from .dirty import CLEAN, ZERO
 from .endpoint import CopyError, Done, Endpoint, Fanout, start
 from .loop import Loop
@@ -140,6 +141,7 @@ class Copier:
         self.lanes = [Lane(self, i) for i in range(layout.connections)]
         self.skip_zeroes = dst.reads_as_zero and not opts.allocated
         self.blkhash = None if opts.blkhash is None else BlockHash(*opts.blkhash, layout.length)
+        self.hasher: Hasher | None = None
         self.failures: list[BaseException] = []
         self.elapsed = 0.0
 
@@ -165,6 +167,8 @@ class Copier:
         started = time.monotonic()
         self.progress.start()
         opened: list[Lane] = []
+        if self.blkhash is not None:
+            self.hasher = Hasher(self.blkhash, threads_for(self.opts), self.loop.call_soon_threadsafe)
         try:
             for lane in self.lanes:
                 lane.connect()
@@ -176,6 +180,8 @@ class Copier:
         finally:
             for lane in opened:
                 lane.close()
+            if self.hasher is not None:
+                self.hasher.close()
         if self.failures:
             raise self.failures[0]
         length = self.slices.length
@@ -303,14 +309,14 @@ class Lane:
             except CopyError as exc:
                 release(0, exc)
                 return
-            if self.copier.blkhash is not None:
-                self.copier.blkhash.data(offset, slot.view[:n])
-            if self.slots == 1:  # --synchronous, streams, -R 1: one request at a time
-                Chain(self, slot, offset, runs, n, release).step()
-                return
             fan = Fanout(n, release)
-            for run in runs:
-                self.write_run(slot, offset, run, fan.part())
+            if self.copier.hasher is not None:  # hashed in another thread meanwhile
+                self.copier.hasher.data(offset, slot.view[:n], _calling(fan.part(), n))
+            if self.slots == 1:  # --synchronous, streams, -R 1: one request at a time
+                Chain(self, slot, offset, runs, n, fan.part()).step()
+            else:
+                for run in runs:
+                    self.write_run(slot, offset, run, fan.part())
             fan.close()
 
         start(self.src.read, _blaming(self.src, read_done), self.index, slot.view[:length], offset)
@@ -366,6 +372,10 @@ class Chain:
             self.done(0, error)
         elif not self.stepping:
             self.step()
+
+
+def _calling(done: Done, n: int) -> Callable[[], None]:
+    return lambda: done(n, None)
 
 
 def _blaming(endpoint: Endpoint, done: Done) -> Done:

@@ -13,14 +13,18 @@ the CPU of one with a single connection.
 A connection that fails (the server hung up, a reply breaks the protocol)
 finishes every command in flight on it with the same error; later submits
 raise it. ``call`` (block status, flush) submits one command and polls
-until it is over; it must not be called from a ``done`` callback.
+until it is over; it must not be called from a ``done`` callback. Another
+thread hands work back to the loop's thread with ``call_soon_threadsafe``
+(an eventfd wakes the loop).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
+from collections import deque
 from collections.abc import Callable, Iterator
 
 from ...client.common import command_error, lost_error
@@ -40,6 +44,9 @@ class Loop:
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self._queued: list[Channel] = []  # channels with requests not sent yet
+        self._calls: deque[Callable[[], None]] = deque()  # from other threads
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
 
     def add(self, channel: Channel) -> None:
         self._channels[channel.fd] = channel
@@ -55,6 +62,11 @@ class Loop:
     def queued(self, channel: Channel) -> None:
         self._queued.append(channel)
 
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Have ``fn`` called from the loop's thread (from any thread)."""
+        self._calls.append(fn)
+        os.eventfd_write(self._wake, 1)
+
     def poll(self) -> None:
         """Send what is queued, then wait for at least one reply (or room to send) and
         finish the commands it completes."""
@@ -64,6 +76,11 @@ class Loop:
         if self._queued:
             return  # a send failed and finished commands that queued more: go round again
         for fd, events in self._epoll.poll():
+            if fd == self._wake:
+                os.eventfd_read(self._wake)
+                while self._calls:
+                    self._calls.popleft()()
+                continue
             ready = self._channels.get(fd)
             if ready is None:
                 continue  # closed by a callback of this same round
@@ -78,6 +95,7 @@ class Loop:
 
     def close(self) -> None:
         self._epoll.close()
+        os.close(self._wake)
 
 
 class Channel:
