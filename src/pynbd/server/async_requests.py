@@ -103,7 +103,9 @@ class AsyncRequestPath:
         self.others = execute  # every command not started here
         self.address = address
         self.batch = ReplyBatch(channel)
-        self.lock = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # fewer in flight, or the client gone
+        self.waiting = 0  # threads waiting on ``changed``
         self.in_flight = 0
         self.writes_in_flight = 0
         self.gone = False  # the client is gone: replies are dropped
@@ -133,14 +135,12 @@ class AsyncRequestPath:
 
     def _take(self, cmd: int, cookie: int, offset: int, length: int) -> Tag:
         """Room for one more request in flight, and its buffer."""
-        lock = self.lock
         if self.in_flight >= MAX_IN_FLIGHT:
             # Outside the lock: a plugin may answer requests while it sends them.
             # Only this thread adds requests, so the count can only have fallen meanwhile.
             self.kick()
-        with lock:
-            while self.in_flight >= MAX_IN_FLIGHT and not self.gone:
-                lock.wait()
+            self._wait_while(lambda: self.in_flight >= MAX_IN_FLIGHT and not self.gone)
+        with self.lock:
             self.in_flight += 1
             if cmd == WRITE:
                 self.writes_in_flight += 1
@@ -164,9 +164,17 @@ class AsyncRequestPath:
     def _drain_writes(self) -> None:
         """Wait until every write started is answered."""
         self.kick()
+        self._wait_while(lambda: self.writes_in_flight > 0)
+
+    def _wait_while(self, busy: Callable[[], bool]) -> None:
+        """Wait until ``busy()`` is false (it is evaluated under the lock)."""
         with self.lock:
-            while self.writes_in_flight:
-                self.lock.wait()
+            self.waiting += 1
+            try:
+                while busy():
+                    self.changed.wait()
+            finally:
+                self.waiting -= 1
 
     # ---- Completions (called from the plugin's completing thread)
     def read_done(self, tag: object, error: OSError | None) -> None:
@@ -191,7 +199,8 @@ class AsyncRequestPath:
                     self.batch.send(parts)
                 except ClientGone:
                     self.gone = True
-            self.lock.notify_all()
+            if self.waiting:
+                self.changed.notify_all()
         if len(buf) == POOL_BUFFER:
             self.pool.append(buf)
 
@@ -210,14 +219,10 @@ class AsyncRequestPath:
         """After NBD_CMD_DISC (``disconnected``): answer every request in flight first.
         Otherwise the client is gone: drop what is still to come. Either way, every
         started write is done before the session closes the stack."""
-        lock = self.lock
         self.kick()
         if disconnected:
-            with lock:
-                while self.in_flight and not self.gone:
-                    lock.wait()
-        with lock:
+            self._wait_while(lambda: self.in_flight > 0 and not self.gone)
+        with self.lock:
             self.gone = True
-            lock.notify_all()
-            while self.writes_in_flight:
-                lock.wait()
+            self.changed.notify_all()
+        self._wait_while(lambda: self.writes_in_flight > 0)
