@@ -272,6 +272,32 @@ class AsyncWrites(Protocol):
     def send_started(self) -> None: ...
 
 
+@runtime_checkable
+class PolledCompletions(Protocol):
+    """An optional addition to ``AsyncReads`` / ``AsyncWrites``: the server's reading
+    thread waits for the completions itself, together with its client's socket, so
+    that no thread of the plugin's wakes to report them (one thread switch less per
+    request). The server uses it on clients without TLS; the contract:
+
+    - ``completion_fd()``: a file descriptor that becomes readable when started
+      requests may have completed (called once per connection).
+    - ``submit_started()``: as ``send_started``, but the caller is going to poll
+      ``completion_fd`` and call ``reap_started``: nothing else need wait for the
+      completions. (``send_started`` still means that the caller waits for something
+      else, so the plugin must see to them itself.)
+    - ``reap_started()``: report what has completed (``read_done`` / ``write_done``,
+      then ``burst_done``) without waiting. Completions it cannot report now (another
+      thread of the plugin's is reporting) make ``completion_fd`` readable again
+      unless that thread reports them.
+    """
+
+    def completion_fd(self) -> int: ...
+
+    def submit_started(self) -> None: ...
+
+    def reap_started(self) -> None: ...
+
+
 DATA_METHODS = frozenset({"pread", "pread_buffers", "pwrite", "zero", "trim", "flush", "cache",
                           "extents", "block_status"})
 """The per-request calls a filter may pass through unchanged (see

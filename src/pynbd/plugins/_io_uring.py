@@ -12,6 +12,7 @@ stores used here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -27,6 +28,8 @@ from ._wakeup import Sleeper
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
+SYS_IO_URING_REGISTER = 427
+IORING_REGISTER_EVENTFD_ASYNC = 7
 IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
@@ -156,6 +159,7 @@ class Ring:
         self._reaping = False  # the completion thread is wanted
         self._wanted = threading.Condition(self._lock)
         self._reaper: threading.Thread | None = None
+        self._efd: int | None = None  # see completion_fd
         # struct io_uring_getevents_arg: sigmask, sigmask_sz, min_wait_usec, ts
         self._batch_arg: Any = _ffi.new("uint64_t[3]", [0, BATCH_WAIT_US << 32, 0])
 
@@ -209,7 +213,11 @@ class Ring:
 
     def _promote(self) -> None:
         """After leading: wake a thread still waiting, to take the leader's place. (One
-        that starts waiting after this look tries to lead itself.)"""
+        that starts waiting after this look tries to lead itself.) Completions left in
+        the ring are signalled to the poller (``completion_fd``): it may have been told
+        of them while this thread led."""
+        if self._efd is not None and self._cq_tail_ref.value != self._head:
+            os.eventfd_write(self._efd, 1)
         if not self._threads:
             return
         with self._lock:
@@ -286,9 +294,10 @@ class Ring:
         finally:
             lock.release()
 
-    def submit_started(self) -> None:
+    def submit_started(self, reaper: bool = True) -> None:
         """Submit the queued operations, hand out the completions already there, and
-        have the completion thread wait for the rest."""
+        have the completion thread wait for the rest — or, ``reaper=False``, leave them
+        to the caller, who polls ``completion_fd`` and calls ``reap``."""
         with self._lock:
             queued = self._tail != self._sq_head_ref.value
             self._sq_tail_ref.value = self._tail
@@ -301,6 +310,9 @@ class Ring:
                 self._leader.release()
                 self._promote()
         with self._lock:
+            if not reaper:
+                self._reaping = False  # (the completion thread stops after its next wait)
+                return
             if not self._async or self._reaping:
                 return
             self._reaping = True
@@ -308,6 +320,35 @@ class Ring:
                 self._reaper = threading.Thread(target=self._reap, name="io_uring", daemon=True)
                 self._reaper.start()
             self._wanted.notify()
+
+    def completion_fd(self) -> int:
+        """An eventfd that becomes readable when operations complete in the kernel's
+        workers (IORING_REGISTER_EVENTFD_ASYNC): a caller waiting on other files too
+        polls it and then calls ``reap``, instead of having the completion thread wake."""
+        if self._efd is None:
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            arg = ctypes.c_int(efd)
+            if _syscall(SYS_IO_URING_REGISTER, ctypes.c_uint(self.fd),
+                        ctypes.c_uint(IORING_REGISTER_EVENTFD_ASYNC), ctypes.byref(arg),
+                        ctypes.c_uint(1)) < 0:
+                err = ctypes.get_errno()
+                os.close(efd)
+                raise OSError(err, f"io_uring_register: {os.strerror(err)}")
+            self._efd = efd
+        return self._efd
+
+    def reap(self) -> None:
+        """Hand out the completions there are, without waiting (after ``completion_fd``
+        was readable). If another thread leads, it does (and signals what it leaves)."""
+        assert self._efd is not None, "reap without completion_fd"
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)
+        if self._leader.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._leader.release()
+                self._promote()
 
     def _reap(self) -> None:
         """The completion thread: lead while started operations are outstanding."""
@@ -320,7 +361,7 @@ class Ring:
             with self._leader:
                 while True:
                     with self._lock:
-                        if not self._async or self._closed:
+                        if not self._async or self._closed or not self._reaping:
                             self._reaping = False
                             break
                     self._wait_for_batch()
@@ -360,6 +401,8 @@ class Ring:
         for area in (self.sq, self.cq, self.sqes):
             area.close()
         os.close(self.fd)
+        if self._efd is not None:
+            os.close(self._efd)
 
 
 def address_of(buf: Any) -> tuple[int, Any]:

@@ -288,6 +288,16 @@ class AsyncIoUringConnection(IoUringConnection):
     def send_started(self) -> None:
         self.ring.submit_started()
 
+    # PolledCompletions: the server's reading thread reaps, polling the ring's eventfd.
+    def completion_fd(self) -> int:
+        return self.ring.completion_fd()
+
+    def submit_started(self) -> None:
+        self.ring.submit_started(reaper=False)
+
+    def reap_started(self) -> None:
+        self.ring.reap()
+
 
 class VhostUserConnection(Connection):
     """One client of the shared vhost-user-blk device."""

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import cast
 
 from ..backend import FLAG_FUA, ThreadModel
-from ..backend.connection import AsyncReads, AsyncWrites, Completions, FilterConnection
+from ..backend.connection import AsyncReads, AsyncWrites, Completions, FilterConnection, PolledCompletions
 from ..backend.layer import Layer
 from ..backend.stack import Stack
 from ..proto.server_transmission import F_FUA, READ, WRITE, ServerTransmission
@@ -112,7 +112,13 @@ class AsyncRequestPath:
         self.pool: list[bytearray] = []  # free buffers of POOL_BUFFER bytes
         plugin = reads if reads is not None else writes
         assert plugin is not None, "an AsyncRequestPath with nothing to start"
-        self.kick = plugin.send_started
+        self.kick = plugin.send_started  # before waiting for something else
+        # The reader's: before it waits for its client (and reaps while it does).
+        self.reader_kick: Callable[[], None] = self.kick
+        self.completions: tuple[int, Callable[[], None]] | None = None
+        if isinstance(plugin, PolledCompletions) and channel.can_probe:
+            self.reader_kick = plugin.submit_started
+            self.completions = (plugin.completion_fd(), plugin.reap_started)
 
     def execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
                 payload: memoryview | None, scratch: bytearray) -> None:

@@ -58,6 +58,9 @@ class Channel:
         pid, uid, gid = PEERCRED.unpack(data)
         return pid, uid, gid
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     @property
     def can_probe(self) -> bool:
         """Whether ``probe`` works (not under TLS)."""

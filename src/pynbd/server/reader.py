@@ -30,6 +30,7 @@ polls at a time, so polling never takes more than one CPU from the clients.
 
 from __future__ import annotations
 
+import select
 import threading
 from collections.abc import Callable
 from time import perf_counter_ns
@@ -54,12 +55,21 @@ class RequestReader:
     """
 
     def __init__(self, channel: Channel, tx: ServerTransmission, execute: Execute,
-                 batch: ReplyBatch | None, kick: Callable[[], None] | None = None) -> None:
+                 batch: ReplyBatch | None, kick: Callable[[], None] | None = None,
+                 completions: tuple[int, Callable[[], None]] | None = None) -> None:
         self.channel = channel
         self.tx = tx
         self.execute = execute
         self.batch = batch
         self.kick = kick
+        # (fd, reap): before each receive, wait for the client or for ``fd``, and
+        # call ``reap`` when ``fd`` is readable (the plugin's ``PolledCompletions``).
+        self.completions = completions
+        self.poller: select.poll | None = None
+        if completions is not None:
+            self.poller = select.poll()
+            self.poller.register(channel.fileno(), select.POLLIN)
+            self.poller.register(completions[0], select.POLLIN)
         self.scratch = bytearray(RECV_SIZE)  # inline reads land here
         self.polling = False  # whether the client's requests came close together lately
 
@@ -153,10 +163,25 @@ class RequestReader:
                         return n
             finally:
                 POLL_SLOT.release()
+        if self.poller is not None and self.completions is not None:
+            self._await_client_reaping(self.poller, *self.completions)
         asleep = perf_counter_ns()
         n = channel.recv_some(view)
         self.polling = can_poll and perf_counter_ns() - asleep < BUSY_GAP_NS
         return n
+
+    def _await_client_reaping(self, poller: select.poll, fd: int, reap: Callable[[], None]) -> None:
+        """Until the client's socket is readable: reap completions whenever ``fd`` is."""
+        while True:
+            ready = poller.poll()
+            client = False
+            for which, _ in ready:
+                if which == fd:
+                    reap()
+                else:
+                    client = True
+            if client:
+                return
 
     def _read_large(self, have: memoryview, length: int) -> memoryview:
         """A write payload bigger than the receive buffer, in its own buffer."""

@@ -216,7 +216,8 @@ class Session:
             if later is None:
                 disconnected = RequestReader(channel, tx, execute, batch).run()
             else:
-                disconnected = RequestReader(channel, tx, later.execute, batch, later.kick).run()
+                disconnected = RequestReader(channel, tx, later.execute, batch, later.reader_kick,
+                                             later.completions).run()
         finally:
             self.ending.set()  # requests still sleeping (delay filter) end now
             try:
