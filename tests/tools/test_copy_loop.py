@@ -135,3 +135,14 @@ def test_a_destination_that_dies_mid_copy_fails_the_copy_in_one_line(tmp_path):
         assert copy.wait(30) == 1
         lines = copy.stderr.read().decode().splitlines() if copy.stderr else []
     assert len(lines) == 1 and lines[0].startswith("pynbd copy: "), lines
+
+
+def test_connections_that_help_are_all_used():
+    """A destination serving each connection one write at a time, 10 ms each: every lane
+    the ramp adds doubles, then triples... the rate, so all four end up in use."""
+    with served("pattern", "320M", server="nbdkit") as src, \
+            served("--filter=delay", "memory", "320M", "wdelay=10ms", server="nbdkit",
+                   options=["-t", "1"]) as dst:
+        result = subprocess.run([*PYNBD, "copy", "-v", "-C", "4", "-T", "4", src.uri, dst.uri],
+                                capture_output=True, check=True, timeout=60)
+    assert "; 4 of 4 connection(s) in use" in result.stderr.decode()

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from pynbd.tools.copying.endpoint import Endpoint, Extent, Fanout
-from pynbd.tools.copying.engine import Slot
+from pynbd.tools.copying.engine import Ramp, Slot
 from pynbd.tools.copying.local import file_extents
 from pynbd.tools.copying.options import UsageError, parse_args
 from pynbd.tools.copying.plan import SLICE, Plan, Slices
@@ -198,3 +198,40 @@ def test_fanout_from_many_threads_finishes_exactly_once():
     for t in threads:
         t.join()
     assert calls == [1]
+
+
+# ------------------------------------------------------------------ the ramp
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ramp_through(lanes: int, rates: list[float]) -> Ramp:
+    """Run a ramp whose copy goes at ``rates[k]`` MiB/s with k + 1 lanes in use."""
+    clock = Clock()
+    ramp, done = Ramp(lanes, clock), 0
+    step = 4 * 1024 * 1024
+    for _ in range(200):
+        clock.now += step / (rates[ramp.active - 1] * 1024 * 1024)
+        done += step
+        ramp.update(done)
+    return ramp
+
+
+@pytest.mark.parametrize("rates,used", [
+    ([500, 900, 1300, 1700], 4),   # every lane helps: all in use
+    ([900, 700, 1000, 2000], 1),   # a second lane slows it: one, never tries a third
+    ([500, 1000, 1050, 2000], 2),  # the third gains under 10%: two
+    ([900, 950], 1),               # -C 2 that gains 5%: one
+])
+def test_ramp_keeps_a_lane_only_while_it_raises_the_rate(rates, used):
+    ramp = ramp_through(len(rates), rates)
+    assert ramp.settled and ramp.active == used
+
+
+def test_ramp_of_one_lane_is_settled_at_once():
+    assert Ramp(1).settled and Ramp(1).active == 1

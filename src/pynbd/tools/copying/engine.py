@@ -1,22 +1,26 @@
 """The copy itself: lanes that keep requests in flight between the two ends.
 
-A lane is one connection to each end: lane 0 runs in the main thread,
-every other lane in a thread of its own. There are as many lanes as
+A lane is one connection to each end. There are as many lanes as
 ``--connections``, at most ``--threads`` (by default the number of
-processors, as nbdcopy does) and one if a server cannot multi-conn. Lanes
-share the disk through ``Slices``. A lane owns ``--requests`` slots (one in
-``--synchronous`` mode or when a stream is involved), each with a buffer of
-``--request-size`` bytes allocated once; its thread takes the next operation
-and a free slot and starts it, without waiting for it to finish:
+processors, as nbdcopy does) and one if a server cannot multi-conn. Every
+lane is driven from the calling thread: the lanes' NBD connections are
+channels of one event loop (``loop.py``), files are read and written with
+plain system calls as the loop goes round. Lanes share the disk through
+``Slices``. A lane owns ``--requests`` slots (one in ``--synchronous``
+mode or when a stream is involved), each with a buffer of
+``--request-size`` bytes allocated once; while a slot is free the lane takes
+the next operation and starts it, without waiting for it to finish, then
+the loop sends what was started and waits for replies:
 
 - a range that reads as zero on the source is skipped when the destination
   already reads as zero (and ``--allocated`` is not given), else zeroed;
 - a range unchanged since the ``--dirty-bitmap`` checkpoint is left alone;
-- data is read into the slot's buffer; when the read is done (in whichever
-  thread finished it: the lane's for a file, the receiver of the source's
-  NBD connection for a server) the buffer is split into runs of zero and
-  non-zero ``--sparse`` blocks, and the runs are zeroed or written (all at
-  once, or one after the other when only one request may be in flight);
+- data is read into the slot's buffer; when the read is done (at once for a
+  file, when its reply is in for a server) the buffer is split into runs of
+  zero and non-zero ``--sparse`` blocks, and the runs are zeroed or written
+  (all at once, or one after the other when only one request may be in
+  flight); with ``--blkhash`` the buffer is hashed by worker threads
+  meanwhile;
 - the slot is free again when the last of those writes is done.
 
 The first failure anywhere stops every lane, which then waits for its
@@ -69,7 +73,7 @@ from .dirty import CLEAN, ZERO
 from .endpoint import CopyError, Done, Endpoint, Fanout, start
 from .loop import Loop
 from .options import CopyOptions
-from .plan import SLICE, Plan, Slices
+from .plan import SLICE, Op, Plan, Slices
 from .progress import Progress
 from .zeroes import Run, ZeroScanner
 
@@ -138,7 +142,12 @@ class Copier:
         self.opts, self.src, self.dst, self.layout = opts, src, dst, layout
         self.progress, self.loop = progress, loop
         self.slices = Slices(layout.length)
+        self.plan = Plan(src, self.slices, layout.request_size, layout.zero_piece,
+                         opts.extents, dirty=opts.dirty_bitmap is not None)
+        self.planned = False  # the plan has run dry
         self.lanes = [Lane(self, i) for i in range(layout.connections)]
+        self.ramp = Ramp(len(self.lanes))
+        self.done = 0  # bytes whose work is over
         self.skip_zeroes = dst.reads_as_zero and not opts.allocated
         self.blkhash = None if opts.blkhash is None else BlockHash(*opts.blkhash, layout.length)
         self.hasher: Hasher | None = None
@@ -154,8 +163,16 @@ class Copier:
 
     @property
     def extents_failed(self) -> str | None:
-        return next((lane.plan.extents_failed for lane in self.lanes
-                     if lane.plan.extents_failed), None)
+        return self.plan.extents_failed
+
+    def next_op(self) -> Op | None:
+        """The next operation, for whichever lane has a free slot."""
+        if not self.planned:
+            op = self.plan.next(0)
+            if op is not None:
+                return op
+            self.planned = True
+        return None
 
     def fail(self, exc: BaseException) -> None:
         """Record a failure and make every lane stop."""
@@ -194,14 +211,59 @@ class Copier:
         return length
 
     def _drive(self) -> None:
-        """Start work on every lane while it has free slots; poll for replies between."""
-        busy = list(self.lanes)
-        while busy:
-            for lane in busy:
+        """Start work on the lanes in use while they have free slots; poll for replies
+        between; let the ramp decide how many lanes are in use."""
+        while True:
+            for lane in self.lanes[:self.ramp.active]:
                 lane.fill()
-            busy = [lane for lane in busy if not lane.finished]
-            if busy:
-                self.loop.poll()
+            if self.planned and all(lane.idle for lane in self.lanes):
+                return
+            self.loop.poll()
+            self.ramp.update(self.done)
+
+
+class Ramp:
+    """How many lanes take new work: one more for as long as that raised the rate.
+
+    Every lane's connections are opened at the start (``-C`` opens as many as
+    nbdcopy's), but a connection costs the servers CPU, and a server that
+    serves connections in threads of one interpreter (``pynbd serve``) may go
+    slower with more. So the copy starts on one lane; after ``WARMUP`` bytes it
+    measures its rate over ``WINDOW`` bytes, then takes one more lane and
+    measures again, for as long as each lane added raised the rate by
+    ``GAIN``. A lane that did not is left (it finishes what it started) and
+    the count stays where it was: more connections are never slower than one
+    by more than one window's worth.
+    """
+
+    WARMUP, WINDOW, GAIN = 32 * 1024 * 1024, 64 * 1024 * 1024, 1.1
+
+    def __init__(self, lanes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.limit, self.active = lanes, 1
+        self.settled = lanes == 1
+        self.best = 0.0
+        self.mark: tuple[float, int] | None = None  # (time, bytes done) the window began at
+
+    def update(self, done: int) -> None:
+        if self.settled:
+            return
+        if self.mark is None:
+            if done >= self.WARMUP:
+                self.mark = (self.clock(), done)
+            return
+        began, at = self.mark
+        if done - at < self.WINDOW:
+            return
+        now = self.clock()
+        rate = (done - at) / max(now - began, 1e-6)
+        if rate < self.best * self.GAIN:
+            self.active -= 1
+            self.settled = True
+        elif self.active < self.limit:
+            self.best, self.active, self.mark = rate, self.active + 1, (now, done)
+        else:
+            self.settled = True
 
 
 class Slot:
@@ -229,14 +291,12 @@ class Lane:
         self.copier, self.index = copier, index
         layout = copier.layout
         self.src, self.dst = copier.src, copier.dst
-        self.plan = Plan(self.src, copier.slices, layout.request_size, layout.zero_piece,
-                         copier.opts.extents, dirty=copier.opts.dirty_bitmap is not None)
+        self.plan = copier.plan
         self.scanner = ZeroScanner(layout.sparse, layout.request_size)
         self.counters = Counters()
         self.allocate = copier.opts.allocated
         self.slots = layout.requests
         self.free: list[Slot] = []
-        self.planned = False  # the plan has run dry
 
     def connect(self) -> None:
         """Open this lane's connections (lane 0 uses the endpoints' first)."""
@@ -256,17 +316,9 @@ class Lane:
         """No request of this lane is in flight."""
         return len(self.free) == self.slots
 
-    @property
-    def finished(self) -> bool:
-        return self.planned and self.idle
-
     def fill(self) -> None:
         """Start operations while a slot is free (those that finish at once free it again)."""
-        while self.free and not self.planned:
-            op = self.plan.next(self.index)
-            if op is None:
-                self.planned = True
-                return
+        while self.free and (op := self.copier.next_op()) is not None:
             slot = self.free.pop()
             offset, length, kind = op
             if kind == CLEAN:
@@ -283,6 +335,7 @@ class Lane:
         """The completion that ends a slot's work: count it, report it, free the slot."""
         def release(n: int, error: BaseException | None) -> None:
             if error is None:
+                self.copier.done += n
                 self.copier.progress.advance(n)
             else:
                 self.copier.fail(error)

@@ -1,9 +1,9 @@
 """The work list of a copy: what to read and what to zero.
 
-The disk is split into slices (128 MiB) handed out, in order, to whichever
-connection asks next (``Slices``, shared by every thread). A connection's
-``Plan`` asks the source for the extents of its slice once and turns them
-into operations for its workers:
+The disk is split into slices (128 MiB) handed out in order (``Slices``).
+The copy's ``Plan`` asks the source for the extents of a slice once (on
+connection 0) and turns them into operations, handed to whichever lane
+has a free slot:
 
     (offset, length, DATA)    data: read it (at most one request's worth)
     (offset, length, ZERO)    a range that reads as zero on the source
@@ -13,10 +13,11 @@ into operations for its workers:
 With ``--dirty-bitmap`` the source's changed ranges are asked for too, and
 only changed ranges are data or zero (``dirty.classify``).
 
-Only the connection's lane thread asks for the next operation, so extents
-are fetched while the requests already started keep going. A source of unknown length (a stream) is
-cut into request-sized slices until a worker reports its end with ``stop``.
-When any connection fails, ``abort`` makes every plan run dry.
+Extents are fetched while the requests already started keep going (the
+copy's loop goes on receiving replies meanwhile). A source of unknown
+length (a stream) is cut into request-sized slices until a read reports
+its end with ``stop``. When anything fails, ``abort`` makes the plan run
+dry. ``pynbd backup`` plans its reads with the same classes.
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def run_copy(opts: CopyOptions, err: TextIO = sys.stderr, source: Endpoint | Non
         if opts.verbose:
             c = copier.counters
             print(f"pynbd copy: {length} bytes in {copier.elapsed:.3f}s: {c.written} written, "
-                  f"{c.zeroed} zeroed, {c.skipped} skipped, {c.unchanged} unchanged", file=err)
+                  f"{c.zeroed} zeroed, {c.skipped} skipped, {c.unchanged} unchanged; "
+                  f"{copier.ramp.active} of {layout.connections} connection(s) in use", file=err)
         return length
     finally:
         for endpoint in reversed(opened):
