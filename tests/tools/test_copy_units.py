@@ -85,6 +85,22 @@ def test_zero_runs_from_an_offset_in_the_buffer():
     assert ZeroScanner(4 * K, 8 * K).runs(buf, 8 * K, 123 + 4 * K) == [(0, 8 * K, True)]
 
 
+def test_zero_runs_when_most_blocks_start_with_zero():
+    """Past a few blocks starting with zero, the probes (last, middle, quarter bytes) pick
+    the blocks compared whole: a byte anywhere else still makes a block data."""
+    blocks = [bytearray(4 * K) for _ in range(32)]
+    for i, block in enumerate(blocks):
+        if i % 3 == 0:
+            block[4 * K - 1] = 1  # a probed byte
+        elif i % 3 == 1:
+            block[1 + i] = 1  # a byte no probe looks at
+    data = b"".join(blocks) + bytes(100)  # and a zero tail shorter than every probe but one
+    expected = []
+    for i in range(0, 30, 3):  # two data blocks, a zero one
+        expected += [(i * 4 * K, 8 * K, False), ((i + 2) * 4 * K, 4 * K, True)]
+    assert runs(data) == [*expected, (120 * K, 8 * K, False), (128 * K, 100, True)]
+
+
 def test_slots_start_on_a_page_boundary():
     for size in (4 * K, 1024 * K):
         slot = Slot(size)
