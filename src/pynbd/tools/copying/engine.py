@@ -27,35 +27,39 @@ The first failure anywhere stops every lane, which then waits for its
 requests in flight; a copy is reported as done only when every write (and
 ``--flush``) succeeded.
 
-Where the time goes (perf record, perf stat, strace -c and process_time
-around ``main`` over 1 GiB of random data, 2026-11-30, a loaded 2-core
-machine; every pair of ``make bench``): the copy is bound by the kernel's
-copies and context switches, as nbdcopy's is (nbdcopy: 88% of its
-samples in the kernel; pynbd copy -C 1: 62-67%, libpython 27-31%, about
-half of that the start-up). CPU per GiB of the engine (imports excluded)
-against nbdcopy's whole run, min-median of 5-7 (before ``Slot``'s
-alignment, below):
+Where the time goes (2026-12-01, 2-core machine shared with other work;
+/usr/bin/time-style rusage of the copy and /proc CPU of the servers over a
+1 GiB copy of random data, every pair of ``make bench``, min-median of 3).
+Before, every lane was a thread and every connection had a receiver
+thread: -C 4 (two lanes on two cores) made ~10,600 futex calls per GiB as
+five threads handed the interpreter lock around, and a receiver thread
+that died left the copy waiting for ever. Now one thread drives every
+connection (no futex calls at all; ~7,300 recvfrom, ~1,800 sendmsg,
+~2,700 epoll_wait per GiB nbdkit -> nbdkit). CPU seconds per GiB of the
+copy, old engine / this one / nbdcopy:
 
-    nbdkit -> nbdkit   -C 4  0.35-0.42 s   nbdcopy 0.37-0.39
-                       -C 1  0.40-0.48     0.32-0.38
-    file -> nbdkit     -C 4  0.44-0.47     0.33-0.36
-    nbdkit -> file     -C 4  0.65-0.66     0.71-0.78
-    pynbd -> nbdkit    -C 4  0.40-0.45     0.39-0.42
-    nbdkit -> pynbd    -C 4  0.49-0.51     0.37-0.42
+    nbdkit -> nbdkit  -C 4  0.58 / 0.46-0.48 / 0.45    -C 1  0.47 / 0.42 / 0.37
+    file -> nbdkit    -C 4  0.43-0.49 / 0.39-0.43 / 0.35-0.37
+                      -C 1  0.40-0.45 / 0.37-0.38 / 0.30-0.31
+    nbdkit -> file    -C 4  0.65 / 0.61-0.62 / 0.66-0.76
+                      -C 1  0.57-0.63 / 0.59-0.61 / 0.69-0.74
+    pynbd -> nbdkit   -C 4  0.49 / 0.42-0.44 / 0.42-0.46   -C 1  0.46-0.49 / 0.40 / 0.39-0.40
+    nbdkit -> pynbd   -C 4  0.52-0.55 / 0.55-0.56 / 0.47  -C 1  0.48-0.50 / 0.48-0.50 / 0.40-0.42
 
-Between servers -C 4 costs no more than -C 1 (with a file at one end
-both tools spend more with -C 4), and both make as many context switches
-as nbdcopy (~10,000 per GiB). What pynbd adds is its start-up: ~90 ms of
-CPU (and of wall time on an idle machine) before the first connection,
-~25 of them the interpreter's site hooks and 50-60 pynbd's imports (client,
-proto, backend: spread thin, no single module to defer), about 12% of a
-1 GiB copy at 1.4 GiB/s. The kernel's copies cost ~1.7x as much into and
-out of a bytearray's bytes (16 bytes into a page) as on a page boundary,
-hence ``Slot``: file -> nbdkit went from 0.44-0.47 to 0.35-0.43 s (pread's
-copy from 0.26 to 0.15 s per GiB). Tried and dropped, no CPU gain measurable:
-MSG_WAITALL on data reads (a third of the recvfrom calls, same CPU and
-libpython samples), garbage collection (one gen-0 pass per copy),
-queue sizes of 4-16 MiB, request sizes of 256 KiB-4 MiB.
+What is left above nbdcopy is user time: 0.13-0.20 s against 0.02-0.08,
+about 0.09 of it the start-up (the interpreter and its site hooks ~50 ms,
+pynbd's client, proto and backend imports ~45 ms: spread thin), the rest
+the Python around each system call (``Transmission``'s parsing of every
+``recv``). The servers spend less with pynbd copy: requests go out in
+batches, so ``pynbd serve`` as the source spends 0.25-0.28 s per GiB
+against 0.36-0.40 under nbdcopy. A ``pynbd serve`` destination went slower
+with two connections than with one (666-787 against 922-949 MiB/s) with
+the same CPU, hence ``Ramp``. The kernel's copies cost ~1.7x as much into
+and out of a bytearray's bytes (16 bytes into a page) as on a page
+boundary, hence ``Slot``. Tried and dropped, no CPU gain measurable:
+MSG_WAITALL on data reads, garbage collection tuning, queue sizes of
+4-64 MiB, request sizes of 256 KiB-4 MiB, greedy (not exact) reads of a
+destination's write replies (the replies come one at a time anyway).
 """
 
 from __future__ import annotations
