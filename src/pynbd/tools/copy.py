@@ -56,6 +56,10 @@ Options:
     -C, --connections=N  up to N connections to each server when both ends
                        allow more than one (NBD multi-conn); default 4, but
                        no more than --threads. A captive server gets one.
+                       All N are opened; the copy starts on one and puts
+                       one more to work for as long as the last one added
+                       made it at least 10% faster (-v says how many were
+                       in use), so more connections are never slower.
     --destination-is-zero, --target-is-zero
                        trust that the destination reads as zeroes already
     --dirty-bitmap=NAME  copy only what changed since checkpoint NAME: the
@@ -78,8 +82,9 @@ Options:
     --synchronous      one request at a time, in order (also used whenever a
                        stream is involved)
     -T, --threads=N    at most N connections (default, or 0: the number of
-                       processors); each is driven by a thread of its own,
-                       with --requests requests in flight
+                       processors), each with --requests requests in flight;
+                       one thread drives them all (--blkhash hashes in up
+                       to N more)
     -v, --verbose      describe both ends, the layout and a summary on stderr
     -V, --version      print the version
 
@@ -89,10 +94,9 @@ the copy is synchronous.
 Limits: ``-`` is always a stream (stdin that is a regular file too), and a
 stream source is read to its end: into a file the file gets its length,
 into a server or device it must fit. Files and block devices are read and
-written with plain system calls from the thread that drives the request
-(a lane's, or the one receiving an NBD source's replies), so a slow disk
-holds up that connection's other requests. Over TLS each connection has one
-request in flight at a time. A file copied onto itself
+written with plain system calls from the one thread that drives the copy,
+so a slow disk holds up every connection's requests. Over TLS each
+connection has one request in flight at a time. A file copied onto itself
 is left as it is (not truncated first).
 
 Errors: an unparseable URI, a server that cannot be reached, an unknown

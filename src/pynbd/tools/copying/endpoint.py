@@ -1,18 +1,19 @@
 """What the copy engine needs from a source or a destination.
 
 An endpoint is opened once and may then offer several connections (NBD
-multi-conn), one per lane of the copy, each lane a thread; every I/O call
-names the connection (an index) to use. Data moves through caller-owned
-memoryviews, filled or sent in place. Reads, writes and zeroes are started
-by the lane and finish by calling ``done(bytes, error)`` exactly once, at
-once (files) or later from another thread (NBD replies); if the call raises
-instead, ``done`` is not called.
+multi-conn), one per lane of the copy; every I/O call names the connection
+(an index) to use. Data moves through caller-owned memoryviews, filled or
+sent in place. Reads, writes and zeroes are started by the lane and finish
+by calling ``done(bytes, error)`` exactly once, at once (files, TLS) or
+later from the copy's event loop (NBD replies; ``pynbd backup``: from a
+connection's receiver thread); if the call raises instead, ``done`` is not
+called.
 
     size          bytes, or None for a stream of unknown length
     sequential    only in order, one request at a time (pipes, stdin/stdout)
     reads_as_zero the destination is known to read as zeroes already
     max_connections()       how many connections it could use
-    connect_lane(i) / close_lane(i)   connection i > 0, from lane i's thread
+    connect_lane(i) / close_lane(i)   connection i > 0 (the copy opens them all first)
     read(conn, view, offset, done)    done(bytes filled, error): short only at a stream's end
     write(conn, view, offset, done)
     zero(conn, count, offset, allocate, done)   make a range read as zeroes
@@ -116,7 +117,7 @@ class Endpoint:
         return UNLIMITED
 
     def connect_lane(self, lane: int) -> None:
-        """Open connection ``lane`` (> 0), from the lane's own thread."""
+        """Open connection ``lane`` (> 0)."""
 
     def close_lane(self, lane: int) -> None:
         """Close what ``connect_lane`` opened."""

@@ -151,7 +151,6 @@ class Copier:
         self.planned = False  # the plan has run dry
         self.lanes = [Lane(self, i) for i in range(layout.connections)]
         self.ramp = Ramp(len(self.lanes))
-        self.done = 0  # bytes whose work is over
         self.skip_zeroes = dst.reads_as_zero and not opts.allocated
         self.blkhash = None if opts.blkhash is None else BlockHash(*opts.blkhash, layout.length)
         self.hasher: Hasher | None = None
@@ -223,7 +222,7 @@ class Copier:
             if self.planned and all(lane.idle for lane in self.lanes):
                 return
             self.loop.poll()
-            self.ramp.update(self.done)
+            self.ramp.update(self.progress.done)
 
 
 class Ramp:
@@ -339,7 +338,6 @@ class Lane:
         """The completion that ends a slot's work: count it, report it, free the slot."""
         def release(n: int, error: BaseException | None) -> None:
             if error is None:
-                self.copier.done += n
                 self.copier.progress.advance(n)
             else:
                 self.copier.fail(error)

@@ -1,10 +1,10 @@
 """Local endpoints: regular files, block devices and streams.
 
 - A regular file or block device is read and written with ``preadv`` /
-  ``pwritev`` called straight from the copy's lane (a page-cache copy costs
-  less than handing it to another thread); the lanes, one thread each, keep
-  several requests going at once. A source file's extents come from
-  ``SEEK_DATA`` / ``SEEK_HOLE``.
+  ``pwritev`` called straight from the copy's thread (a page-cache copy
+  costs less than handing it to another thread) while the requests of the
+  NBD end are in flight. A source file's extents come from ``SEEK_DATA`` /
+  ``SEEK_HOLE``.
 - Written ranges of a regular file are pushed to the disk as the copy goes
   (``sync_file_range``) and dropped from the page cache once a connection
   has 16 MiB more in flight, as nbdcopy does: the copy does not fill memory
@@ -110,7 +110,7 @@ class FileEndpoint(LocalEndpoint):
         self.zero_is_cheap = True
         sector = self._call(logical_sector_size, fd) if block_device else 1
         self._zeroer = Zeroer(fd, block_device, sector)
-        # Per connection (each is one lane's thread), set for a regular file being written.
+        # Per connection (lane), set for a regular file being written.
         self._write_behind: dict[int, WriteBehind] | None = None
 
     def facts(self) -> Facts:

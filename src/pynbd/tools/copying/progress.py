@@ -35,7 +35,7 @@ class Progress:
         self._drawn = 0.0
         self._spin = 0
         self.enabled = bar or fd is not None
-        self._lock = threading.Lock()  # the copy's lanes report from their own threads
+        self._lock = threading.Lock()  # advance() is safe from any thread
 
     def start(self) -> None:
         if self.fd is not None:
