@@ -191,8 +191,8 @@ class Copier:
             self.hasher = Hasher(self.blkhash, threads_for(self.opts), self.loop.call_soon_threadsafe)
         try:
             for lane in self.lanes:
+                opened.append(lane)  # closed even if only its source connection opened
                 lane.connect()
-                opened.append(lane)
             self._drive()
         except (CopyError, *_IO_ERRORS) as exc:
             self.fail(exc)
