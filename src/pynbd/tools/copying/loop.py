@@ -200,6 +200,7 @@ class Channel:
         if self._dead is None:
             self._dead = lost_error(exc, self._where) if isinstance(exc, OSError) else exc
         self._out.clear()
+        self._writing = False
         self.loop.remove(self)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
