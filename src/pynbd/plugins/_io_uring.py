@@ -29,7 +29,7 @@ from ._wakeup import Sleeper
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
 SYS_IO_URING_REGISTER = 427
-IORING_REGISTER_EVENTFD_ASYNC = 7
+IORING_REGISTER_EVENTFD = 4
 IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
@@ -322,14 +322,15 @@ class Ring:
             self._wanted.notify()
 
     def completion_fd(self) -> int:
-        """An eventfd that becomes readable when operations complete in the kernel's
-        workers (IORING_REGISTER_EVENTFD_ASYNC): a caller waiting on other files too
+        """An eventfd that becomes readable when operations complete (IORING_REGISTER_EVENTFD:
+        all of them — with the _ASYNC variant a completion posted by task work, as a
+        buffered read's is, would go unnoticed): a caller waiting on other files too
         polls it and then calls ``reap``, instead of having the completion thread wake."""
         if self._efd is None:
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             arg = ctypes.c_int(efd)
             if _syscall(SYS_IO_URING_REGISTER, ctypes.c_uint(self.fd),
-                        ctypes.c_uint(IORING_REGISTER_EVENTFD_ASYNC), ctypes.byref(arg),
+                        ctypes.c_uint(IORING_REGISTER_EVENTFD), ctypes.byref(arg),
                         ctypes.c_uint(1)) < 0:
                 err = ctypes.get_errno()
                 os.close(efd)

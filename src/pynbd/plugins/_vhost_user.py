@@ -141,9 +141,10 @@ class _Queue:
               burst: Callable[[], None] | None = None) -> _Slot:
         """A free slot (waiting for one if need be)."""
         with self.lock:
-            if not self.free and self.unkicked:  # what was started must go, to free slots
-                self.unkicked = False
-                os.eventfd_write(self.kick, 1)
+            if not self.free:  # what was started must go, and be reaped, to free slots
+                if self.unkicked:
+                    self.unkicked = False
+                    os.eventfd_write(self.kick, 1)
                 self._want_reaper()
             while not self.free:
                 self.full += 1
@@ -221,13 +222,30 @@ class _Queue:
             raise
         self.unkicked = True
 
-    def kick_started(self) -> None:
-        """Kick the backend for the started requests, and have them reaped."""
+    def kick_started(self, reaper: bool = True) -> None:
+        """Kick the backend for the started requests, and have them reaped: by the
+        completion thread, or (``reaper=False``) by the caller, who polls the call
+        eventfd and calls ``reap_now``."""
         if self.unkicked:
             self.unkicked = False
             os.eventfd_write(self.kick, 1)
-            with self.lock:
+        with self.lock:
+            if reaper:
                 self._want_reaper()
+            else:
+                self.reaping = False  # (the completion thread stops after its next wait)
+
+    def reap_now(self) -> None:
+        """Hand out the completions there are, unless another thread leads (it will:
+        the call eventfd is left to it)."""
+        if self.leader.acquire(blocking=False):
+            try:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.call)
+                self._reap()
+            finally:
+                self.leader.release()
+                self._promote()
 
     def _want_reaper(self) -> None:
         """(Under ``lock``.) Wake the completion thread if started requests are out."""
@@ -246,7 +264,7 @@ class _Queue:
             with self.leader:
                 while True:
                     with self.lock:
-                        if not self.started or self.device.gone:
+                        if not self.started or self.device.gone or not self.reaping:
                             self.reaping = False
                             break
                     self.call_poller.poll()
@@ -362,6 +380,7 @@ class VhostUserBlk:
             self.sock.close()
             raise
         self._next_queue = itertools.cycle(self.queues)
+        self._calls: select.epoll | None = None  # see completion_fd
 
     # ------------------------------------------------------------ messages
     def _send(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
@@ -503,9 +522,24 @@ class VhostUserBlk:
         in ``buf`` (``check`` the status)."""
         next(self._next_queue).start(kind, offset // SECTOR, buf, callback, burst)
 
-    def kick_started(self) -> None:
+    def kick_started(self, reaper: bool = True) -> None:
         for q in self.queues:
-            q.kick_started()
+            q.kick_started(reaper)
+
+    def completion_fd(self) -> int:
+        """A file descriptor readable when a queue's backend has called (its call
+        eventfd; with several queues, an epoll of theirs): then ``reap_started``."""
+        if len(self.queues) == 1:
+            return self.queues[0].call
+        if self._calls is None:
+            self._calls = select.epoll()
+            for q in self.queues:
+                self._calls.register(q.call, select.EPOLLIN)
+        return self._calls.fileno()
+
+    def reap_started(self) -> None:
+        for q in self.queues:
+            q.reap_now()
 
     def serial(self) -> str:
         """The device's ID string (GET_ID: up to 20 bytes)."""
@@ -543,6 +577,8 @@ class VhostUserBlk:
             os.close(q.call)
             del q.avail_idx_ref, q.avail_ring, q.used_idx_ref
         self.sock.close()
+        if self._calls is not None:
+            self._calls.close()
         del self._anchor
         self.view.release()
         self.mem.close()

@@ -366,6 +366,16 @@ class VhostUserConnection(Connection):
     def send_started(self) -> None:
         self.device.kick_started()
 
+    # PolledCompletions: the server's reading thread reaps, polling the call eventfds.
+    def completion_fd(self) -> int:
+        return self.device.completion_fd()
+
+    def submit_started(self) -> None:
+        self.device.kick_started(reaper=False)
+
+    def reap_started(self) -> None:
+        self.device.reap_started()
+
     def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self._aligned(offset, len(buf))
         self.device.request(T_OUT, offset, buf)
