@@ -25,9 +25,11 @@ io_uring
     direct=true): the reading thread queues every read and write of a batch
     of client requests on the ring (a write's data in a buffer of its own),
     submits them in one io_uring_enter and sends the replies of those
-    already complete (cached data usually is); a completion thread reaps
-    the others, so up to 128 requests are in flight per connection. A
-    flush, zero or trim waits until the writes started before it are done.
+    already complete (cached data usually is); while it waits for its
+    client it also polls the ring's eventfd and reaps the others (a
+    completion thread does while it waits for anything else), so up to 128
+    requests are in flight per connection. A flush, zero or trim waits
+    until the writes started before it are done.
     Other requests are short, as the file plugin's are: they run on the
     connection's reading thread, which submits one and waits for it in a
     single io_uring_enter (no thread switch). With ``-t N`` (N > 1), N
@@ -61,9 +63,11 @@ virtio-blk-vhost-user
     memory. Reads and writes of up to 128 KiB are answered later (the
     server's ``AsyncReads`` / ``AsyncWrites``, when no filter above changes
     them and ``-v`` is not given): the reading thread starts every read and
-    write of a batch of requests, kicks the queue once, and a completion
-    thread per queue reaps them and sends their replies, so one connection
-    keeps up to 32 requests in flight per queue (a FUA write runs at once:
+    write of a batch of requests, kicks the queue once, and reaps them and
+    sends their replies while it waits for its client, polling the queues'
+    call eventfds (a completion thread per queue does while it waits for
+    anything else), so one connection keeps up to 32 requests in flight per
+    queue (a FUA write runs at once:
     the write, then FLUSH; a flush, zero or trim waits until the writes
     started before it are done). Other requests run on each connection's
     reading thread by default (it kicks the queue and waits on the call
