@@ -20,7 +20,15 @@ a session routes its clients' reads and writes through an
   learns of the outcome; the reply (data, success, or the request's errno
   as for any failed request) is copied into this path's own ``ReplyBatch``,
   and ``burst_done`` sends the batch: the answers one receive or one reap
-  brought leave in one send. The buffer goes back to the pool.
+  brought leave in one send. The buffer goes back to the pool;
+- a plugin that also offers ``PolledCompletions`` (io_uring, vhost-user)
+  has the reading thread itself wait for the completions while it waits
+  for its client (one ``poll`` of the socket and the plugin's
+  ``completion_fd``; not under TLS, whose buffered bytes a poll cannot
+  see): the reader then kicks with ``submit_started`` and reaps with
+  ``reap_started``, and no plugin thread wakes per completion. Whenever the
+  reader waits for anything else (room, the writes before a flush, the
+  end) it kicks with ``send_started``, and the plugin reaps on its own.
 
 Every other command (zero, trim, flush, block status, cache; a read or
 write the plugin does not start) goes to the runner as before, on the
