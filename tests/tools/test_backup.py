@@ -227,6 +227,23 @@ def test_a_killed_backup_leaves_the_directory_as_it_was(tmp_path):
     assert restored.read_bytes() == disk.read_bytes()
 
 
+def test_a_server_killed_mid_backup_fails_it_cleanly(tmp_path):
+    """The server dies with reads in flight: one line, exit 1, no image or manifest left."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(random.Random(5).randbytes(16 * MiB))
+    backups = tmp_path / "backups"
+    with served("--filter=delay", "file", str(disk), "rdelay=100ms") as srv:
+        proc = subprocess.Popen([*PYNBD, "backup", "full", srv.uri, str(backups)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        part = backups / "0000.qcow2.part"
+        wait_for(lambda: part.exists(), message="the backup never started")
+        srv.proc.kill()
+        _, err = proc.communicate(timeout=60)
+    print(err.decode(), list(backups.iterdir()) if backups.exists() else None)
+    one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, b"", err))
+    assert not backups.exists()  # it was made for this backup, and is gone again
+
+
 def test_connections_follow_the_bytes_to_read():
     assert lanes_for(0, 4) == lanes_for(100 * MiB, 4) == lanes_for(LANE_BYTES, 4) == 1
     assert lanes_for(LANE_BYTES + 1, 4) == 2

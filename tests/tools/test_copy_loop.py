@@ -86,6 +86,28 @@ def test_a_server_that_dies_fails_every_command_in_flight():
         loop.close()
 
 
+def test_a_send_that_fails_ends_the_wait_for_its_commands():
+    """The server is gone before the requests leave: the send fails, the commands finish
+    with its error, and the loop returns instead of waiting for events that never come."""
+    with served("memory", "1M") as srv:
+        loop = Loop()
+        channel = Channel(connect(srv.uri), loop)
+        srv.proc.kill()
+        srv.proc.wait()
+        results = Results()
+        for i in range(4):
+            channel.submit(Cmd.READ, i * 4 * K, 4 * K, 0, memoryview(bytearray(4 * K)),
+                           results.done)
+        waiter = threading.Thread(target=loop.run_until, args=(lambda: len(results.calls) == 4,),
+                                  daemon=True)
+        waiter.start()
+        waiter.join(30)
+        assert not waiter.is_alive(), "the loop waits for a connection that is over"
+        assert all(isinstance(error, (NBDError, ProtocolError)) for _, error in results.calls)
+        channel.close()
+        loop.close()
+
+
 def test_work_from_another_thread_runs_in_the_loops_thread():
     loop = Loop()
     ran: list[threading.Thread] = []

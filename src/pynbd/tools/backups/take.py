@@ -24,8 +24,10 @@ cut into 64 KiB clusters: a cluster is read if any of it is allocated
 many connections as the server allows (multi-conn, ``-C``) but no more
 than one per 256 MiB to read (a small incremental reads on one: each
 connection costs both sides CPU), 16 requests in flight on each, sent in
-batches (half a window in one ``sendmsg``: the server wakes once per batch),
-and handed to the qcow2 writer in order as they complete; a cluster that reads
+batches (half a window in one ``sendmsg``: the server wakes once per batch)
+by the one thread that also reads the replies and writes the image (the
+copy's event loop, ``copying/loop.py``), and handed to the qcow2 writer in
+order as they complete; a cluster that reads
 as zeroes is stored as a zero cluster (inc) or not at all (full).
 """
 
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from ...proto.errors import ProtocolError
 from ..copying.dirty import DATA, STATE_DIRTY, bitmap_context
 from ..copying.endpoint import CopyError
 from ..copying.local import pwrite_full
+from ..copying.loop import Loop
 from ..copying.nbd import NBDEndpoint
 from ..copying.options import Spec
 from ..copying.plan import SLICE, Plan, Slices
@@ -233,20 +235,19 @@ class Job:
 
     def __init__(self, offset: int, length: int, buf: bytearray) -> None:
         self.offset, self.length, self.buf = offset, length, buf
-        self.done = threading.Event()
+        self.done = False
         self.error: BaseException | None = None
 
     def finished(self, n: int, error: BaseException | None) -> None:
-        self.error = error
-        self.done.set()
+        self.error, self.done = error, True
 
 
 class Reader:
     """Reads planned runs over ``lanes`` connections, yields clusters in order."""
 
-    def __init__(self, src: NBDEndpoint, lanes: int, incremental: bool,
+    def __init__(self, src: NBDEndpoint, loop: Loop, lanes: int, incremental: bool,
                  progress: Progress) -> None:
-        self.src, self.lanes, self.incremental = src, lanes, incremental
+        self.src, self.loop, self.lanes, self.incremental = src, loop, lanes, incremental
         self.progress = progress
         self.window = lanes * REQUESTS_PER_LANE
         self.free: list[bytearray] = []  # allocated as needed, as large as needed
@@ -260,23 +261,21 @@ class Reader:
         more = True
         while more or pending:
             if more and len(pending) <= self.window // 2:  # requests go out in batches
-                with contextlib.ExitStack() as corks:
-                    for pipe in self.src.pipes.values():
-                        corks.enter_context(pipe.corked())
-                    while len(pending) < self.window:
-                        piece = next(pieces, None)
-                        if piece is None:
-                            more = False
-                            break
-                        offset, length = piece
-                        job = Job(offset, length, self._buffer(length))
-                        pending.append(job)
-                        self.src.read(lane, memoryview(job.buf)[:length], offset, job.finished)
-                        lane = (lane + 1) % self.lanes
+                while len(pending) < self.window:
+                    piece = next(pieces, None)
+                    if piece is None:
+                        more = False
+                        break
+                    offset, length = piece
+                    job = Job(offset, length, self._buffer(length))
+                    pending.append(job)
+                    self.src.read(lane, memoryview(job.buf)[:length], offset, job.finished)
+                    lane = (lane + 1) % self.lanes
             if not pending:
                 break  # nothing (more) to read
             job = pending.popleft()
-            job.done.wait()
+            while not job.done:
+                self.loop.poll()
             if job.error is not None:
                 raise job.error
             yield from self._clusters_of(job)
@@ -309,8 +308,8 @@ def _pieces(runs: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int]]:
 
 # ------------------------------------------------------------------ the whole backup
 
-def open_source(uri: str, bitmaps: list[str]) -> NBDEndpoint:
-    src = NBDEndpoint(Spec("nbd", uri), writing=False, bitmaps=bitmaps)
+def open_source(uri: str, bitmaps: list[str], loop: Loop) -> NBDEndpoint:
+    src = NBDEndpoint(Spec("nbd", uri), writing=False, bitmaps=bitmaps, loop=loop)
     try:
         src.open()
     except BaseException:
@@ -344,31 +343,38 @@ def take_backup(opts: TakeOptions, err: TextIO) -> Backup:
     since = bitmaps_since(opts, manifest, listed) if opts.incremental else []
     # Without a control socket, --checkpoint names a bitmap the user started: it must exist.
     verify = [opts.checkpoint] if opts.control is None and opts.checkpoint else []
-    try:
-        src = open_source(opts.uri, since + [b for b in verify if b not in since])
-    except CopyError as exc:
-        raise BackupError(_hint(str(exc), opts.incremental)) from None
-    try:
-        export = identity(src)
-        if manifest is not None:
-            check_same_export(manifest, export, opts.directory)
-        new = not directory.path.exists()
+    with contextlib.closing(Loop()) as loop:  # every connection is driven from this thread
         try:
-            with directory.locked():
-                current = directory.load() if directory.exists() else None
-                if _count(current) != _count(manifest):
-                    raise BackupError(f"{opts.directory} changed while the backup started; "
-                                      "try again")
-                manifest = current or Manifest(os.urandom(16).hex(), export)
-                directory.remove_leftovers()
-                return _take(opts, directory, manifest, src, since, err)
-        except BaseException:
-            if new:
-                with contextlib.suppress(OSError):
-                    directory.path.rmdir()  # created for this backup, still empty
-            raise
-    finally:
-        src.close()
+            src = open_source(opts.uri, since + [b for b in verify if b not in since], loop)
+        except CopyError as exc:
+            raise BackupError(_hint(str(exc), opts.incremental)) from None
+        try:
+            return _into_directory(opts, directory, manifest, src, loop, since, err)
+        finally:
+            src.close()
+
+
+def _into_directory(opts: TakeOptions, directory: Directory, manifest: Manifest | None,
+                    src: NBDEndpoint, loop: Loop, since: list[str], err: TextIO) -> Backup:
+    """Check the directory holds backups of this export, lock it, take the backup."""
+    export = identity(src)
+    if manifest is not None:
+        check_same_export(manifest, export, opts.directory)
+    new = not directory.path.exists()
+    try:
+        with directory.locked():
+            current = directory.load() if directory.exists() else None
+            if _count(current) != _count(manifest):
+                raise BackupError(f"{opts.directory} changed while the backup started; "
+                                  "try again")
+            manifest = current or Manifest(os.urandom(16).hex(), export)
+            directory.remove_leftovers()
+            return _take(opts, directory, manifest, src, loop, since, err)
+    except BaseException:
+        if new:
+            with contextlib.suppress(OSError):
+                directory.path.rmdir()  # created for this backup, still empty
+        raise
 
 
 def _count(manifest: Manifest | None) -> int:
@@ -382,7 +388,7 @@ def _hint(message: str, incremental: bool) -> str:
 
 
 def _take(opts: TakeOptions, directory: Directory, manifest: Manifest, src: NBDEndpoint,
-          since: list[str], err: TextIO) -> Backup:
+          loop: Loop, since: list[str], err: TextIO) -> Backup:
     number, name = manifest.next_file()
     checkpoint = opts.checkpoint
     started = now()
@@ -395,7 +401,7 @@ def _take(opts: TakeOptions, directory: Directory, manifest: Manifest, src: NBDE
     progress = Progress(total, bar=opts.progress, stream=err)
     backing = manifest.backups[-1].file if opts.incremental else None
     part = directory.path / (name + ".part")
-    reader = Reader(src, lanes, opts.incremental, progress)
+    reader = Reader(src, loop, lanes, opts.incremental, progress)
     opened: list[int] = []
     try:
         for lane in range(1, lanes):

@@ -44,6 +44,7 @@ class Loop:
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self._queued: list[Channel] = []  # channels with requests not sent yet
+        self._failed = False  # a channel failed this round: its commands are finished
         self._calls: deque[Callable[[], None]] = deque()  # from other threads
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -62,6 +63,12 @@ class Loop:
     def queued(self, channel: Channel) -> None:
         self._queued.append(channel)
 
+    def failed(self, channel: Channel) -> None:
+        """``channel`` is over and has finished its commands: stop driving it, and do not
+        wait for events this round (what the caller waits for may be among them)."""
+        self.remove(channel)
+        self._failed = True
+
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         """Have ``fn`` called from the loop's thread (from any thread)."""
         self._calls.append(fn)
@@ -70,11 +77,11 @@ class Loop:
     def poll(self) -> None:
         """Send what is queued, then wait for at least one reply (or room to send) and
         finish the commands it completes."""
-        queued, self._queued = self._queued, []
+        queued, self._queued, self._failed = self._queued, [], False
         for channel in queued:
             channel.send()
-        if self._queued:
-            return  # a send failed and finished commands that queued more: go round again
+        if self._queued or self._failed:
+            return  # a send failed and finished commands (which may have queued more)
         for fd, events in self._epoll.poll():
             if fd == self._wake:
                 os.eventfd_read(self._wake)
@@ -201,7 +208,7 @@ class Channel:
             self._dead = lost_error(exc, self._where) if isinstance(exc, OSError) else exc
         self._out.clear()
         self._writing = False
-        self.loop.remove(self)
+        self.loop.failed(self)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         failed = list(self._tx.in_flight.values())
