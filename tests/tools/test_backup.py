@@ -239,7 +239,6 @@ def test_a_server_killed_mid_backup_fails_it_cleanly(tmp_path):
         wait_for(lambda: part.exists(), message="the backup never started")
         srv.proc.kill()
         _, err = proc.communicate(timeout=60)
-    print(err.decode(), list(backups.iterdir()) if backups.exists() else None)
     one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, b"", err))
     assert not backups.exists()  # it was made for this backup, and is gone again
 
