@@ -25,7 +25,7 @@ import os
 import select
 import socket
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from ...client.common import command_error, lost_error
 from ...client.sync import NBD, widen_send_buffer
@@ -152,11 +152,6 @@ class Channel:
         if error is not None:
             raise error
         return command
-
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """As ``Pipeline.corked``: requests are always held until the loop polls."""
-        yield
 
     def send(self) -> None:
         out = self._out

@@ -20,7 +20,6 @@ offers it, else writes of zero bytes. Over TLS each connection is a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Protocol
 
 from ...client.common import (
@@ -57,8 +56,6 @@ class Connection(Protocol):
 
     def call(self, cmd: int, offset: int = 0, count: int = 0, flags: int = 0,
              buf: memoryview | None = None) -> Command: ...
-
-    def corked(self) -> AbstractContextManager[None]: ...
 
     def close(self) -> None: ...
 
