@@ -10,7 +10,6 @@ from nbdtest import served, wait_for
 from pynbd.client import NBDError
 from pynbd.client.sync import Pipeline, connect
 from pynbd.proto.constants import Cmd
-from pynbd.proto.errors import ProtocolError
 
 K = 1024
 THREADS = 8
@@ -86,54 +85,4 @@ def test_a_pipeline_takes_the_connection_over():
         buf = bytearray(3)
         p.call(Cmd.READ, 0, 3, 0, memoryview(buf))  # the connection is intact
         assert buf == b"abc"
-        p.close()
-
-
-def test_a_corked_pipeline_sends_its_requests_when_the_block_ends():
-    with served("memory", "1M") as srv:
-        p = Pipeline(connect(srv.uri))
-        finished: list[BaseException | None] = []
-        bufs = [bytearray(4 * K) for _ in range(8)]
-        with p.corked():
-            for i in range(8):
-                p.submit(Cmd.WRITE, i * 4 * K, 4 * K, 0, memoryview(bytes([i + 1]) * 4 * K),
-                         lambda c, e: finished.append(e))
-            for i, buf in enumerate(bufs):
-                p.submit(Cmd.READ, i * 4 * K, 4 * K, 0, memoryview(buf),
-                         lambda c, e: finished.append(e))
-            threading.Event().wait(0.2)
-            assert finished == []  # held: the server has seen nothing yet
-        wait_for(lambda: len(finished) == 16, timeout=WAIT)
-        assert finished == [None] * 16
-        assert [bytes(b) for b in bufs] == [bytes([i + 1]) * 4 * K for i in range(8)]
-        p.close()
-
-
-def test_a_corked_pipeline_sends_more_requests_than_one_sendmsg_takes():
-    with served("memory", "8M") as srv:
-        p = Pipeline(connect(srv.uri))
-        finished = threading.Semaphore(0)
-        count = 700  # 1,400 buffers: more than IOV_MAX
-        with p.corked():
-            for i in range(count):
-                p.submit(Cmd.WRITE, i * 512, 512, 0, memoryview(i.to_bytes(2, "big") * 256),
-                         lambda c, e: finished.release())
-        for _ in range(count):
-            assert finished.acquire(timeout=WAIT)
-        data = bytearray(count * 512)
-        p.call(Cmd.READ, 0, len(data), 0, memoryview(data))
-        assert all(data[i * 512:(i + 1) * 512] == i.to_bytes(2, "big") * 256 for i in range(count))
-        p.close()
-
-
-def test_requests_held_when_the_server_goes_away_finish_with_an_error():
-    with served("memory", "1M") as srv:
-        p = Pipeline(connect(srv.uri))
-        errors: list[BaseException | None] = []
-        with p.corked():
-            p.submit(Cmd.READ, 0, 512, 0, memoryview(bytearray(512)), lambda c, e: errors.append(e))
-            srv.proc.kill()
-            srv.proc.wait()
-        wait_for(lambda: len(errors) == 1, timeout=WAIT)
-        assert isinstance(errors[0], (NBDError, OSError, ProtocolError))  # whichever end saw it first
         p.close()

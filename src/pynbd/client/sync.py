@@ -25,9 +25,7 @@ a ``Pipeline`` (the handle's own commands then refuse with EBUSY):
     p.close()                                # stops the thread, closes the handle
 
 ``submit`` may be called from any thread; it sends header and payload with
-one ``sendmsg`` (inside ``with p.corked():`` it holds them, and the block's
-end sends every held request in one ``sendmsg``: the server is woken once
-for the lot), and the receiver thread reads replies (read data straight
+one ``sendmsg``, and the receiver thread reads replies (read data straight
 into the caller's buffer) and calls each command's ``done(command, error)``
 (``error`` None, an ``NBDError``, or the ``ProtocolError`` or connection
 failure that ended the connection and every command in flight). Over TLS,
@@ -41,20 +39,19 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from ..proto.client_transmission import Command
 from ..proto.constants import Cmd
 from ..proto.errors import ProtocolError
 from .blocking import NBD, connect
 from .common import command_error, is_tls, lost_error
-from .stream_sync import send_request, sendmsg_all
+from .stream_sync import send_request
 
 __all__ = ["NBD", "Pipeline", "connect"]
 
 Done = Callable[[Command, BaseException | None], None]
 PIPELINE_SEND_BUFFER = 4 * 1024 * 1024
-HELD_PARTS = 512  # a corked pipeline sends what it holds at this many buffers (IOV_MAX is 1024)
 
 
 class Pipeline:
@@ -70,7 +67,6 @@ class Pipeline:
         self._lock = threading.Lock()  # sending, and registering commands
         self._dead: BaseException | None = None
         self._closing = False
-        self._held: list[memoryview] | None = None  # requests not sent yet (see corked)
         self._thread: threading.Thread | None = None
         if not is_tls(self._sock):
             self._thread = threading.Thread(target=self._receive, daemon=True,
@@ -91,38 +87,14 @@ class Pipeline:
             command, header = self._tx.request(cmd, offset, count, flags,
                                                buf if cmd == Cmd.READ else None)
             command.token = done
-            payload = buf if cmd == Cmd.WRITE else None
-            if self._held is not None:
-                self._held += [memoryview(header)] if payload is None else [memoryview(header), payload]
-                if len(self._held) >= HELD_PARTS:
-                    self._send_held()
-                return
             try:
-                send_request(self._sock, header, payload)
+                send_request(self._sock, header, buf if cmd == Cmd.WRITE else None)
                 finished = self._wait_lockstep(command) if self._thread is None else ()
             except (OSError, ProtocolError) as exc:
                 self._broken(exc)
                 finished = () if self._thread is not None else self._fail_all()
         for command in finished:
             self._deliver(command)
-
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """Hold what ``submit`` sends inside the block; send it all in one go at its end.
-
-        A failed send ends the connection: the held commands then finish
-        with its error, as if each had been sent alone. Over TLS (one
-        command in flight) nothing is held.
-        """
-        with self._lock:
-            if self._thread is not None and self._held is None:
-                self._held = []
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._send_held()
-                self._held = None
 
     def call(self, cmd: int, offset: int = 0, count: int = 0, flags: int = 0,
              buf: memoryview | None = None) -> Command:
@@ -177,15 +149,6 @@ class Pipeline:
                 self._broken(exc)
             for command in self._fail_all():
                 self._deliver(command)
-
-    def _send_held(self) -> None:
-        """Send the held requests (the lock is held); a failure ends the connection."""
-        held, self._held = self._held, []
-        if held and self._dead is None:
-            try:
-                sendmsg_all(self._sock, held)
-            except OSError as exc:
-                self._broken(exc)
 
     def _broken(self, exc: BaseException) -> None:
         """Record why the connection ended (the lock is held)."""
