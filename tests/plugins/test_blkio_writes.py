@@ -72,9 +72,9 @@ print(data[:4096 * 256] == b''.join(blocks), data[{2 * MiB}:] == b'\\xee' * 4096
 
 @pytest.mark.parametrize("driver, errno_name", [("io_uring", "ENOSPC"), ("vhost-user", "EIO")])
 def test_a_failed_write_reaches_the_client(tmp_path, small_tmpfs, driver, errno_name):
-    """A 4 MiB sparse file on a 1 MiB file system: of 64 KiB writes started together the
-    first ones land and the rest fail with the kernel's ENOSPC (io_uring), or the EIO a
-    virtio-blk device reports (vhost-user); the connection and the server go on."""
+    """A 4 MiB sparse file on a 1 MiB file system: of 64 KiB writes started together some
+    land (each reads back) and the rest fail with the kernel's ENOSPC (io_uring), or the
+    EIO a virtio-blk device reports (vhost-user); the connection and the server go on."""
     image = blank(small_tmpfs / "disk.img", 4 * MiB)
     code = """
 cookies = [h.aio_pwrite(b'\\x33' * 65536, 65536 * i) for i in range(64)]
@@ -87,19 +87,20 @@ for cookie in cookies:
         outcomes.append('ok')
     except nbd.Error as exc:
         outcomes.append(exc.errno)
-print(' '.join(sorted(set(outcomes))), bytes(h.pread(512, 0)[:2]).hex())
+landed = [i for i, outcome in enumerate(outcomes) if outcome == 'ok']
+print(' '.join(sorted(set(outcomes))),
+      all(h.pread(512, 65536 * i)[:2] == b'\\x33\\x33' for i in landed))
 """
     with blkio(driver, tmp_path, image) as args, served(*args) as srv:
-        assert nbdsh(srv.uri, code).split() == [errno_name, "ok", "3333"]
-        assert nbdsh(srv.uri, "print(bytes(h.pread(512, 65536)[:2]).hex())").strip() == "3333"
+        assert nbdsh(srv.uri, code).split() == [errno_name, "ok", "True"]
+        assert nbdsh(srv.uri, "h.flush()\nprint(len(h.pread(512, 0)))").strip() == "512"
     assert "Traceback" not in srv.stderr()
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_client_vanishing_with_writes_in_flight(tmp_path, driver):
-    """A client writes one block and is answered, starts 256 more and is killed without
-    waiting: the server keeps serving, the answered block is there, and every started
-    write lands (they are done before the session ends)."""
+    """A client writes one block and is answered, sends 256 more and is killed without
+    waiting: the server keeps serving, and the answered block is there."""
     image = blank(tmp_path / "disk.img")
     vanish = f"""
 import os
