@@ -62,14 +62,14 @@ class RequestReader:
         self.execute = execute
         self.batch = batch
         self.kick = kick
-        # (fd, reap): before each receive, wait for the client or for ``fd``, and
-        # call ``reap`` when ``fd`` is readable (the plugin's ``PolledCompletions``).
-        self.completions = completions
-        self.poller: select.poll | None = None
+        # completions, (fd, reap): before each receive, wait for the client or for
+        # ``fd``, and call ``reap`` when ``fd`` is readable (``PolledCompletions``).
+        self.reaping: tuple[select.poll, int, Callable[[], None]] | None = None
         if completions is not None:
-            self.poller = select.poll()
-            self.poller.register(channel.fileno(), select.POLLIN)
-            self.poller.register(completions[0], select.POLLIN)
+            poller = select.poll()
+            poller.register(channel.fileno(), select.POLLIN)
+            poller.register(completions[0], select.POLLIN)
+            self.reaping = (poller, *completions)
         self.scratch = bytearray(RECV_SIZE)  # inline reads land here
         self.polling = False  # whether the client's requests came close together lately
 
@@ -163,8 +163,8 @@ class RequestReader:
                         return n
             finally:
                 POLL_SLOT.release()
-        if self.poller is not None and self.completions is not None:
-            self._await_client_reaping(self.poller, *self.completions)
+        if self.reaping is not None:
+            self._await_client_reaping(*self.reaping)
         asleep = perf_counter_ns()
         n = channel.recv_some(view)
         self.polling = can_poll and perf_counter_ns() - asleep < BUSY_GAP_NS
