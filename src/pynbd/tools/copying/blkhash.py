@@ -14,7 +14,6 @@ copy's own thread goes on sending and receiving meanwhile.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections.abc import Callable
@@ -33,6 +32,8 @@ class BlockHash:
     """Collects the digests of an image's blocks, in any order, from any thread."""
 
     def __init__(self, algorithm: str, block: int, length: int | None) -> None:
+        import hashlib  # here: every copy imports this module, few hash (OpenSSL loads in ~2 ms)
+
         self.algorithm, self.block = algorithm, block
         self._new: Callable[[bytes | bytearray | memoryview], _Digest] = getattr(hashlib, algorithm)
         blocks = 0 if length is None else -(-length // block)
@@ -98,6 +99,8 @@ class BlockHash:
             self._partial.clear()
             blocks = self._digests[:-(-length // self.block)]
         zero = self._new(bytes(self.block)).digest()
+        import hashlib  # (loaded by __init__ already)
+
         final = hashlib.new(self.algorithm)
         for digest in blocks:
             if digest is None:
