@@ -453,24 +453,29 @@ def clip_extents(extents: Iterable[E], offset: int, count: int,
     """
     end = offset + count
     pos = offset
-    pending: E | None = None
+    first: E | None = None  # the extent the run being gathered began with
+    start = offset  # where that run begins
     for ext in extents:
         ext_end = ext.offset + ext.length
         if ext_end <= pos or ext.length <= 0:
             continue
         if ext.offset > pos:
             break
-        stop = min(ext_end, end)
-        if pending is not None and pending.state == ext.state:
-            pending = pending._replace(length=stop - pending.offset)
-        else:
-            if pending is not None:
-                yield pending
+        if first is None or first.state != ext.state:
+            if first is not None:
+                yield _span(first, start, pos)
                 if req_one:
                     return
-            pending = ext._replace(offset=pos, length=stop - pos)
-        pos = stop
+            first, start = ext, pos
+        pos = min(ext_end, end)
         if pos >= end:
             break
-    if pending is not None:
-        yield pending
+    if first is not None:
+        yield _span(first, start, pos)
+
+
+def _span(ext: E, start: int, stop: int) -> E:
+    """``ext``'s state over [start, stop): ``ext`` itself when it is exactly that."""
+    if ext.offset == start and ext.offset + ext.length == stop:
+        return ext  # (most extents: a layer's answer is usually merged and in range already)
+    return ext._replace(offset=start, length=stop - start)
