@@ -19,20 +19,19 @@ this sandbox's certifi .pth), importing the client and the backup modules
 over the whole disk, the final fsync.
 
 Where the incremental's time goes at 10 GiB (1,600 changed 64 KiB
-clusters, 2026-11-30): it asks for the dirty bitmaps alone on a connection
-of its own (no ``base:allocation``: the server's block status 30 -> 10-20 ms
-of CPU, the plan 50-96 -> 17-26 ms wall, 4.5 ms of client CPU), reads on
-one connection (one per 256 MiB to read: 4 connections cost both sides
-CPU on two cores), and the kernel writes the image behind it (every 8 MiB,
-full and inc alike), so the final fsync waits for the last 8 MiB (50-90 ->
-<10 ms). What is left is the reading: the main thread waits ~200 ms on
-1,600 replies the server serves at ~60-70 us of CPU each through
-cbt+cow+sparse-random, ~30 us of client CPU per cluster (receive, qcow2
-bookkeeping, 64 KiB pwrite). CPU per incremental (``/usr/bin/time``-like
-children times, server from /proc, loaded machine, 8 runs each, d012cdb
-against now): client 0.34-0.43 -> 0.27-0.33 s, server 0.18-0.27 -> 0.08-0.13
-s. The full backup got faster too (writeback: 4.4-5.0 -> 3.4-3.7 s wall
-loaded), so the ratio moves less than the incremental does.
+clusters, quiet machine, 2026-12-01; 0.20-0.23 s in all): the interpreter
+~37 ms, pynbd's imports ~48 ms, the control socket (list, checkpoint) ~6
+ms, the plan ~16 ms (the server's cbt block status: 13.5 ms of CPU for the
+10 GiB map), reading and writing ~86 ms, the fsync ~5 ms. The reading is
+one connection driven by the writing thread itself (the copy's event loop:
+16 requests in flight, sent 8 at a time in one ``sendmsg``; before, a
+receiver thread and one send per request took ~130 ms). Both ends are
+then busy: the server spends ~27 us of CPU per 64 KiB read through
+cbt+cow+sparse-random (the kernel's two copies, pread and send, are most
+of it), the client ~40 us per cluster (receive, qcow2 bookkeeping, a 64
+KiB pwrite into the page cache). ``settle()`` matters: without it the
+same incremental took 0.45-0.57 s once earlier runs had filled memory
+with page cache, and the full 2.5-3.4 s instead of 1.9-2.2.
 """
 
 from __future__ import annotations
