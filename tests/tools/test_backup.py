@@ -232,7 +232,8 @@ def test_a_server_killed_mid_backup_fails_it_cleanly(tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(random.Random(5).randbytes(16 * MiB))
     backups = tmp_path / "backups"
-    with served("--filter=delay", "file", str(disk), "rdelay=100ms") as srv:
+    # (every read held 2 s: the backup cannot finish before the kill, however loaded the machine)
+    with served("--filter=delay", "file", str(disk), "rdelay=2s") as srv:
         proc = subprocess.Popen([*PYNBD, "backup", "full", srv.uri, str(backups)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         part = backups / "0000.qcow2.part"
