@@ -177,6 +177,22 @@ def run(cmd: Sequence[str], *, input: bytes | None = None, check: bool = True,
     return result
 
 
+NBDSH_OUTCOMES = """
+def outcomes(cookies):  # wait for every command in flight: 'ok' or the errno name of each
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    out = []
+    for c in cookies:
+        try:
+            h.aio_command_completed(c)
+            out.append('ok')
+        except nbd.Error as exc:
+            out.append(exc.errno)
+    return out
+"""
+"""nbdsh code defining ``outcomes(cookies)``: prepend it to a script that starts aio commands."""
+
+
 def nbdsh(uri: str, code: str, **kw) -> str:
     """Run Python code in libnbd's nbdsh with ``h`` connected to ``uri``; its stdout."""
     return run(["nbdsh", "-u", uri, "-c", code], **kw).stdout.decode()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_blkio_vhost import storage_daemon
 
-from nbdtest import nbdsh, run, served
+from nbdtest import NBDSH_OUTCOMES, nbdsh, run, served
 from pynbd.backend import OpenContext
 from pynbd.backend.stack import Stack
 from pynbd.server.async_requests import async_plugin
@@ -76,19 +76,10 @@ def test_a_failed_write_reaches_the_client(tmp_path, small_tmpfs, driver, errno_
     land (each reads back) and the rest fail with the kernel's ENOSPC (io_uring), or the
     EIO a virtio-blk device reports (vhost-user); the connection and the server go on."""
     image = blank(small_tmpfs / "disk.img", 4 * MiB)
-    code = """
-cookies = [h.aio_pwrite(b'\\x33' * 65536, 65536 * i) for i in range(64)]
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-outcomes = []
-for cookie in cookies:
-    try:
-        h.aio_command_completed(cookie)
-        outcomes.append('ok')
-    except nbd.Error as exc:
-        outcomes.append(exc.errno)
-landed = [i for i, outcome in enumerate(outcomes) if outcome == 'ok']
-print(' '.join(sorted(set(outcomes))),
+    code = NBDSH_OUTCOMES + """
+done = outcomes([h.aio_pwrite(b'\\x33' * 65536, 65536 * i) for i in range(64)])
+landed = [i for i, outcome in enumerate(done) if outcome == 'ok']
+print(' '.join(sorted(set(done))),
       all(h.pread(512, 65536 * i)[:2] == b'\\x33\\x33' for i in landed))
 """
     with blkio(driver, tmp_path, image) as args, served(*args) as srv:

@@ -15,7 +15,7 @@ from plugin_helpers import config_error, export_info
 
 from client.nbdpeers import make_pki, make_qcow2, qemu_nbd
 from filters.stack_helpers import BOTH, nbdsh_outcomes
-from nbdtest import SERVE, nbdsh, run, served, wait_for_socket
+from nbdtest import NBDSH_OUTCOMES, SERVE, nbdsh, run, served, wait_for_socket
 from pynbd.client import NBD, NBDError
 from pynbd.process import stop_process
 
@@ -247,21 +247,13 @@ def test_shared_connection_for_all_clients(tmp_path):
 def test_reads_in_flight_when_the_server_dies_fail_then_reconnect(tmp_path):
     sock = tmp_path / "up.sock"
     proc = upstream(sock, "--filter=delay", "pattern", "1M", "rdelay=2")
-    code = """
+    code = NBDSH_OUTCOMES + """
 import time
 bufs = [nbd.Buffer(4096) for _ in range(16)]
 cookies = [h.aio_pread(buf, 4096 * i) for i, buf in enumerate(bufs)]
 time.sleep(0.5)  # all sent on, held by the server's delay
 print("sent", flush=True)
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-errors = []
-for c in cookies:
-    try:
-        h.aio_command_completed(c)
-    except nbd.Error as exc:
-        errors.append(exc.errno)
-print(errors)
+print(outcomes(cookies))
 """
     with served("nbd", uri_of(sock), "retry=3") as srv:
         client = subprocess.Popen(["nbdsh", "-u", srv.uri, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nbdtest import nbdsh, run, served, wait_idle
+from nbdtest import NBDSH_OUTCOMES, nbdsh, run, served, wait_idle
 from pynbd.client import NBD
 from pynbd.client.sync import Pipeline
 from pynbd.proto.constants import Cmd
@@ -16,19 +16,7 @@ LATER = str(Path(__file__).with_name("later_plugin.py"))
 
 
 def test_flush_zero_and_trim_wait_for_the_writes_started_before_them():
-    code = """
-def settle(cookies):
-    while h.aio_in_flight() > 0:
-        h.poll(-1)
-    out = []
-    for c in cookies:
-        try:
-            h.aio_command_completed(c)
-            out.append('ok')
-        except nbd.Error as exc:
-            out.append(exc.errno)
-    return out
-
+    code = NBDSH_OUTCOMES + """
 base = 1 << 20
 cookies = [h.aio_pwrite(bytes([i]) * 512, base + 512 * i) for i in range(1, 65)]
 cookies.append(h.aio_flush())
@@ -37,8 +25,8 @@ cookies.append(h.aio_zero(4096, base))
 cookies += [h.aio_pwrite(b'\\x66' * 512, base + 131072 + 512 * i) for i in range(64)]
 cookies.append(h.aio_trim(4096, base + 131072))
 bad = h.aio_pwrite(b'x' * 512, 4096)
-outcomes = settle(cookies + [bad])
-print(set(outcomes[:-1]), outcomes[-1])
+done = outcomes(cookies + [bad])
+print(set(done[:-1]), done[-1])
 print(bytes(h.pread(512, base + 4096))[:1].hex(), bytes(h.pread(512, base))[:1].hex(),
       bytes(h.pread(512, base + 65536))[:1].hex())
 """
