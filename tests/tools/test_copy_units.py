@@ -142,7 +142,7 @@ class FakeSource(Endpoint):
 
 def all_ops(plan: Plan) -> list[tuple[int, int, bool]]:
     ops = []
-    while (op := plan.next(0)) is not None:
+    while (op := plan.next()) is not None:
         ops.append(op)
     return ops
 
@@ -163,9 +163,9 @@ def test_plan_without_extents_reads_everything():
 
 def test_plan_for_a_stream_runs_until_stopped():
     plan = Plan(FakeSource(None), Slices(None), 64 * K, SLICE, False)
-    first = [plan.next(0), plan.next(0)]
+    first = [plan.next(), plan.next()]
     plan.stop(100 * K)
-    assert [*first, plan.next(0)] == [(0, 64 * K, False), (64 * K, 64 * K, False), None]
+    assert [*first, plan.next()] == [(0, 64 * K, False), (64 * K, 64 * K, False), None]
 
 
 def test_zero_runs_blocks_starting_with_zero():

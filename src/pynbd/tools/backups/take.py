@@ -174,7 +174,7 @@ def plan_full(src: NBDEndpoint) -> list[tuple[int, int, int]]:
     """A full backup's runs: the allocated clusters (DATA)."""
     assert src.size is not None
     plan = Plan(src, Slices(src.size, PLAN_SLICE), PLAN_SLICE, PLAN_SLICE, use_extents=True)
-    return [run for run in cluster_runs(iter(lambda: plan.next(0), None), src.size)
+    return [run for run in cluster_runs(iter(lambda: plan.next(), None), src.size)
             if run[2] == DATA]
 
 

@@ -171,7 +171,7 @@ class Copier:
     def next_op(self) -> Op | None:
         """The next operation, for whichever lane has a free slot."""
         if not self.planned:
-            op = self.plan.next(0)
+            op = self.plan.next()
             if op is not None:
                 return op
             self.planned = True

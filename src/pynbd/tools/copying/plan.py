@@ -67,7 +67,8 @@ class Slices:
 
 
 class Plan:
-    """One connection's queue of operations, refilled a slice at a time."""
+    """The copy's queue of operations, refilled a slice at a time (status asked on
+    connection 0)."""
 
     def __init__(self, source: Endpoint, slices: Slices, request_size: int,
                  zero_piece: int, use_extents: bool, dirty: bool = False) -> None:
@@ -83,44 +84,44 @@ class Plan:
         self.slices.stop(at)
         self._ops.clear()
 
-    def next(self, conn: int) -> Op | None:
+    def next(self) -> Op | None:
         """The next operation, or None when there is nothing left (or the copy failed)."""
         while not self._ops:
             piece = self.slices.take()
             if piece is None:
                 return None
-            self._fill(conn, *piece)
+            self._fill(*piece)
         if self.slices.aborted:
             return None
         return self._ops.popleft()
 
-    def _fill(self, conn: int, start: int, stop: int) -> None:
-        extents = self._extents(conn, start, stop)
-        for offset, length, kind in (classify(extents, self._changes(conn, start, stop))
+    def _fill(self, start: int, stop: int) -> None:
+        extents = self._extents(start, stop)
+        for offset, length, kind in (classify(extents, self._changes(start, stop))
                                      if self.dirty else extents):
             if kind == CLEAN:
                 self._ops.append((offset, length, CLEAN))
             else:
                 self._ops.extend(self._split(offset, length, kind))
 
-    def _changes(self, conn: int, start: int, stop: int) -> list[Extent]:
+    def _changes(self, start: int, stop: int) -> list[Extent]:
         """The source's changed ranges over ``[start, stop)``, all of it."""
         found: list[Extent] = []
         offset = start
         while offset < stop:
-            got = self.source.changes(conn, stop - offset, offset)
+            got = self.source.changes(0, stop - offset, offset)
             if covered(got) <= offset:
                 raise CopyError(self.source.label, f"no changed-block map at offset {offset}")
             found.extend(got)
             offset = covered(got)
         return found
 
-    def _extents(self, conn: int, start: int, stop: int) -> list[Extent]:
+    def _extents(self, start: int, stop: int) -> list[Extent]:
         found: list[Extent] = []
         offset = start
         while self.use_extents and offset < stop:
             try:
-                got = self.source.extents(conn, stop - offset, offset)
+                got = self.source.extents(0, stop - offset, offset)
             except (CopyError, OSError) as exc:
                 self.extents_failed = str(exc)  # reading everything is slower but still right
                 self.use_extents = False
