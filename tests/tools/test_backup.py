@@ -205,10 +205,12 @@ def test_fine_granularity_trims_inside_data_clusters(tmp_path):
 def test_a_killed_backup_leaves_the_directory_as_it_was(tmp_path):
     rng = random.Random(4)
     disk = tmp_path / "disk.img"
-    disk.write_bytes(rng.randbytes(16 * MiB))
+    # 48 MiB read 16 MiB at a time (16 requests in flight), each round held 300 ms: the image
+    # is written to for 600 ms or more before it is complete, however loaded the machine
+    disk.write_bytes(rng.randbytes(48 * MiB))
     backups = tmp_path / "backups"
     control = str(tmp_path / "ctl")
-    with served("--filter=cbt", "--filter=delay", "file", str(disk), "rdelay=100ms",
+    with served("--filter=cbt", "--filter=delay", "file", str(disk), "rdelay=300ms",
                 f"bitmap-dir={tmp_path / 'bitmaps'}", options=(f"--control={control}",)) as srv:
         command = [*PYNBD, "backup", "full", srv.uri, str(backups), f"--control={control}", "-C1"]
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
