@@ -193,7 +193,9 @@ def copy_workloads(tmp: str, data1g: str) -> list[Workload]:
                     first, second = pair.split("->")
                     with running(src.get(first, nbdkit("src", "memory", "1G"))) as s, \
                             running(dst.get(second, nbdkit("dst", "memory", "1G"))) as d:
+                        backup.settle()  # the last run's writes on disk, memory free: runs alike
                         w.fill(s.uri, data1g)
+                        w.warm_copy_tools()
                         a = data1g if first == "file" else s.uri
                         b = target_file if second == "file" else d.uri
                         return tool(a, b, GiB, *opts)
