@@ -64,7 +64,6 @@ destination's write replies (the replies come one at a time anyway).
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import time
@@ -272,19 +271,20 @@ class Ramp:
 class Slot:
     """One request's worth of buffer, reused for the whole copy.
 
-    ``view`` (``buf[base:base + size]``) starts on a page boundary: the
-    kernel's copies into and out of it (pread, recv, sendmsg, pwrite) then run
-    at full speed. A bytearray's own bytes start 16 bytes into a page, which
-    makes a 1 GiB pread from the page cache take 0.23 s of system time
-    instead of 0.13 here.
+    An anonymous mapping, so ``view`` starts on a page boundary: the kernel's
+    copies into and out of it (pread, recv, sendmsg, pwrite) then run at full
+    speed. (A bytearray's own bytes start 16 bytes into a page, which makes a
+    1 GiB pread from the page cache take 0.23 s of system time instead of
+    0.13.) Its pages are faulted in by the first request that uses them: a
+    bytearray is zeroed when it is made, and the 16 MiB of slots of each lane
+    took 20-40 ms before the first request could go out.
     """
 
-    __slots__ = ("buf", "base", "view")
+    __slots__ = ("buf", "view")
 
     def __init__(self, size: int) -> None:
-        self.buf = bytearray(size + mmap.PAGESIZE)
-        self.base = -ctypes.addressof(ctypes.c_char.from_buffer(self.buf)) % mmap.PAGESIZE
-        self.view = memoryview(self.buf)[self.base:self.base + size]
+        self.buf = mmap.mmap(-1, size)
+        self.view = memoryview(self.buf)
 
 
 class Lane:
@@ -382,7 +382,7 @@ class Lane:
         if n and self.dst.size is not None and offset + n > self.dst.size:
             raise CopyError(self.dst.label, f"the source is larger than the destination "
                                             f"({self.dst.size} bytes)")
-        return self.scanner.runs(slot.buf, n, slot.base)
+        return self.scanner.runs(slot.buf, n)
 
     def write_run(self, slot: Slot, offset: int, run: Run, done: Done) -> None:
         begin, length, zero = run

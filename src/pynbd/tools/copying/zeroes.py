@@ -1,7 +1,7 @@
 """Finding zeroes in read buffers without a Python loop over bytes.
 
-``bytearray.startswith(zeroes, start, end)`` is a memcmp against zero bytes,
-so a 256 KiB buffer is checked in microseconds, block by block (``-S``,
+``zeroes.startswith(view)`` is a memcmp of a slice of the buffer against
+zero bytes, so a 256 KiB buffer is checked in microseconds, block by block (``-S``,
 4 KiB by default), and runs of all-zero blocks become zero requests. The
 first byte of every block is picked out with one strided slice: a buffer in
 which no block starts with a zero byte is data (the common case, a
@@ -16,8 +16,10 @@ MiB instead of 70.
 
 from __future__ import annotations
 
+import mmap
 from itertools import groupby
 
+Buffer = bytearray | mmap.mmap  # strided slices of both are bytes-like with count/find
 Run = tuple[int, int, bool]  # start in the buffer, length, all zero
 FEW = 8  # blocks starting with zero that are compared whole without probing the rest first
 
@@ -42,7 +44,7 @@ class ZeroScanner:
         self.zero_block = bytes(block)
         self.zero_full = bytes(max_length) if block else b""
 
-    def runs(self, buf: bytearray, length: int, base: int = 0) -> list[Run]:
+    def runs(self, buf: Buffer, length: int, base: int = 0) -> list[Run]:
         """Runs of data and of all-zero blocks in ``buf[base:base + length]``, in
         order, their starts counted from ``base``.
 
@@ -57,32 +59,32 @@ class ZeroScanner:
         zero_firsts = firsts.count(0)
         if not zero_firsts:
             return [(0, length, False)]
-        if zero_firsts == len(firsts) and buf.startswith(self.zero_full[:length], base,
-                                                         base + length):
+        if zero_firsts == len(firsts) and self.zero_full.startswith(
+                memoryview(buf)[base:base + length]):
             return [(0, length, True)]
         if zero_firsts > FEW:
             firsts = self._candidates(buf, base, length, firsts)
         return _coalesce(self._flags(buf, base, length, firsts), self.block, length)
 
-    def _candidates(self, buf: bytearray, base: int, length: int,
-                    firsts: bytearray) -> bytearray:
+    def _candidates(self, buf: Buffer, base: int, length: int,
+                    firsts: bytes | bytearray) -> bytes:
         """A byte per block, zero where every byte probed in the block is zero (a
         final block too short for a probe is not ruled out by it)."""
         merged = int.from_bytes(firsts, "little")
         for probe in self.probes:
             merged |= int.from_bytes(buf[base + probe:base + length:self.block], "little")
-        return bytearray(merged.to_bytes(len(firsts), "little"))
+        return merged.to_bytes(len(firsts), "little")
 
-    def _flags(self, buf: bytearray, base: int, length: int, firsts: bytearray) -> list[bool]:
+    def _flags(self, buf: Buffer, base: int, length: int,
+               firsts: bytes | bytearray) -> list[bool]:
         block, tail = self.block, length % self.block
         flags = [False] * len(firsts)
+        view = memoryview(buf)
         i = firsts.find(0)
         while i != -1:
             start = base + i * block
-            if tail and i == len(firsts) - 1:
-                flags[i] = buf.startswith(self.zero_block[:tail], start, base + length)
-            else:
-                flags[i] = buf.startswith(self.zero_block, start, start + block)
+            end = base + length if tail and i == len(firsts) - 1 else start + block
+            flags[i] = self.zero_block.startswith(view[start:end])
             i = firsts.find(0, i + 1)
         return flags
 
