@@ -226,12 +226,13 @@ class Clock:
         return self.now
 
 
-def ramp_through(lanes: int, rates: list[float]) -> Ramp:
-    """Run a ramp whose copy goes at ``rates[k]`` MiB/s with k + 1 lanes in use."""
+def ramp_through(lanes: int, rates: list[float], mib: int = 2048) -> Ramp:
+    """Run a ramp whose copy goes at ``rates[k]`` MiB/s with k + 1 lanes in use, ``mib``
+    MiB in all."""
     clock = Clock()
     ramp, done = Ramp(lanes, clock), 0
     step = 4 * 1024 * 1024
-    for _ in range(200):
+    for _ in range(mib // 4):
         clock.now += step / (rates[ramp.active - 1] * 1024 * 1024)
         done += step
         ramp.update(done)
@@ -247,6 +248,17 @@ def ramp_through(lanes: int, rates: list[float]) -> Ramp:
 def test_ramp_keeps_a_lane_only_while_it_raises_the_rate(rates, used):
     ramp = ramp_through(len(rates), rates)
     assert ramp.settled and ramp.active == used
+
+
+def test_a_ramp_window_lasts_its_span_however_fast_the_copy():
+    """At 3 GiB/s, 64 MiB go by in 21 ms: the window waits for ``SPAN`` before a lane
+    is added, so a few time slices of noise cannot decide it."""
+    fast = 3072
+    span_mib = int(Ramp.SPAN * fast)
+    early = ramp_through(2, [fast, 2 * fast], mib=(Ramp.WARMUP + Ramp.WINDOW) // 2**20 + 8)
+    assert early.active == 1 and not early.settled
+    late = ramp_through(2, [fast, 2 * fast], mib=Ramp.WARMUP // 2**20 + span_mib + 8)
+    assert late.active == 2
 
 
 def test_ramp_of_one_lane_is_settled_at_once():

@@ -231,14 +231,18 @@ class Ramp:
     nbdcopy's), but a connection costs the servers CPU, and a server that
     serves connections in threads of one interpreter (``pynbd serve``) may go
     slower with more. So the copy starts on one lane; after ``WARMUP`` bytes it
-    measures its rate over ``WINDOW`` bytes, then takes one more lane and
-    measures again, for as long as each lane added raised the rate by
-    ``GAIN``. A lane that did not is left (it finishes what it started) and
-    the count stays where it was: more connections are never slower than one
-    by more than one window's worth.
+    measures its rate over a window of at least ``WINDOW`` bytes and ``SPAN``
+    seconds, then takes one more lane and measures again, for as long as each
+    lane added raised the rate by ``GAIN``. A lane that did not is left (it
+    finishes what it started) and the count stays where it was: more
+    connections are never slower than one by more than one window's worth.
+    The window lasts ``SPAN`` at least because 64 MiB go by in 60 ms at
+    1 GiB/s, a few of the scheduler's time slices: successive 64 MiB windows
+    of a one-lane copy differed by up to 14% on a busy two-core machine, more
+    than ``GAIN``, so noise could keep a lane that did not help.
     """
 
-    WARMUP, WINDOW, GAIN = 32 * 1024 * 1024, 64 * 1024 * 1024, 1.1
+    WARMUP, WINDOW, SPAN, GAIN = 32 * 1024 * 1024, 64 * 1024 * 1024, 0.2, 1.1
 
     def __init__(self, lanes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -258,7 +262,9 @@ class Ramp:
         if done - at < self.WINDOW:
             return
         now = self.clock()
-        rate = (done - at) / max(now - began, 1e-6)
+        if now - began < self.SPAN:
+            return
+        rate = (done - at) / (now - began)
         if rate < self.best * self.GAIN:
             self.active -= 1
             self.settled = True
