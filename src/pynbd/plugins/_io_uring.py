@@ -12,7 +12,6 @@ stores used here.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import mmap
@@ -36,6 +35,7 @@ IORING_OFF_SQES = 0x10000000
 IORING_ENTER_GETEVENTS = 1
 IORING_ENTER_EXT_ARG = 8
 BATCH_WAIT_US = 50  # the completion thread waits this long for more than one completion
+WAIT_TIMEOUT_S = 1  # a batch wait's timeout (it ends with ETIME, and waits again)
 
 OP_FSYNC = 3
 OP_FALLOCATE = 17
@@ -74,25 +74,27 @@ def _enter(fd: int, to_submit: int, min_complete: int, flags: int, arg: Any = _f
         if n >= 0:
             return n
         err = _ffi.errno
+        if err == errno.ETIME:
+            return 0
         if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
             raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
 
 
 class _Waiter(Sleeper):
-    """One request in flight: its result, and a lock its thread sleeps on when
-    another thread is waiting on the ring (the leader) for the completions; or,
-    for a request started without waiting (``Ring.start``), what to call."""
+    """One request a thread waits for (``Ring.run``): its result, and a lock the thread
+    sleeps on while another thread waits on the ring (the leader) for the completions."""
 
-    __slots__ = ("finished", "result", "keep", "callback", "burst")
+    __slots__ = ("finished", "result")
 
-    def __init__(self, keep: object, callback: Callable[[int], None] | None = None,
-                 burst: Callable[[], None] | None = None) -> None:
-        super().__init__(sleeps=callback is None)  # (a started operation has no thread)
+    def __init__(self) -> None:
+        super().__init__()
         self.finished = False
         self.result = 0
-        self.keep = keep  # the buffer the kernel reads or writes, alive until then
-        self.callback = callback
-        self.burst = burst
+
+
+# What the completed operations started with ``Ring.start`` are reported to: each one's
+# entry, with its result (>= 0, or -errno); called once per burst of completions.
+Completed = Callable[[list[tuple[Any, int]]], None]
 
 
 class Ring:
@@ -109,11 +111,13 @@ class Ring:
     submits what was queued in one system call, then hands out the completions
     already there (reads of cached data complete during the submission); a
     completion thread, started on first need, waits for the others while any
-    are outstanding. Each started operation's callback gets its result, then
-    its ``burst`` callable is called once per burst of completions.
+    are outstanding. The completed ones go to ``completed``, a burst at a time:
+    each started operation's entry (any object the caller gave ``start``, kept
+    until then) with its result. (Per operation, nothing is allocated here but
+    its dictionary slot: the Python steps of a started request are its cost.)
     """
 
-    def __init__(self, entries: int) -> None:
+    def __init__(self, entries: int, completed: Completed | None = None) -> None:
         params = ctypes.create_string_buffer(120)
         fd = _syscall(SYS_IO_URING_SETUP, ctypes.c_uint(entries), params)
         if fd < 0:
@@ -151,34 +155,38 @@ class Ring:
         # Never more in flight than the rings hold: a caller past that waits for room.
         self._room = threading.Condition(self._lock)
         self._full = 0  # callers waiting for room
-        self._waiters: dict[int, _Waiter] = {}  # by user_data: every operation in flight
-        self._threads: dict[int, _Waiter] = {}  # those a thread waits for (in ``run``)
+        # In flight, by user_data: the operations a thread waits for (in ``run``), and
+        # the entries of those started without waiting (``start``).
+        self._threads: dict[int, _Waiter] = {}
+        self._started: dict[int, object] = {}
+        self.completed = completed  # (may be set later, before the first ``start``)
         self._next = 1
         self._closed = False
-        self._async = 0  # started operations not completed
         self._reaping = False  # the completion thread is wanted
         self._wanted = threading.Condition(self._lock)
         self._reaper: threading.Thread | None = None
         self._efd: int | None = None  # see completion_fd
         # struct io_uring_getevents_arg: sigmask, sigmask_sz, min_wait_usec, ts
-        self._batch_arg: Any = _ffi.new("uint64_t[3]", [0, BATCH_WAIT_US << 32, 0])
+        # (with no timeout the kernel ends the wait when min_wait_usec has passed, events or not)
+        self._timeout: Any = _ffi.new("int64_t[2]", [WAIT_TIMEOUT_S, 0])  # struct __kernel_timespec
+        self._batch_arg: Any = _ffi.new("uint64_t[3]", [0, BATCH_WAIT_US << 32, int(
+            _ffi.cast("uintptr_t", self._timeout))])
 
     def run(self, opcode: int, fd: int, offset: int = 0, addr: int = 0, length: int = 0,
             op_flags: int = 0, keep: object = None) -> int:
         """Submit one operation and wait for it; its result (>= 0) or OSError."""
         if self._closed:
             raise OSError(errno.EBADF, "io_uring: the ring is closed")
-        waiter = _Waiter(keep)
+        waiter = _Waiter()
         user_data = 0
         try:
             with self._lock:
-                while len(self._waiters) >= self.entries:
+                while len(self._threads) + len(self._started) >= self.entries:
                     self._full += 1
                     self._room.wait()
                     self._full -= 1
                 user_data = self._next
                 self._next += 1
-                self._waiters[user_data] = waiter
                 self._threads[user_data] = waiter
                 index = self._tail & self._sq_mask
                 _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
@@ -191,7 +199,7 @@ class Ring:
                 if self._leader.acquire(blocking=False):
                     try:
                         while not waiter.finished:
-                            _enter(self.fd, submit and self.entries, 1, IORING_ENTER_GETEVENTS)
+                            _enter(self.fd, submit and self._published(), 1, IORING_ENTER_GETEVENTS)
                             submit = 0
                             self._drain()
                     finally:
@@ -199,24 +207,28 @@ class Ring:
                         self._promote()
                 else:
                     if submit:
-                        _enter(self.fd, self.entries, 0, 0)
+                        _enter(self.fd, self._published(), 0, 0)
                         submit = 0
                     waiter.sleep()
         finally:
             if not waiter.finished:  # io_uring_enter failed: no one is to wake this thread
                 with self._lock:
-                    self._waiters.pop(user_data, None)
                     self._threads.pop(user_data, None)
         if waiter.result < 0:
             raise OSError(-waiter.result, os.strerror(-waiter.result))
         return waiter.result
 
-    def _promote(self) -> None:
+    def _published(self) -> int:
+        """The entries published and not yet submitted: exactly what a waiting
+        io_uring_enter may submit (one that submits fewer returns without waiting)."""
+        return (self._sq_tail_ref.value - self._sq_head_ref.value) & 0xFFFFFFFF
+
+    def _promote(self, poller: bool = False) -> None:
         """After leading: wake a thread still waiting, to take the leader's place. (One
         that starts waiting after this look tries to lead itself.) Completions left in
         the ring are signalled to the poller (``completion_fd``): it may have been told
-        of them while this thread led."""
-        if self._efd is not None and self._cq_tail_ref.value != self._head:
+        of them while this thread led — unless the poller itself led."""
+        if not poller and self._efd is not None and self._cq_tail_ref.value != self._head:
             os.eventfd_write(self._efd, 1)
         if not self._threads:
             return
@@ -227,65 +239,66 @@ class Ring:
 
     def _drain(self) -> None:
         """Hand out the completions in the ring (the leader does): wake the threads
-        waiting for theirs, then call the started operations' callbacks."""
-        cq, mask, cqes = self.cq, self._cq_mask, self._cqes
+        waiting for theirs, then report the started operations' to ``completed``."""
         head = self._head
         tail = self._cq_tail_ref.value
-        started: list[tuple[Callable[[int], None], int, Callable[[], None] | None]] = []
-        with self._lock:
-            while head != tail:
-                user_data, result, _ = _CQE.unpack_from(cq, cqes + 16 * (head & mask))
-                head = (head + 1) & 0xFFFFFFFF
-                waiter = self._waiters.pop(user_data, None)
-                if waiter is not None:
-                    waiter.result = result
-                    waiter.finished = True
-                    if waiter.callback is None:
-                        del self._threads[user_data]
-                        waiter.wake()
-                    else:
-                        started.append((waiter.callback, result, waiter.burst))
-                        self._async -= 1
-            if self._full:
-                self._room.notify(self._full)
-        self._head = head
-        self._cq_head_ref.value = head
-        if started:
-            bursts: dict[Callable[[], None], None] = {}
-            for callback, result, burst in started:
-                callback(result)
-                if burst is not None:
-                    bursts[burst] = None
-            for burst in bursts:
-                burst()
-
-    # ------------------------------------------------------------ without waiting
-    def start(self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int,
-              keep: object, callback: Callable[[int], None],
-              burst: Callable[[], None] | None = None) -> None:
-        """Queue one operation: ``callback(result)`` (>= 0, or -errno) is called when it
-        completes, from the thread that reaps it. ``submit_started`` submits it."""
-        if self._closed:
-            raise OSError(errno.EBADF, "io_uring: the ring is closed")
-        waiter = _Waiter(keep, callback, burst)
+        if head == tail:
+            return
+        cq, mask, cqes, unpack = self.cq, self._cq_mask, self._cqes, _CQE.unpack_from
+        started, threads = self._started, self._threads
+        done: list[tuple[Any, int]] = []
         lock = self._lock
         lock.acquire()
         try:
-            if len(self._waiters) >= self.entries or self._async >= MAX_STARTED:
+            while head != tail:
+                user_data, result, _ = unpack(cq, cqes + 16 * (head & mask))
+                head = (head + 1) & 0xFFFFFFFF
+                entry = started.pop(user_data, None)
+                if entry is not None:
+                    done.append((entry, result))
+                else:
+                    waiter = threads.pop(user_data, None)
+                    if waiter is not None:
+                        waiter.result = result
+                        waiter.finished = True
+                        waiter.wake()
+            if self._full:
+                self._room.notify(self._full)
+        finally:
+            lock.release()
+        self._head = head
+        self._cq_head_ref.value = head
+        if done:
+            assert self.completed is not None, "operations started on a ring without completed"
+            self.completed(done)
+
+    # ------------------------------------------------------------ without waiting
+    def start(self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int,
+              entry: object) -> None:
+        """Queue one operation: ``completed`` gets ``entry`` (not None; it keeps what the
+        kernel reads or writes alive) with the result when it completes, from the thread
+        that reaps it. ``submit_started`` submits it."""
+        if self._closed:
+            raise OSError(errno.EBADF, "io_uring: the ring is closed")
+        started = self._started
+        lock = self._lock
+        lock.acquire()
+        try:
+            if len(started) >= MAX_STARTED or len(started) + len(self._threads) >= self.entries:
                 # Make room: what is queued goes in, and its completions are reaped.
                 lock.release()
                 try:
                     self.submit_started()
                 finally:
                     lock.acquire()
-                while len(self._waiters) >= self.entries or self._async >= MAX_STARTED:
+                while len(started) >= MAX_STARTED or \
+                        len(started) + len(self._threads) >= self.entries:
                     self._full += 1
                     self._room.wait()
                     self._full -= 1
             user_data = self._next
             self._next = user_data + 1
-            self._waiters[user_data] = waiter
-            self._async += 1
+            started[user_data] = entry
             tail = self._tail
             _SQE.pack_into(self.sqes, 64 * (tail & self._sq_mask), opcode, 0, 0, fd, offset,
                            addr, length, op_flags, user_data, 0, 0, 0, 0, 0)
@@ -298,22 +311,25 @@ class Ring:
         """Submit the queued operations, hand out the completions already there, and
         have the completion thread wait for the rest — or, ``reaper=False``, leave them
         to the caller, who polls ``completion_fd`` and calls ``reap``."""
-        with self._lock:
-            queued = self._tail != self._sq_head_ref.value
-            self._sq_tail_ref.value = self._tail
+        lock = self._lock
+        lock.acquire()
+        tail = self._tail
+        queued = (tail - self._sq_head_ref.value) & 0xFFFFFFFF
+        self._sq_tail_ref.value = tail
+        lock.release()
         if queued:
-            _enter(self.fd, self.entries, 0, 0)
+            _enter(self.fd, queued, 0, 0)
         if self._cq_tail_ref.value != self._head and self._leader.acquire(blocking=False):
             try:
                 self._drain()
             finally:
                 self._leader.release()
-                self._promote()
+                self._promote(poller=not reaper)
+        if not reaper:
+            self._reaping = False  # (the completion thread stops after its next wait)
+            return
         with self._lock:
-            if not reaper:
-                self._reaping = False  # (the completion thread stops after its next wait)
-                return
-            if not self._async or self._reaping:
+            if not self._started or self._reaping:
                 return
             self._reaping = True
             if self._reaper is None:
@@ -342,14 +358,16 @@ class Ring:
         """Hand out the completions there are, without waiting (after ``completion_fd``
         was readable). If another thread leads, it does (and signals what it leaves)."""
         assert self._efd is not None, "reap without completion_fd"
-        with contextlib.suppress(BlockingIOError):
+        try:
             os.eventfd_read(self._efd)
+        except BlockingIOError:  # (signalled by the kernel and by a leader both)
+            pass
         if self._leader.acquire(blocking=False):
             try:
                 self._drain()
             finally:
                 self._leader.release()
-                self._promote()
+                self._promote(poller=True)
 
     def _reap(self) -> None:
         """The completion thread: lead while started operations are outstanding."""
@@ -362,7 +380,7 @@ class Ring:
             with self._leader:
                 while True:
                     with self._lock:
-                        if not self._async or self._closed or not self._reaping:
+                        if not self._started or self._closed or not self._reaping:
                             self._reaping = False
                             break
                     self._wait_for_batch()
@@ -375,14 +393,14 @@ class Ring:
         are reaped, and answered, together."""
         if self._batch_arg is not None:
             try:
-                _enter(self.fd, self.entries, max(1, self._async), IORING_ENTER_GETEVENTS
+                _enter(self.fd, 0, max(1, len(self._started)), IORING_ENTER_GETEVENTS
                        | IORING_ENTER_EXT_ARG, self._batch_arg, _GETEVENTS_ARG_SIZE)
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._batch_arg = None  # an older kernel
-        _enter(self.fd, self.entries, 1, IORING_ENTER_GETEVENTS)
+        _enter(self.fd, 0, 1, IORING_ENTER_GETEVENTS)
 
     def close(self) -> None:
         """Wait for the started operations, then unmap the rings (no caller may be
@@ -390,8 +408,8 @@ class Ring:
         if self._closed:
             return
         with self._leader:
-            while self._async:
-                _enter(self.fd, self.entries, 1, IORING_ENTER_GETEVENTS)
+            while self._started:
+                _enter(self.fd, 0, 1, IORING_ENTER_GETEVENTS)
                 self._drain()
             with self._lock:
                 self._closed = True

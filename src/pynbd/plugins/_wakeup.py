@@ -19,12 +19,9 @@ class Sleeper:
 
     __slots__ = ("done", "signalled")
 
-    def __init__(self, sleeps: bool = True) -> None:
-        """``sleeps=False``: nobody will sleep here (an operation started without a
-        waiting thread), so no lock is made."""
-        if sleeps:
-            self.done = threading.Lock()
-            self.done.acquire()
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
         self.signalled = False  # ``done`` is released (or about to be taken)
 
     def wake(self) -> None:

@@ -246,32 +246,45 @@ class AsyncIoUringConnection(IoUringConnection):
     and completions are reported as they are reaped. Not with direct=true (buffers
     need aligning there)."""
 
+    def __init__(self, plugin: BlkioPlugin, readonly: bool) -> None:
+        super().__init__(plugin, readonly)
+        self.ring.completed = self._completed
+
+    # Each started request's ring entry: (opcode, tag, completions, buf, offset, RWF flags,
+    # what keeps buf's address valid), one tuple: no closure or object per request.
     def start_pread(self, buf: memoryview, offset: int, flags: int, tag: object,
                     completions: Completions) -> None:
-        self._start(OP_READ, buf, offset, 0, tag, completions.read_done, completions)
+        address, keep = address_of(buf)
+        self.ring.start(OP_READ, self.fd, offset, address, len(buf), 0,
+                        (OP_READ, tag, completions, buf, offset, 0, keep))
 
     def start_pwrite(self, buf: memoryview, offset: int, flags: int, tag: object,
                      completions: Completions) -> None:
-        self._start(OP_WRITE, buf, offset, RWF_DSYNC if flags & FLAG_FUA else 0, tag,
-                    completions.write_done, completions)
-
-    def _start(self, opcode: int, buf: memoryview, offset: int, op_flags: int, tag: object,
-               report: Callable[[object, OSError | None], None], completions: Completions) -> None:
-        def done(result: int) -> None:
-            if result < 0:
-                report(tag, OSError(-result, os.strerror(-result)))
-                return
-            try:
-                if result < len(buf):
-                    self._rest(opcode, buf[result:], offset + result, op_flags)
-            except OSError as exc:
-                report(tag, exc)
-                return
-            report(tag, None)
-
+        op_flags = RWF_DSYNC if flags & FLAG_FUA else 0
         address, keep = address_of(buf)
-        self.ring.start(opcode, self.fd, offset, address, len(buf), op_flags, keep, done,
-                        completions.burst_done)
+        self.ring.start(OP_WRITE, self.fd, offset, address, len(buf), op_flags,
+                        (OP_WRITE, tag, completions, buf, offset, op_flags, keep))
+
+    def _completed(self, done: list[tuple[Any, int]]) -> None:
+        """A burst of completions reaped: report each request, then each client's burst."""
+        bursts: dict[Completions, None] = {}
+        for (opcode, tag, completions, buf, offset, op_flags, _), result in done:
+            error = None
+            if result != len(buf):
+                if result < 0:
+                    error = OSError(-result, os.strerror(-result))
+                else:
+                    try:
+                        self._rest(opcode, buf[result:], offset + result, op_flags)
+                    except OSError as exc:
+                        error = exc
+            if opcode == OP_READ:
+                completions.read_done(tag, error)
+            else:
+                completions.write_done(tag, error)
+            bursts[completions] = None
+        for completions in bursts:
+            completions.burst_done()
 
     def _rest(self, opcode: int, buf: memoryview, offset: int, op_flags: int) -> None:
         """After a short transfer, on the reaping thread: the rest with preadv / pwritev
