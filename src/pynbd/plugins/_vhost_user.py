@@ -10,13 +10,21 @@ OUT, FLUSH, DISCARD, WRITE_ZEROES, GET_ID). The descriptors of each request
 slot are linked once, up front; data is copied between the caller's buffer
 and the slot's area of shared memory. Many threads may call ``request`` at
 once: each queue holds ``SLOTS`` requests in flight. No thread is dedicated
-to completions: of the threads waiting on a queue, one (the leader) waits on
+to their completions: of the threads waiting on a queue, one (the leader) waits on
 its call eventfd and hands the others their completions, so a lone caller
 kicks and waits with no thread switch. ``start_request`` and ``kick_started``
-start reads and writes without waiting: a completion thread per queue reaps them while
-any are outstanding and calls each one's callback. One thread watches the
-socket, to fail every request when the backend goes away. Message and structure
-layouts are the vhost-user specification's and virtio 1.x's (little-endian).
+start reads and writes without waiting: a completion thread per queue (or the
+caller, polling ``completion_fd`` and calling ``reap_started``) reaps them and
+reports each one. A started request costs one lock, two structure packs and
+a ring store; its completion, one used-ring entry read and (a read) the data
+copied out. With VIRTIO_RING_F_EVENT_IDX the backend calls once per round of
+reaping, not once per completion (the used ring's event index is moved on
+after each round); kicks are not suppressed by the avail event index, since
+a backend built on libvhost-user publishes it without a barrier before
+checking the ring again (a kick skipped on a stale index would be lost).
+One thread watches the socket, to fail every request when the backend goes
+away. Message and structure layouts are the vhost-user specification's and
+virtio 1.x's (little-endian).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ F_VERSION_1 = 1 << 32
 # virtio-blk
 F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 9
 F_MQ, F_DISCARD, F_WRITE_ZEROES = 1 << 12, 1 << 13, 1 << 14
+F_EVENT_IDX = 1 << 29  # VIRTIO_RING_F_EVENT_IDX: the driver says when it wants to be called
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 WRITE_ZEROES_UNMAP = 1
@@ -63,12 +72,18 @@ SLOTS = 32  # requests in flight per queue
 CHUNK = 128 * 1024  # data bytes a slot carries; larger requests are split
 SLOT_BYTES = 64 + CHUNK  # header 0..16, segment 16..32, status 32, data from 64
 RING_BYTES = 4096  # desc (16 * 128) + avail (6 + 2 * 128) + used (6 + 8 * 128), 4-aligned
+AVAIL_AT, USED_AT = 16 * QUEUE_SIZE, 16 * QUEUE_SIZE + 512  # in a queue's 4096 bytes
 
 _HEADER = struct.Struct("<III")
 _DESC = struct.Struct("<QIHH")
 _U64 = struct.Struct("<Q")
 _REQUEST = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, ioprio, sector
 _USED = struct.Struct("<II")  # vring_used_elem: id, len
+_LEN_FLAGS = struct.Struct("<IH")  # a descriptor's len and flags (at 8)
+
+# A started request: (slot, a read's destination or None, report, tag, burst)
+Started = tuple[int, "memoryview | None", "Callable[[object, OSError | None], None]", object,
+                "Callable[[], None] | None"]
 
 
 class DeviceGone(OSError):
@@ -76,21 +91,26 @@ class DeviceGone(OSError):
 
 
 class _Slot(Sleeper):
-    """One request in flight: its status, and a lock its thread sleeps on while
-    another thread of the queue (the leader) waits for the backend's calls."""
+    """A request a thread waits for (``submit``): its status, and a lock the thread
+    sleeps on while another thread of the queue (the leader) waits for the backend's calls."""
 
-    __slots__ = ("index", "finished", "status", "out", "callback", "burst")
+    __slots__ = ("index", "finished", "status")
 
-    def __init__(self, index: int, out: memoryview | None = None,
-                 callback: Callable[[int], None] | None = None,
-                 burst: Callable[[], None] | None = None) -> None:
+    def __init__(self, index: int) -> None:
         super().__init__()
         self.index = index
         self.finished = False
         self.status = S_IOERR
-        self.out = out  # a started read's destination
-        self.callback = callback  # a started request's: called with its status
-        self.burst = burst  # called once per burst of completions
+
+
+def _fence() -> None:
+    """A full memory barrier: a lock's atomic read-modify-write (a store before it is
+    seen by the other side before a load after it)."""
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+_FENCE = threading.Lock()
 
 
 class _Queue:
@@ -99,11 +119,11 @@ class _Queue:
     def __init__(self, device: VhostUserBlk, number: int, base: int, data_base: int) -> None:
         self.device = device
         self.number = number
-        self.desc, self.avail, self.used = base, base + 16 * QUEUE_SIZE, base + 2048 + 512
+        self.desc, self.avail, self.used = base, base + AVAIL_AT, base + USED_AT
         self.data_base = data_base
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC)
-        self.lock = threading.Lock()  # the slots, the avail ring and the wake-ups
+        self.lock = threading.Lock()  # the slots, the rings and the wake-ups
         self.room = threading.Condition(self.lock)  # for a free slot
         self.full = 0  # threads waiting for a free slot
         self.leader = threading.Lock()  # held by the thread waiting on the call eventfd
@@ -112,9 +132,11 @@ class _Queue:
         self.call_poller = select.poll()
         self.call_poller.register(self.call, select.POLLIN)
         self.free = list(range(SLOTS))
+        # In flight, by head descriptor: requests a thread waits for (``submit``), and
+        # requests started without waiting (``start``).
         self.waiting: dict[int, _Slot] = {}
-        self.started = 0  # requests started without waiting (``start``), not completed
-        self.unkicked = False  # some of them are not kicked yet
+        self.started: dict[int, Started] = {}
+        self.unkicked = False  # some started requests are not kicked yet
         self.reaping = False  # the completion thread is wanted
         self.wanted = threading.Condition(self.lock)
         self.reaper = threading.Thread(target=self._reap_started, name=f"vhost-user-q{number}",
@@ -123,12 +145,18 @@ class _Queue:
         self.used_idx = 0
         # The indexes the other side reads while they change are stored and loaded
         # whole (one 16-bit access), never byte by byte as struct would.
-        self.avail_idx_ref = ctypes.c_uint16.from_buffer(device.mem, self.avail + 2)
-        self.avail_ring = (ctypes.c_uint16 * QUEUE_SIZE).from_buffer(device.mem, self.avail + 4)
-        self.used_idx_ref = ctypes.c_uint16.from_buffer(device.mem, self.used + 2)
         mem = device.mem
+        self.avail_idx_ref = ctypes.c_uint16.from_buffer(mem, self.avail + 2)
+        self.avail_ring = (ctypes.c_uint16 * QUEUE_SIZE).from_buffer(mem, self.avail + 4)
+        self.used_idx_ref = ctypes.c_uint16.from_buffer(mem, self.used + 2)
+        self.used_ring = (ctypes.c_uint32 * (2 * QUEUE_SIZE)).from_buffer(mem, self.used + 4)
+        # EVENT_IDX: the used index the backend calls at (avail->used_event): set to the
+        # next one after each reap, so completions arriving before the next reap make
+        # one call, not one each.
+        self.used_event = (ctypes.c_uint16.from_buffer(mem, self.avail + 4 + 2 * QUEUE_SIZE)
+                           if device.features & F_EVENT_IDX else None)
         for slot in range(SLOTS):  # header -> data -> status, linked once
-            area = data_base + slot * SLOT_BYTES
+            area = self.area(slot)
             d = 3 * slot
             _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 1)
             _DESC.pack_into(mem, self.desc + 16 * (d + 1), area + 64, 0, DESC_F_NEXT, d + 2)
@@ -137,62 +165,56 @@ class _Queue:
     def area(self, slot: int) -> int:
         return self.data_base + slot * SLOT_BYTES
 
-    def _take(self, out: memoryview | None = None, callback: Callable[[int], None] | None = None,
-              burst: Callable[[], None] | None = None) -> _Slot:
-        """A free slot (waiting for one if need be)."""
-        with self.lock:
-            if not self.free:  # what was started must go, and be reaped, to free slots
-                if self.unkicked:
-                    self.unkicked = False
-                    os.eventfd_write(self.kick, 1)
-                self._want_reaper()
+    def _free_slot(self) -> int:
+        """(Under ``lock``.) A free slot, waiting for one if need be."""
+        if not self.free:  # what was started must go, and be reaped, to free slots
+            if self.unkicked:
+                self.unkicked = False
+                os.eventfd_write(self.kick, 1)
+            self._want_reaper()
             while not self.free:
                 self.full += 1
                 self.room.wait()
                 self.full -= 1
-            return _Slot(self.free.pop(), out, callback, burst)
+        if self.device.gone:
+            raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
+        return self.free.pop()
 
-    def _release(self, slot: _Slot) -> None:
-        """Give ``slot`` back (under ``lock``)."""
-        self.free.append(slot.index)
-        if self.full:
-            self.room.notify()
+    def _publish(self, head: int) -> None:
+        """(Under ``lock``.) Make the chain at ``head`` available to the backend."""
+        self.avail_ring[self.avail_idx % QUEUE_SIZE] = head
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.avail_idx_ref.value = self.avail_idx
 
-    def _post(self, slot: _Slot, kind: int, sector: int, length: int, writable: bool,
-              fill: bytes | memoryview | None) -> None:
-        """Fill ``slot``'s header and descriptors and make it available to the backend."""
-        mem, view = self.device.mem, self.device.view
-        area = self.area(slot.index)
+    def _fill(self, slot: int, kind: int, sector: int, length: int, writable: bool) -> int:
+        """Write ``slot``'s request header and its data descriptor; its area."""
+        mem = self.device.mem
+        area = self.data_base + slot * SLOT_BYTES
         _REQUEST.pack_into(mem, area, kind, 0, sector)
         mem[area + 32] = 0xFF
-        if fill is not None:
-            view[area + 64:area + 64 + len(fill)] = fill
-        d = 3 * slot.index
-        if length:
-            flags = DESC_F_NEXT | (DESC_F_WRITE if writable else 0)
-            _DESC.pack_into(mem, self.desc + 16 * (d + 1), area + 64, length, flags, d + 2)
-            _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 1)
-        else:  # flush: header -> status
-            _DESC.pack_into(mem, self.desc + 16 * d, area, 16, DESC_F_NEXT, d + 2)
-        with self.lock:
-            if self.device.gone:
-                raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
-            self.waiting[d] = slot
-            if slot.callback is not None:
-                self.started += 1
-            self.avail_ring[self.avail_idx % QUEUE_SIZE] = d
-            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-            self.avail_idx_ref.value = self.avail_idx
+        _LEN_FLAGS.pack_into(mem, self.desc + 48 * slot + 24, length,
+                             DESC_F_NEXT | DESC_F_WRITE if writable else DESC_F_NEXT)
+        return area
 
     def submit(self, kind: int, sector: int, length: int = 0, writable: bool = False,
                fill: bytes | memoryview | None = None, out: memoryview | None = None) -> int:
         """Run one request with at most CHUNK bytes of data in the slot's area (written
         there from ``fill`` first, read from there into ``out`` after); its status."""
         mem, view = self.device.mem, self.device.view
-        slot = self._take()
+        with self.lock:
+            slot = _Slot(self._free_slot())
+        head = 3 * slot.index
         try:
-            area = self.area(slot.index)
-            self._post(slot, kind, sector, length, writable, fill)
+            area = self._fill(slot.index, kind, sector, length, writable)
+            if fill is not None:
+                view[area + 64:area + 64 + len(fill)] = fill
+            if not length:  # flush: header -> status
+                _DESC.pack_into(mem, self.desc + 16 * head, area, 16, DESC_F_NEXT, head + 2)
+            with self.lock:
+                if self.device.gone:
+                    raise DeviceGone(errno.EIO, "vhost-user: the backend has gone away")
+                self.waiting[head] = slot
+                self._publish(head)
             os.eventfd_write(self.kick, 1)
             self._wait(slot)
             if self.device.gone and slot.status == S_IOERR and mem[area + 32] == 0xFF:
@@ -201,26 +223,34 @@ class _Queue:
                 out[:] = view[area + 64:area + 64 + len(out)]
             return slot.status
         finally:
+            if not length:
+                _DESC.pack_into(mem, self.desc + 16 * head, self.area(slot.index), 16,
+                                DESC_F_NEXT, head + 1)
             with self.lock:
-                if not slot.finished and self.waiting.get(3 * slot.index) is slot:
-                    del self.waiting[3 * slot.index]  # failed waiting: no one hands it out
-                self._release(slot)
+                if not slot.finished and self.waiting.get(head) is slot:
+                    del self.waiting[head]  # failed waiting: no one hands it out
+                self.free.append(slot.index)
+                if self.full:
+                    self.room.notify()
 
     # ------------------------------------------------------------ without waiting
-    def start(self, kind: int, sector: int, data: memoryview, callback: Callable[[int], None],
+    def start(self, kind: int, sector: int, data: memoryview,
+              report: Callable[[object, OSError | None], None], tag: object,
               burst: Callable[[], None] | None) -> None:
         """Start a read (T_IN, into ``data``) or a write (T_OUT, from ``data``, copied
-        now) of ``len(data)`` <= CHUNK bytes: ``callback(status)`` is called, a read's
-        ``data`` filled, from the thread that reaps it. ``kick_started`` sends it."""
+        now) of ``len(data)`` <= CHUNK bytes: ``report(tag, error)`` is called (None
+        on success, a read's ``data`` filled) from the thread that reaps it, then
+        ``burst``. ``kick_started`` sends it."""
         reading = kind == T_IN
-        slot = self._take(data if reading else None, callback, burst)
-        try:
-            self._post(slot, kind, sector, len(data), reading, None if reading else data)
-        except BaseException:
-            with self.lock:
-                self._release(slot)
-            raise
-        self.unkicked = True
+        with self.lock:
+            slot = self._free_slot()
+            area = self._fill(slot, kind, sector, len(data), reading)
+            if not reading:
+                self.device.view[area + 64:area + 64 + len(data)] = data
+            head = 3 * slot
+            self.started[head] = (slot, data if reading else None, report, tag, burst)
+            self._publish(head)
+            self.unkicked = True
 
     def kick_started(self, reaper: bool = True) -> None:
         """Kick the backend for the started requests, and have them reaped: by the
@@ -273,24 +303,6 @@ class _Queue:
                     self._reap()
             self._promote()
 
-    def _finish_started(self, slots: list[_Slot]) -> None:
-        """Hand completed started requests their data and status, give their slots back."""
-        view = self.device.view
-        bursts: dict[Callable[[], None], None] = {}
-        for slot in slots:
-            out = slot.out
-            if out is not None and slot.status == S_OK:
-                area = self.area(slot.index) + 64
-                out[:] = view[area:area + len(out)]
-            with self.lock:
-                self._release(slot)
-            if slot.callback is not None:
-                slot.callback(slot.status)
-            if slot.burst is not None:
-                bursts[slot.burst] = None
-        for burst in bursts:
-            burst()
-
     def _wait(self, slot: _Slot) -> None:
         """Until ``slot`` completes: lead (wait on the call eventfd, the GIL released, and
         hand out completions) or sleep until the leader hands this one out."""
@@ -315,46 +327,76 @@ class _Queue:
             return
         with self.lock:
             for slot in self.waiting.values():
-                if slot.callback is None:  # (a started request has no thread)
-                    slot.wake()
-                    return
+                slot.wake()
+                return
 
     def _reap(self) -> None:
-        """Hand out the completions in the used ring."""
-        mem = self.device.mem
-        started: list[_Slot] = []
+        """Hand out the completions in the used ring: wake the threads waiting for
+        theirs; copy out started reads' data and free their slots (under the lock:
+        a slot's area is reused as soon as it is free), then report them."""
+        mem, view = self.device.mem, self.device.view
+        error = self.device.error
+        reports: list[tuple[Callable[[object, OSError | None], None], object, OSError | None,
+                            Callable[[], None] | None]] = []
         with self.lock:
             used = self.used_idx_ref.value
-            while self.used_idx != used:
-                head, _ = _USED.unpack_from(mem, self.used + 4 + 8 * (self.used_idx % QUEUE_SIZE))
-                self.used_idx = (self.used_idx + 1) & 0xFFFF
-                slot = self.waiting.pop(head, None)
-                if slot is not None:
-                    slot.status = mem[self.area(slot.index) + 32]
-                    slot.finished = True
-                    if slot.callback is None:
-                        slot.wake()
-                    else:
-                        started.append(slot)
-                        self.started -= 1
-        if started:
-            self._finish_started(started)
+            while used != self.used_idx:
+                while self.used_idx != used:
+                    head = self.used_ring[2 * (self.used_idx % QUEUE_SIZE)]
+                    self.used_idx = (self.used_idx + 1) & 0xFFFF
+                    started = self.started.pop(head, None)
+                    if started is not None:
+                        slot, out, report, tag, burst = started
+                        area = self.data_base + slot * SLOT_BYTES
+                        status = mem[area + 32]
+                        if status == S_OK and out is not None:
+                            out[:] = view[area + 64:area + 64 + len(out)]
+                        self.free.append(slot)
+                        reports.append((report, tag, None if status == S_OK else error(status),
+                                        burst))
+                        continue
+                    waiter = self.waiting.pop(head, None)
+                    if waiter is not None:
+                        waiter.status = mem[self.area(waiter.index) + 32]
+                        waiter.finished = True
+                        waiter.wake()
+                if self.used_event is not None:
+                    # Call at the next completion; one that came before the backend
+                    # could see this is found by looking again after a barrier.
+                    self.used_event.value = used
+                    _fence()
+                    used = self.used_idx_ref.value
+            if reports and self.full:
+                self.room.notify(len(reports))
+        if reports:
+            bursts: dict[Callable[[], None], None] = {}
+            for report, tag, failure, burst in reports:
+                report(tag, failure)
+                if burst is not None:
+                    bursts[burst] = None
+            for burst in bursts:
+                burst()
 
     def fail_all(self) -> None:
         """The backend is gone: every request waiting fails (and a leader wakes up)."""
-        started: list[_Slot] = []
         with self.lock:
             for slot in self.waiting.values():
                 slot.finished = True
-                if slot.callback is None:
-                    slot.wake()
-                else:
-                    started.append(slot)
+                slot.wake()
             self.waiting.clear()
-            self.started = 0
+            started = list(self.started.values())
+            self.started.clear()
+            self.free.extend(entry[0] for entry in started)
             self.wanted.notify()
+            self.room.notify_all()
         os.eventfd_write(self.call, 1)
-        self._finish_started(started)
+        bursts: dict[Callable[[], None], None] = {}
+        for _, _, report, tag, burst in started:
+            report(tag, DeviceGone(errno.EIO, "vhost-user: the backend has gone away"))
+            if burst is not None:
+                bursts[burst] = None
+        for burst in bursts:
+            burst()
 
 
 class VhostUserBlk:
@@ -422,7 +464,8 @@ class VhostUserBlk:
         reply = self._ask(GET_CONFIG, struct.pack("<III", 0, CONFIG_SIZE, 0) + bytes(CONFIG_SIZE))
         self.config = reply[12:12 + CONFIG_SIZE]
         self.features = features & (F_VERSION_1 | F_PROTOCOL_FEATURES | F_SIZE_MAX | F_SEG_MAX | F_RO
-                                    | F_BLK_SIZE | F_FLUSH | F_MQ | F_DISCARD | F_WRITE_ZEROES)
+                                    | F_BLK_SIZE | F_FLUSH | F_MQ | F_DISCARD | F_WRITE_ZEROES
+                                    | F_EVENT_IDX)
         self.capacity: int = struct.unpack_from("<Q", self.config, 0)[0]
         self.block_size: int = (struct.unpack_from("<I", self.config, 20)[0]
                                 if self.features & F_BLK_SIZE else SECTOR)
@@ -515,12 +558,12 @@ class VhostUserBlk:
             done += len(part)
 
     def start_request(self, kind: int, offset: int, buf: memoryview,
-                      callback: Callable[[int], None], burst: Callable[[], None] | None = None
-                      ) -> None:
+                      report: Callable[[object, OSError | None], None], tag: object,
+                      burst: Callable[[], None] | None = None) -> None:
         """Start reading (T_IN) or writing (T_OUT) ``len(buf)`` <= CHUNK bytes (whole
-        sectors) at ``offset``: ``callback(status)`` is called once done, a read's data
-        in ``buf`` (``check`` the status)."""
-        next(self._next_queue).start(kind, offset // SECTOR, buf, callback, burst)
+        sectors) at ``offset``: ``report(tag, error)`` is called once done (``error``
+        None on success, a read's data in ``buf``), then ``burst``."""
+        next(self._next_queue).start(kind, offset // SECTOR, buf, report, tag, burst)
 
     def kick_started(self, reaper: bool = True) -> None:
         for q in self.queues:
@@ -575,7 +618,7 @@ class VhostUserBlk:
                 q.reaper.join()
             os.close(q.kick)
             os.close(q.call)
-            del q.avail_idx_ref, q.avail_ring, q.used_idx_ref
+            del q.avail_idx_ref, q.avail_ring, q.used_idx_ref, q.used_ring, q.used_event
         self.sock.close()
         if self._calls is not None:
             self._calls.close()

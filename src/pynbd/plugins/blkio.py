@@ -373,12 +373,7 @@ class VhostUserConnection(Connection):
             completions.burst_done()
             return
         self._aligned(offset, len(buf))
-        error = self.device.error
-
-        def done(status: int) -> None:
-            report(tag, error(status))
-
-        self.device.start_request(kind, offset, buf, done, completions.burst_done)
+        self.device.start_request(kind, offset, buf, report, tag, completions.burst_done)
 
     def send_started(self) -> None:
         self.device.kick_started()
