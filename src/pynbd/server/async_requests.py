@@ -52,7 +52,7 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from typing import cast
+from typing import Any
 
 from ..backend import FLAG_FUA, ThreadModel
 from ..backend.connection import AsyncReads, AsyncWrites, Completions, FilterConnection, PolledCompletions
@@ -114,8 +114,10 @@ class AsyncRequestPath:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # fewer in flight, or the client gone
         self.waiting = 0  # threads waiting on ``changed``
-        self.in_flight = 0
-        self.writes_in_flight = 0
+        # In flight: started - answered (of writes: writes_started - writes_answered).
+        # Only the reader starts requests, so it counts them without the lock.
+        self.started = self.writes_started = 0
+        self.answered = self.writes_answered = 0  # (under the lock)
         self.gone = False  # the client is gone: replies are dropped
         self.pool: list[bytearray] = []  # free buffers of POOL_BUFFER bytes
         plugin = reads if reads is not None else writes
@@ -143,21 +145,20 @@ class AsyncRequestPath:
             tag[3][:] = payload
             self._start(self.writes.start_pwrite, tag, FLAG_FUA if flags & F_FUA else 0)
             return
-        if self.writes_in_flight:
+        if self.writes_started != self.writes_answered:
             self._drain_writes()
         self.others(flags, cmd, cookie, offset, length, payload, scratch)
 
     def _take(self, cmd: int, cookie: int, offset: int, length: int) -> Tag:
         """Room for one more request in flight, and its buffer."""
-        if self.in_flight >= MAX_IN_FLIGHT:
+        if self.started - self.answered >= MAX_IN_FLIGHT:
             # Outside the lock: a plugin may answer requests while it sends them.
             # Only this thread adds requests, so the count can only have fallen meanwhile.
             self.kick()
-            self._wait_while(lambda: self.in_flight >= MAX_IN_FLIGHT and not self.gone)
-        with self.lock:
-            self.in_flight += 1
-            if cmd == WRITE:
-                self.writes_in_flight += 1
+            self._wait_while(lambda: self.started - self.answered >= MAX_IN_FLIGHT and not self.gone)
+        self.started += 1
+        if cmd == WRITE:
+            self.writes_started += 1
         pool = self.pool
         buf = pool.pop() if pool and length <= POOL_BUFFER else \
             bytearray(POOL_BUFFER if length <= POOL_BUFFER else length)
@@ -178,7 +179,7 @@ class AsyncRequestPath:
     def _drain_writes(self) -> None:
         """Wait until every write started is answered."""
         self.kick()
-        self._wait_while(lambda: self.writes_in_flight > 0)
+        self._wait_while(lambda: self.writes_started != self.writes_answered)
 
     def _wait_while(self, busy: Callable[[], bool]) -> None:
         """Wait until ``busy()`` is false (it is evaluated under the lock)."""
@@ -191,8 +192,8 @@ class AsyncRequestPath:
                 self.waiting -= 1
 
     # ---- Completions (called from the plugin's completing thread)
-    def read_done(self, tag: object, error: OSError | None) -> None:
-        cmd, cookie, offset, view, buf = cast("Tag", tag)
+    def read_done(self, tag: Any, error: OSError | None) -> None:
+        cmd, cookie, offset, view, buf = tag  # (a Tag: Any spares a cast call per request)
         tx = self.tx
         parts: tuple[Buffer, ...]
         if error is not None:
@@ -204,10 +205,12 @@ class AsyncRequestPath:
             parts = (tx.read_header(cookie, offset, len(view)), view)
         else:
             parts = (tx.ok(cookie, offset),)
-        with self.lock:
-            self.in_flight -= 1
+        lock = self.lock
+        lock.acquire()
+        try:
+            self.answered += 1
             if cmd == WRITE:
-                self.writes_in_flight -= 1
+                self.writes_answered += 1
             if not self.gone:
                 try:
                     self.batch.send(parts)
@@ -215,6 +218,8 @@ class AsyncRequestPath:
                     self.gone = True
             if self.waiting:
                 self.changed.notify_all()
+        finally:
+            lock.release()
         if len(buf) == POOL_BUFFER:
             self.pool.append(buf)
 
@@ -235,8 +240,8 @@ class AsyncRequestPath:
         started write is done before the session closes the stack."""
         self.kick()
         if disconnected:
-            self._wait_while(lambda: self.in_flight > 0 and not self.gone)
+            self._wait_while(lambda: self.started != self.answered and not self.gone)
         with self.lock:
             self.gone = True
             self.changed.notify_all()
-        self._wait_while(lambda: self.writes_in_flight > 0)
+        self._wait_while(lambda: self.writes_started != self.writes_answered)
