@@ -4,6 +4,8 @@ the bytes checked with nbdcopy and qemu-img compare against the image."""
 from __future__ import annotations
 
 import os
+import random
+import select
 import shutil
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from contextlib import contextmanager
 import pytest
 
 from nbdtest import SERVE, nbdsh, run, served, wait_for
+from pynbd.plugins import _vhost_user
 from pynbd.process import stop_process
 
 MiB = 1 << 20
@@ -146,3 +149,52 @@ def test_daemon_dies_requests_fail_and_server_exits(tmp_path):
             assert result.returncode != 0  # EIO, or the server already went away
             wait_for(lambda: srv.proc.poll() is not None, message="the server did not exit")
             assert "has gone away: shutting down" in srv.stderr()
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
+def test_started_requests_across_the_index_wrap(tmp_path, monkeypatch, event_idx):
+    """Reads and writes started 32 at a time (every slot of the queue), kicked once and
+    reaped by polling the call eventfd as the server's reader does, with the rings'
+    16-bit indexes starting just below the wrap; with VIRTIO_RING_F_EVENT_IDX (the
+    backend calls once per round of reaping) and without (a call per completion).
+    Every byte read is checked, and the image at the end."""
+    if not event_idx:
+        monkeypatch.setattr(_vhost_user, "F_EVENT_IDX", 0)
+    image = str(tmp_path / "disk.img")
+    random_image(image, 4 * MiB)
+    with open(image, "rb") as f:
+        expected = bytearray(f.read())
+    rng = random.Random(17)
+    outcomes: dict[int, OSError | None] = {}
+    with storage_daemon(tmp_path, image, "raw", "writable=on"):
+        device = _vhost_user.VhostUserBlk(str(tmp_path / "vhost.sock"), first_index=0xFFFF - 100)
+        try:
+            device.start()
+            assert bool(device.features & (1 << 29)) == event_idx
+            poller = select.poll()
+            poller.register(device.completion_fd(), select.POLLIN)
+            for _ in range(12):  # 384 requests: the indexes wrap in the fourth round
+                blocks = rng.sample(range(len(expected) // 4096), 32)
+                writes = {b: os.urandom(4096) for b in blocks[:16]}
+                reads = {b: memoryview(bytearray(4096)) for b in blocks[16:]}
+                outcomes.clear()
+                for block, data in writes.items():
+                    device.start_request(_vhost_user.T_OUT, block * 4096, memoryview(data),
+                                         outcomes.__setitem__, block)
+                for block, buf in reads.items():
+                    device.start_request(_vhost_user.T_IN, block * 4096, buf,
+                                         outcomes.__setitem__, block)
+                device.kick_started(reaper=False)
+                while len(outcomes) < 32:
+                    assert poller.poll(20_000), f"no call after {len(outcomes)} of 32 completions"
+                    device.reap_started()
+                assert set(outcomes.values()) == {None}
+                for block, buf in reads.items():
+                    assert buf == expected[block * 4096:(block + 1) * 4096]
+                for block, data in writes.items():
+                    expected[block * 4096:(block + 1) * 4096] = data
+            assert device.queues[0].used_idx < 0xFFFF - 100  # it wrapped
+        finally:
+            device.close()
+    with open(image, "rb") as f:
+        assert f.read() == expected

@@ -116,7 +116,8 @@ _FENCE = threading.Lock()
 class _Queue:
     """One split virtqueue in the shared region, its eventfds and its slots."""
 
-    def __init__(self, device: VhostUserBlk, number: int, base: int, data_base: int) -> None:
+    def __init__(self, device: VhostUserBlk, number: int, base: int, data_base: int,
+                 first_index: int) -> None:
         self.device = device
         self.number = number
         self.desc, self.avail, self.used = base, base + AVAIL_AT, base + USED_AT
@@ -141,20 +142,25 @@ class _Queue:
         self.wanted = threading.Condition(self.lock)
         self.reaper = threading.Thread(target=self._reap_started, name=f"vhost-user-q{number}",
                                        daemon=True)
-        self.avail_idx = 0
-        self.used_idx = 0
+        self.avail_idx = self.used_idx = first_index
         # The indexes the other side reads while they change are stored and loaded
         # whole (one 16-bit access), never byte by byte as struct would.
         mem = device.mem
         self.avail_idx_ref = ctypes.c_uint16.from_buffer(mem, self.avail + 2)
         self.avail_ring = (ctypes.c_uint16 * QUEUE_SIZE).from_buffer(mem, self.avail + 4)
         self.used_idx_ref = ctypes.c_uint16.from_buffer(mem, self.used + 2)
+        # (The backend takes the used index from the ring when it is given the ring.)
+        self.avail_idx_ref.value = self.used_idx_ref.value = first_index
         self.used_ring = (ctypes.c_uint32 * (2 * QUEUE_SIZE)).from_buffer(mem, self.used + 4)
         # EVENT_IDX: the used index the backend calls at (avail->used_event): set to the
         # next one after each reap, so completions arriving before the next reap make
         # one call, not one each.
         self.used_event = (ctypes.c_uint16.from_buffer(mem, self.avail + 4 + 2 * QUEUE_SIZE)
                            if device.features & F_EVENT_IDX else None)
+        if self.used_event is not None:
+            self.used_event.value = first_index
+        self.areas = [self.area(slot) for slot in range(SLOTS)]
+        self.slot_data = [device.view[area + 64:area + 64 + CHUNK] for area in self.areas]
         for slot in range(SLOTS):  # header -> data -> status, linked once
             area = self.area(slot)
             d = 3 * slot
@@ -241,15 +247,24 @@ class _Queue:
         now) of ``len(data)`` <= CHUNK bytes: ``report(tag, error)`` is called (None
         on success, a read's ``data`` filled) from the thread that reaps it, then
         ``burst``. ``kick_started`` sends it."""
-        reading = kind == T_IN
-        with self.lock:
-            slot = self._free_slot()
-            area = self._fill(slot, kind, sector, len(data), reading)
-            if not reading:
-                self.device.view[area + 64:area + 64 + len(data)] = data
+        mem = self.device.mem
+        n = len(data)
+        with self.lock:  # (_free_slot, _fill and _publish, inlined: this runs per request)
+            free = self.free
+            slot = free.pop() if free and not self.device.gone else self._free_slot()
             head = 3 * slot
-            self.started[head] = (slot, data if reading else None, report, tag, burst)
-            self._publish(head)
+            _REQUEST.pack_into(mem, self.areas[slot], kind, 0, sector)
+            if kind == T_IN:
+                _LEN_FLAGS.pack_into(mem, self.desc + 16 * head + 24, n, DESC_F_NEXT | DESC_F_WRITE)
+                self.started[head] = (slot, data, report, tag, burst)
+            else:
+                _LEN_FLAGS.pack_into(mem, self.desc + 16 * head + 24, n, DESC_F_NEXT)
+                self.slot_data[slot][:n] = data
+                self.started[head] = (slot, None, report, tag, burst)
+            index = self.avail_idx
+            self.avail_ring[index % QUEUE_SIZE] = head
+            self.avail_idx = index = (index + 1) & 0xFFFF
+            self.avail_idx_ref.value = index
             self.unkicked = True
 
     def kick_started(self, reaper: bool = True) -> None:
@@ -262,8 +277,16 @@ class _Queue:
         with self.lock:
             if reaper:
                 self._want_reaper()
-            else:
-                self.reaping = False  # (the completion thread stops after its next wait)
+                return
+            self.reaping = False  # (the completion thread stops after its next wait)
+        # Completions already in the used ring go with this round: no call for them
+        # (the event index moves past them), no wake-up, no eventfd read.
+        if self.used_idx_ref.value != self.used_idx and self.leader.acquire(blocking=False):
+            try:
+                self._reap()
+            finally:
+                self.leader.release()
+                self._promote()
 
     def reap_now(self) -> None:
         """Hand out the completions there are, unless another thread leads (it will:
@@ -334,30 +357,37 @@ class _Queue:
         """Hand out the completions in the used ring: wake the threads waiting for
         theirs; copy out started reads' data and free their slots (under the lock:
         a slot's area is reused as soon as it is free), then report them."""
-        mem, view = self.device.mem, self.device.view
+        mem = self.device.mem
         error = self.device.error
+        ring, started, areas, slot_data = self.used_ring, self.started, self.areas, self.slot_data
         reports: list[tuple[Callable[[object, OSError | None], None], object, OSError | None,
                             Callable[[], None] | None]] = []
         with self.lock:
             used = self.used_idx_ref.value
             while used != self.used_idx:
-                while self.used_idx != used:
-                    head = self.used_ring[2 * (self.used_idx % QUEUE_SIZE)]
-                    self.used_idx = (self.used_idx + 1) & 0xFFFF
-                    started = self.started.pop(head, None)
-                    if started is not None:
-                        slot, out, report, tag, burst = started
-                        area = self.data_base + slot * SLOT_BYTES
-                        status = mem[area + 32]
-                        if status == S_OK and out is not None:
-                            out[:] = view[area + 64:area + 64 + len(out)]
+                # The heads of the new used elements (id, len), in one or two slices.
+                first = self.used_idx % QUEUE_SIZE
+                end = first + ((used - self.used_idx) & 0xFFFF)
+                heads = ring[2 * first:2 * min(end, QUEUE_SIZE):2]
+                if end > QUEUE_SIZE:
+                    heads += ring[0:2 * (end - QUEUE_SIZE):2]
+                self.used_idx = used
+                for head in heads:
+                    entry = started.pop(head, None)
+                    if entry is not None:
+                        slot, out, report, tag, burst = entry
+                        status = mem[areas[slot] + 32]
+                        if status:
+                            reports.append((report, tag, error(status), burst))
+                        else:
+                            if out is not None:
+                                out[:] = slot_data[slot][:len(out)]
+                            reports.append((report, tag, None, burst))
                         self.free.append(slot)
-                        reports.append((report, tag, None if status == S_OK else error(status),
-                                        burst))
                         continue
                     waiter = self.waiting.pop(head, None)
                     if waiter is not None:
-                        waiter.status = mem[self.area(waiter.index) + 32]
+                        waiter.status = mem[areas[waiter.index] + 32]
                         waiter.finished = True
                         waiter.wake()
                 if self.used_event is not None:
@@ -400,10 +430,11 @@ class _Queue:
 
 
 class VhostUserBlk:
-    """A connection to a vhost-user-blk backend."""
+    """A connection to a vhost-user-blk backend. ``first_index``: where the rings'
+    16-bit indexes start (0; the tests start them just below the wrap)."""
 
     def __init__(self, path: str, num_queues: int = 1,
-                 on_gone: Callable[[], None] | None = None) -> None:
+                 on_gone: Callable[[], None] | None = None, first_index: int = 0) -> None:
         self.gone = False
         self.closing = False
         self.on_gone = on_gone
@@ -417,7 +448,7 @@ class VhostUserBlk:
             self.sock.close()
             raise OSError(exc.errno, f"cannot connect to {path}: {exc.strerror}") from None
         try:
-            self._handshake(num_queues)
+            self._handshake(num_queues, first_index)
         except BaseException:
             self.sock.close()
             raise
@@ -450,7 +481,7 @@ class VhostUserBlk:
         return int(_U64.unpack(self._ask(request)[:8])[0])
 
     # ------------------------------------------------------------ set-up
-    def _handshake(self, num_queues: int) -> None:
+    def _handshake(self, num_queues: int, first_index: int) -> None:
         features = self._u64(GET_FEATURES)
         if not features & F_PROTOCOL_FEATURES:
             raise OSError(errno.ENOTSUP, "vhost-user: the backend has no protocol features")
@@ -487,12 +518,12 @@ class VhostUserBlk:
         finally:
             os.close(memfd)
         rings_end = count * RING_BYTES
-        self.queues = [_Queue(self, q, q * RING_BYTES, rings_end + q * SLOTS * SLOT_BYTES)
+        self.queues = [_Queue(self, q, q * RING_BYTES, rings_end + q * SLOTS * SLOT_BYTES, first_index)
                        for q in range(count)]
         for q in self.queues:
             n = q.number
             self._send(SET_VRING_NUM, struct.pack("<II", n, QUEUE_SIZE))
-            self._send(SET_VRING_BASE, struct.pack("<II", n, 0))
+            self._send(SET_VRING_BASE, struct.pack("<II", n, first_index))
             self._send(SET_VRING_ADDR, struct.pack("<IIQQQQ", n, 0, self.address + q.desc,
                                                    self.address + q.used, self.address + q.avail, 0))
             self._send(SET_VRING_KICK, _U64.pack(n), [q.kick])
@@ -619,6 +650,8 @@ class VhostUserBlk:
             os.close(q.kick)
             os.close(q.call)
             del q.avail_idx_ref, q.avail_ring, q.used_idx_ref, q.used_ring, q.used_event
+            for data in q.slot_data:
+                data.release()
         self.sock.close()
         if self._calls is not None:
             self._calls.close()
