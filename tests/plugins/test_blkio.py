@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
 from nbdtest import SERVE, nbdsh, run, served
+from pynbd.plugins._io_uring import OP_READ, Ring, address_of
 
 MiB = 1 << 20
 
@@ -125,3 +127,41 @@ def test_bad_parameters(args, message):
     stderr = result.stderr.decode()
     assert result.returncode == 1 and "Traceback" not in stderr
     assert message in stderr.strip().splitlines()[-1]
+
+
+def cpu_ticks(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_the_completion_thread_sleeps_while_it_waits():
+    """A started operation that completes only later (a read from an empty pipe): the
+    ring's completion thread waits in io_uring_enter, using no CPU (it once asked the
+    kernel to submit more than was queued, and such a call returns without waiting: the
+    thread spun), and hands the result over when it comes."""
+    done: list[tuple[object, int]] = []
+    ring = Ring(8, done.extend)
+    r, w = os.pipe()
+    try:
+        buf = bytearray(5)
+        address, keep = address_of(buf)
+        entry = ("the read", keep)
+        ring.start(OP_READ, r, 0, address, len(buf), 0, entry)
+        ring.submit_started()
+        reaper = ring._reaper
+        assert reaper is not None and reaper.native_id is not None
+        time.sleep(0.2)
+        before = cpu_ticks(reaper.native_id)
+        time.sleep(1)
+        used = cpu_ticks(reaper.native_id) - before
+        os.write(w, b"hello")
+        deadline = time.monotonic() + 10
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done == [(entry, 5)] and buf == b"hello"
+        assert used <= os.sysconf("SC_CLK_TCK") // 20, f"the waiting thread used {used} ticks"
+    finally:
+        ring.close()
+        os.close(r)
+        os.close(w)
