@@ -226,14 +226,18 @@ class Clock:
         return self.now
 
 
-def ramp_through(lanes: int, rates: list[float], mib: int = 2048) -> Ramp:
+def ramp_through(lanes: int, rates: list[float], mib: int = 2048, slow: int = 0) -> Ramp:
     """Run a ramp whose copy goes at ``rates[k]`` MiB/s with k + 1 lanes in use, ``mib``
-    MiB in all."""
+    MiB in all; the first ``slow`` MiB after the lane count changed go at half speed."""
     clock = Clock()
     ramp, done = Ramp(lanes, clock), 0
     step = 4 * 1024 * 1024
+    active, since = ramp.active, 0
     for _ in range(mib // 4):
-        clock.now += step / (rates[ramp.active - 1] * 1024 * 1024)
+        if ramp.active != active:
+            active, since = ramp.active, done
+        rate = rates[active - 1] / (2 if done - since < slow * 1024 * 1024 else 1)
+        clock.now += step / (rate * 1024 * 1024)
         done += step
         ramp.update(done)
     return ramp
@@ -259,6 +263,12 @@ def test_a_ramp_window_lasts_its_span_however_fast_the_copy():
     assert early.active == 1 and not early.settled
     late = ramp_through(2, [fast, 2 * fast], mib=Ramp.WARMUP // 2**20 + span_mib + 8)
     assert late.active == 2
+
+
+def test_a_lane_is_measured_once_it_is_warm():
+    """A lane added first fills its requests in flight (here: 24 MiB at half speed); a
+    second lane that then copies 20% faster is kept."""
+    assert ramp_through(2, [1000, 1200], slow=24).active == 2
 
 
 def test_ramp_of_one_lane_is_settled_at_once():

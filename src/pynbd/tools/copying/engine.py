@@ -60,6 +60,27 @@ boundary, hence ``Slot``. Tried and dropped, no CPU gain measurable:
 MSG_WAITALL on data reads, garbage collection tuning, queue sizes of
 4-64 MiB, request sizes of 256 KiB-4 MiB, greedy (not exact) reads of a
 destination's write replies (the replies come one at a time anyway).
+
+A second look (2026-12-01, later; ``perf stat`` of the servers, ``strace
+-tt`` of the start, ``perf record``, py-spy; same machine, busier): the
+steady state is at its floor. The three processes need 1.5-2.0 s of CPU per
+GiB between them on two cores, most of it the kernel's six copies of every
+byte (the source server's memcpy and send, the copy's recv and sendmsg, the
+destination's recv and memcpy) and the destination server (0.8-1.0 s, with
+262,144 page faults into fresh memory). The servers do less work
+for pynbd copy than for nbdcopy (nbdkit -> nbdkit: the destination made
+3,100 against 11,700 context switches per GiB, the source 11,100 against
+17,100). The copy's own Python costs ~33 us per read and write pair (at
+256 KiB requests it spent 0.1 s per GiB more than at 1 MiB). What is left
+is serial time, when the servers are idle: the interpreter and its site
+hooks (~34 ms), pynbd's imports (~36 ms: dataclasses and inspect, socket,
+subprocess for captive servers, ctypes), opening the connections (~5 ms),
+exit (~10 ms plus ~4 ms per 16 MiB of buffers freed), and the 16 MiB of
+buffers of each lane, zeroed before the first request went out (20-40 ms;
+``Slot`` now leaves them to be faulted in as used). A 32 MiB queue saved
+an nbdkit source 0.1 s per GiB (fewer of its threads woken, 8 runs) but
+the copy to a ``pynbd serve`` destination took 0.24 s more CPU in all (4
+runs): the queue stays at 16 MiB.
 """
 
 from __future__ import annotations
@@ -230,16 +251,20 @@ class Ramp:
     Every lane's connections are opened at the start (``-C`` opens as many as
     nbdcopy's), but a connection costs the servers CPU, and a server that
     serves connections in threads of one interpreter (``pynbd serve``) may go
-    slower with more. So the copy starts on one lane; after ``WARMUP`` bytes it
-    measures its rate over a window of at least ``WINDOW`` bytes and ``SPAN``
-    seconds, then takes one more lane and measures again, for as long as each
-    lane added raised the rate by ``GAIN``. A lane that did not is left (it
-    finishes what it started) and the count stays where it was: more
-    connections are never slower than one by more than one window's worth.
-    The window lasts ``SPAN`` at least because 64 MiB go by in 60 ms at
-    1 GiB/s, a few of the scheduler's time slices: successive 64 MiB windows
-    of a one-lane copy differed by up to 14% on a busy two-core machine, more
-    than ``GAIN``, so noise could keep a lane that did not help.
+    slower with more. So the copy starts on one lane and measures its rate
+    over a window of at least ``WINDOW`` bytes and ``SPAN`` seconds, then
+    takes one more lane and measures again, for as long as each lane added
+    raised the rate by ``GAIN``. A lane that did not is left (it finishes what
+    it started) and the count stays where it was: more connections are never
+    slower than one by more than one window's worth.
+
+    - The window lasts ``SPAN`` at least because 64 MiB go by in 60 ms at
+      1 GiB/s, a few of the scheduler's time slices: successive 64 MiB windows
+      of a one-lane copy differed by up to 14% on a busy two-core machine, more
+      than ``GAIN``, so noise could keep a lane that did not help.
+    - Each window begins ``WARMUP`` bytes after the lane count changed: a lane
+      first fills its requests in flight and faults in its buffers' pages,
+      which would count against the lane it is measuring.
     """
 
     WARMUP, WINDOW, SPAN, GAIN = 32 * 1024 * 1024, 64 * 1024 * 1024, 0.2, 1.1
@@ -249,13 +274,14 @@ class Ramp:
         self.limit, self.active = lanes, 1
         self.settled = lanes == 1
         self.best = 0.0
+        self.changed = 0  # bytes done when the lane count last changed
         self.mark: tuple[float, int] | None = None  # (time, bytes done) the window began at
 
     def update(self, done: int) -> None:
         if self.settled:
             return
         if self.mark is None:
-            if done >= self.WARMUP:
+            if done - self.changed >= self.WARMUP:
                 self.mark = (self.clock(), done)
             return
         began, at = self.mark
@@ -269,7 +295,7 @@ class Ramp:
             self.active -= 1
             self.settled = True
         elif self.active < self.limit:
-            self.best, self.active, self.mark = rate, self.active + 1, (now, done)
+            self.best, self.active, self.changed, self.mark = rate, self.active + 1, done, None
         else:
             self.settled = True
 
