@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backend import FLAG_FUA, ThreadModel
-from ..backend.connection import AsyncReads, AsyncWrites, Completions, FilterConnection, PolledCompletions
+from ..backend.connection import AsyncReads, AsyncWrites, FilterConnection, PolledCompletions
 from ..backend.layer import Layer
 from ..backend.stack import Stack
 from ..proto.server_transmission import F_FUA, READ, WRITE, ServerTransmission
@@ -71,7 +71,6 @@ _WRITES = frozenset({"pwrite"})
 
 # A started request: (command, cookie, offset, its view of the buffer, the buffer)
 Tag = tuple[int, int, int, memoryview, bytearray]
-Start = Callable[[memoryview, int, int, object, Completions], None]  # start_pread, start_pwrite
 
 
 def async_plugin(stack: Stack, top: Layer) -> tuple[AsyncReads | None, AsyncWrites | None]:
@@ -137,13 +136,20 @@ class AsyncRequestPath:
         if cmd == READ:
             if self.reads is not None and self.tx.check(flags, cmd, offset, length) is None:
                 tag = self._take(cmd, cookie, offset, length)
-                self._start(self.reads.start_pread, tag, 0)
+                try:
+                    self.reads.start_pread(tag[3], offset, 0, tag, self)
+                except Exception as exc:  # noqa: BLE001 (a failed start fails that request only)
+                    self._not_started(tag, exc)
                 return
         elif cmd == WRITE and self.writes is not None and payload is not None \
                 and self.tx.check(flags, cmd, offset, length) is None:
             tag = self._take(cmd, cookie, offset, length)
-            tag[3][:] = payload
-            self._start(self.writes.start_pwrite, tag, FLAG_FUA if flags & F_FUA else 0)
+            view = tag[3]
+            view[:] = payload
+            try:
+                self.writes.start_pwrite(view, offset, FLAG_FUA if flags & F_FUA else 0, tag, self)
+            except Exception as exc:  # noqa: BLE001 (a failed start fails that request only)
+                self._not_started(tag, exc)
             return
         if self.writes_started != self.writes_answered:
             self._drain_writes()
@@ -164,17 +170,14 @@ class AsyncRequestPath:
             bytearray(POOL_BUFFER if length <= POOL_BUFFER else length)
         return (cmd, cookie, offset, memoryview(buf)[:length], buf)
 
-    def _start(self, start: Start, tag: Tag, flags: int) -> None:
-        """``start(view, offset, flags, tag, self)``; a failure to start fails that request only."""
-        try:
-            start(tag[3], tag[2], flags, tag, self)
-        except Exception as exc:  # noqa: BLE001 (a failed start fails that request only)
-            if not isinstance(exc, OSError):
-                log.error("client %s: command %d at %d+%d raised", self.address, tag[0], tag[2],
-                          len(tag[3]), exc_info=exc)
-                exc = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
-            self.read_done(tag, exc)
-            self.burst_done()
+    def _not_started(self, tag: Tag, exc: Exception) -> None:
+        """``start_pread`` / ``start_pwrite`` raised: that request fails (EIO unless an OSError)."""
+        if not isinstance(exc, OSError):
+            log.error("client %s: command %d at %d+%d raised", self.address, tag[0], tag[2],
+                      len(tag[3]), exc_info=exc)
+            exc = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+        self.read_done(tag, exc)
+        self.burst_done()
 
     def _drain_writes(self) -> None:
         """Wait until every write started is answered."""
