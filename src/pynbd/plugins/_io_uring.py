@@ -50,7 +50,9 @@ RWF_DSYNC = 2
 # never wait on us while ``submit_started`` reports completions to it.
 MAX_STARTED = 128
 
-_SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # 64 bytes
+# An SQE's first 40 bytes (opcode, flags, ioprio, fd, off, addr, len, op flags, user_data):
+# the other 24 (buf_index, personality, splice_fd_in, addr3) stay the zeroes mapped.
+_SQE = struct.Struct("<BBHiQQIIQ")
 _CQE = struct.Struct("<QiI")  # 16 bytes
 _U32 = struct.Struct("<I")
 
@@ -190,7 +192,7 @@ class Ring:
                 self._threads[user_data] = waiter
                 index = self._tail & self._sq_mask
                 _SQE.pack_into(self.sqes, 64 * index, opcode, 0, 0, fd, offset, addr, length,
-                               op_flags, user_data, 0, 0, 0, 0, 0)
+                               op_flags, user_data)
                 self._tail = (self._tail + 1) & 0xFFFFFFFF
                 self._sq_tail_ref.value = self._tail
             # Each caller submits every entry queued so far (its own, and any started).
@@ -301,7 +303,7 @@ class Ring:
             started[user_data] = entry
             tail = self._tail
             _SQE.pack_into(self.sqes, 64 * (tail & self._sq_mask), opcode, 0, 0, fd, offset,
-                           addr, length, op_flags, user_data, 0, 0, 0, 0, 0)
+                           addr, length, op_flags, user_data)
             # (The kernel sees the new tail when the next submitter publishes it.)
             self._tail = (tail + 1) & 0xFFFFFFFF
         finally:
