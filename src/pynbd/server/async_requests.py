@@ -26,7 +26,9 @@ a session routes its clients' reads and writes through an
   for its client (one ``poll`` of the socket and the plugin's
   ``completion_fd``; not under TLS, whose buffered bytes a poll cannot
   see): the reader then kicks with ``submit_started`` and reaps with
-  ``reap_started``, and no plugin thread wakes per completion. Whenever the
+  ``reap_started``, and no plugin thread wakes per completion (with nothing
+  in flight it waits for its client alone: reads of cached data are all
+  answered by then, and their completions' signals need no wake-up). Whenever the
   reader waits for anything else (room, the writes before a flush, the
   end) it kicks with ``send_started``, and the plugin reaps on its own.
 
@@ -124,10 +126,10 @@ class AsyncRequestPath:
         self.kick = plugin.send_started  # before waiting for something else
         # The reader's: before it waits for its client (and reaps while it does).
         self.reader_kick: Callable[[], None] = self.kick
-        self.completions: tuple[int, Callable[[], None]] | None = None
+        self.completions: tuple[int, Callable[[], None], Callable[[], bool]] | None = None
         if isinstance(plugin, PolledCompletions) and channel.can_probe:
             self.reader_kick = plugin.submit_started
-            self.completions = (plugin.completion_fd(), plugin.reap_started)
+            self.completions = (plugin.completion_fd(), plugin.reap_started, self.busy)
 
     def execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
                 payload: memoryview | None, scratch: bytearray) -> None:
@@ -154,6 +156,11 @@ class AsyncRequestPath:
         if self.writes_started != self.writes_answered:
             self._drain_writes()
         self.others(flags, cmd, cookie, offset, length, payload, scratch)
+
+    def busy(self) -> bool:
+        """Whether requests are in flight (for the reader, who alone starts them: when it
+        sees none, none is)."""
+        return self.started != self.answered
 
     def _take(self, cmd: int, cookie: int, offset: int, length: int) -> Tag:
         """Room for one more request in flight, and its buffer."""

@@ -56,15 +56,19 @@ class RequestReader:
 
     def __init__(self, channel: Channel, tx: ServerTransmission, execute: Execute,
                  batch: ReplyBatch | None, kick: Callable[[], None] | None = None,
-                 completions: tuple[int, Callable[[], None]] | None = None) -> None:
+                 completions: tuple[int, Callable[[], None], Callable[[], bool]] | None = None
+                 ) -> None:
         self.channel = channel
         self.tx = tx
         self.execute = execute
         self.batch = batch
         self.kick = kick
-        # completions, (fd, reap): before each receive, wait for the client or for
-        # ``fd``, and call ``reap`` when ``fd`` is readable (``PolledCompletions``).
-        self.reaping: tuple[select.poll, int, Callable[[], None]] | None = None
+        # completions, (fd, reap, busy): before each receive while ``busy()`` (requests
+        # are in flight), wait for the client or for ``fd``, and call ``reap`` when ``fd``
+        # is readable (``PolledCompletions``). With none in flight nothing can complete:
+        # the reader waits in its receive alone (the signals of completions it reaped
+        # while submitting would only wake it once more).
+        self.reaping: tuple[select.poll, int, Callable[[], None], Callable[[], bool]] | None = None
         if completions is not None:
             poller = select.poll()
             poller.register(channel.fileno(), select.POLLIN)
@@ -163,8 +167,9 @@ class RequestReader:
                         return n
             finally:
                 POLL_SLOT.release()
-        if self.reaping is not None:
-            self._await_client_reaping(*self.reaping)
+        reaping = self.reaping
+        if reaping is not None and reaping[3]():
+            self._await_client_reaping(reaping[0], reaping[1], reaping[2])
         asleep = perf_counter_ns()
         n = channel.recv_some(view)
         self.polling = can_poll and perf_counter_ns() - asleep < BUSY_GAP_NS
