@@ -9,13 +9,17 @@ servers and the benchmarks' servers, so all of them stop the same way.
 
 from __future__ import annotations
 
-import subprocess
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """Terminate ``proc`` unless it already exited; kill it after ``timeout`` seconds; reap it."""
     if proc.poll() is not None:
         return
+    import subprocess  # here: whoever made ``proc`` loaded it; client tools import this module
     proc.terminate()
     try:
         proc.wait(timeout)

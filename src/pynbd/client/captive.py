@@ -20,13 +20,18 @@ import errno
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..process import stop_process
 from .errors import NBDError
+
+if TYPE_CHECKING:
+    import subprocess
+
+# subprocess and tempfile are imported where a captive server is started: every client
+# tool loads this module, and most never start one (a few ms of each tool's start-up).
 
 # A tiny launcher moves the listening socket to fd 3, sets LISTEN_PID to its
 # own pid and execs the server, which keeps that pid.
@@ -62,6 +67,7 @@ class Captive:
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    import subprocess
     try:
         proc.wait(timeout)
         return True
@@ -71,6 +77,7 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 
 def _popen(argv: Sequence[str], *, stdin: int, stdout: int | None = None,
            pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    import subprocess
     if not argv:
         raise NBDError(errno.EINVAL, "captive server: empty command")
     try:
@@ -94,6 +101,8 @@ def spawn_stdin(argv: Sequence[str]) -> tuple[socket.socket, Captive]:
 
 def spawn_activated(argv: Sequence[str]) -> tuple[str, Captive]:
     """Run ``argv`` with a listening Unix socket as fd 3; return the socket's path."""
+    import subprocess
+    import tempfile
     tmpdir = tempfile.mkdtemp(prefix="pynbd-captive")
     path = os.path.join(tmpdir, "sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
