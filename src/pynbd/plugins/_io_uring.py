@@ -12,6 +12,7 @@ stores used here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -360,10 +361,8 @@ class Ring:
         """Hand out the completions there are, without waiting (after ``completion_fd``
         was readable). If another thread leads, it does (and signals what it leaves)."""
         assert self._efd is not None, "reap without completion_fd"
-        try:
+        with contextlib.suppress(BlockingIOError):  # (signalled by the kernel and a leader both)
             os.eventfd_read(self._efd)
-        except BlockingIOError:  # (signalled by the kernel and by a leader both)
-            pass
         if self._leader.acquire(blocking=False):
             try:
                 self._drain()
