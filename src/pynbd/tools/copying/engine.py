@@ -74,7 +74,7 @@ for pynbd copy than for nbdcopy (nbdkit -> nbdkit: the destination made
 256 KiB requests it spent 0.1 s per GiB more than at 1 MiB). What is left
 is serial time, when the servers are idle: the interpreter and its site
 hooks (~34 ms), pynbd's imports (~36 ms: dataclasses and inspect, socket,
-subprocess for captive servers, ctypes), opening the connections (~5 ms),
+ctypes; subprocess, for captive servers, is now imported only by them), opening the connections (~5 ms),
 exit (~10 ms plus ~4 ms per 16 MiB of buffers freed), and the 16 MiB of
 buffers of each lane, zeroed before the first request went out (20-40 ms;
 ``Slot`` now leaves them to be faulted in as used). A 32 MiB queue saved
